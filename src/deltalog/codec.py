@@ -1,0 +1,143 @@
+"""Array codecs used inside records: row indices, row values, undo values.
+
+Every codec turns a numpy array into bytes and back, losslessly:
+
+- ``delta-zstd`` for sorted row indices: first index, then gaps, in the
+  narrowest unsigned width that holds them, byte-shuffled, zstd. A run of
+  contiguous rows (a dense layer) becomes a run of 1s: almost free.
+- ``shuffle-zstd`` for values: the bytes of each element split into planes
+  (all first bytes, then all second bytes, ...), then zstd level 1.
+  Exponent bytes of nearby floats repeat, so planes compress better
+  (~1.19x vs ~1.08x for fp32); level 1 is as good as higher levels here.
+- ``xor-shuffle-zstd`` for the values a row had before: XORed with the new
+  values first, so for small SGD steps the high bits cancel (~1.4-1.65x).
+
+Decoding is bounded: the caller states the exact decoded size, and a frame
+that decompresses to anything else is an IntegrityError, so a hostile or
+corrupt record cannot make us allocate without limit.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import zstandard
+
+from .errors import IntegrityError
+
+INDEX = "delta-zstd"
+VALUES = "shuffle-zstd"
+XOR_VALUES = "xor-shuffle-zstd"
+
+_local = threading.local()  # zstd contexts are not thread-safe; one per thread
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_local, "cctx", None)
+    if c is None:
+        c = _local.cctx = zstandard.ZstdCompressor(level=1, write_content_size=True)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def compress(data) -> bytes:
+    return _compressor().compress(data)
+
+
+def decompress(data, size: int, what: str) -> bytes:
+    """Decompress a frame that must decode to exactly ``size`` bytes."""
+    if size == 0:
+        return b""
+    try:
+        out = _decompressor().decompress(data, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{what}: corrupt compressed data ({exc})") from None
+    if len(out) != size:
+        raise IntegrityError(f"{what}: decoded {len(out)} bytes, expected {size}")
+    return out
+
+
+def shuffle(array: np.ndarray) -> np.ndarray:
+    """Byte planes of a contiguous array: plane j holds byte j of every element."""
+    itemsize = array.dtype.itemsize
+    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    if itemsize == 1:
+        return raw
+    return np.ascontiguousarray(raw.reshape(-1, itemsize).T)
+
+
+def unshuffle(planes: bytes, dtype: np.dtype) -> np.ndarray:
+    itemsize = dtype.itemsize
+    raw = np.frombuffer(planes, dtype=np.uint8)
+    if itemsize == 1:
+        return raw.view(dtype).copy()
+    return np.ascontiguousarray(raw.reshape(itemsize, -1).T).reshape(-1).view(dtype)
+
+
+# -- row indices -------------------------------------------------------------
+
+_WIDTHS = (np.dtype("<u1"), np.dtype("<u2"), np.dtype("<u4"), np.dtype("<u8"))
+
+
+def encode_indices(rows: np.ndarray) -> tuple[bytes, int]:
+    """Encode sorted, unique row indices. Returns (payload, decoded size)."""
+    rows = np.asarray(rows, dtype=np.uint64)
+    if rows.size == 0:
+        return b"", 0
+    gaps = np.empty_like(rows)
+    gaps[0] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=gaps[1:])
+    top = int(gaps.max())
+    width = next(w for w in _WIDTHS if top < (1 << (8 * w.itemsize)))
+    planes = shuffle(gaps.astype(width))
+    raw = bytes([width.itemsize]) + planes.tobytes()
+    return compress(raw), len(raw)
+
+
+def decode_indices(payload, size: int, count: int, what: str) -> np.ndarray:
+    if count == 0:
+        return np.empty(0, dtype=np.uint64)
+    raw = decompress(payload, size, what)
+    width = np.dtype(f"<u{raw[0]}") if raw[0] in (1, 2, 4, 8) else None
+    if width is None or len(raw) != 1 + count * width.itemsize:
+        raise IntegrityError(f"{what}: bad row index section")
+    gaps = unshuffle(raw[1:], width).astype(np.uint64)
+    rows = np.cumsum(gaps, dtype=np.uint64)
+    if count > 1 and not np.all(gaps[1:] > 0):
+        raise IntegrityError(f"{what}: row indices not strictly increasing")
+    return rows
+
+
+# -- values ------------------------------------------------------------------
+
+def encode_values(values: np.ndarray) -> tuple[bytes, int]:
+    planes = shuffle(values)
+    return compress(planes), planes.nbytes
+
+
+def decode_values(payload, size: int, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
+    if size != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise IntegrityError(f"{what}: section size does not match its shape")
+    raw = decompress(payload, size, what)
+    return unshuffle(raw, dtype).reshape(shape)
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    return array.view(np.dtype(f"<u{array.dtype.itemsize}"))
+
+
+def encode_xor_values(old: np.ndarray, new: np.ndarray) -> tuple[bytes, int]:
+    """Encode ``old`` relative to ``new`` (the decoder always has ``new``)."""
+    return encode_values(np.bitwise_xor(_bits(np.ascontiguousarray(old)), _bits(np.ascontiguousarray(new))))
+
+
+def decode_xor_values(payload, size: int, new: np.ndarray, what: str) -> np.ndarray:
+    bits = decode_values(payload, size, np.dtype(f"<u{new.dtype.itemsize}"), new.shape, what)
+    return np.bitwise_xor(bits, _bits(new)).view(new.dtype)

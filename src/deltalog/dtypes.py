@@ -1,0 +1,92 @@
+"""Element types deltalog stores, and how each maps onto numpy.
+
+Tensors are stored little-endian. numpy has no bfloat16, so a bfloat16
+tensor is held as its raw 16-bit patterns (uint16) and carries the logical
+name "bfloat16" beside it; arithmetic (significance, diff norms) widens it
+to float32 by shifting the bits, which is exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InvalidInput
+
+# logical name -> little-endian storage dtype
+STORAGE: dict[str, np.dtype] = {
+    "float64": np.dtype("<f8"),
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "int16": np.dtype("<i2"),
+    "int8": np.dtype("i1"),
+    "uint64": np.dtype("<u8"),
+    "uint32": np.dtype("<u4"),
+    "uint16": np.dtype("<u2"),
+    "uint8": np.dtype("u1"),
+    "bool": np.dtype("?"),
+}
+
+FLOAT_TYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
+
+
+def storage_dtype(name: str) -> np.dtype:
+    try:
+        return STORAGE[name]
+    except KeyError:
+        raise InvalidInput(
+            f"unsupported dtype {name!r}",
+            hint="supported: " + ", ".join(sorted(STORAGE)),
+        ) from None
+
+
+def logical_name(dtype: np.dtype) -> str:
+    """Logical deltalog name of a numpy dtype (ml_dtypes' bfloat16 included)."""
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":  # ml_dtypes, when a caller has it
+        return "bfloat16"
+    name = dtype.newbyteorder("=").name if dtype.byteorder not in "=|" else dtype.name
+    if name not in STORAGE or name == "bfloat16":
+        raise InvalidInput(
+            f"unsupported dtype {dtype}",
+            hint="supported: " + ", ".join(sorted(STORAGE)),
+        )
+    return name
+
+
+def to_storage(array: np.ndarray, name: str) -> np.ndarray:
+    """View or convert ``array`` to the storage dtype of logical type ``name``.
+
+    Byte order is normalised to little-endian; values never change.
+    """
+    target = storage_dtype(name)
+    if array.dtype == target:
+        return array
+    if name == "bfloat16":
+        # raw 16-bit patterns (uint16/int16/void) or ml_dtypes' bfloat16
+        if array.dtype.itemsize != 2 or not (array.dtype.kind in "uiV" or array.dtype.name == "bfloat16"):
+            raise InvalidInput(f"dtype {array.dtype} cannot be stored as bfloat16")
+        if array.dtype.kind == "V" or array.dtype.name == "bfloat16":
+            array = array.view(np.uint16)
+        return array.astype(target, copy=False)
+    if logical_name(array.dtype) != name:
+        raise InvalidInput(f"dtype {array.dtype} cannot be stored as {name}")
+    return array.astype(target)  # byte swap only
+
+
+def bits_dtype(name: str) -> np.dtype:
+    """Unsigned integer dtype of the same width: compares values bitwise."""
+    return np.dtype(f"<u{storage_dtype(name).itemsize}")
+
+
+def as_float(array: np.ndarray, name: str) -> np.ndarray:
+    """Widen stored values to a float dtype for arithmetic (exact for bfloat16)."""
+    if name == "bfloat16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    if name == "float64":
+        return array
+    if name in FLOAT_TYPES:
+        return array.astype(np.float32)
+    return array.astype(np.float64)

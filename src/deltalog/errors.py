@@ -1,0 +1,108 @@
+"""Error classes of deltalog, each with its exit code and a hint for the user.
+
+Exit codes are written down here and nowhere else (README and cli/ quote
+this table). 0 = ok, 1 = differences found / sync incomplete under a budget,
+2 = usage error (click), 3 and up = one class of failure each.
+
+Library code raises these; exactly one place (deltalog.cli.main) catches
+them, prints one line and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class DeltalogError(Exception):
+    """Base of every error a user may see. ``str(err)`` is one line."""
+
+    exit_code = 20
+    hint: str | None = None
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    def one_line(self) -> str:
+        msg = str(self)
+        return f"{msg} ({self.hint})" if self.hint else msg
+
+
+class NotAReplica(DeltalogError):
+    """The path is missing, is not a replica, or (for init) already is one."""
+
+    exit_code = 3
+
+
+class UnsupportedVersion(DeltalogError):
+    """The replica or record was written by a newer format version."""
+
+    exit_code = 4
+    hint = "upgrade deltalog to open it"
+
+
+class IntegrityError(DeltalogError):
+    """A checksum failed, or a file is truncated or inconsistent."""
+
+    exit_code = 5
+    hint = "run 'deltalog verify' to see what is damaged"
+
+
+class ModelMismatch(DeltalogError):
+    """Deltas, a checkpoint or a peer belong to another model."""
+
+    exit_code = 6
+
+
+class OffsetNotRetained(DeltalogError):
+    """The offset asked for is outside the log's retention."""
+
+    exit_code = 7
+
+
+class TransportError(DeltalogError):
+    """A peer vanished, refused, or spoke a protocol we do not."""
+
+    exit_code = 8
+
+
+class LockHeld(DeltalogError):
+    """Another writer holds the replica's lock."""
+
+    exit_code = 9
+    hint = "another deltalog command is writing this replica; retry later or pass --wait SECONDS"
+
+
+class CheckFailed(DeltalogError):
+    """A user-supplied check command failed (sync --check)."""
+
+    exit_code = 10
+
+
+class InvalidInput(DeltalogError):
+    """Bad user input: unknown tensor, wrong shape or dtype, bad checkpoint file."""
+
+    exit_code = 11
+
+
+class StorageError(DeltalogError):
+    """The operating system refused a write (disk full, permissions)."""
+
+    exit_code = 12
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success (diff: no differences; sync: complete)",
+    1: "diff found differences, or sync stopped incomplete under --max-bytes/--deadline",
+    2: "usage error: bad option or argument",
+    NotAReplica.exit_code: "not a replica (missing, not initialised, or init target exists)",
+    UnsupportedVersion.exit_code: "unsupported format or protocol version",
+    IntegrityError.exit_code: "integrity failure: checksum mismatch, truncated or corrupt file",
+    ModelMismatch.exit_code: "model mismatch: deltas, checkpoint or peer of another model",
+    OffsetNotRetained.exit_code: "offset not retained in the log (compacted away or never seen)",
+    TransportError.exit_code: "transport failure: peer unreachable, vanished or misbehaved",
+    LockHeld.exit_code: "lock held: another writer is working on the replica",
+    CheckFailed.exit_code: "check failed: the --check command rejected the update",
+    InvalidInput.exit_code: "invalid input: unknown tensor, wrong shape or dtype, bad checkpoint",
+    StorageError.exit_code: "storage failure: disk full or permission denied",
+    DeltalogError.exit_code: "internal error (a bug: please report it with --debug output)",
+}

@@ -1,0 +1,59 @@
+"""The writer lock: at most one process (or thread) writes a replica at a time.
+
+An flock(2) on ``REPLICA/lock``. The kernel drops it when the holder dies,
+kill -9 included, so a crashed cron job never leaves a stale lock behind.
+flock locks belong to an open file description, so two handles in one
+process exclude each other just as two processes do.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+
+from .errors import LockHeld
+
+LOCK_FILE = "lock"
+
+
+class WriterLock:
+    def __init__(self, replica_dir: str):
+        self.path = os.path.join(replica_dir, LOCK_FILE)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, wait: float = 0.0) -> None:
+        """Take the lock, waiting up to ``wait`` seconds; LockHeld otherwise."""
+        if self._fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait
+        delay = 0.01
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise LockHeld(f"{os.path.dirname(self.path)}: locked by another writer") from None
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.5)
+        self._fd = fd
+
+    def try_acquire(self) -> bool:
+        try:
+            self.acquire(0.0)
+            return True
+        except LockHeld:
+            return False
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)

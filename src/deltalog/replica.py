@@ -1,0 +1,614 @@
+"""A replica: one model's tensor files, its delta log and its metadata.
+
+Directory layout (formats/FORMAT.md is normative):
+
+    DELTALOG            marker: "deltalog replica" + format version
+    lock                writer lock (deltalog.lock)
+    log/                LMDB environment (deltalog.store)
+    tensors/NNNNN.bin   materialised rows, memory-mapped (deltalog.tensorfiles)
+    snapshots/OFFSET/   immutable checksummed copies of all tensors
+
+Write protocol (what makes kill -9 safe): a record is committed to the log
+(durably, with state.applying = its offset) before any tensor byte changes;
+then its rows are written and flushed; then state.applied advances. Records
+hold absolute values, so a writer that finds applied < head simply re-applies
+the records after ``applied``: recovery is idempotent.
+
+Readers never take the lock. ``tensor()`` is a live memory map;
+``read_tensor()`` returns a copy that is consistent with ``head``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import record as rec
+from . import tensorfiles
+from .dtypes import as_float, bits_dtype, logical_name, to_storage
+from .errors import (
+    DeltalogError,
+    IntegrityError,
+    InvalidInput,
+    ModelMismatch,
+    NotAReplica,
+    OffsetNotRetained,
+    StorageError,
+    UnsupportedVersion,
+)
+from .lock import WriterLock
+from .store import LogStore
+from .tensorfiles import TensorInfo
+
+MARKER = "DELTALOG"
+LOG_DIR = "log"
+FORMAT_VERSION = 1  # what this code writes
+READ_VERSION = 1  # the oldest code that can read what it writes
+DEFAULT_BUCKET_ROWS = 1024
+_COMPARE_CHUNK_BYTES = 32 << 20  # bounded memory when comparing a checkpoint
+
+
+@dataclass(frozen=True)
+class State:
+    head: int  # newest durable record
+    applied: int  # newest record whose rows are in the tensor files
+    applying: int | None  # set while rows are being written
+
+
+def _marker_text() -> str:
+    return f"deltalog replica\nformat {FORMAT_VERSION}\n"
+
+
+def check_marker(path: str) -> None:
+    """NotAReplica / UnsupportedVersion unless ``path`` holds a replica we can read."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isdir(path):
+        raise NotAReplica(f"{path}: no such replica directory", hint="create one with 'deltalog init'")
+    try:
+        with open(marker) as f:
+            lines = f.read(256).splitlines()
+    except FileNotFoundError:
+        raise NotAReplica(f"{path}: not a deltalog replica (no {MARKER} file)", hint="create one with 'deltalog init'") from None
+    if not lines or lines[0] != "deltalog replica" or len(lines) < 2 or not lines[1].startswith("format "):
+        raise IntegrityError(f"{path}: damaged {MARKER} marker file")
+    try:
+        version = int(lines[1].split()[1])
+    except (IndexError, ValueError):
+        raise IntegrityError(f"{path}: damaged {MARKER} marker file") from None
+    if version > FORMAT_VERSION:
+        raise UnsupportedVersion(f"{path}: replica format v{version}, this deltalog reads up to v{FORMAT_VERSION}")
+
+
+def _normalise_tensors(tensors: Mapping) -> list[tuple[str, str, np.ndarray]]:
+    """(name, logical dtype, storage array) for CheckpointTensor / ndarray / (array, dtype) values."""
+    out = []
+    for name in sorted(tensors):
+        value = tensors[name]
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"tensor names must be non-empty strings, got {name!r}")
+        if hasattr(value, "array") and hasattr(value, "dtype") and isinstance(value.dtype, str):
+            array, dtype = value.array, value.dtype
+        elif isinstance(value, tuple):
+            array, dtype = value
+        else:
+            array = np.asarray(value)
+            dtype = logical_name(array.dtype)
+        out.append((name, dtype, to_storage(np.asarray(array), dtype)))
+    return out
+
+
+class Replica:
+    """One replica directory. Use :meth:`init` or :meth:`open`; close when done."""
+
+    def __init__(self, path: str, store: LogStore):
+        self.path = path
+        self._store = store
+        self._lock = WriterLock(path)
+        self._read_maps: dict[int, np.ndarray] = {}
+        self._write_maps: dict[int, np.ndarray] = {}
+        with store.read() as txn:
+            fmt = store.get_meta(txn, "format")
+            model = store.get_meta(txn, "model")
+        if fmt is None or model is None:
+            raise IntegrityError(f"{path}: log holds no model metadata")
+        if fmt["read_version"] > FORMAT_VERSION:
+            raise UnsupportedVersion(f"{path}: replica needs format v{fmt['read_version']} to read")
+        self.format_version: int = fmt["write_version"]
+        self._writable_format = fmt["write_version"] <= FORMAT_VERSION
+        self.model_id: str = model["model_id"]
+        self.bucket_rows: int = model["bucket_rows"]
+        self.created: float = model.get("created", 0.0)
+        self._tensors = [
+            TensorInfo(i, t["name"], t["dtype"], tuple(t["shape"])) for i, t in enumerate(model["tensors"])
+        ]
+        self._by_name = {t.name: t for t in self._tensors}
+
+    # -- lifecycle ------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        path: str | os.PathLike,
+        tensors: Mapping,
+        bucket_rows: int = DEFAULT_BUCKET_ROWS,
+        model_id: str | None = None,
+    ) -> "Replica":
+        """Create a replica at ``path`` holding ``tensors`` at offset 0.
+
+        ``tensors`` maps names to arrays (or CheckpointTensor / (array, dtype)).
+        The replica is built beside ``path`` and renamed into place, so a
+        crash leaves either nothing or a complete replica.
+        """
+        path = os.fspath(path)
+        if bucket_rows < 1:
+            raise InvalidInput(f"--bucket-rows must be at least 1, got {bucket_rows}")
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise NotAReplica(f"{path}: already exists and is not empty", hint="choose a new directory")
+        model_id = model_id or uuid.uuid4().hex
+        if not model_id.isprintable() or len(model_id) > 200:
+            raise InvalidInput("--model-id must be printable text of at most 200 characters")
+        items = _normalise_tensors(tensors)
+        if not items:
+            raise InvalidInput("a model needs at least one tensor")
+        infos = [TensorInfo(i, name, dtype, tuple(int(d) for d in arr.shape)) for i, (name, dtype, arr) in enumerate(items)]
+        parent = os.path.dirname(os.path.abspath(path))
+        tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.init-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            os.makedirs(os.path.join(tmp, tensorfiles.TENSOR_DIR))
+            arrays = []
+            for info, (_n, _d, arr) in zip(infos, items):
+                tensorfiles.write_array_file(os.path.join(tmp, tensorfiles.TENSOR_DIR, info.file), arr)
+                arrays.append((info, arr))
+            tensorfiles.fsync_dir(os.path.join(tmp, tensorfiles.TENSOR_DIR))
+            manifest = tensorfiles.write_snapshot(tmp, 0, model_id, arrays)
+            store = LogStore.create(os.path.join(tmp, LOG_DIR))
+            try:
+                def setup(txn):
+                    store.put_meta(txn, "format", {"write_version": FORMAT_VERSION, "read_version": READ_VERSION})
+                    store.put_meta(
+                        txn,
+                        "model",
+                        {
+                            "model_id": model_id,
+                            "bucket_rows": int(bucket_rows),
+                            "tensors": [i.to_meta() for i in infos],
+                            "created": time.time(),
+                        },
+                    )
+                    store.put_meta(txn, "state", {"head": 0, "applied": 0, "applying": None})
+                    store.put_meta(txn, "oldest", 0)
+                    store.put_snapshot(txn, manifest)
+
+                store.write(setup)
+            finally:
+                store.close()
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                f.write(_marker_text())
+                f.flush()
+                os.fsync(f.fileno())
+            tensorfiles.fsync_dir(tmp)
+            if os.path.isdir(path):
+                os.rmdir(path)  # empty, checked above
+            os.rename(tmp, path)
+            tensorfiles.fsync_dir(parent)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StorageError(f"{path}: cannot create replica: {exc.strerror or exc}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Replica":
+        """Open an existing replica. Never blocks on a writer."""
+        path = os.fspath(path)
+        check_marker(path)
+        store = LogStore(os.path.join(path, LOG_DIR))
+        try:
+            replica = cls(path, store)
+        except BaseException:
+            store.close()
+            raise
+        try:
+            replica._repair_if_abandoned()
+        except BaseException:
+            replica.close()
+            raise
+        return replica
+
+    def close(self) -> None:
+        self._read_maps.clear()
+        self._write_maps.clear()
+        self._lock.release()
+        self._store.close()
+
+    def __enter__(self) -> "Replica":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        with self._store.read() as txn:
+            s = self._store.get_meta(txn, "state")
+        return State(s["head"], s["applied"], s.get("applying"))
+
+    @property
+    def head(self) -> int:
+        """Newest durable offset."""
+        return self.state.head
+
+    @property
+    def oldest_offset(self) -> int:
+        with self._store.read() as txn:
+            return self._store.get_meta(txn, "oldest", 0)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return [t.name for t in self._tensors]
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise InvalidInput(
+                f"unknown tensor {name!r}", hint="known: " + ", ".join(self.tensor_names[:10])
+            ) from None
+
+    def _tensor_path(self, info: TensorInfo) -> str:
+        return os.path.join(self.path, tensorfiles.TENSOR_DIR, info.file)
+
+    def rows_view(self, name: str) -> np.ndarray:
+        """Read-only (rows, row_elems) live view of a tensor's storage."""
+        info = self.info(name)
+        view = self._read_maps.get(info.id)
+        if view is None:
+            view = self._read_maps[info.id] = tensorfiles.map_rows(self._tensor_path(info), info, writable=False)
+        return view
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Read-only live view of a tensor in its original shape and storage dtype.
+
+        It reflects writes as they happen; use :meth:`read_tensor` for a copy
+        that is guaranteed consistent with one head.
+        """
+        view = self.rows_view(name).reshape(self.info(name).shape)
+        view.flags.writeable = False
+        return view
+
+    def read_tensor(self, name: str, timeout: float = 30.0) -> np.ndarray:
+        """A copy of a tensor exactly as of :attr:`head` (waits out a writer)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            before = self.state
+            if before.applying is None and before.applied == before.head:
+                copy = np.array(self.tensor(name))
+                if self.state == before:
+                    return copy
+            elif self._lock.try_acquire():  # the writer died mid-apply: repair
+                try:
+                    self._recover()
+                finally:
+                    self._lock.release()
+                continue
+            if time.monotonic() > deadline:
+                raise DeltalogError(f"{self.path}: a writer kept the tensors busy for {timeout:.0f} s")
+            time.sleep(0.002)
+
+    def snapshots(self) -> list[dict]:
+        with self._store.read() as txn:
+            return self._store.get_snapshots(txn)
+
+    def record_blob(self, offset: int) -> bytes:
+        """The encoded record at ``offset`` (a copy)."""
+        with self._store.read() as txn:
+            blob = self._store.get_record(txn, offset)
+            if blob is None:
+                raise OffsetNotRetained(
+                    f"{self.path}: no record at offset {offset}",
+                    hint=f"the log holds offsets after {self.oldest_offset} up to {self.head}",
+                )
+            return bytes(blob)
+
+    def iter_record_blobs(self, since: int = -1, upto: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(offset, encoded record) after ``since``, oldest first; each blob a copy.
+
+        Fetched in small batches so no read transaction is held while the
+        caller works (a long-lived reader would stop LMDB reusing pages).
+        """
+        after = since
+        while True:
+            with self._store.read() as txn:
+                batch = []
+                for offset, blob in self._store.iter_records(txn, after=after, upto=upto):
+                    batch.append((offset, bytes(blob)))
+                    if len(batch) == 64:
+                        break
+            if not batch:
+                return
+            yield from batch
+            after = batch[-1][0]
+
+    def iter_summaries(self, since: int = -1) -> Iterator[rec.RecordSummary]:
+        """Headers of the records after ``since``, oldest first."""
+        with self._store.read() as txn:
+            for offset, blob in self._store.iter_records(txn, after=since):
+                yield rec.summarize(blob, f"{self.path}: record {offset}")
+
+    def bucket_index(self, name: str) -> dict[int, tuple[int, float]]:
+        """bucket -> (version, significance) for every bucket ever touched."""
+        info = self.info(name)
+        with self._store.read() as txn:
+            return {b: (v, s) for b, v, s in self._store.get_buckets(txn, info.id)}
+
+    # -- writing ----------------------------------------------------------------
+
+    @contextmanager
+    def writing(self, wait: float = 0.0) -> Iterator[None]:
+        """Hold the writer lock, with the tensors brought up to the log's head."""
+        if not self._writable_format:
+            raise UnsupportedVersion(f"{self.path}: written by a newer deltalog; opened read-only")
+        if self._lock.held:  # re-entrant within one Replica
+            yield
+            return
+        self._lock.acquire(wait)
+        try:
+            self._recover()
+            yield
+        finally:
+            self._lock.release()
+
+    def commit(self, updates: Mapping[str, tuple], wait: float = 0.0) -> int:
+        """Append one record with new values for some rows; returns the new head.
+
+        ``updates`` maps tensor name -> (row_indices, values), values shaped
+        (k, *shape[1:]) or (k, row_elems) in the tensor's dtype. Rows whose
+        values do not change are left out; a commit that changes nothing
+        appends nothing and returns the current head. If an index repeats,
+        its last value wins.
+        """
+        deltas = [self._check_update(name, rows, values) for name, (rows, values) in updates.items()]
+        with self.writing(wait):
+            return self._append("commit", deltas, drop_unchanged=True)
+
+    def commit_checkpoint(self, tensors: Mapping, metadata: Mapping[str, str] | None = None, wait: float = 0.0) -> int:
+        """Append one record holding the rows where a full checkpoint differs from head."""
+        other = (metadata or {}).get("deltalog.model_id")
+        if other and other != self.model_id:
+            raise ModelMismatch(f"checkpoint belongs to model {other}, replica {self.path} holds {self.model_id}")
+        items = _normalise_tensors(tensors)
+        names = [n for n, _d, _a in items]
+        if names != self.tensor_names:
+            missing = sorted(set(self.tensor_names) - set(names))
+            extra = sorted(set(names) - set(self.tensor_names))
+            parts = ([f"missing {missing[:5]}"] if missing else []) + ([f"unknown {extra[:5]}"] if extra else [])
+            raise ModelMismatch(
+                f"checkpoint does not match the model of {self.path}: " + ", ".join(parts),
+                hint="a checkpoint must hold exactly the replica's tensors",
+            )
+        for name, dtype, array in items:
+            info = self.info(name)
+            if dtype != info.dtype or tuple(array.shape) != info.shape:
+                raise ModelMismatch(
+                    f"tensor {name!r}: checkpoint has {dtype}{list(array.shape)}, replica has {info.dtype}{list(info.shape)}"
+                )
+        with self.writing(wait):
+            deltas = []
+            for name, _dtype, array in items:
+                info = self.info(name)
+                rows, values = self._changed_rows(info, array.reshape(info.rows, info.row_elems))
+                if len(rows):
+                    deltas.append((info, rows, values))
+            return self._append("commit", deltas, drop_unchanged=False)
+
+    def _changed_rows(self, info: TensorInfo, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows where ``new`` differs bitwise from the tensor file, in bounded chunks."""
+        current = self._writable(info)
+        bits = bits_dtype(info.dtype)
+        step = max(1, _COMPARE_CHUNK_BYTES // max(1, info.row_bytes))
+        found_rows, found_values = [], []
+        for start in range(0, info.rows, step):
+            stop = min(info.rows, start + step)
+            chunk = np.asarray(new[start:stop])
+            differs = np.any(chunk.view(bits) != current[start:stop].view(bits), axis=1)
+            idx = np.flatnonzero(differs)
+            if idx.size:
+                found_rows.append(idx.astype(np.uint64) + np.uint64(start))
+                found_values.append(chunk[idx])
+        if not found_rows:
+            return np.empty(0, np.uint64), np.empty((0, info.row_elems), info.storage)
+        return np.concatenate(found_rows), np.concatenate(found_values)
+
+    def _check_update(self, name: str, rows, values) -> tuple[TensorInfo, np.ndarray, np.ndarray]:
+        info = self.info(name)
+        rows = np.asarray(rows)
+        if rows.ndim == 0:
+            rows = rows.reshape(1)
+        if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
+            raise InvalidInput(f"tensor {name!r}: row indices must be a 1-D integer array")
+        values = np.asarray(values)
+        try:
+            values = to_storage(values, info.dtype)
+        except InvalidInput:
+            raise InvalidInput(
+                f"tensor {name!r}: values have dtype {values.dtype}, the tensor is {info.dtype}",
+                hint=f"cast them first, e.g. values.astype(np.{info.dtype})" if info.dtype != "bfloat16" else None,
+            ) from None
+        k = rows.shape[0]
+        if values.shape not in ((k, *info.shape[1:]), (k, info.row_elems)) and not (
+            not info.shape and values.shape in ((k,), (k, 1))
+        ):
+            raise InvalidInput(
+                f"tensor {name!r}: values shaped {list(values.shape)}, expected {[k, *info.shape[1:]]} "
+                f"or {[k, info.row_elems]} for {k} rows"
+            )
+        if k and (rows.min() < 0 or rows.max() >= info.rows):
+            raise InvalidInput(f"tensor {name!r}: row index out of range [0, {info.rows})")
+        values = values.reshape(k, info.row_elems)
+        # Sort and keep the last value of a repeated index.
+        rows = rows.astype(np.uint64)
+        order = np.argsort(rows, kind="stable")
+        rows, values = rows[order], values[order]
+        if k > 1:
+            last = np.append(rows[1:] != rows[:-1], True)
+            rows, values = rows[last], values[last]
+        return info, rows, np.ascontiguousarray(values)
+
+    def _writable(self, info: TensorInfo) -> np.ndarray:
+        view = self._write_maps.get(info.id)
+        if view is None:
+            view = self._write_maps[info.id] = tensorfiles.map_rows(self._tensor_path(info), info, writable=True)
+        return view
+
+    def _append(
+        self,
+        kind: str,
+        deltas: list[tuple[TensorInfo, np.ndarray, np.ndarray]],
+        drop_unchanged: bool,
+        reason: str | None = None,
+        target: int | None = None,
+    ) -> int:
+        """Log, then apply, one record built from (info, sorted rows, new values). Lock held."""
+        state = self.state
+        offset = state.head + 1
+        tensor_deltas = []
+        for info, rows, new in deltas:
+            current = self._writable(info)
+            idx = rows.astype(np.intp)
+            old = current[idx]
+            if drop_unchanged:
+                bits = bits_dtype(info.dtype)
+                keep = np.any(old.view(bits) != new.view(bits), axis=1)
+                if not keep.all():
+                    rows, new, old = rows[keep], new[keep], old[keep]
+            if len(rows) == 0:
+                continue
+            row_sig = _row_significance(old, new, info.dtype)
+            tensor_deltas.append(
+                (info, rec.TensorDelta(info.name, info.dtype, rows, new, old, None, float(row_sig.sum())), row_sig)
+            )
+        if not tensor_deltas and kind == "commit":
+            return state.head
+        record = rec.Record(
+            offset=offset,
+            base=state.head,
+            kind=kind,
+            time=time.time(),
+            model_id=self.model_id,
+            tensors=[d for _i, d, _s in tensor_deltas],
+            reason=reason,
+            target=target,
+        )
+        blob = rec.encode(record)
+
+        def log_it(txn):
+            self._store.put_record(txn, offset, blob)
+            for info, delta, row_sig in tensor_deltas:
+                self._bump_buckets(txn, info, delta.rows, row_sig, offset)
+            self._store.put_meta(txn, "state", {"head": offset, "applied": state.applied, "applying": offset})
+
+        self._store.write(log_it)
+        self._apply(record)
+        self._set_applied(offset)
+        return offset
+
+    def _bump_buckets(self, txn, info: TensorInfo, rows: np.ndarray, row_sig: np.ndarray, version: int) -> None:
+        buckets = (rows // np.uint64(self.bucket_rows)).astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+        sums = np.add.reduceat(row_sig, starts) if len(starts) else []
+        for bucket, sig in zip(buckets[starts].tolist(), np.asarray(sums).tolist()):
+            prior = self._store.get_bucket(txn, info.id, bucket)
+            self._store.put_bucket(txn, info.id, bucket, version, (prior[1] if prior else 0.0) + sig)
+
+    def _apply(self, record: rec.Record) -> None:
+        """Write a record's new values into the tensor files and flush them."""
+        touched = []
+        for delta in record.tensors:
+            info = self.info(delta.name)
+            target = self._writable(info)
+            target[delta.rows.astype(np.intp)] = delta.new
+            touched.append(target)
+        try:
+            for target in touched:
+                if isinstance(target, np.memmap):
+                    target.flush()
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot write tensor files: {exc.strerror}") from None
+
+    def _set_applied(self, offset: int) -> None:
+        def mark(txn):
+            s = self._store.get_meta(txn, "state")
+            self._store.put_meta(txn, "state", {"head": s["head"], "applied": offset, "applying": None})
+
+        self._store.write(mark)
+
+    def _recover(self) -> None:
+        """Re-apply records the tensor files lag behind (lock held; idempotent)."""
+        state = self.state
+        if state.applied == state.head and state.applying is None:
+            return
+        with self._store.read() as txn:
+            for offset, blob in self._store.iter_records(txn, after=state.applied, upto=state.head):
+                self._apply(rec.decode(blob, f"{self.path}: record {offset}", with_old=False))
+        self._set_applied(state.head)
+
+    def _repair_if_abandoned(self) -> None:
+        """On open: if a writer died mid-way and nobody holds the lock, finish its work."""
+        state = self.state
+        if (state.applied != state.head or state.applying is not None) and self._writable_format:
+            if self._lock.try_acquire():
+                try:
+                    self._recover()
+                finally:
+                    self._lock.release()
+
+    # -- reports ------------------------------------------------------------------
+
+    def status(self) -> dict:
+        state = self.state
+        return {
+            "path": os.path.abspath(self.path),
+            "head": state.head,
+            "model_id": self.model_id,
+            "format_version": self.format_version,
+            "oldest_offset": self.oldest_offset,
+            "bucket_rows": self.bucket_rows,
+            "pending_apply": state.head - state.applied if state.applied != state.head else 0,
+            "log_bytes": self._store.usage_bytes(),
+            "tensors": [
+                {
+                    "name": t.name,
+                    "shape": list(t.shape),
+                    "dtype": t.dtype,
+                    "rows": t.rows,
+                    "buckets": t.buckets(self.bucket_rows),
+                    "bytes": t.nbytes,
+                }
+                for t in self._tensors
+            ],
+            "snapshots": [s["offset"] for s in self.snapshots()],
+        }
+
+
+def _row_significance(old: np.ndarray, new: np.ndarray, dtype: str) -> np.ndarray:
+    """Per row: sum |new - old| (float64); NaN counts 0, infinities are capped."""
+    if dtype == "bool":
+        return np.count_nonzero(old != new, axis=1).astype(np.float64)
+    delta = np.abs(as_float(new, dtype).astype(np.float64) - as_float(old, dtype).astype(np.float64))
+    return np.nan_to_num(delta, nan=0.0, posinf=1e300, neginf=0.0).sum(axis=1)

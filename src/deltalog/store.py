@@ -1,0 +1,234 @@
+"""The replica's LMDB environment: metadata, the record log, the bucket index.
+
+Named databases (formats/FORMAT.md lists every key):
+
+    meta       short ASCII keys -> msgpack values (format, model, state, ...)
+    records    u64 big-endian offset -> encoded record (deltalog.record)
+    buckets    u32 tensor id + u64 bucket, big-endian -> (u64 version, f64 significance)
+    snapshots  u64 big-endian offset -> msgpack snapshot manifest
+
+Big-endian integer keys sort numerically under LMDB's bytewise order, so a
+cursor walks the log in offset order.
+
+py-lmdb allows one Environment per path per process, so environments are
+shared through a reference-counted registry. Write transactions retry after
+growing the map when it is full, and adopt a map another process grew.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import lmdb
+
+from .errors import IntegrityError, StorageError
+from .record import pack, unpack
+
+T = TypeVar("T")
+
+DB_NAMES = (b"meta", b"records", b"buckets", b"snapshots")
+INITIAL_MAP_SIZE = 1 << 36  # 64 GiB of address space; the file stays as small as its data
+_OFFSET = struct.Struct(">Q")
+_BUCKET_KEY = struct.Struct(">IQ")
+_BUCKET_VALUE = struct.Struct(">Qd")
+
+_registry: dict[str, list] = {}  # realpath -> [Environment, refcount]
+_registry_lock = threading.Lock()
+
+
+def offset_key(offset: int) -> bytes:
+    return _OFFSET.pack(offset)
+
+
+def key_offset(key) -> int:
+    return _OFFSET.unpack(bytes(key))[0]
+
+
+def bucket_key(tensor_id: int, bucket: int) -> bytes:
+    return _BUCKET_KEY.pack(tensor_id, bucket)
+
+
+def _acquire_env(path: str) -> lmdb.Environment:
+    real = os.path.realpath(path)
+    with _registry_lock:
+        entry = _registry.get(real)
+        if entry is None:
+            try:
+                env = lmdb.open(
+                    real,
+                    map_size=INITIAL_MAP_SIZE,
+                    max_dbs=len(DB_NAMES),
+                    subdir=True,
+                    create=False,
+                    max_readers=256,
+                )
+            except lmdb.Error as exc:
+                raise IntegrityError(f"{path}: cannot open the log ({exc})") from None
+            entry = _registry[real] = [env, 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_env(path: str) -> None:
+    real = os.path.realpath(path)
+    with _registry_lock:
+        entry = _registry.get(real)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            entry[0].close()
+            del _registry[real]
+
+
+class LogStore:
+    """Transactions over one replica's LMDB environment."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.env = _acquire_env(path)
+        try:
+            with self.env.begin(write=False) as txn:
+                missing = [n for n in DB_NAMES if txn.get(n) is None]
+            if missing:
+                # Only init creates databases; a reader must not write.
+                raise IntegrityError(f"{path}: log is missing databases {[m.decode() for m in missing]}")
+            self.dbs = {n.decode(): self.env.open_db(n, create=False) for n in DB_NAMES}
+        except lmdb.Error as exc:
+            _release_env(path)
+            raise IntegrityError(f"{path}: cannot open the log ({exc})") from None
+        except BaseException:
+            _release_env(path)
+            raise
+        self._closed = False
+
+    @classmethod
+    def create(cls, path: str) -> "LogStore":
+        os.makedirs(path, exist_ok=True)
+        env = lmdb.open(path, map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True)
+        try:
+            with env.begin(write=True) as txn:
+                for name in DB_NAMES:
+                    env.open_db(name, txn=txn, create=True)
+        finally:
+            env.close()
+        return cls(path)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _release_env(self.path)
+
+    # -- transactions --------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        try:
+            txn = self.env.begin(write=False, buffers=True)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            txn = self.env.begin(write=False, buffers=True)
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    def write(self, body: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``body`` in a write transaction and commit it durably.
+
+        ``body`` may run more than once (after the map grows), so it must
+        only write through the transaction it is given.
+        """
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    result = body(txn)
+                return result
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+            except lmdb.DiskError as exc:
+                raise StorageError(f"{self.path}: write failed ({exc})", hint="free disk space and retry") from None
+            except lmdb.Error as exc:
+                if "No space left" in str(exc) or "ENOSPC" in str(exc):
+                    raise StorageError(f"{self.path}: disk full ({exc})", hint="free disk space and retry") from None
+                raise
+
+    # -- typed accessors ------------------------------------------------------
+
+    def get_meta(self, txn, key: str, default=None):
+        raw = txn.get(key.encode(), db=self.dbs["meta"])
+        if raw is None:
+            return default
+        return unpack(raw, f"{self.path}: meta {key}")
+
+    def put_meta(self, txn, key: str, value) -> None:
+        txn.put(key.encode(), pack(value), db=self.dbs["meta"])
+
+    def get_record(self, txn, offset: int):
+        """The encoded record at ``offset`` as a buffer valid inside ``txn``, or None."""
+        return txn.get(offset_key(offset), db=self.dbs["records"])
+
+    def put_record(self, txn, offset: int, blob: bytes) -> None:
+        if not txn.put(offset_key(offset), blob, db=self.dbs["records"], overwrite=False):
+            raise IntegrityError(f"{self.path}: a record already exists at offset {offset}")
+
+    def iter_records(self, txn, after: int = -1, upto: int | None = None) -> Iterator[tuple[int, memoryview]]:
+        """(offset, blob) for records with after < offset <= upto, in order."""
+        cursor = txn.cursor(db=self.dbs["records"])
+        found = cursor.set_range(offset_key(after + 1)) if after >= 0 else cursor.first()
+        while found:
+            offset = key_offset(cursor.key())
+            if upto is not None and offset > upto:
+                break
+            yield offset, cursor.value()
+            found = cursor.next()
+
+    def delete_records(self, txn, upto: int) -> int:
+        """Delete records with offset <= upto; returns the bytes they held."""
+        freed = 0
+        cursor = txn.cursor(db=self.dbs["records"])
+        found = cursor.first()
+        while found and key_offset(cursor.key()) <= upto:
+            freed += len(cursor.value())
+            found = cursor.delete()
+        return freed
+
+    def get_buckets(self, txn, tensor_id: int) -> Iterator[tuple[int, int, float]]:
+        """(bucket, version, significance) of every recorded bucket of a tensor."""
+        cursor = txn.cursor(db=self.dbs["buckets"])
+        found = cursor.set_range(bucket_key(tensor_id, 0))
+        while found:
+            tid, bucket = _BUCKET_KEY.unpack(bytes(cursor.key()))
+            if tid != tensor_id:
+                break
+            version, significance = _BUCKET_VALUE.unpack(bytes(cursor.value()))
+            yield bucket, version, significance
+            found = cursor.next()
+
+    def get_bucket(self, txn, tensor_id: int, bucket: int) -> tuple[int, float] | None:
+        raw = txn.get(bucket_key(tensor_id, bucket), db=self.dbs["buckets"])
+        return None if raw is None else _BUCKET_VALUE.unpack(bytes(raw))
+
+    def put_bucket(self, txn, tensor_id: int, bucket: int, version: int, significance: float) -> None:
+        txn.put(bucket_key(tensor_id, bucket), _BUCKET_VALUE.pack(version, significance), db=self.dbs["buckets"])
+
+    def get_snapshots(self, txn) -> list[dict]:
+        cursor = txn.cursor(db=self.dbs["snapshots"])
+        return [unpack(value, f"{self.path}: snapshot manifest") for _key, value in cursor]
+
+    def put_snapshot(self, txn, manifest: dict) -> None:
+        txn.put(offset_key(manifest["offset"]), pack(manifest), db=self.dbs["snapshots"])
+
+    def delete_snapshot(self, txn, offset: int) -> None:
+        txn.delete(offset_key(offset), db=self.dbs["snapshots"])
+
+    def usage_bytes(self) -> int:
+        info, stat = self.env.info(), self.env.stat()
+        return (info["last_pgno"] + 1) * stat["psize"]

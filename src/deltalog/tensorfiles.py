@@ -1,0 +1,171 @@
+"""Tensor files: the materialised rows of a replica, and immutable snapshots.
+
+Each tensor is one raw little-endian, row-major file (``tensors/00000.bin``:
+files are numbered by tensor id because tensor names may hold any
+character). Row r of a tensor with E elements per row lives at byte
+``r * E * itemsize``, so a reader memory-maps it and a writer updates rows
+in place.
+
+A snapshot is a directory ``snapshots/<offset, 20 digits>/`` holding the
+same files plus ``manifest.json`` (offset, model id, per-file size and
+xxh3-64). It is built under a temporary name, fsynced, then renamed, so a
+snapshot directory either is complete or does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from .dtypes import storage_dtype
+from .errors import IntegrityError, StorageError
+
+TENSOR_DIR = "tensors"
+SNAPSHOT_DIR = "snapshots"
+MANIFEST = "manifest.json"
+_COPY_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's place in the model: fixed at init."""
+
+    id: int
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_elems(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
+
+    @property
+    def storage(self) -> np.dtype:
+        return storage_dtype(self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_elems * self.storage.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    @property
+    def file(self) -> str:
+        return f"{self.id:05d}.bin"
+
+    def buckets(self, bucket_rows: int) -> int:
+        return -(-self.rows // bucket_rows)
+
+    def to_meta(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "file": self.file}
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def snapshot_dirname(offset: int) -> str:
+    return f"{offset:020d}"
+
+
+def map_rows(path: str, info: TensorInfo, writable: bool) -> np.ndarray:
+    """A (rows, row_elems) memory map of a tensor file, checked for size."""
+    if info.nbytes == 0:
+        return np.zeros((info.rows, info.row_elems), dtype=info.storage)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise IntegrityError(f"tensor file {path} for {info.name!r} is missing") from None
+    if size != info.nbytes:
+        raise IntegrityError(f"tensor file {path} for {info.name!r} has {size} bytes, expected {info.nbytes}")
+    return np.memmap(path, dtype=info.storage, mode="r+" if writable else "r", shape=(info.rows, info.row_elems))
+
+
+def write_array_file(path: str, array: np.ndarray) -> str:
+    """Write an array's bytes to ``path`` (fsynced); returns its xxh3-64 hex digest."""
+    digest = xxhash.xxh3_64()
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8) if array.size else np.empty(0, np.uint8)
+    try:
+        with open(path, "wb") as f:
+            for start in range(0, flat.size, _COPY_CHUNK):
+                chunk = flat[start : start + _COPY_CHUNK]
+                digest.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror}", hint="check free space and permissions") from None
+    return digest.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_snapshot(replica_dir: str, offset: int, model_id: str, tensors: list[tuple[TensorInfo, np.ndarray]]) -> dict:
+    """Write an immutable snapshot of ``tensors`` (arrays in storage dtype) at ``offset``.
+
+    Returns the manifest. Any partial directory from an earlier crash is replaced.
+    """
+    root = os.path.join(replica_dir, SNAPSHOT_DIR)
+    final = os.path.join(root, snapshot_dirname(offset))
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    files = []
+    for info, array in tensors:
+        digest = write_array_file(os.path.join(tmp, info.file), array)
+        files.append({**info.to_meta(), "nbytes": info.nbytes, "xxh3": digest})
+    manifest = {"offset": offset, "model_id": model_id, "tensors": files}
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    if os.path.exists(final):  # a complete twin from a crashed run: same offset, same content
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(root)
+    return manifest
+
+
+def snapshot_path(replica_dir: str, offset: int) -> str:
+    return os.path.join(replica_dir, SNAPSHOT_DIR, snapshot_dirname(offset))
+
+
+def verify_snapshot(replica_dir: str, manifest: dict) -> list[str]:
+    """Problems found in a snapshot's files (empty when intact)."""
+    problems = []
+    base = snapshot_path(replica_dir, manifest["offset"])
+    for entry in manifest["tensors"]:
+        path = os.path.join(base, entry["file"])
+        where = f"snapshot {manifest['offset']}, tensor {entry['name']!r} ({path})"
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            problems.append(f"{where}: file missing")
+            continue
+        if size != entry["nbytes"]:
+            problems.append(f"{where}: {size} bytes, expected {entry['nbytes']}")
+        elif file_digest(path) != entry["xxh3"]:
+            problems.append(f"{where}: checksum mismatch")
+    return problems
