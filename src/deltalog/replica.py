@@ -294,13 +294,23 @@ class Replica:
 
     def read_tensor(self, name: str, timeout: float = 30.0) -> np.ndarray:
         """A copy of a tensor exactly as of :attr:`head` (waits out a writer)."""
+        info = self.info(name)
+        _head, rows = self.read_rows(name, np.arange(info.rows), timeout)
+        return rows.reshape(info.shape)
+
+    def read_rows(self, name: str, rows: np.ndarray, timeout: float = 30.0) -> tuple[int, np.ndarray]:
+        """(head, copy of ``rows`` of a tensor as of that head), waiting out a writer.
+
+        Costs O(len(rows)), whatever the tensor's size.
+        """
+        idx = np.asarray(rows, dtype=np.intp)
         deadline = time.monotonic() + timeout
         while True:
             before = self.state
             if before.applying is None and before.applied == before.head:
-                copy = np.array(self.tensor(name))
+                values = np.array(self.rows_view(name)[idx])
                 if self.state == before:
-                    return copy
+                    return before.head, values
             elif self._lock.try_acquire():  # the writer died mid-apply: repair
                 try:
                     self._recover()
@@ -476,6 +486,30 @@ class Replica:
             view = self._write_maps[info.id] = tensorfiles.map_rows(self._tensor_path(info), info, writable=True)
         return view
 
+    def append_record(
+        self,
+        kind: str,
+        updates: Mapping[str, tuple],
+        *,
+        offset: int | None = None,
+        reason: str | None = None,
+        target: int | None = None,
+        row_versions: Mapping[str, np.ndarray] | None = None,
+        drop_unchanged: bool = False,
+    ) -> int:
+        """Log and apply one record of ``kind`` ('rollback', 'sync', ...); the caller holds :meth:`writing`.
+
+        ``updates`` maps name -> (rows, values) as for :meth:`commit`.
+        ``offset`` defaults to head + 1; a sync passes the source's offset
+        (it must exceed the head). ``row_versions`` gives, per tensor, the
+        offset that last wrote each row (aligned with the sorted, de-duplicated
+        rows), which sets bucket versions to match the source's exactly.
+        """
+        if not self._lock.held:
+            raise DeltalogError("append_record needs the writer lock: call it inside Replica.writing()")
+        deltas = [self._check_update(name, rows, values) for name, (rows, values) in updates.items()]
+        return self._append(kind, deltas, drop_unchanged, reason, target, offset, row_versions)
+
     def _append(
         self,
         kind: str,
@@ -483,12 +517,21 @@ class Replica:
         drop_unchanged: bool,
         reason: str | None = None,
         target: int | None = None,
+        offset: int | None = None,
+        row_versions: Mapping[str, np.ndarray] | None = None,
     ) -> int:
         """Log, then apply, one record built from (info, sorted rows, new values). Lock held."""
         state = self.state
-        offset = state.head + 1
+        offset = state.head + 1 if offset is None else int(offset)
+        if offset <= state.head:
+            raise InvalidInput(f"{self.path}: offset {offset} is not after the head {state.head}")
         tensor_deltas = []
         for info, rows, new in deltas:
+            versions = None if row_versions is None else row_versions.get(info.name)
+            if versions is not None:
+                versions = np.asarray(versions, dtype=np.uint64)
+                if versions.shape != rows.shape:
+                    raise InvalidInput(f"tensor {info.name!r}: {len(versions)} row versions for {len(rows)} rows")
             current = self._writable(info)
             idx = rows.astype(np.intp)
             old = current[idx]
@@ -497,11 +540,12 @@ class Replica:
                 keep = np.any(old.view(bits) != new.view(bits), axis=1)
                 if not keep.all():
                     rows, new, old = rows[keep], new[keep], old[keep]
+                    versions = None if versions is None else versions[keep]
             if len(rows) == 0:
                 continue
             row_sig = _row_significance(old, new, info.dtype)
             tensor_deltas.append(
-                (info, rec.TensorDelta(info.name, info.dtype, rows, new, old, None, float(row_sig.sum())), row_sig)
+                (info, rec.TensorDelta(info.name, info.dtype, rows, new, old, versions, float(row_sig.sum())), row_sig)
             )
         if not tensor_deltas and kind == "commit":
             return state.head
@@ -520,7 +564,7 @@ class Replica:
         def log_it(txn):
             self._store.put_record(txn, offset, blob)
             for info, delta, row_sig in tensor_deltas:
-                self._bump_buckets(txn, info, delta.rows, row_sig, offset)
+                self._bump_buckets(txn, info, delta.rows, row_sig, offset, delta.versions)
             self._store.put_meta(txn, "state", {"head": offset, "applied": state.applied, "applying": offset})
 
         self._store.write(log_it)
@@ -528,13 +572,22 @@ class Replica:
         self._set_applied(offset)
         return offset
 
-    def _bump_buckets(self, txn, info: TensorInfo, rows: np.ndarray, row_sig: np.ndarray, version: int) -> None:
+    def _bump_buckets(
+        self, txn, info: TensorInfo, rows: np.ndarray, row_sig: np.ndarray, offset: int, row_versions: np.ndarray | None
+    ) -> None:
+        """Set each touched bucket's version (the newest offset that wrote a row in it) and add its significance."""
         buckets = (rows // np.uint64(self.bucket_rows)).astype(np.int64)
         starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
-        sums = np.add.reduceat(row_sig, starts) if len(starts) else []
-        for bucket, sig in zip(buckets[starts].tolist(), np.asarray(sums).tolist()):
+        if not len(starts):
+            return
+        sums = np.add.reduceat(row_sig, starts).tolist()
+        if row_versions is None:
+            versions = [offset] * len(starts)
+        else:
+            versions = np.maximum.reduceat(row_versions, starts).tolist()
+        for bucket, sig, version in zip(buckets[starts].tolist(), sums, versions):
             prior = self._store.get_bucket(txn, info.id, bucket)
-            self._store.put_bucket(txn, info.id, bucket, version, (prior[1] if prior else 0.0) + sig)
+            self._store.put_bucket(txn, info.id, bucket, int(version), (prior[1] if prior else 0.0) + sig)
 
     def _apply(self, record: rec.Record) -> None:
         """Write a record's new values into the tensor files and flush them."""
@@ -577,6 +630,22 @@ class Replica:
                     self._recover()
                 finally:
                     self._lock.release()
+
+    @property
+    def store(self) -> LogStore:
+        """The LMDB store, for operation modules (compact, sync); writes need :meth:`writing`."""
+        return self._store
+
+    def make_snapshot(self) -> dict:
+        """Write an immutable snapshot of the tensors at head and register it (lock held)."""
+        if not self._lock.held:
+            raise DeltalogError("make_snapshot needs the writer lock: call it inside Replica.writing()")
+        head = self.head
+        manifest = tensorfiles.write_snapshot(
+            self.path, head, self.model_id, [(t, self._writable(t)) for t in self._tensors]
+        )
+        self._store.write(lambda txn: self._store.put_snapshot(txn, manifest))
+        return manifest
 
     # -- reports ------------------------------------------------------------------
 

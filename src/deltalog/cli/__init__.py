@@ -1,0 +1,82 @@
+"""The `deltalog` command: a thin layer over the library.
+
+Each command lives in its own ``<name>_cmd.py`` that parses options, calls
+the library and renders through :mod:`deltalog.cli.console`. This module
+wires them together and is the one place that turns errors into a one-line
+message and an exit code (table in deltalog.errors). Library modules are
+imported inside command bodies so that ``deltalog --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+
+import click
+
+from .. import __version__
+
+EPILOG = """\b
+Exit codes: 0 ok; 1 differences found / sync incomplete; 2 usage error;
+3 not a replica; 4 unsupported version; 5 integrity failure;
+6 model mismatch; 7 offset not retained; 8 transport; 9 lock held;
+10 check failed; 11 invalid input; 12 storage (disk full); 20 internal.
+Pass --debug (or DELTALOG_DEBUG=1) for a traceback on errors."""
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="deltalog")
+@click.option("--debug", is_flag=True, help="Show a traceback when a command fails.")
+def cli(debug: bool) -> None:
+    """Keep model replicas fresh by moving only the rows that changed.
+
+    A replica is a directory holding a model's tensors, an append-only delta
+    log and immutable snapshots. Start with 'deltalog init', record updates
+    with 'deltalog commit', inspect with 'status', 'log' and 'verify'.
+    """
+
+
+# Every module named <command>_cmd.py in this package defines `command`.
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name.endswith("_cmd"):
+        cli.add_command(importlib.import_module(f"{__name__}.{_info.name}").command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or bool(os.environ.get("DELTALOG_DEBUG"))
+    want_json = "--json" in args
+    try:
+        code = cli.main(args=args, prog_name="deltalog", standalone_mode=False)
+    except click.ClickException as exc:  # usage errors: exit 2
+        exc.show()
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("deltalog: aborted", err=True)
+        code = 130
+    except KeyboardInterrupt:
+        click.echo("deltalog: interrupted", err=True)
+        code = 130
+    except BrokenPipeError:
+        code = 0  # e.g. `deltalog log | head`: the reader has gone, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except Exception as exc:  # noqa: BLE001 - the single place errors become exit codes
+        from ..errors import DeltalogError
+
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        if isinstance(exc, DeltalogError):
+            kind, code, message, hint = type(exc).__name__, exc.exit_code, str(exc), exc.hint
+        else:
+            kind, code, message, hint = "InternalError", 20, f"{type(exc).__name__}: {exc}", "rerun with --debug and report it"
+        line = message + (f" ({hint})" if hint else "")
+        click.echo(f"deltalog: error: {line}", err=True)
+        if want_json:
+            import json
+
+            click.echo(json.dumps({"error": {"type": kind, "message": message, "hint": hint, "exit_code": code}}))
+    sys.exit(code if isinstance(code, int) else 0)

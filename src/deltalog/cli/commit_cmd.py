@@ -1,0 +1,51 @@
+"""deltalog commit: append what changed in a full checkpoint as one record."""
+
+from __future__ import annotations
+
+import click
+
+from .console import Output, human_bytes, json_option, quiet_option, wait_option
+
+
+@click.command("commit")
+@click.argument("replica", type=click.Path(file_okay=False))
+@click.option("--from", "checkpoint", required=True, type=click.Path(exists=True),
+              help="The model's new full state: .npz, .safetensors or a directory of .npy files.")
+@wait_option
+@json_option
+@quiet_option
+def command(replica, checkpoint, wait, as_json, quiet):
+    """Append ONE record holding the rows where CHECKPOINT differs from REPLICA's head.
+
+    Prints the new offset. If nothing changed, no record is written and the
+    head stays where it was. The record is durable when the command returns.
+    """
+    from ..checkpoint import read_checkpoint, read_checkpoint_metadata
+    from ..replica import Replica
+
+    out = Output(as_json, quiet)
+    tensors = read_checkpoint(checkpoint)
+    metadata = read_checkpoint_metadata(checkpoint)
+    with Replica.open(replica) as r:
+        before = r.head
+        with out.working(f"comparing {checkpoint} with {replica}"):
+            offset = r.commit_checkpoint(tensors, metadata, wait=wait)
+        summary = next(r.iter_summaries(since=offset - 1)) if offset != before else None
+    data = {
+        "offset": offset,
+        "previous_offset": before,
+        "changed": summary is not None,
+        "rows": summary.rows if summary else 0,
+        "bytes": summary.nbytes if summary else 0,
+        "significance": summary.significance if summary else 0.0,
+        "tensors": summary.tensors if summary else [],
+    }
+
+    def render(c):
+        if summary is None:
+            c.print(f"no changes: {replica} stays at offset {offset}")
+        else:
+            c.print(f"committed offset {offset}: {summary.rows:,} rows in {len(summary.tensors)} tensors, "
+                    f"{human_bytes(summary.nbytes)} logged, significance {summary.significance:.4g}")
+
+    out.result(data, render)

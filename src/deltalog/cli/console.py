@@ -1,0 +1,117 @@
+"""All terminal output of the CLI: JSON on stdout, rich tables, progress on stderr.
+
+Library code never prints; commands hand their result (a dict with the
+stable JSON field names) and a renderer to :class:`Output`. rich is
+imported only when something is rendered for a human.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import click
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (for cron).")
+wait_option = click.option(
+    "--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+    help="Wait this long for another writer's lock instead of failing at once.",
+)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class Output:
+    def __init__(self, as_json: bool = False, quiet: bool = False):
+        self.as_json = as_json
+        self.quiet = quiet
+        self._stdout = None
+        self._stderr = None
+
+    @property
+    def stdout(self):
+        if self._stdout is None:
+            from rich.console import Console
+
+            self._stdout = Console(highlight=False, soft_wrap=True)
+        return self._stdout
+
+    @property
+    def stderr(self):
+        if self._stderr is None:
+            from rich.console import Console
+
+            self._stderr = Console(stderr=True, highlight=False)
+        return self._stderr
+
+    def result(self, data: dict, render: Callable[[object], None] | None = None) -> None:
+        """Emit a command's result: JSON, or ``render(console)`` unless quiet."""
+        if self.as_json:
+            sys.stdout.write(json.dumps(data, default=_json_default) + "\n")
+            sys.stdout.flush()
+        elif not self.quiet and render is not None:
+            render(self.stdout)
+
+    def note(self, message: str) -> None:
+        """A human message on stderr (never in JSON mode or quiet)."""
+        if not (self.as_json or self.quiet):
+            self.stderr.print(message)
+
+    @property
+    def interactive(self) -> bool:
+        return not (self.as_json or self.quiet) and sys.stderr.isatty()
+
+    @contextmanager
+    def progress(self, description: str) -> Iterator[Callable[[str, int, int], None]]:
+        """A progress bar on a tty; yields update(stage, done, total)."""
+        if not self.interactive:
+            yield lambda stage, done, total: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.stderr, transient=True,
+        ) as bar:
+            task = bar.add_task(description, total=None)
+
+            def update(stage: str, done: int, total: int) -> None:
+                bar.update(task, description=f"{description}: {stage}", completed=done, total=total or None)
+
+            yield update
+
+    @contextmanager
+    def working(self, message: str) -> Iterator[None]:
+        """A spinner on a tty while a step of unknown length runs."""
+        if not self.interactive:
+            yield
+            return
+        with self.stderr.status(message):
+            yield
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def table(*columns: str, title: str | None = None):
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold")
+    for col in columns:
+        numeric = col.lower() in {"offset", "rows", "bytes", "buckets", "significance", "target"}
+        t.add_column(col, justify="right" if numeric else "left", no_wrap=True)
+    return t

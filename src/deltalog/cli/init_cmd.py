@@ -1,0 +1,45 @@
+"""deltalog init: create a replica from a checkpoint."""
+
+from __future__ import annotations
+
+import click
+
+from .console import Output, human_bytes, json_option, quiet_option
+
+
+@click.command("init")
+@click.argument("replica", type=click.Path(file_okay=False))
+@click.option("--from", "checkpoint", required=True, type=click.Path(exists=True),
+              help="Checkpoint: a .npz, a .safetensors file, or a directory of .npy files.")
+@click.option("--bucket-rows", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Rows per bucket: the unit whose version replicas compare.")
+@click.option("--model-id", help="Identity of the model (default: a new random id). Replicas refuse deltas of another model.")
+@json_option
+@quiet_option
+def command(replica, checkpoint, bucket_rows, model_id, as_json, quiet):
+    """Create REPLICA (a new directory) holding the tensors of CHECKPOINT at offset 0.
+
+    Writes the tensor files, an immutable snapshot at offset 0 and an empty
+    log. The directory appears only when complete.
+    """
+    from ..checkpoint import read_checkpoint, read_checkpoint_metadata
+    from ..replica import Replica
+
+    out = Output(as_json, quiet)
+    with out.working(f"reading {checkpoint}"):
+        tensors = read_checkpoint(checkpoint)
+        model_id = model_id or read_checkpoint_metadata(checkpoint).get("deltalog.model_id")
+    with out.working(f"writing {replica}"), Replica.init(replica, tensors, bucket_rows=bucket_rows, model_id=model_id) as r:
+        status = r.status()
+    total = sum(t["bytes"] for t in status["tensors"])
+    data = {
+        "path": status["path"],
+        "model_id": status["model_id"],
+        "head": status["head"],
+        "tensors": len(status["tensors"]),
+        "bytes": total,
+        "bucket_rows": status["bucket_rows"],
+    }
+    out.result(data, lambda c: c.print(
+        f"initialised {replica}: {len(status['tensors'])} tensors, {human_bytes(total)}, "
+        f"model id {status['model_id']}, head 0"))

@@ -1,0 +1,33 @@
+"""deltalog status: where a replica is and what it holds."""
+
+from __future__ import annotations
+
+import click
+
+from .console import Output, human_bytes, json_option, table
+
+
+@click.command("status")
+@click.argument("replica", type=click.Path(file_okay=False))
+@json_option
+def command(replica, as_json):
+    """Show REPLICA's head, model, retained offsets, snapshots and tensors."""
+    from ..replica import Replica
+
+    out = Output(as_json)
+    with Replica.open(replica) as r:
+        status = r.status()
+
+    def render(c):
+        c.print(f"replica    {status['path']}")
+        c.print(f"model id   {status['model_id']}")
+        c.print(f"head       {status['head']}" + (f"  ({status['pending_apply']} records not yet applied)" if status["pending_apply"] else ""))
+        c.print(f"retained   offsets {status['oldest_offset']}..{status['head']}; snapshots at {status['snapshots']}")
+        c.print(f"log        {human_bytes(status['log_bytes'])}, format v{status['format_version']}, {status['bucket_rows']} rows per bucket")
+        t = table("tensor", "dtype", "shape", "rows", "buckets", "bytes")
+        for info in status["tensors"]:
+            t.add_row(info["name"], info["dtype"], "x".join(map(str, info["shape"])) or "scalar",
+                      f"{info['rows']:,}", f"{info['buckets']:,}", human_bytes(info["bytes"]))
+        c.print(t)
+
+    out.result(status, render)

@@ -1,0 +1,39 @@
+"""deltalog verify: every checksum, and the tensors against the log."""
+
+from __future__ import annotations
+
+import click
+
+from .console import Output, json_option, quiet_option, wait_option
+
+
+@click.command("verify")
+@click.pass_context
+@click.argument("replica", type=click.Path(file_okay=False))
+@wait_option
+@json_option
+@quiet_option
+def command(ctx, replica, wait, as_json, quiet):
+    """Check REPLICA: record checksums and their order, snapshot checksums, the
+    tensor files against the model rebuilt from snapshot + log, and the bucket
+    index. Exits 5 and names each problem if anything is damaged.
+    """
+    from ..errors import IntegrityError
+    from ..replica import Replica
+    from ..verify import verify
+
+    out = Output(as_json, quiet)
+    with Replica.open(replica) as r, out.progress("verifying") as update:
+        report = verify(r, wait=wait, progress=update)
+    data = report.to_json()
+
+    out.result(data, lambda c: c.print(
+        f"ok: {replica} at offset {report.head}: {report.records} records, "
+        f"{report.snapshots} snapshots, {report.tensors} tensors verified") if report.ok else None)
+    if not report.ok:
+        if not as_json:
+            for problem in report.problems:
+                click.echo(f"damaged: {problem}", err=True)
+            click.echo(f"deltalog: error: {replica}: {len(report.problems)} problem(s) found "
+                       "('deltalog replay --in-place' rebuilds damaged tensor files)", err=True)
+        ctx.exit(IntegrityError.exit_code)

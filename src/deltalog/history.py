@@ -1,0 +1,102 @@
+"""Time travel over one replica's log: which rows changed, and their values then.
+
+The log keeps, for every record, the rows it wrote and the values they
+replaced. So the values of a set of rows at an earlier offset h come from
+the head's values with the records after h undone, newest first. The cost
+is O(rows changed since h), never O(model size): this is what diff,
+rollback and replay stand on.
+
+An offset is *retained* when it is the oldest offset (the base snapshot) or
+the offset of a record in the log; a follower that received a coalesced
+sync from 3 to 9 never held 4..8, so those are not retained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from . import record as rec
+from .errors import OffsetNotRetained
+from .replica import Replica
+
+
+def check_retained(replica: Replica, offset: int) -> None:
+    """OffsetNotRetained unless ``replica`` can reconstruct the model at ``offset``."""
+    oldest, head = replica.oldest_offset, replica.head
+    if offset == oldest or offset == head:
+        return
+    if offset < oldest or offset > head:
+        raise OffsetNotRetained(
+            f"{replica.path}: offset {offset} is not retained",
+            hint=f"the oldest offset still available is {oldest}, the head is {head}",
+        )
+    with replica.store.read() as txn:
+        present = replica.store.get_record(txn, offset) is not None
+    if not present:
+        raise OffsetNotRetained(
+            f"{replica.path}: offset {offset} was never held here (a sync jumped over it)",
+            hint=f"offsets between {oldest} and {head} that are records in 'deltalog log' are available",
+        )
+
+
+def records_after(replica: Replica, offset: int, upto: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """Encoded records with offset < o <= upto (default head), oldest first."""
+    return replica.iter_record_blobs(since=offset, upto=upto)
+
+
+def changed_rows(replica: Replica, since: int, upto: int | None = None) -> dict[str, np.ndarray]:
+    """Per tensor: sorted unique rows written by records in (since, upto].
+
+    Decodes only the index sections' owners; values are decompressed too, as
+    the record format keeps them per tensor (cheap next to the read).
+    """
+    parts: dict[str, list[np.ndarray]] = {}
+    for offset, blob in records_after(replica, since, upto):
+        record = rec.decode(blob, f"{replica.path}: record {offset}", with_old=False)
+        for t in record.tensors:
+            parts.setdefault(t.name, []).append(t.rows)
+    return {name: np.unique(np.concatenate(chunks)) for name, chunks in parts.items()}
+
+
+def values_at(replica: Replica, offset: int, rows: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+    """(head used, {name: values of ``rows[name]`` at ``offset``}), rows sorted unique.
+
+    Reads the rows at the head (consistently), then undoes the records after
+    ``offset`` newest first using the values each one replaced.
+    """
+    check_retained(replica, offset)
+    head = None
+    values: dict[str, np.ndarray] = {}
+    for name, wanted in rows.items():
+        h, current = replica.read_rows(name, wanted)
+        if head is not None and h != head:  # a writer moved between tensors: start again
+            return values_at(replica, offset, rows)
+        head = h
+        values[name] = current
+    if head is None:
+        head = replica.head
+    if offset == head:
+        return head, values
+    blobs = list(records_after(replica, offset, head))
+    for rec_offset, blob in reversed(blobs):
+        record = rec.decode(blob, f"{replica.path}: record {rec_offset}", only=set(rows))
+        for t in record.tensors:
+            if t.old is None:
+                raise OffsetNotRetained(
+                    f"{replica.path}: record {rec_offset} carries no undo values; offset {offset} cannot be rebuilt"
+                )
+            wanted = rows[t.name]
+            pos = np.searchsorted(wanted, t.rows)
+            hit = pos < len(wanted)
+            hit[hit] = wanted[pos[hit]] == t.rows[hit]
+            values[t.name][pos[hit]] = t.old[hit]
+    return head, values
+
+
+def state_rows(replica: Replica, offset: int, since: int) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Rows changed in (since, head] with their values at ``offset``: {name: (rows, values)}."""
+    rows = changed_rows(replica, since)
+    head, values = values_at(replica, offset, rows)
+    return head, {name: (rows[name], values[name]) for name in rows}
