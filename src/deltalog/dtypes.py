@@ -84,7 +84,9 @@ def bits_dtype(name: str) -> np.dtype:
 def as_float(array: np.ndarray, name: str) -> np.ndarray:
     """Widen stored values to a float dtype for arithmetic (exact for bfloat16)."""
     if name == "bfloat16":
-        return (array.astype(np.uint32) << 16).view(np.float32)
+        widened = np.array(array, dtype=np.uint32)  # an array even for 0-d input
+        widened <<= 16
+        return widened.view(np.float32)
     if name == "float64":
         return array
     if name in FLOAT_TYPES:
