@@ -647,6 +647,11 @@ class Replica:
         self._store.write(lambda txn: self._store.put_snapshot(txn, manifest))
         return manifest
 
+    def reload_tensor_files(self) -> None:
+        """Forget cached memory maps after tensor files were replaced (replay --in-place renames over them)."""
+        self._read_maps.clear()
+        self._write_maps.clear()
+
     # -- reports ------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -679,5 +684,6 @@ def _row_significance(old: np.ndarray, new: np.ndarray, dtype: str) -> np.ndarra
     """Per row: sum |new - old| (float64); NaN counts 0, infinities are capped."""
     if dtype == "bool":
         return np.count_nonzero(old != new, axis=1).astype(np.float64)
-    delta = np.abs(as_float(new, dtype).astype(np.float64) - as_float(old, dtype).astype(np.float64))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf payloads are legal values
+        delta = np.abs(as_float(new, dtype).astype(np.float64) - as_float(old, dtype).astype(np.float64))
     return np.nan_to_num(delta, nan=0.0, posinf=1e300, neginf=0.0).sum(axis=1)

@@ -1,0 +1,67 @@
+"""Regenerate a golden sample directory: run ONLY when deliberately adding a format version.
+
+    python formats/golden/make_golden.py formats/golden/v1
+
+Writes, from a fixed seed:
+  replica/           a tiny replica (every dtype kind, 0-d to 3-d, commit + rollback records)
+  records/OFFSET.dlrc  each record's encoded bytes, the portable form
+  expected.safetensors  the tensors at the head
+  expected.json      head, model id, and per record: kind, base, rows, reason, target
+Golden files are committed; tests/test_golden.py reads them with the current code.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from deltalog.checkpoint import write_checkpoint
+from deltalog.replica import Replica
+
+
+def main(out: str) -> None:
+    if os.path.exists(out):
+        sys.exit(f"{out} exists: golden samples are never overwritten; make a new version directory")
+    rng = np.random.default_rng(20261123)
+    tensors = {
+        "item_emb": (rng.standard_normal((12, 4)).astype(np.float32), "float32"),
+        "user_emb": ((rng.standard_normal((6, 2, 2)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16), "bfloat16"),
+        "bias": (rng.standard_normal(5).astype(np.float16), "float16"),
+        "dense.w": (rng.standard_normal((3, 3)), "float64"),
+        "counts": (np.arange(7, dtype=np.int64), "int64"),
+        "mask": (np.array([True, False, True]), "bool"),
+        "step": (np.array(0, dtype=np.int32), "int32"),
+    }
+    replica_dir = os.path.join(out, "replica")
+    os.makedirs(out)
+    r = Replica.init(replica_dir, tensors, bucket_rows=4, model_id="golden-v1")
+    r.commit({"item_emb": ([0, 5, 11], rng.standard_normal((3, 4)).astype(np.float32)),
+              "step": ([0], np.array([1], np.int32))})
+    r.commit({"dense.w": (np.arange(3), rng.standard_normal((3, 3))),  # a dense layer: every row
+              "bias": ([1, 2, 3], rng.standard_normal(3).astype(np.float16)),
+              "counts": ([6], np.array([-1], np.int64)),
+              "step": ([0], np.array([2], np.int32))})
+    r.commit({"user_emb": ([4], (rng.standard_normal((1, 2, 2)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)),
+              "mask": ([1], np.array([True])),
+              "item_emb": ([5], np.full((1, 4), np.nan, np.float32))})
+    with r.writing():
+        r.append_record("rollback", {"item_emb": ([5], np.zeros((1, 4), np.float32))}, reason="golden rollback", target=2)
+    os.makedirs(os.path.join(out, "records"))
+    records = []
+    for offset, blob in r.iter_record_blobs():
+        with open(os.path.join(out, "records", f"{offset:04d}.dlrc"), "wb") as f:
+            f.write(blob)
+    for s in r.iter_summaries():
+        records.append({"offset": s.offset, "base": s.base, "kind": s.kind, "rows": s.rows, "reason": s.reason, "target": s.target})
+    write_checkpoint(os.path.join(out, "expected.safetensors"),
+                     {name: (r.read_tensor(name), r.info(name).dtype) for name in r.tensor_names})
+    with open(os.path.join(out, "expected.json"), "w") as f:
+        json.dump({"head": r.head, "model_id": r.model_id, "bucket_rows": r.bucket_rows, "records": records}, f, indent=1)
+    r.close()
+    os.remove(os.path.join(replica_dir, "log", "lock.mdb"))  # runtime state, recreated on open
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
