@@ -42,7 +42,8 @@ class Output:
         if self._stdout is None:
             from rich.console import Console
 
-            self._stdout = Console(highlight=False, soft_wrap=True)
+            # Off a terminal rich assumes 80 columns and truncates tables; pipes and logs get room.
+            self._stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
         return self._stdout
 
     @property
