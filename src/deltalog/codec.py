@@ -19,6 +19,7 @@ corrupt record cannot make us allocate without limit.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -33,10 +34,17 @@ XOR_VALUES = "xor-shuffle-zstd"
 _local = threading.local()  # zstd contexts are not thread-safe; one per thread
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    c = getattr(_local, "cctx", None)
+_MULTITHREAD_BYTES = 4 << 20  # below this, zstd's worker hand-off costs more than it saves
+_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _compressor(nbytes: int) -> zstandard.ZstdCompressor:
+    threads = _THREADS if nbytes >= _MULTITHREAD_BYTES and _THREADS > 1 else 0
+    key = f"cctx{threads}"
+    c = getattr(_local, key, None)
     if c is None:
-        c = _local.cctx = zstandard.ZstdCompressor(level=1, write_content_size=True)
+        c = zstandard.ZstdCompressor(level=1, write_content_size=True, threads=threads)
+        setattr(_local, key, c)
     return c
 
 
@@ -48,7 +56,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 def compress(data) -> bytes:
-    return _compressor().compress(data)
+    return _compressor(memoryview(data).nbytes).compress(data)
 
 
 def decompress(data, size: int, what: str) -> bytes:

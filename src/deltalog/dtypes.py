@@ -87,7 +87,7 @@ def as_float(array: np.ndarray, name: str) -> np.ndarray:
         widened = np.array(array, dtype=np.uint32)  # an array even for 0-d input
         widened <<= 16
         return widened.view(np.float32)
-    if name == "float64":
+    if name in ("float64", "float32"):
         return array
     if name in FLOAT_TYPES:
         return array.astype(np.float32)

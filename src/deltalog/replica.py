@@ -53,13 +53,42 @@ FORMAT_VERSION = 1  # what this code writes
 READ_VERSION = 1  # the oldest code that can read what it writes
 DEFAULT_BUCKET_ROWS = 1024
 _COMPARE_CHUNK_BYTES = 32 << 20  # bounded memory when comparing a checkpoint
+# Tensor files are fsynced like a WAL checkpoint, not at every commit: the
+# log already makes each record durable, and a kill -9 loses nothing that
+# sits in the page cache. Only a machine crash can, and the boot id tells.
+FLUSH_SECONDS = 1.0
+FLUSH_RECORDS = 256
 
 
 @dataclass(frozen=True)
 class State:
     head: int  # newest durable record
-    applied: int  # newest record whose rows are in the tensor files
+    applied: int  # newest record whose rows are in the tensor files (page cache)
     applying: int | None  # set while rows are being written
+    flushed: int  # newest record whose rows are fsynced to disk
+    boot: str  # boot id of the machine that last wrote the tensor files
+
+    @property
+    def settled(self) -> bool:
+        """True when the tensor files hold exactly the model at head."""
+        return self.applying is None and self.applied == self.head and (
+            self.flushed == self.applied or self.boot == boot_id()
+        )
+
+
+def boot_id() -> str:
+    """Identity of this boot of the machine ('' where unknown: then every commit fsyncs)."""
+    global _BOOT_ID
+    if _BOOT_ID is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT_ID = f.read().strip()
+        except OSError:
+            _BOOT_ID = ""
+    return _BOOT_ID
+
+
+_BOOT_ID: str | None = None
 
 
 def _marker_text() -> str:
@@ -113,6 +142,8 @@ class Replica:
         self._lock = WriterLock(path)
         self._read_maps: dict[int, np.ndarray] = {}
         self._write_maps: dict[int, np.ndarray] = {}
+        self._dirty: set[int] = set()  # tensor ids written since the last fsync
+        self._last_flush = time.monotonic()
         with store.read() as txn:
             fmt = store.get_meta(txn, "format")
             model = store.get_meta(txn, "model")
@@ -183,7 +214,9 @@ class Replica:
                             "created": time.time(),
                         },
                     )
-                    store.put_meta(txn, "state", {"head": 0, "applied": 0, "applying": None})
+                    store.put_meta(
+                        txn, "state", {"head": 0, "applied": 0, "applying": None, "flushed": 0, "boot": boot_id()}
+                    )
                     store.put_meta(txn, "oldest", 0)
                     store.put_snapshot(txn, manifest)
 
@@ -226,6 +259,11 @@ class Replica:
         return replica
 
     def close(self) -> None:
+        if self._dirty and self._lock.try_acquire():
+            try:
+                self.flush()
+            finally:
+                self._lock.release()
         self._read_maps.clear()
         self._write_maps.clear()
         self._lock.release()
@@ -243,7 +281,13 @@ class Replica:
     def state(self) -> State:
         with self._store.read() as txn:
             s = self._store.get_meta(txn, "state")
-        return State(s["head"], s["applied"], s.get("applying"))
+        return State(s["head"], s["applied"], s.get("applying"), s.get("flushed", s["applied"]), s.get("boot", ""))
+
+    def _put_state(self, txn, **changes) -> None:
+        state = self._store.get_meta(txn, "state")
+        state.setdefault("flushed", state["applied"])
+        state.update(changes)
+        self._store.put_meta(txn, "state", state)
 
     @property
     def head(self) -> int:
@@ -307,7 +351,7 @@ class Replica:
         deadline = time.monotonic() + timeout
         while True:
             before = self.state
-            if before.applying is None and before.applied == before.head:
+            if before.settled:
                 values = np.array(self.rows_view(name)[idx])
                 if self.state == before:
                     return before.head, values
@@ -522,6 +566,7 @@ class Replica:
     ) -> int:
         """Log, then apply, one record built from (info, sorted rows, new values). Lock held."""
         state = self.state
+        self._refuse_if_pending_sync()
         offset = state.head + 1 if offset is None else int(offset)
         if offset <= state.head:
             raise InvalidInput(f"{self.path}: offset {offset} is not after the head {state.head}")
@@ -565,11 +610,15 @@ class Replica:
             self._store.put_record(txn, offset, blob)
             for info, delta, row_sig in tensor_deltas:
                 self._bump_buckets(txn, info, delta.rows, row_sig, offset, delta.versions)
-            self._store.put_meta(txn, "state", {"head": offset, "applied": state.applied, "applying": offset})
+            self._put_state(txn, head=offset, applying=offset)
 
         self._store.write(log_it)
         self._apply(record)
         self._set_applied(offset)
+        if not boot_id() or time.monotonic() - self._last_flush > FLUSH_SECONDS or (
+            offset - self.state.flushed >= FLUSH_RECORDS
+        ):
+            self.flush()
         return offset
 
     def _bump_buckets(
@@ -590,46 +639,119 @@ class Replica:
             self._store.put_bucket(txn, info.id, bucket, int(version), (prior[1] if prior else 0.0) + sig)
 
     def _apply(self, record: rec.Record) -> None:
-        """Write a record's new values into the tensor files and flush them."""
-        touched = []
+        """Write a record's new values into the tensor files (the page cache; see flush())."""
         for delta in record.tensors:
             info = self.info(delta.name)
-            target = self._writable(info)
-            target[delta.rows.astype(np.intp)] = delta.new
-            touched.append(target)
+            self._writable(info)[delta.rows.astype(np.intp)] = delta.new
+            self._dirty.add(info.id)
+
+    def flush(self) -> None:
+        """fsync the tensor files written so far and record that they are durable (lock held)."""
         try:
-            for target in touched:
-                if isinstance(target, np.memmap):
-                    target.flush()
+            for tensor_id in sorted(self._dirty):
+                fd = os.open(self._tensor_path(self._tensors[tensor_id]), os.O_RDONLY)
+                try:
+                    os.fsync(fd)  # all dirty pages of the file, whichever mapping wrote them
+                finally:
+                    os.close(fd)
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot write tensor files: {exc.strerror}") from None
+        self._dirty.clear()
+        self._last_flush = time.monotonic()
+        self._store.write(lambda txn: self._put_state(txn, flushed=self._store.get_meta(txn, "state")["applied"]))
 
     def _set_applied(self, offset: int) -> None:
-        def mark(txn):
-            s = self._store.get_meta(txn, "state")
-            self._store.put_meta(txn, "state", {"head": s["head"], "applied": offset, "applying": None})
-
-        self._store.write(mark)
+        self._store.write(lambda txn: self._put_state(txn, applied=offset, applying=None, boot=boot_id()))
 
     def _recover(self) -> None:
-        """Re-apply records the tensor files lag behind (lock held; idempotent)."""
+        """Re-apply records the tensor files may lack (lock held; idempotent).
+
+        After a kill -9 that is (applied, head]; after a machine crash the
+        page cache is gone too, so it is (flushed, head].
+        """
         state = self.state
-        if state.applied == state.head and state.applying is None:
+        if state.settled:
             return
+        start = state.applied if state.boot == boot_id() and boot_id() else min(state.applied, state.flushed)
         with self._store.read() as txn:
-            for offset, blob in self._store.iter_records(txn, after=state.applied, upto=state.head):
-                self._apply(rec.decode(blob, f"{self.path}: record {offset}", with_old=False))
+            for offset, blob in self._store.iter_records(txn, after=start, upto=state.head):
+                record = rec.decode(blob, f"{self.path}: record {offset}", with_old=False)
+                for delta in record.tensors:
+                    self._dirty.add(self.info(delta.name).id)
+                self._apply(record)
+        for info in self._tensors if start < state.applied else []:
+            self._dirty.add(info.id)  # unknown which files lost pages: fsync them all
+        self._recover_sync_state()
         self._set_applied(state.head)
+        self.flush()
 
     def _repair_if_abandoned(self) -> None:
         """On open: if a writer died mid-way and nobody holds the lock, finish its work."""
         state = self.state
-        if (state.applied != state.head or state.applying is not None) and self._writable_format:
+        if not state.settled and self._writable_format:
             if self._lock.try_acquire():
                 try:
                     self._recover()
                 finally:
                     self._lock.release()
+
+    # -- partial sync (deltalog.sync owns these meta keys: sync.pending, sync.chunk.N, sync.restore, follow)
+
+    def pending_sync(self) -> dict | None:
+        """The pending partial sync (meta "sync.pending"), or None."""
+        with self._store.read() as txn:
+            return self._store.get_meta(txn, "sync.pending")
+
+    def _refuse_if_pending_sync(self) -> None:
+        pending = self.pending_sync()
+        if pending is not None:
+            raise InvalidInput(
+                f"{self.path}: a partial sync to offset {pending['target']} is pending",
+                hint="complete it with 'deltalog sync' from its source before writing here",
+            )
+
+    def _recover_sync_state(self) -> None:
+        """Finish sync work a crash interrupted (lock held; idempotent): the file copy
+        of a snapshot restore, and the rows of pending partial-sync chunks."""
+        with self._store.read() as txn:
+            restoring = self._store.get_meta(txn, "sync.restore")
+            pending = self._store.get_meta(txn, "sync.pending")
+        if restoring is not None:
+            from .sync import copy_snapshot_into_tensors  # sync imports this module
+
+            manifest = next(m for m in self.snapshots() if m["offset"] == restoring)
+            self._write_maps.clear()
+            self._read_maps.clear()
+            copy_snapshot_into_tensors(self.path, manifest)
+            self._store.write(lambda txn: txn.delete(b"sync.restore", db=self._store.dbs["meta"]))
+        for n in range(pending["chunks"] if pending else 0):
+            with self._store.read() as txn:
+                blob = self._store.get_meta(txn, f"sync.chunk.{n:08d}")
+            if blob is None:
+                raise IntegrityError(f"{self.path}: pending sync chunk {n} is missing")
+            self._apply(rec.decode(blob, f"{self.path}: pending sync chunk {n}", with_old=False))
+
+    def _sync_status(self) -> dict:
+        """status() fields of a follower (source, lag) and of a partial sync (pending_buckets)."""
+        with self._store.read() as txn:
+            follow = self._store.get_meta(txn, "follow")
+            pending = self._store.get_meta(txn, "sync.pending")
+        out: dict = {}
+        if follow:
+            in_sync_at = follow.get("in_sync_at")
+            out.update(
+                source=follow.get("source"),
+                source_head=follow.get("source_head"),
+                lag_offsets=max(0, int(follow.get("source_head") or 0) - self.head),
+                lag_seconds=None if in_sync_at is None else round(max(0.0, time.time() - in_sync_at), 3),
+                last_sync=follow.get("synced_at"),
+            )
+        if pending:
+            out.update(
+                pending_buckets=sum(len(b["b"]) for b in pending["buckets"].values()),
+                pending_target=pending["target"],
+            )
+        return out
 
     @property
     def store(self) -> LogStore:
@@ -677,13 +799,21 @@ class Replica:
                 for t in self._tensors
             ],
             "snapshots": [s["offset"] for s in self.snapshots()],
+            **self._sync_status(),
         }
 
 
 def _row_significance(old: np.ndarray, new: np.ndarray, dtype: str) -> np.ndarray:
-    """Per row: sum |new - old| (float64); NaN counts 0, infinities are capped."""
+    """Per row: sum |new - old|, accumulated in float64; NaN counts 0, infinities are capped."""
     if dtype == "bool":
         return np.count_nonzero(old != new, axis=1).astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf payloads are legal values
-        delta = np.abs(as_float(new, dtype).astype(np.float64) - as_float(old, dtype).astype(np.float64))
-    return np.nan_to_num(delta, nan=0.0, posinf=1e300, neginf=0.0).sum(axis=1)
+        # Narrow floats subtract in float32 (exact for float16/bfloat16 inputs, and
+        # what float32 training sees); float64 and integers in float64.
+        delta = np.abs(as_float(new, dtype) - as_float(old, dtype))
+        sums = delta.sum(axis=1, dtype=np.float64)
+    bad = ~np.isfinite(sums)
+    if bad.any():  # rare: redo only the rows that hold NaN or inf
+        fixed = np.nan_to_num(delta[bad], nan=0.0, posinf=np.finfo(delta.dtype).max, neginf=0.0)
+        sums[bad] = fixed.sum(axis=1, dtype=np.float64)
+    return sums
