@@ -42,8 +42,8 @@ KINDS = ("npz", "safetensors", "npy-dir")
 
 _SUFFIX_KINDS = {".npz": "npz", ".safetensors": "safetensors"}
 
-# safetensors dtype code <-> deltalog logical dtype name
-_ST_TO_LOGICAL = {
+# safetensors dtype code <-> deltalog logical dtype name (public: server.py writes safetensors too)
+SAFETENSORS_DTYPES = {
     "F64": "float64",
     "F32": "float32",
     "F16": "float16",
@@ -58,7 +58,7 @@ _ST_TO_LOGICAL = {
     "U8": "uint8",
     "BOOL": "bool",
 }
-_LOGICAL_TO_ST = {v: k for k, v in _ST_TO_LOGICAL.items()}
+SAFETENSORS_DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 # Same cap as the reference implementation: a larger header is hostile, and
 # without a cap a forged length would make us read the whole file as JSON.
@@ -211,8 +211,8 @@ def _read_safetensors_header(path: str) -> tuple[dict[str, dict], dict[str, str]
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise InvalidInput(f"{where}: entry needs dtype, shape and data_offsets")
         code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(code, str) or code not in _ST_TO_LOGICAL:
-            raise InvalidInput(f"{where}: unsupported dtype {code!r}", hint="supported: " + ", ".join(_ST_TO_LOGICAL))
+        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+            raise InvalidInput(f"{where}: unsupported dtype {code!r}", hint="supported: " + ", ".join(SAFETENSORS_DTYPES))
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise InvalidInput(f"{where}: shape {shape!r} is not a list of non-negative integers")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
@@ -220,7 +220,7 @@ def _read_safetensors_header(path: str) -> tuple[dict[str, dict], dict[str, str]
         begin, end = offsets
         if not 0 <= begin <= end <= buffer_len:
             raise InvalidInput(f"{where}: data_offsets {offsets} outside the {buffer_len}-byte data buffer")
-        itemsize = dtypes.storage_dtype(_ST_TO_LOGICAL[code]).itemsize
+        itemsize = dtypes.storage_dtype(SAFETENSORS_DTYPES[code]).itemsize
         if end - begin != math.prod(shape) * itemsize:
             raise InvalidInput(
                 f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {code} needs "
@@ -252,7 +252,7 @@ def _read_safetensors(path: str) -> dict[str, CheckpointTensor]:
         raise InvalidInput(f"{path}: file shrank while being read")
     tensors = {}
     for name, entry in header.items():
-        logical = _ST_TO_LOGICAL[entry["dtype"]]
+        logical = SAFETENSORS_DTYPES[entry["dtype"]]
         begin, end = entry["data_offsets"]
         raw = whole[data_start + begin : data_start + end]
         array = raw.view(dtypes.storage_dtype(logical)).reshape(entry["shape"])
@@ -451,7 +451,7 @@ def _write_safetensors(f: BinaryIO, prepared: list[tuple[str, np.ndarray, str]],
     offset = 0
     for name, array, logical in prepared:
         header[name] = {
-            "dtype": _LOGICAL_TO_ST[logical],
+            "dtype": SAFETENSORS_DTYPE_CODES[logical],
             "shape": list(array.shape),
             "data_offsets": [offset, offset + array.nbytes],
         }
