@@ -79,8 +79,7 @@ def values_at(replica: Replica, offset: int, rows: dict[str, np.ndarray]) -> tup
         head = replica.head
     if offset == head:
         return head, values
-    blobs = list(records_after(replica, offset, head))
-    for rec_offset, blob in reversed(blobs):
+    for rec_offset, blob in replica.iter_record_blobs_reverse(offset, head):
         record = rec.decode(blob, f"{replica.path}: record {rec_offset}", only=set(rows))
         for t in record.tensors:
             if t.old is None:

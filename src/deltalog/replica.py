@@ -399,6 +399,21 @@ class Replica:
             yield from batch
             after = batch[-1][0]
 
+    def iter_record_blobs_reverse(self, since: int, upto: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, encoded record) for since < offset <= upto, newest first; batched like
+        :meth:`iter_record_blobs`, so memory stays bounded however far back ``since`` is."""
+        while upto > since:
+            with self._store.read() as txn:
+                batch = []
+                for offset, blob in self._store.iter_records_reverse(txn, after=since, upto=upto):
+                    batch.append((offset, bytes(blob)))
+                    if len(batch) == 64:
+                        break
+            if not batch:
+                return
+            yield from batch
+            upto = batch[-1][0] - 1
+
     def iter_summaries(self, since: int = -1) -> Iterator[rec.RecordSummary]:
         """Headers of the records after ``since``, oldest first."""
         with self._store.read() as txn:
@@ -814,6 +829,7 @@ def _row_significance(old: np.ndarray, new: np.ndarray, dtype: str) -> np.ndarra
         sums = delta.sum(axis=1, dtype=np.float64)
     bad = ~np.isfinite(sums)
     if bad.any():  # rare: redo only the rows that hold NaN or inf
-        fixed = np.nan_to_num(delta[bad], nan=0.0, posinf=np.finfo(delta.dtype).max, neginf=0.0)
+        cap = 1e300 if delta.dtype == np.float64 else np.finfo(np.float32).max  # sums of caps stay finite
+        fixed = np.nan_to_num(delta[bad], nan=0.0, posinf=cap, neginf=0.0)
         sums[bad] = fixed.sum(axis=1, dtype=np.float64)
     return sums
