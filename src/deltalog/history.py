@@ -57,6 +57,7 @@ def changed_rows(replica: Replica, since: int, upto: int | None = None) -> dict[
         record = rec.decode(blob, f"{replica.path}: record {offset}", with_old=False)
         for t in record.tensors:
             parts.setdefault(t.name, []).append(t.rows)
+    _check_not_compacted_meanwhile(replica, since)
     return {name: np.unique(np.concatenate(chunks)) for name, chunks in parts.items()}
 
 
@@ -91,6 +92,7 @@ def values_at(replica: Replica, offset: int, rows: dict[str, np.ndarray]) -> tup
             hit = pos < len(wanted)
             hit[hit] = wanted[pos[hit]] == t.rows[hit]
             values[t.name][pos[hit]] = t.old[hit]
+    _check_not_compacted_meanwhile(replica, offset)
     return head, values
 
 
@@ -99,3 +101,16 @@ def state_rows(replica: Replica, offset: int, since: int) -> tuple[int, dict[str
     rows = changed_rows(replica, since)
     head, values = values_at(replica, offset, rows)
     return head, {name: (rows[name], values[name]) for name in rows}
+
+
+def _check_not_compacted_meanwhile(replica: Replica, offset: int) -> None:
+    """OffsetNotRetained if a compaction (another process) dropped records after ``offset``
+    while we walked the log without the lock: the walk may have missed some. Compaction
+    raises ``oldest`` in the same transaction that deletes records, so checking it after
+    the walk is enough."""
+    oldest = replica.oldest_offset
+    if offset < oldest:
+        raise OffsetNotRetained(
+            f"{replica.path}: offset {offset} was compacted away while it was being read",
+            hint=f"the oldest offset still available is {oldest}, the head is {replica.head}",
+        )

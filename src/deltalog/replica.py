@@ -142,7 +142,7 @@ class Replica:
         self._lock = WriterLock(path)
         self._read_maps: dict[int, np.ndarray] = {}
         self._write_maps: dict[int, np.ndarray] = {}
-        self._dirty: set[int] = set()  # tensor ids written since the last fsync
+        self._dirty: set[int] = set()  # tensor ids this handle wrote since its last flush (close() flushes then)
         self._last_flush = time.monotonic()
         with store.read() as txn:
             fmt = store.get_meta(txn, "format")
@@ -661,10 +661,16 @@ class Replica:
             self._dirty.add(info.id)
 
     def flush(self) -> None:
-        """fsync the tensor files written so far and record that they are durable (lock held)."""
+        """fsync the tensor files and record that they are durable up to ``applied`` (lock held).
+
+        Every file, not only those this handle wrote: an earlier writer that
+        was killed may have left pages of other files unsynced.
+        """
         try:
-            for tensor_id in sorted(self._dirty):
-                fd = os.open(self._tensor_path(self._tensors[tensor_id]), os.O_RDONLY)
+            for info in self._tensors:
+                if not info.nbytes:
+                    continue
+                fd = os.open(self._tensor_path(info), os.O_RDONLY)
                 try:
                     os.fsync(fd)  # all dirty pages of the file, whichever mapping wrote them
                 finally:
@@ -690,12 +696,7 @@ class Replica:
         start = state.applied if state.boot == boot_id() and boot_id() else min(state.applied, state.flushed)
         with self._store.read() as txn:
             for offset, blob in self._store.iter_records(txn, after=start, upto=state.head):
-                record = rec.decode(blob, f"{self.path}: record {offset}", with_old=False)
-                for delta in record.tensors:
-                    self._dirty.add(self.info(delta.name).id)
-                self._apply(record)
-        for info in self._tensors if start < state.applied else []:
-            self._dirty.add(info.id)  # unknown which files lost pages: fsync them all
+                self._apply(rec.decode(blob, f"{self.path}: record {offset}", with_old=False))
         self._recover_sync_state()
         self._set_applied(state.head)
         self.flush()

@@ -1,0 +1,70 @@
+"""deltalog compact: fold old records into a snapshot and drop them."""
+
+from __future__ import annotations
+
+import click
+
+from .console import Output, human_bytes, json_option, quiet_option, wait_option
+
+
+class _Duration(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        from ..compact import parse_duration
+        from ..errors import InvalidInput
+
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return parse_duration(value)
+        except InvalidInput as exc:
+            self.fail(exc.one_line(), param, ctx)
+
+
+@click.command("compact")
+@click.argument("replica", type=click.Path(file_okay=False))
+@click.option("--keep-after", type=click.IntRange(min=0), default=None, metavar="OFFSET",
+              help="Keep the offsets after OFFSET; OFFSET becomes the oldest.")
+@click.option("--keep-records", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Keep the newest N records.")
+@click.option("--keep-age", type=_Duration(), default=None,
+              help="Keep records written in the last DURATION (e.g. 90m, 12h, 7d).")
+@wait_option
+@json_option
+@quiet_option
+def command(replica, keep_after, keep_records, keep_age, wait, as_json, quiet):
+    """Fold REPLICA's records older than a horizon into a snapshot and drop them.
+
+    Without an option, every record is folded (the oldest offset becomes the
+    head, so nothing before it can be rolled back to). Offsets before the
+    new oldest then fail with exit 7. The snapshot is rebuilt from the
+    previous snapshot and the log, not from the live tensor files; commits
+    go on while it is written and wait for the writer lock only for the
+    final switch (pass --wait). Safe to interrupt: re-run it to finish.
+    """
+    if sum(x is not None for x in (keep_after, keep_records, keep_age)) > 1:
+        raise click.UsageError("give at most one of --keep-after, --keep-records, --keep-age")
+    from ..compact import compact
+    from ..replica import Replica
+
+    out = Output(as_json, quiet)
+    with Replica.open(replica) as r, out.progress("compacting") as update:
+        result = compact(r, keep_after=keep_after, keep_records=keep_records, keep_age=keep_age,
+                         wait=wait, progress=update)
+
+    def render(c):
+        if result.changed:
+            c.print(f"compacted {replica}: oldest offset {result.previous_oldest} -> {result.oldest_offset} "
+                    f"(head {result.head}), {result.records_removed} records and "
+                    f"{len(result.snapshots_removed)} snapshots dropped")
+        else:
+            c.print(f"nothing to compact: {replica} keeps offsets {result.oldest_offset}..{result.head}")
+        c.print(f"reclaimed {human_bytes(result.bytes_reclaimed)}: {human_bytes(result.log_bytes_freed)} of log pages "
+                f"(reused by new records; the log file does not shrink) + "
+                f"{human_bytes(result.snapshot_bytes_removed)} of snapshot files; "
+                f"new snapshot {human_bytes(result.snapshot_bytes_written)}")
+        if result.garbage_removed:
+            c.print(f"removed leftovers of interrupted runs: {', '.join(result.garbage_removed)}")
+
+    out.result(result.to_json(), render)

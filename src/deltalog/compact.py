@@ -1,0 +1,331 @@
+"""compact: fold the records older than a retention horizon into a snapshot.
+
+Like Kafka's log compaction: the model at the horizon H becomes a new
+snapshot, and the records at or before H (and every snapshot older than H)
+are dropped. Offsets from H to the head stay retained (rollback, diff and
+replay reach them as before); older ones raise OffsetNotRetained naming H.
+
+H must be a retained offset (the current oldest or a record's offset), so
+the first record kept applies on H and the log's base chain stays whole.
+The snapshot at H is replayed from the previous snapshot plus the records
+(deltalog.replay), never copied from the live tensor files, which might be
+damaged: compaction must not bake damage into the only base left.
+
+Crash safety, step by step (a kill -9 anywhere leaves a sound replica):
+
+1. Without the writer lock (commits go on), build the snapshot in a staging
+   directory ``snapshots/.compact-PID-XXXX/`` with tensorfiles.write_snapshot
+   (temporary name, fsync, rename). A crash leaves a staging directory.
+2. Under the writer lock: rename it to ``snapshots/OFFSET``, then in ONE
+   LMDB write transaction register it, set meta ``oldest`` = H, delete the
+   records <= H and the older snapshots' entries. Before the commit the
+   replica is unchanged; after it, compacted.
+3. Still under the lock, delete every snapshot directory that is not
+   registered (the old snapshots, and garbage of earlier crashes) and the
+   staging directories of dead processes. A reader streaming an old
+   snapshot file keeps its open file (POSIX unlink semantics).
+
+A compaction with nothing to fold still does step 3, so re-running one
+after a crash completes it.
+
+Bytes reclaimed are reported in two parts, because they are not alike:
+``log_bytes_freed`` are record bytes freed inside LMDB's data file, whose
+pages LMDB reuses for new records but which does not shrink;
+``snapshot_bytes_removed`` are files deleted, returned to the file system.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import record as rec
+from . import tensorfiles
+from .errors import IntegrityError, InvalidInput, OffsetNotRetained, StorageError
+from .replay import tensors_at
+from .replica import Replica
+from .store import key_offset, offset_key
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+STAGING_PREFIX = ".compact-"
+_SNAPSHOT_NAME = re.compile(r"^\d{20}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90', '90s', '15m', '12h', '7d' or '2w'; InvalidInput otherwise."""
+    match = _DURATION.match(text or "")
+    if not match:
+        raise InvalidInput(f"bad duration {text!r}", hint="use a number with an optional unit s, m, h, d or w, e.g. 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass
+class CompactResult:
+    oldest_offset: int
+    previous_oldest: int
+    head: int
+    records_removed: int = 0
+    log_bytes_freed: int = 0  # inside data.mdb: reused by LMDB, the file does not shrink
+    snapshot_bytes_removed: int = 0  # files deleted from disk
+    snapshot_bytes_written: int = 0  # the new snapshot
+    snapshots_removed: list[int] = field(default_factory=list)
+    garbage_removed: list[str] = field(default_factory=list)  # leftovers of crashed runs
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return self.oldest_offset != self.previous_oldest
+
+    @property
+    def bytes_reclaimed(self) -> int:
+        return self.log_bytes_freed + self.snapshot_bytes_removed
+
+    def to_json(self) -> dict:
+        return {
+            "oldest_offset": self.oldest_offset,
+            "previous_oldest": self.previous_oldest,
+            "head": self.head,
+            "changed": self.changed,
+            "records_removed": self.records_removed,
+            "bytes_reclaimed": self.bytes_reclaimed,
+            "log_bytes_freed": self.log_bytes_freed,
+            "snapshot_bytes_removed": self.snapshot_bytes_removed,
+            "snapshot_bytes_written": self.snapshot_bytes_written,
+            "snapshots_removed": self.snapshots_removed,
+            "garbage_removed": self.garbage_removed,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def choose_horizon(
+    replica: Replica,
+    keep_after: int | None = None,
+    keep_records: int | None = None,
+    keep_age: float | None = None,
+    now: float | None = None,
+) -> int:
+    """The retained offset that becomes the oldest; at most one policy may be given.
+
+    - ``keep_after=X``: keep the offsets after X; H is the newest retained
+      offset <= X (a follower may never have held X itself).
+    - ``keep_records=N``: keep the newest N records.
+    - ``keep_age=S``: keep every record written in the last S seconds (and
+      all after the first of them).
+    - none: fold everything up to the head (the log becomes empty).
+
+    A horizon at or before the current oldest means nothing to fold.
+    """
+    if sum(x is not None for x in (keep_after, keep_records, keep_age)) > 1:
+        raise InvalidInput("give at most one of --keep-after, --keep-records, --keep-age")
+    store = replica.store
+    with store.read() as txn:
+        oldest = store.get_meta(txn, "oldest", 0)
+        head = store.get_meta(txn, "state")["head"]
+        cursor = txn.cursor(db=store.dbs["records"])
+        if keep_after is not None:
+            if keep_after < 0:
+                raise InvalidInput(f"--keep-after must be an offset >= 0, got {keep_after}")
+            if keep_after > head:
+                raise OffsetNotRetained(
+                    f"{replica.path}: offset {keep_after} is after the head {head}",
+                    hint=f"the oldest offset still available is {oldest}, the head is {head}",
+                )
+            # newest record <= keep_after
+            if cursor.set_range(offset_key(keep_after + 1)):
+                found = cursor.prev()
+            else:
+                found = cursor.last()
+            horizon = key_offset(cursor.key()) if found else oldest
+            return max(horizon, oldest)
+        if keep_records is not None:
+            if keep_records < 0:
+                raise InvalidInput(f"--keep-records must be >= 0, got {keep_records}")
+            if not cursor.last():
+                return oldest
+            for _ in range(keep_records):
+                if not cursor.prev():
+                    return oldest  # fewer records than asked to keep
+            return key_offset(cursor.key())
+        if keep_age is not None:
+            if keep_age < 0:
+                raise InvalidInput(f"--keep-age must not be negative, got {keep_age}")
+            cutoff = (time.time() if now is None else now) - keep_age
+            horizon = oldest
+            for offset, blob in store.iter_records(txn):
+                if rec.summarize(blob, f"{replica.path}: record {offset}").time > cutoff:
+                    break
+                horizon = offset
+            return horizon
+        return head
+
+
+def compact(
+    replica: Replica,
+    keep_after: int | None = None,
+    keep_records: int | None = None,
+    keep_age: float | None = None,
+    wait: float = 0.0,
+    progress: Progress | None = None,
+) -> CompactResult:
+    """Fold the records at or before the chosen horizon into a snapshot and drop them."""
+    started = time.monotonic()
+    progress = progress or (lambda stage, done, total: None)
+    previous_oldest = replica.oldest_offset
+    horizon = choose_horizon(replica, keep_after, keep_records, keep_age)
+    root = os.path.join(replica.path, tensorfiles.SNAPSHOT_DIR)
+    staging = None
+    manifest = None
+    try:
+        if horizon > previous_oldest:
+            manifest = _registered(replica, horizon)
+            if manifest is not None:  # e.g. made by make_snapshot: reuse it if intact
+                problems = tensorfiles.verify_snapshot(replica.path, manifest)
+                if problems:
+                    raise IntegrityError(f"{replica.path}: cannot compact onto a damaged snapshot: {problems[0]}")
+            else:
+                staging = os.path.join(root, f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                try:
+                    os.makedirs(staging)
+                    # write_snapshot consumes the generator one tensor at a time: memory stays bounded by one tensor
+                    manifest = tensorfiles.write_snapshot(
+                        staging, horizon, replica.model_id, tensors_at(replica, horizon, progress)
+                    )
+                except OSError as exc:
+                    raise StorageError(
+                        f"{root}: cannot write the snapshot: {exc.strerror}", hint="free disk space and retry"
+                    ) from None
+        progress("committing", 0, 1)
+        with replica.writing(wait):
+            result = CompactResult(oldest_offset=replica.oldest_offset, previous_oldest=previous_oldest, head=replica.head)
+            if manifest is not None and horizon > result.oldest_offset:
+                _fold(replica, horizon, manifest, staging, result)
+            _remove_garbage(replica, result)
+        progress("committing", 1, 1)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _registered(replica: Replica, offset: int) -> dict | None:
+    return next((m for m in replica.snapshots() if m["offset"] == offset), None)
+
+
+def _fold(replica: Replica, horizon: int, manifest: dict, staging: str | None, result: CompactResult) -> None:
+    """Steps 2 of the module docstring: install the snapshot, one LMDB transaction. Lock held."""
+    store = replica.store
+    with store.read() as txn:
+        # records only disappear under the lock: another compaction (then horizon <= oldest and
+        # we are not called) or a sync that rebased the replica on a snapshot
+        if store.get_record(txn, horizon) is None:
+            raise OffsetNotRetained(
+                f"{replica.path}: offset {horizon} left the log while compacting (a sync rebased the replica?)",
+                hint="run 'deltalog compact' again",
+            )
+    registered = _registered(replica, horizon)
+    if registered is not None:
+        manifest = registered  # reused, or registered meanwhile by make_snapshot: ours is discarded
+    elif staging is None:  # the snapshot we meant to reuse was unregistered: only a compaction does that
+        raise IntegrityError(f"{replica.path}: snapshot {horizon} vanished during compaction", hint="retry")
+    else:
+        root = os.path.join(replica.path, tensorfiles.SNAPSHOT_DIR)
+        final = tensorfiles.snapshot_path(replica.path, horizon)
+        try:
+            if os.path.lexists(final):  # unregistered: garbage of a crashed run
+                shutil.rmtree(final)
+            os.rename(tensorfiles.snapshot_path(staging, horizon), final)
+            tensorfiles.fsync_dir(root)
+        except OSError as exc:
+            raise StorageError(f"{final}: cannot install the snapshot: {exc.strerror}") from None
+        result.snapshot_bytes_written = sum(t["nbytes"] for t in manifest["tensors"])
+
+    replica.flush()  # recovery after a machine crash replays records after 'flushed': keep them until synced
+
+    def fold(txn):
+        store.put_snapshot(txn, manifest)
+        store.put_meta(txn, "oldest", horizon)
+        removed = sum(1 for _ in store.iter_records(txn, upto=horizon))
+        freed = store.delete_records(txn, upto=horizon)
+        dropped = [m["offset"] for m in store.get_snapshots(txn) if m["offset"] < horizon]
+        for offset in dropped:
+            store.delete_snapshot(txn, offset)
+        return removed, freed, dropped
+
+    result.records_removed, result.log_bytes_freed, result.snapshots_removed = store.write(fold)
+    result.oldest_offset = horizon
+
+
+def _remove_garbage(replica: Replica, result: CompactResult) -> None:
+    """Step 3: delete unregistered snapshot directories and dead staging directories. Lock held.
+
+    Every snapshot directory is registered under the writer lock right after
+    its rename, so while we hold the lock an unregistered one is garbage.
+    """
+    root = os.path.join(replica.path, tensorfiles.SNAPSHOT_DIR)
+    registered = {tensorfiles.snapshot_dirname(m["offset"]) for m in replica.snapshots()}
+    dropped = {tensorfiles.snapshot_dirname(o) for o in result.snapshots_removed}
+    try:
+        entries = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return
+    for name in entries:
+        path = os.path.join(root, name)
+        if name in registered or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        if _SNAPSHOT_NAME.match(name) or (name.endswith(".tmp") and _SNAPSHOT_NAME.match(name[:-4])):
+            pass
+        elif name.startswith(STAGING_PREFIX):
+            if _alive(name[len(STAGING_PREFIX) :].split("-", 1)[0]):
+                continue  # ours (removed by the caller) or a concurrent compaction's
+        else:
+            continue  # not ours to judge
+        size = _tree_bytes(path)
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(path):
+            continue
+        result.snapshot_bytes_removed += size
+        if name not in dropped:
+            result.garbage_removed.append(name)
+    try:
+        tensorfiles.fsync_dir(root)
+    except OSError:
+        pass
+
+
+def _alive(pid_text: str) -> bool:
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for directory, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+__all__ = ["CompactResult", "choose_horizon", "compact", "parse_duration"]

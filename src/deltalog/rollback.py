@@ -1,0 +1,92 @@
+"""rollback: make the tensors of an earlier offset the new head, as a record.
+
+A rollback is an ordinary record of kind "rollback" (with ``target`` = the
+offset restored and the user's ``reason``): the rows written after the
+target get back the values they had at the target, found by undoing the
+log (deltalog.history). So sync carries it like any update, the history
+before it stays readable, and rolling *forward* is the same operation with
+a later target (e.g. the offset just before the rollback). Its cost follows
+the rows changed since the target, never the model's size.
+
+A rollback to a state the tensors already hold (the target is the head, or
+everything changed since has been restored already) appends nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dtypes import bits_dtype
+from .errors import InvalidInput
+from .history import changed_rows, check_retained, values_at
+from .replica import Replica
+
+MAX_REASON = 4096
+
+
+@dataclass
+class RollbackResult:
+    offset: int  # the new record, or the unchanged head when nothing was appended
+    target: int
+    previous_head: int
+    rows: int = 0
+    changed: bool = False
+    reason: str | None = None
+    tensors: list[dict] = field(default_factory=list)  # [{name, rows}]
+
+    def to_json(self) -> dict:
+        return {
+            "offset": self.offset,
+            "target": self.target,
+            "previous_head": self.previous_head,
+            "rows": self.rows,
+            "changed": self.changed,
+            "reason": self.reason,
+            "tensors": self.tensors,
+        }
+
+
+def rollback(replica: Replica, to: int, reason: str | None = None, wait: float = 0.0) -> RollbackResult:
+    """Append a record restoring the tensors of offset ``to``; under the writer lock.
+
+    OffsetNotRetained when ``to`` cannot be rebuilt (compacted away, never
+    held by this follower, or beyond the head); LockHeld when another writer
+    holds the replica past ``wait`` seconds.
+    """
+    to = int(to)
+    if reason is not None and len(reason) > MAX_REASON:
+        raise InvalidInput(f"--reason is {len(reason)} characters long; at most {MAX_REASON} are kept")
+    with replica.writing(wait):
+        head = replica.head
+        pending = replica.pending_sync()
+        if pending is not None:  # its rows are ahead of the head in the tensor files
+            raise InvalidInput(
+                f"{replica.path}: a partial sync to offset {pending['target']} is pending",
+                hint="complete it with 'deltalog sync' from its source before rolling back",
+            )
+        check_retained(replica, to)
+        result = RollbackResult(offset=head, target=to, previous_head=head, reason=reason)
+        if to == head:
+            return result
+        rows = changed_rows(replica, to)
+        _head, wanted = values_at(replica, to, rows)
+        updates = {}
+        for name, idx in rows.items():
+            _h, current = replica.read_rows(name, idx)
+            bits = bits_dtype(replica.info(name).dtype)
+            differs = np.any(current.view(bits) != wanted[name].view(bits), axis=1)
+            if differs.any():
+                updates[name] = (idx[differs], wanted[name][differs])
+        if not updates:  # the tensors already hold the target's values
+            return result
+        offset = replica.append_record("rollback", updates, reason=reason, target=to, drop_unchanged=True)
+        result.offset = offset
+        result.changed = True
+        result.tensors = [{"name": name, "rows": int(len(r))} for name, (r, _v) in updates.items()]
+        result.rows = sum(t["rows"] for t in result.tensors)
+        return result
+
+
+__all__ = ["RollbackResult", "rollback"]
