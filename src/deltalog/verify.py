@@ -124,6 +124,9 @@ def _check_tensors(
     """Rebuild each tensor from snapshot + log and compare it bitwise with its file."""
     after = sorted(o for o in good if o > base["offset"])
     snap_dir = tensorfiles.snapshot_path(replica.path, base["offset"])
+    from .sync import merged_pending
+
+    pending = merged_pending(replica)  # a partial sync: rows already ahead of the head
     for n, info in enumerate(replica.tensors):
         progress("tensors", n, len(replica.tensors))
         expected = np.array(tensorfiles.map_rows(os.path.join(snap_dir, info.file), info, writable=False))
@@ -132,6 +135,8 @@ def _check_tensors(
             record = rec.decode(blob, f"record {offset}", only={info.name}, with_old=False, checked=True)
             for t in record.tensors:
                 expected[t.rows.astype(np.intp)] = t.new
+        if info.name in pending:
+            expected[pending[info.name].rows.astype(np.intp)] = pending[info.name].new
         try:
             actual = replica.rows_view(info.name)
         except DeltalogError as exc:
@@ -155,8 +160,18 @@ def _check_buckets(replica: Replica, good: set[int], report: VerifyReport) -> No
     for offset in sorted(good):
         record = rec.decode(replica.record_blob(offset), f"record {offset}", with_old=False, checked=True)
         for t in record.tensors:
-            for bucket in np.unique(t.rows // np.uint64(replica.bucket_rows)).tolist():
-                expected[t.name][bucket] = offset
+            buckets = (t.rows // np.uint64(replica.bucket_rows)).tolist()
+            if t.versions is None:
+                expected[t.name].update(dict.fromkeys(buckets, offset))
+            else:  # a coalesced sync: a bucket's version is the newest row version in it
+                newest: dict[int, int] = {}
+                for bucket, version in zip(buckets, t.versions.tolist()):
+                    newest[bucket] = max(version, newest.get(bucket, 0))
+                expected[t.name].update(newest)
+    from .sync import pending_buckets
+
+    for name, held in pending_buckets(replica.pending_sync()).items():
+        expected[name].update(held)
     oldest = replica.oldest_offset
     for info in replica.tensors:
         index = replica.bucket_index(info.name)

@@ -1,0 +1,267 @@
+"""The local transport: a replica directory on this machine, as a Source or a Sink.
+
+LocalSink is also what ``deltalog serve --stdio`` runs on the far side of
+an ssh pipe when pushing, so every write path of a sync lives here (over
+deltalog.sync's partial-sync functions), whatever the transport.
+
+A destination that does not exist yet is staged beside its final name, in
+``.<name>.deltalog-sync/`` (locked with the same flock as a replica's
+writer lock), and renamed into place only when complete; an interrupted
+snapshot transfer resumes from the bytes already there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import ExitStack
+
+from .. import sync as sync_mod
+from .. import tensorfiles
+from ..errors import IntegrityError, InvalidInput, NotAReplica, StorageError
+from ..lock import WriterLock
+from ..replica import MARKER, Replica
+
+TRANSFER = "transfer.json"  # the manifest being fetched, beside the partial files
+
+
+def open_source(spec, options) -> "LocalSource":
+    return LocalSource(spec.path)
+
+
+def open_sink(spec, options) -> "LocalSink":
+    return LocalSink(spec.path)
+
+
+class LocalSource:
+    """A replica directory we read from (no lock: readers never block the writer)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.replica = Replica.open(path)
+
+    def hello(self) -> dict:
+        return sync_mod.source_hello(self.replica)
+
+    def plan(self, since: int, advanced, target: int) -> dict:
+        return sync_mod.source_plan(self.replica, since, advanced, target)
+
+    def chunks(self, since: int, advanced, target: int, max_chunk_bytes: int):
+        return sync_mod.source_chunks(self.replica, since, advanced, target, max_chunk_bytes)
+
+    def snapshot_manifest(self, offset: int) -> dict:
+        return sync_mod.source_snapshot_manifest(self.replica, offset)
+
+    def read_snapshot_file(self, offset: int, file: str, start: int, length: int) -> bytes:
+        return sync_mod.source_read_snapshot_file(self.replica, offset, file, start, length)
+
+    def close(self) -> None:
+        if self.replica is not None:
+            self.replica.close()
+            self.replica = None
+
+
+def _is_replica(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+class LocalSink:
+    """A replica directory we write into (created by a snapshot transfer when missing)."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.replica: Replica | None = None
+        self._stack = ExitStack()
+        self._staging: str | None = None  # new replica being built beside self.path
+        self._staging_lock: WriterLock | None = None
+        self._hello: dict | None = None
+        self._manifest: dict | None = None  # the source's snapshot manifest
+        self._files: dict[str, str] = {}  # source file name -> local path
+        self._handles: dict[str, object] = {}
+        self._wait = 0.0
+
+    # -- state -----------------------------------------------------------------
+
+    def begin(self, wait: float, dry_run: bool = False) -> dict:
+        self._wait = wait
+        while True:
+            if _is_replica(self.path):
+                self.replica = Replica.open(self.path)
+                if not dry_run:
+                    self._stack.enter_context(self.replica.writing(wait))
+                return sync_mod.sink_state(self.replica)
+            if os.path.exists(self.path) and (not os.path.isdir(self.path) or os.listdir(self.path)):
+                raise NotAReplica(f"{self.path}: exists and is not a deltalog replica",
+                                  hint="sync into a replica of the same model, a new path or an empty directory")
+            if dry_run:
+                return self._new_state()
+            parent = os.path.dirname(self.path)
+            if not os.path.isdir(parent):
+                raise NotAReplica(f"{self.path}: parent directory {parent} does not exist")
+            staging = os.path.join(parent, f".{os.path.basename(self.path)}.deltalog-sync")
+            try:
+                os.makedirs(staging, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"{staging}: cannot create ({exc.strerror})") from None
+            lock = WriterLock(staging)
+            lock.acquire(wait)
+            if _is_replica(self.path):  # another sync created it while we waited
+                lock.release()
+                continue
+            self._staging, self._staging_lock = staging, lock
+            return self._new_state()
+
+    @staticmethod
+    def _new_state() -> dict:
+        return {"exists": False, "model_id": None, "head": None, "oldest_offset": None, "bucket_rows": None,
+                "tensors": [], "advanced": {}, "pending_target": None, "pending_buckets": 0}
+
+    def _need_replica(self) -> Replica:
+        if self.replica is None:
+            raise InvalidInput(f"{self.path}: no replica yet (a snapshot transfer must come first)")
+        return self.replica
+
+    # -- log transfer -----------------------------------------------------------
+
+    def apply_chunk(self, blob, target: int, source: str) -> dict:
+        return sync_mod.apply_chunk(self._need_replica(), blob, target, source)
+
+    def finish(self, target: int, follow: dict) -> dict:
+        replica = self._need_replica()
+        sync_mod.finish_sync(replica, target, self._merged_follow(follow))
+        return sync_mod.sink_state(replica)
+
+    def abort_pending(self) -> dict:
+        replica = self._need_replica()
+        sync_mod.abort_pending(replica)
+        return sync_mod.sink_state(replica)
+
+    def note_follow(self, follow: dict) -> None:
+        if self.replica is not None:
+            sync_mod.note_follow(self.replica, self._merged_follow(follow))
+
+    def _merged_follow(self, follow: dict) -> dict:
+        previous = sync_mod.follow_state(self.replica) or {}
+        merged = {**follow}
+        if "in_sync_at" not in merged and previous.get("in_sync_at") is not None:
+            merged["in_sync_at"] = previous["in_sync_at"]
+        return merged
+
+    # -- snapshot transfer ---------------------------------------------------------
+
+    def _snapshot_root(self) -> str:
+        return self.replica.path if self.replica is not None else self._staging
+
+    def snapshot_begin(self, hello: dict, manifest: dict) -> dict[str, int]:
+        if self.replica is None and self._staging is None:
+            raise InvalidInput("snapshot_begin before begin")
+        names = [t["name"] for t in hello["tensors"]]
+        if sorted(names) != sorted(t["name"] for t in manifest["tensors"]):
+            raise IntegrityError("the source's snapshot manifest does not list its tensors")
+        if self.replica is not None:
+            sync_mod.check_same_model(hello, sync_mod.sink_state(self.replica), self.path)
+        self._hello, self._manifest = hello, manifest
+        offset = int(manifest["offset"])
+        partial = os.path.join(self._snapshot_root(), tensorfiles.SNAPSHOT_DIR,
+                               tensorfiles.snapshot_dirname(offset) + ".partial")
+        wanted = {"offset": offset, "model_id": manifest["model_id"],
+                  "tensors": [{k: t[k] for k in ("name", "file", "nbytes", "xxh3")} for t in manifest["tensors"]]}
+        try:
+            with open(os.path.join(partial, TRANSFER)) as f:
+                have = json.load(f)
+        except (OSError, ValueError):
+            have = None
+        if have != wanted:  # another snapshot (or none) was being fetched: start over
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+            with open(os.path.join(partial, TRANSFER), "w") as f:
+                json.dump(wanted, f)
+                f.flush()
+                os.fsync(f.fileno())
+        ids = {name: i for i, name in enumerate(names)}
+        held = {}
+        self._files = {}
+        for entry in manifest["tensors"]:
+            local = os.path.join(partial, f"{ids[entry['name']]:05d}.bin")
+            self._files[entry["file"]] = local
+            size = os.path.getsize(local) if os.path.exists(local) else 0
+            if size > int(entry["nbytes"]):
+                os.truncate(local, 0)
+                size = 0
+            held[entry["file"]] = size
+        self._partial = partial
+        return held
+
+    def snapshot_write(self, file: str, start: int, data) -> None:
+        local = self._files.get(file)
+        if local is None:
+            raise InvalidInput(f"snapshot file {file!r} is not in the manifest being received")
+        fh = self._handles.get(file)
+        if fh is None:
+            fh = self._handles[file] = open(local, "ab")
+        if fh.tell() != start:
+            raise IntegrityError(f"snapshot file {file}: piece at {start} but {fh.tell()} bytes held")
+        try:
+            fh.write(data)
+        except OSError as exc:
+            raise StorageError(f"{local}: cannot write ({exc.strerror})", hint="free disk space and retry") from None
+
+    def snapshot_commit(self) -> dict:
+        manifest, hello = self._manifest, self._hello
+        if manifest is None:
+            raise InvalidInput("snapshot_commit before snapshot_begin")
+        for fh in self._handles.values():
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+        self._handles = {}
+        local_tensors = []
+        for entry in manifest["tensors"]:
+            local = self._files[entry["file"]]
+            size = os.path.getsize(local) if os.path.exists(local) else 0
+            if size != int(entry["nbytes"]) or tensorfiles.file_digest(local) != entry["xxh3"]:
+                os.truncate(local, 0) if os.path.exists(local) else None
+                raise IntegrityError(f"snapshot file {entry['file']} from the source fails its checksum "
+                                     f"({size} of {entry['nbytes']} bytes)", hint="run the sync again to refetch it")
+            local_tensors.append({**{k: entry[k] for k in ("name", "dtype", "shape", "nbytes", "xxh3")},
+                                  "file": os.path.basename(local)})
+        offset = int(manifest["offset"])
+        local_manifest = {"offset": offset, "model_id": manifest["model_id"], "tensors": local_tensors,
+                          "bucket_versions": manifest.get("bucket_versions") or {}}
+        partial = self._partial
+        os.remove(os.path.join(partial, TRANSFER))
+        with open(os.path.join(partial, tensorfiles.MANIFEST), "w") as f:
+            json.dump({k: local_manifest[k] for k in ("offset", "model_id", "tensors")}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        tensorfiles.fsync_dir(partial)
+        final = partial[: -len(".partial")]
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        tensorfiles.fsync_dir(os.path.dirname(final))
+        if self.replica is not None:
+            sync_mod.restore_snapshot(self.replica, local_manifest)
+            return sync_mod.sink_state(self.replica)
+        sync_mod.init_from_snapshot(self._staging, self.path, hello, local_manifest)
+        self._staging_lock.release()  # the lock file moved in with the rename; take it as the replica's
+        self._staging_lock = self._staging = None
+        self.replica = Replica.open(self.path)
+        self._stack.enter_context(self.replica.writing(max(self._wait, 30.0)))
+        return sync_mod.sink_state(self.replica)
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            try:
+                fh.close()
+            except OSError:
+                pass
+        self._handles = {}
+        self._stack.close()
+        if self.replica is not None:
+            self.replica.close()
+            self.replica = None
+        if self._staging_lock is not None:
+            self._staging_lock.release()
+            self._staging_lock = None

@@ -1,0 +1,264 @@
+"""The SSH transport: ``[user@]host:path`` as a Source (pull) or a Sink (push).
+
+We run ``ssh -T -o BatchMode=yes HOST deltalog serve --stdio PATH`` (the ssh
+command and the remote deltalog are configurable, like rsync's -e and
+--rsync-path) and speak the framed protocol of deltalog.wire over its
+stdin/stdout. Calling plain ``ssh`` honours the user's ~/.ssh/config (ports,
+keys, jump hosts, ControlMaster). The remote's stderr is kept (the last
+lines explain a failed login) and echoed when DELTALOG_DEBUG is set.
+
+A request that gets no byte back within ``timeout`` seconds, a peer that
+closes the pipe, or one that answers nonsense is a TransportError (exit 8).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import select
+import shlex
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+from .. import wire
+from ..errors import InvalidInput, TransportError
+
+
+def open_source(spec, options) -> "SshSource":
+    return SshSource(spec, options)
+
+
+def open_sink(spec, options) -> "SshSink":
+    return SshSink(spec, options)
+
+
+class _TimeoutReader(io.RawIOBase):
+    """A pipe's read end whose reads give up after ``timeout`` seconds of silence."""
+
+    def __init__(self, fd: int, timeout: float | None, on_timeout):
+        self.fd = fd
+        self.timeout = timeout
+        self.on_timeout = on_timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.timeout is not None:
+            ready, _, _ = select.select([self.fd], [], [], self.timeout)
+            if not ready:
+                self.on_timeout()
+        try:
+            return os.readv(self.fd, [buf])
+        except OSError as exc:
+            raise TransportError(f"reading from ssh failed ({exc.strerror})") from None
+
+
+class SshConnection:
+    """One ``deltalog serve --stdio`` process at the end of an ssh pipe."""
+
+    def __init__(self, spec, options, role: str):
+        self.spec = spec
+        self.options = options
+        ssh = shlex.split(options.ssh_command or "ssh")
+        if not ssh:
+            raise InvalidInput("--ssh-command is empty")
+        remote = f"{options.remote_deltalog or 'deltalog'} serve --stdio {shlex.quote(spec.path)}"
+        self.argv = [*ssh, "-T", "-o", "BatchMode=yes", spec.host, remote]
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, bufsize=0)
+        except OSError as exc:
+            raise TransportError(f"cannot run {ssh[0]!r}: {exc.strerror}",
+                                 hint="install an ssh client or pass --ssh-command") from None
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._stderr_thread = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._stderr_thread.start()
+        self.rfile = io.BufferedReader(_TimeoutReader(self.proc.stdout.fileno(), options.timeout, self._timed_out),
+                                       1 << 16)
+        self.wfile = io.BufferedWriter(self.proc.stdin, 1 << 16)
+        self.busy = False  # a chunk stream is half read: the pipe cannot carry another request
+        self.closed = False
+        self.hello = {}
+        try:
+            self.send(wire.hello_request(role))
+            answer, payload = self.read()
+            wire.check_hello(answer)
+            if answer.get("role") != role:
+                raise TransportError(f"{spec.text}: the remote answered as a {answer.get('role')}, not a {role}")
+            self.hello = wire.unpack(payload, "hello") if payload else {}
+        except BaseException:
+            self.busy = True  # no goodbye: just hang up
+            self.close()
+            raise
+
+    def _drain_stderr(self) -> None:
+        debug = bool(os.environ.get("DELTALOG_DEBUG"))
+        for raw in iter(self.proc.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self._stderr_tail.append(line)
+                if debug:
+                    print(f"remote {self.spec.host}: {line}", file=sys.stderr, flush=True)
+
+    def _timed_out(self):
+        raise TransportError(f"no answer for {self.options.timeout:g} s",
+                             hint="the peer or the network hangs; raise --timeout if it is just slow")
+
+    def _explain(self, exc: TransportError) -> TransportError:
+        """Add what ssh said on stderr to a TransportError."""
+        try:
+            self.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        self._stderr_thread.join(timeout=1.0)
+        said = [line for line in self._stderr_tail if line.strip()]
+        detail = said[-1] if said else None
+        code = self.proc.returncode
+        message = f"{self.spec.text}: {exc}"
+        if detail:
+            message += f" (ssh said: {detail})"
+        elif code is not None and code != 0:
+            message += f" (ssh exited with status {code})"
+        hint = exc.hint
+        if code == 127 or (detail and "not found" in detail):
+            hint = "is deltalog installed on the remote? pass --remote-deltalog PATH"
+        elif detail and "Permission denied" in detail:
+            hint = "ssh runs with BatchMode=yes: set up key authentication (ssh-agent or ~/.ssh/config)"
+        return TransportError(message, hint=hint)
+
+    def send(self, header: dict, payload=b"") -> None:
+        if self.closed:
+            raise TransportError(f"{self.spec.text}: connection already closed")
+        try:
+            wire.write_frame(self.wfile, header, payload)
+        except TransportError as exc:
+            raise self._explain(exc) from None
+
+    def read(self) -> tuple[dict, bytearray]:
+        try:
+            return wire.read_frame(self.rfile)
+        except TransportError as exc:
+            raise self._explain(exc) from None
+
+    def request(self, kind: str, args: dict | None = None, expect: str = "ok", payload=None, **fields):
+        """Send one request and return (answer header, payload) of the expected kind."""
+        if self.busy:
+            raise TransportError(f"{self.spec.text}: a chunk stream was abandoned; reconnect")
+        body = payload if payload is not None else (wire.pack(args) if args is not None else b"")
+        self.send({"type": kind, **fields}, body)
+        header, data = self.read()
+        wire.expect(header, expect)
+        return header, data
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.busy and self.proc.poll() is None:
+            try:
+                wire.write_frame(self.wfile, {"type": "bye"})
+                wire.read_frame(self.rfile)
+            except Exception:  # noqa: BLE001 - best effort goodbye
+                pass
+        for stream in (self.wfile, self.proc.stdout):
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            self.proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class SshSource:
+    """Pull from ``host:path`` over ssh."""
+
+    def __init__(self, spec, options):
+        self.spec = spec
+        self.conn = _open(spec, options, "source")
+        self._hello = self.conn.hello
+
+    def hello(self) -> dict:
+        return self._hello
+
+    def plan(self, since: int, advanced, target: int) -> dict:
+        _h, data = self.conn.request("plan", {"since": since, "advanced": advanced, "target": target}, expect="plan")
+        return wire.unpack(data, "plan")
+
+    def chunks(self, since: int, advanced, target: int, max_chunk_bytes: int) -> Iterator[bytes]:
+        conn = self.conn
+        conn.send({"type": "chunks"}, wire.pack({"since": since, "advanced": advanced, "target": target,
+                                                 "max_chunk_bytes": max_chunk_bytes}))
+        conn.busy = True
+        while True:
+            header, data = conn.read()
+            wire.raise_if_error(header)
+            if header["type"] == "end":
+                conn.busy = False
+                return
+            wire.expect(header, "chunk")
+            yield data
+
+    def snapshot_manifest(self, offset: int) -> dict:
+        _h, data = self.conn.request("snapshot_manifest", {"offset": offset}, expect="manifest")
+        return wire.unpack(data, "manifest")
+
+    def read_snapshot_file(self, offset: int, file: str, start: int, length: int) -> bytes:
+        _h, data = self.conn.request("read_snapshot_file",
+                                     {"offset": offset, "file": file, "start": start, "length": length},
+                                     expect="data")
+        return data
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SshSink:
+    """Push into ``host:path`` over ssh: the remote process applies and holds the lock."""
+
+    def __init__(self, spec, options):
+        self.spec = spec
+        self.conn = _open(spec, options, "sink")
+
+    def _state(self, kind: str, args: dict | None = None) -> dict:
+        _h, data = self.conn.request(kind, args or {}, expect="state")
+        return wire.unpack(data, "state")
+
+    def begin(self, wait: float, dry_run: bool = False) -> dict:
+        return self._state("begin", {"wait": wait, "dry_run": dry_run})
+
+    def apply_chunk(self, blob, target: int, source: str) -> dict:
+        _h, data = self.conn.request("apply_chunk", expect="applied", payload=blob, target=target, source=source)
+        return wire.unpack(data, "applied")
+
+    def finish(self, target: int, follow: dict) -> dict:
+        return self._state("finish", {"target": target, "follow": follow})
+
+    def abort_pending(self) -> dict:
+        return self._state("abort_pending")
+
+    def note_follow(self, follow: dict) -> None:
+        self.conn.request("note_follow", {"follow": follow})
+
+    def snapshot_begin(self, hello: dict, manifest: dict) -> dict[str, int]:
+        _h, data = self.conn.request("snapshot_begin", {"hello": hello, "manifest": manifest}, expect="held")
+        return wire.unpack(data, "held")
+
+    def snapshot_write(self, file: str, start: int, data) -> None:
+        self.conn.request("snapshot_write", payload=data, file=file, start=start)
+
+    def snapshot_commit(self) -> dict:
+        return self._state("snapshot_commit")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _open(spec, options, role: str) -> SshConnection:
+    return SshConnection(spec, options, role)

@@ -1,0 +1,590 @@
+"""The transport CONTRACT suite: every way of moving a model passes the same tests.
+
+Transports: ``local`` (path to path), ``ssh-pull`` (host:path -> path),
+``ssh-push`` (path -> host:path: the remote ``serve --stdio`` applies) over a
+real sshd on 127.0.0.1 (tests/sshd_fixture.py), and ``http`` (a real
+``serve-snapshot`` process, tests/http_fixture.py) when that helper exists.
+Each test checks bitwise equality of every tensor, equal heads and a clean
+``verify`` on the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from conftest import DELTALOG, bits, random_update, run_cli
+from deltalog import Replica
+from deltalog import sync as sync_mod
+from deltalog.errors import LockHeld, ModelMismatch, TransportError
+from deltalog.transport import TransportOptions, open_sink, open_source, parse_spec
+from deltalog.verify import verify
+from sshd_fixture import sshd  # noqa: F401  (fixture)
+
+try:
+    from http_fixture import serve_snapshot_url  # noqa: F401  (fixture)
+
+    HAVE_HTTP = True
+except ImportError:  # the HTTP helper's fixture is optional
+    HAVE_HTTP = False
+
+TRANSPORTS = ["local", "ssh-pull", "ssh-push", "http"]
+
+
+# -- transports -----------------------------------------------------------------------
+
+
+@dataclass
+class Way:
+    """How one transport names SRC and DST, for the library and for the CLI."""
+
+    name: str
+    request: object
+    cli: list[str] = field(default_factory=list)
+    options: TransportOptions = field(default_factory=TransportOptions)
+    _urls: dict = field(default_factory=dict)
+
+    def src(self, path) -> str:
+        path = os.path.abspath(path)
+        if self.name == "ssh-pull":
+            return self.request.getfixturevalue("sshd").location(path)
+        if self.name == "http":
+            if path not in self._urls:
+                self._urls[path] = self.request.getfixturevalue("serve_snapshot_url")(path)
+            return self._urls[path]
+        return path
+
+    def dst(self, path) -> str:
+        path = os.path.abspath(path)
+        if self.name == "ssh-push":
+            return self.request.getfixturevalue("sshd").location(path)
+        return path
+
+
+@pytest.fixture(params=TRANSPORTS)
+def way(request) -> Way:
+    name = request.param
+    w = Way(name, request)
+    if name.startswith("ssh"):
+        server = request.getfixturevalue("sshd")
+        w.cli = server.cli_options()
+        w.options = TransportOptions(ssh_command=server.ssh_command, remote_deltalog=server.remote_deltalog)
+    elif name == "http" and not HAVE_HTTP:
+        pytest.skip("tests/http_fixture.py (the HTTP transport's fixture) is not present")
+    return w
+
+
+def do_sync(way: Way, src, dst, **kw) -> sync_mod.SyncResult:
+    """One sync through ``way``, in-process (the far ends of ssh/http are real processes)."""
+    s_text, d_text = way.src(src), way.dst(dst)
+    source = open_source(s_text, way.options)
+    try:
+        sink = open_sink(d_text, way.options)
+        try:
+            return sync_mod.sync(source, sink, source_name=s_text, destination_name=d_text, **kw)
+        finally:
+            sink.close()
+    finally:
+        source.close()
+
+
+def sync_cli(way: Way, src, dst, *args) -> subprocess.CompletedProcess:
+    return run_cli("sync", way.src(src), way.dst(dst), *way.cli, *args)
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+def make_model(rng, rows: int = 300) -> dict[str, np.ndarray]:
+    return {
+        "item_emb": rng.standard_normal((rows, 8)).astype(np.float32),
+        "user_emb": rng.standard_normal((rows // 2, 8)).astype(np.float16),
+        "dense": rng.standard_normal((16, 4, 2)).astype(np.float64),
+        "bias": rng.standard_normal(rows // 3).astype(np.float32),
+        "ids": rng.integers(-1000, 1000, size=(rows // 4, 3)).astype(np.int32),
+        "mask": rng.integers(0, 2, size=rows // 5).astype(np.uint8),
+        "step": np.array(0, dtype=np.int64),
+    }
+
+
+def new_source(tmp_path, rng, commits: int = 15, bucket_rows: int = 16, rows: int = 300):
+    model = make_model(rng, rows)
+    path = tmp_path / "src"
+    with Replica.init(path, model, bucket_rows=bucket_rows) as r:
+        for _ in range(commits):
+            r.commit(random_update(rng, model))
+    return path, model
+
+
+def advance(path, rng, model, commits: int = 10, max_rows: int = 20) -> int:
+    with Replica.open(path) as r:
+        for _ in range(commits):
+            r.commit(random_update(rng, model, max_rows=max_rows))
+        return r.head
+
+
+def at_head(replica: Replica, name: str) -> np.ndarray:
+    """A tensor exactly at the replica's head: rows a pending partial sync brought ahead are put back."""
+    values = replica.read_tensor(name)
+    pending = sync_mod.merged_pending(replica).get(name)
+    if pending is not None:
+        flat = values.reshape(replica.info(name).rows, -1)
+        flat[pending.rows.astype(np.intp)] = pending.old
+    return values
+
+
+def assert_synced(src, dst) -> None:
+    """Same head, every tensor bitwise equal (at the source's head), verify clean."""
+    with Replica.open(src) as a, Replica.open(dst) as b:
+        assert b.head == a.head
+        assert b.pending_sync() is None
+        for name in a.tensor_names:
+            assert np.array_equal(bits(at_head(a, name)), bits(b.read_tensor(name))), name
+        report = verify(b)
+        assert report.ok, report.problems
+
+
+def assert_valid(dst) -> None:
+    """The destination opens and verifies (whatever point a sync stopped at)."""
+    with Replica.open(dst) as b:
+        report = verify(b, wait=30)  # a killed client's remote end may still be winding down
+        assert report.ok, report.problems
+
+
+def record_count(path) -> int:
+    with Replica.open(path) as r:
+        return sum(1 for _ in r.iter_summaries())
+
+
+# -- the contract -----------------------------------------------------------------------
+
+
+def test_new_destination_then_incremental_then_noop(way, tmp_path, rng):
+    src, model = new_source(tmp_path, rng)
+    dst = tmp_path / "dst"
+    dst.mkdir()  # an empty directory is filled like a missing one
+    first = do_sync(way, src, dst)
+    assert first.complete and first.created and first.snapshot_offset == 0
+    assert_synced(src, dst)
+    advance(src, rng, model)
+    with Replica.open(src) as r:  # a hot row, written 50 times, is sent once with its latest value
+        for i in range(50):
+            r.commit({"item_emb": ([7], np.full((1, 8), i, np.float32))})
+    second = do_sync(way, src, dst)
+    assert second.complete and second.snapshot_offset is None and second.rows_sent > 0
+    assert second.from_offset == first.to_offset
+    assert_synced(src, dst)
+    with Replica.open(dst) as b:
+        assert b.read_tensor("item_emb")[7, 0] == 49
+    records = record_count(dst)
+    again = do_sync(way, src, dst)
+    assert again.complete and again.chunks == 0 and again.bytes_sent == 0 and again.rows_sent == 0
+    assert record_count(dst) == records
+    assert_synced(src, dst)
+
+
+def test_hot_rows_are_sent_once(tmp_path, rng):
+    src, model = new_source(tmp_path, rng, commits=0)
+    dst = tmp_path / "dst"
+    way = Way("local", None)
+    do_sync(way, src, dst)
+    with Replica.open(src) as r:
+        for i in range(50):
+            r.commit({"item_emb": ([7], np.full((1, 8), i, np.float32))})
+    assert do_sync(way, src, dst).rows_sent == 1
+    assert_synced(src, dst)
+
+
+def test_budget_sends_most_significant_buckets_first_and_stays_honest(way, tmp_path, rng):
+    model = {"emb": rng.standard_normal((80, 4)).astype(np.float32)}
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    Replica.init(src, model, bucket_rows=16).close()
+    do_sync(way, src, dst)
+    with Replica.open(src) as r:
+        base = r.read_tensor("emb")
+        for step in range(3):  # bucket 3 moves by 100, bucket 1 by 10, the rest by 0.01
+            rows = np.arange(80)
+            delta = np.full(80, 0.01, np.float32)
+            delta[3 * 16:4 * 16] = 100
+            delta[1 * 16:2 * 16] = 10
+            r.commit({"emb": (rows, base + (step + 1) * delta[:, None])})
+        target = r.head
+    with Replica.open(dst) as b:
+        head = b.head
+    held_before = []
+    runs = 0
+    while True:
+        result = do_sync(way, src, dst, max_bytes=1, chunk_bytes=1)  # one bucket per run
+        runs += 1
+        if result.complete:
+            break
+        assert result.chunks == 1 and result.stopped_by == "max-bytes"
+        with Replica.open(dst) as b:
+            status = b.status()
+            assert status["head"] == head  # the head stays the last complete offset
+            assert status["pending_buckets"] == runs
+            held = sorted(sync_mod.pending_buckets(b.pending_sync())["emb"])
+            held_before.append(held)
+        assert_valid(dst)
+        if runs == 1:
+            assert held == [3]
+        if runs == 2:
+            assert held == [1, 3]
+    assert runs == 5  # one bucket per run; the run that moves the last one completes
+    assert result.chunks == 1 and result.to_offset == target
+    assert_synced(src, dst)
+
+
+def test_partial_sync_resumes_after_the_source_advanced(way, tmp_path, rng):
+    src, model = new_source(tmp_path, rng)
+    dst = tmp_path / "dst"
+    do_sync(way, src, dst)
+    advance(src, rng, model, commits=10)
+    first = do_sync(way, src, dst, max_bytes=1, chunk_bytes=1)
+    assert not first.complete
+    with Replica.open(dst) as b:
+        pending_rows = sum(len(d.rows) for d in sync_mod.merged_pending(b).values())
+    # Nothing that arrived is sent again while the source stands still.
+    with Replica.open(src) as a, Replica.open(dst) as b:
+        plan = sync_mod.source_plan(a, b.head, {}, a.head)
+    second = do_sync(way, src, dst, max_bytes=1, chunk_bytes=1)
+    assert second.rows_sent + first.rows_sent <= plan["rows"]
+    assert pending_rows == first.rows_sent
+    advance(src, rng, model, commits=10)
+    final = do_sync(way, src, dst)
+    assert final.complete
+    assert_synced(src, dst)
+
+
+def test_chain_through_a_follower(way, tmp_path, rng):
+    """A -> B -> C: B (a follower, even mid-partial-sync) feeds C the model at B's head."""
+    a, model = new_source(tmp_path, rng)
+    b, c = tmp_path / "b", tmp_path / "c"
+    hot = np.arange(16)  # bucket 0 of item_emb: written in both rounds, pending at B in the second
+
+    def round_(scale: float) -> None:
+        advance(a, rng, model, commits=4)
+        with Replica.open(a) as r:
+            r.commit({"item_emb": (hot, np.full((16, 8), scale, np.float32))})
+
+    do_sync(way, a, b)
+    do_sync(way, b, c)
+    assert_synced(a, c)
+    round_(1.0)
+    assert do_sync(way, a, b).complete  # B one round ahead of C
+    round_(1000.0)
+    assert not do_sync(way, a, b, max_bytes=1, chunk_bytes=1).complete  # B holds bucket 0 pending
+    with Replica.open(b) as r:
+        assert 0 in sync_mod.pending_buckets(r.pending_sync())["item_emb"]
+        assert r.read_tensor("item_emb")[0, 0] == 1000.0  # the pending value is already served
+    feed = do_sync(way, b, c)  # C gets B's head: bucket 0 as of round 1, not B's pending values
+    assert feed.complete and feed.chunks > 0
+    assert_synced(b, c)
+    with Replica.open(c) as r:
+        assert r.read_tensor("item_emb")[0, 0] == 1.0
+    assert do_sync(way, a, b).complete
+    assert do_sync(way, b, c).complete
+    assert_synced(a, c)
+    assert_synced(b, c)
+
+
+def test_destination_behind_the_source_retention_gets_a_snapshot(way, tmp_path, rng):
+    src, model = new_source(tmp_path, rng)
+    dst = tmp_path / "dst"
+    do_sync(way, src, dst)
+    advance(src, rng, model, commits=5)
+    with Replica.open(src) as r, r.writing():  # compact: a snapshot at head, the log before it dropped
+        manifest = r.make_snapshot()
+        r.store.write(lambda txn: (r.store.delete_records(txn, manifest["offset"]),
+                                   r.store.put_meta(txn, "oldest", manifest["offset"])))
+    advance(src, rng, model, commits=5)
+    result = do_sync(way, src, dst)
+    assert result.complete and result.snapshot_offset == manifest["offset"] and not result.created
+    assert_synced(src, dst)
+    with Replica.open(dst) as b:
+        assert b.oldest_offset == manifest["offset"]
+
+
+def test_another_models_deltas_are_refused(way, tmp_path, rng):
+    src, _ = new_source(tmp_path, rng, commits=2)
+    other = tmp_path / "other"
+    Replica.init(other, make_model(rng), bucket_rows=16).close()
+    before = record_count(other)
+    with pytest.raises(ModelMismatch):
+        do_sync(way, src, other)
+    proc = sync_cli(way, src, other)
+    assert proc.returncode == 6, proc.stderr
+    assert "model" in proc.stderr and "Traceback" not in proc.stderr
+    assert record_count(other) == before
+    assert_valid(other)
+
+
+def test_cli_json_budget_exit_codes_and_follower_status(way, tmp_path, rng):
+    src, model = new_source(tmp_path, rng, commits=5)
+    dst = tmp_path / "dst"
+    proc = sync_cli(way, src, dst, "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    for key in ("from_offset", "to_offset", "rows_sent", "bytes_sent", "chunks", "complete", "seconds",
+                "pending_buckets"):
+        assert key in data
+    assert data["complete"] is True and data["created"] is True and data["from_offset"] is None
+    head = advance(src, rng, model, commits=5)
+    proc = sync_cli(way, src, dst, "--json", "--max-bytes", "1", "--chunk-bytes", "1")
+    assert proc.returncode == 1, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["complete"] is False and data["chunks"] == 1 and data["pending_buckets"] == 1
+    assert data["to_offset"] == head
+    status = json.loads(run_cli("status", dst, "--json", check=True).stdout)
+    assert status["pending_buckets"] == 1 and status["head"] == data["from_offset"]
+    assert status["lag_offsets"] == head - status["head"] and status["source"]
+    proc = sync_cli(way, src, dst, "--quiet")
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+    status = json.loads(run_cli("status", dst, "--json", check=True).stdout)
+    assert status["lag_offsets"] == 0 and "pending_buckets" not in status and status["lag_seconds"] >= 0
+    assert_synced(src, dst)
+
+
+def test_dry_run_writes_nothing(way, tmp_path, rng):
+    src, model = new_source(tmp_path, rng, commits=5)
+    new = tmp_path / "new"
+    proc = sync_cli(way, src, new, "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["dry_run"] and data["snapshot_offset"] == 0 and data["plan"]["rows"] > 0
+    assert not new.exists() and not list(tmp_path.glob(".new*"))
+    dst = tmp_path / "dst"
+    do_sync(way, src, dst)
+    advance(src, rng, model, commits=3)
+    records = record_count(dst)
+    proc = sync_cli(way, src, dst, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "would sync" in proc.stdout
+    assert record_count(dst) == records
+
+
+def test_snapshot_transfer_resumes_under_a_budget(way, tmp_path, rng):
+    src, _ = new_source(tmp_path, rng, commits=0, rows=2000)  # all in the snapshot: bytes_sent counts it alone
+    dst = tmp_path / "dst"
+    with Replica.open(src) as r:
+        total = sum(t.nbytes for t in r.tensors)
+    first = do_sync(way, src, dst, max_bytes=total // 2)
+    assert not first.complete and first.stopped_by == "max-bytes" and 0 < first.bytes_sent <= total // 2
+    assert not dst.exists()  # never a partial replica under its final name
+    second = do_sync(way, src, dst)
+    assert second.complete and second.snapshot_bytes == total
+    assert second.bytes_sent == total - first.bytes_sent  # what arrived is not fetched again
+    assert_synced(src, dst)
+
+
+# -- crash safety ------------------------------------------------------------------------
+
+
+def _kill_sync_at_random_points(way: Way, src, dst, attempts: int, seed: int) -> None:
+    chooser = random.Random(seed)
+    argv = [*DELTALOG, "sync", way.src(src), way.dst(dst), *way.cli, "--chunk-bytes", "1", "--quiet"]
+    for _ in range(attempts):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(chooser.uniform(0.3, 1.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        time.sleep(0.2)  # let a remote serve --stdio notice its client is gone
+        if os.path.exists(os.path.join(dst, "DELTALOG")):
+            assert_valid(dst)
+
+
+@pytest.mark.parametrize("kill_side", ["client"])
+def test_killed_sync_leaves_a_valid_destination_and_resumes(way, tmp_path, rng, kill_side):
+    src, model = new_source(tmp_path, rng, commits=5, rows=4000)
+    dst = tmp_path / "dst"
+    do_sync(way, src, dst)
+    advance(src, rng, model, commits=40, max_rows=200)
+    _kill_sync_at_random_points(way, src, dst, attempts=3 if way.name == "local" else 1, seed=len(way.name))
+    with Replica.open(dst) as b:
+        pending = sum(len(d.rows) for d in sync_mod.merged_pending(b).values())
+        since = b.head
+        advanced = sync_mod.pending_buckets(b.pending_sync())
+    with Replica.open(src) as a:
+        total = sync_mod.source_plan(a, since, {}, a.head)["rows"]
+        remaining = sync_mod.source_plan(a, since, advanced, a.head)["rows"]
+    assert remaining + pending == total  # the buckets that arrived are not sent again
+    result = do_sync(way, src, dst, wait=30)
+    assert result.complete and result.rows_sent == remaining
+    assert_synced(src, dst)
+
+
+def test_killed_first_sync_never_leaves_a_partial_destination(tmp_path, rng):
+    src, _ = new_source(tmp_path, rng, commits=30, rows=4000)
+    dst = tmp_path / "dst"
+    way = Way("local", None)
+    chooser = random.Random(7)
+    argv = [*DELTALOG, "sync", str(src), str(dst), "--chunk-bytes", "1", "--max-bytes", "20000", "--quiet"]
+    for _ in range(3):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(chooser.uniform(0.25, 0.8))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if dst.exists():
+            assert_valid(dst)
+    while not do_sync(way, src, dst, max_bytes=1 << 20).complete:
+        pass
+    assert_synced(src, dst)
+
+
+# -- local-only behaviour ------------------------------------------------------------------
+
+
+def test_source_advancing_during_a_sync(tmp_path, rng):
+    """Values are read at exactly the target even when the source commits mid-stream."""
+    src, model = new_source(tmp_path, rng)
+    dst = tmp_path / "dst"
+    way = Way("local", None)
+    do_sync(way, src, dst)
+    advance(src, rng, model, commits=10)
+    with Replica.open(src) as r:
+        target = r.head
+        expected = {name: r.read_tensor(name) for name in r.tensor_names}
+
+    class Moving:
+        def __init__(self):
+            self.inner = open_source(str(src))
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def chunks(self, *args):
+            for n, blob in enumerate(self.inner.chunks(*args)):
+                if n == 1:
+                    advance(src, rng, model, commits=5, max_rows=200)  # overwrite rows still to come
+                yield blob
+
+    source, sink = Moving(), open_sink(str(dst))
+    try:
+        result = sync_mod.sync(source, sink, source_name=str(src), destination_name=str(dst), chunk_bytes=1)
+    finally:
+        sink.close()
+        source.inner.close()
+    assert result.complete and result.head == target and result.chunks > 2
+    with Replica.open(dst) as b:
+        for name, values in expected.items():
+            assert np.array_equal(bits(b.read_tensor(name)), bits(values)), name
+        assert verify(b).ok
+    assert do_sync(way, src, dst).complete
+    assert_synced(src, dst)
+
+
+def test_second_sync_into_a_locked_destination_fails_or_waits(tmp_path, rng):
+    src, model = new_source(tmp_path, rng, commits=3)
+    dst = tmp_path / "dst"
+    way = Way("local", None)
+    do_sync(way, src, dst)
+    advance(src, rng, model, commits=2)
+    with Replica.open(dst) as b, b.writing():
+        with pytest.raises(LockHeld):
+            do_sync(way, src, dst)
+        proc = run_cli("sync", src, dst)
+        assert proc.returncode == 9, proc.stderr
+        waiter = subprocess.Popen([*DELTALOG, "sync", str(src), str(dst), "--wait", "20", "--json"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0, err
+    assert json.loads(out)["complete"]
+    assert_synced(src, dst)
+
+
+def test_two_syncs_creating_one_destination(tmp_path, rng):
+    src, _ = new_source(tmp_path, rng, commits=3)
+    dst = tmp_path / "dst"
+    way = Way("local", None)
+    sink = open_sink(str(dst))
+    sink.begin(0.0)  # holds the staging lock of the new replica
+    try:
+        with pytest.raises(LockHeld):
+            do_sync(way, src, dst)
+    finally:
+        sink.close()
+    assert do_sync(way, src, dst).complete
+    assert_synced(src, dst)
+
+
+def test_pending_sync_blocks_other_writers(tmp_path, rng):
+    src, model = new_source(tmp_path, rng, commits=3)
+    dst = tmp_path / "dst"
+    way = Way("local", None)
+    do_sync(way, src, dst)
+    advance(src, rng, model, commits=3)
+    assert not do_sync(way, src, dst, max_bytes=1, chunk_bytes=1).complete
+    with Replica.open(dst) as b:
+        with pytest.raises(Exception, match="partial sync"):
+            b.commit({"item_emb": ([0], np.zeros((1, 8), np.float32))})
+
+
+def test_source_behind_a_pending_partial_sync_undoes_it(tmp_path, rng):
+    """DST holds buckets of offset t1 pending; a source at t0 < t1 cannot finish them: they are undone."""
+    src, model = new_source(tmp_path, rng, commits=3)
+    lagging = tmp_path / "lagging"
+    dst = tmp_path / "dst"
+    way = Way("local", None)
+    do_sync(way, src, dst)
+    do_sync(way, src, lagging)
+    advance(src, rng, model, commits=2)
+    do_sync(way, src, lagging)
+    advance(src, rng, model, commits=4)
+    assert not do_sync(way, src, dst, max_bytes=1, chunk_bytes=1).complete
+    result = do_sync(way, lagging, dst)
+    assert result.complete
+    assert_synced(lagging, dst)
+    assert do_sync(way, src, dst).complete
+    assert_synced(src, dst)
+
+
+def test_peer_that_vanishes_mid_transfer_is_a_transport_error(sshd, tmp_path, rng):
+    src, model = new_source(tmp_path, rng, commits=20, rows=2000)
+    dst = tmp_path / "dst"
+    script = tmp_path / "dying-deltalog"
+    script.write_text(f"#!/bin/sh\n{sshd.remote_deltalog} \"$@\" | (dd bs=1 count=30000 2>/dev/null; kill -9 0)\n")
+    script.chmod(0o755)
+    proc = run_cli("sync", sshd.location(src), dst, "--ssh-command", sshd.ssh_command,
+                   "--remote-deltalog", str(script), "--chunk-bytes", "1", "--timeout", "30")
+    assert proc.returncode == 8, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    if dst.exists():
+        assert_valid(dst)
+    proc = run_cli("sync", sshd.location(src), dst, "--ssh-command", sshd.ssh_command,
+                   "--remote-deltalog", "echo garbage; true")
+    assert proc.returncode == 8 and "garbled" in proc.stderr
+    proc = run_cli("sync", sshd.location(src), dst, *sshd.cli_options())
+    assert proc.returncode == 0, proc.stderr
+    assert_synced(src, dst)
+
+
+def test_unreachable_host_and_bad_specs(tmp_path, rng):
+    src, _ = new_source(tmp_path, rng, commits=1)
+    proc = run_cli("sync", src, "127.0.0.1:/nowhere", "--ssh-command", "ssh -p 1 -o ConnectTimeout=3")
+    assert proc.returncode == 8 and "Connection refused" in proc.stderr
+    proc = run_cli("sync", src, src)
+    assert proc.returncode == 11
+    proc = run_cli("sync", src, "http://127.0.0.1:1/")
+    assert proc.returncode == 11 and "pull only" in proc.stderr
+    with pytest.raises(TransportError):
+        open_source("127.0.0.1:/x", TransportOptions(ssh_command="/nonexistent-ssh"))
+
+
+def test_spec_parsing():
+    assert parse_spec("/a/b").scheme == "local"
+    assert parse_spec("./host:x").scheme == "local"
+    assert parse_spec("rel/dir:x").scheme == "local"
+    s = parse_spec("me@box:models/r1")
+    assert (s.scheme, s.host, s.path) == ("ssh", "me@box", "models/r1")
+    s = parse_spec("[::1]:/srv/m")
+    assert (s.scheme, s.host, s.path) == ("ssh", "[::1]", "/srv/m")
+    assert parse_spec("https://h:8765").scheme == "https"
