@@ -1,0 +1,156 @@
+"""deltalog diff: what changed between two models, and by how much.
+
+Each side is a replica directory (at its head), ``REPLICA@OFFSET`` (the
+replica as it was at a retained offset), or a checkpoint (.npz,
+.safetensors, a directory of .npy files). Two replicas of one model are
+compared through bucket versions and the log, so the cost follows the
+change; anything involving a checkpoint is compared value by value in
+bounded chunks. See deltalog.diff for the algorithm.
+
+Exit status: 0 identical, 1 different (like diff(1)), 3 not a replica or
+checkpoint, 6 different models (without --force), 7 offset not retained,
+11 invalid input.
+
+JSON output (``--json``, one object on stdout; numbers are over B - A in
+float64; a value that is not finite is written as null):
+
+    {
+      "identical": bool,              # no changed row and nothing incomparable
+      "changed_rows": int,            # rows whose bytes differ, all tensors
+      "changed_buckets": int,         # buckets holding such rows
+      "a_offset": int | null,         # offset of side A, null for a checkpoint
+      "b_offset": int | null,
+      "a": {"spec": str, "kind": "replica" | "checkpoint", "path": str,
+            "model_id": str | null, "offset": int | null},
+      "b": {...same as "a"...},
+      "method": "same-offset" | "log" | "buckets" | "values",
+                                      # how rows were found: nothing to read,
+                                      # the log's changed rows, every row of the
+                                      # buckets whose versions differ (log
+                                      # compacted), or every row by value
+      "bucket_rows": int,             # rows per bucket used for changed_buckets
+      "rows_compared": int,           # rows read and compared (the cost)
+      "tensors": [                    # every tensor compared, by name
+        {"name": str, "dtype": str, "shape": [int],
+         "changed_rows": int, "changed_buckets": int, "rows_compared": int,
+         "l2": float | null,          # sqrt(sum delta^2) over finite deltas (null past 1.8e308)
+         "max_abs": float,            # max |delta| over finite deltas
+         "significance": float,       # sum |delta| over finite deltas
+         "nonfinite_rows": int,       # changed rows with a NaN/inf delta
+         "zero_rows": int,            # changed bytes, equal numbers (-0.0 vs 0.0)
+         "top": [{"row": int, "l2": float | null}],
+                                      # up to --top rows, largest row l2 first
+                                      # (a NaN/inf row first, with l2 null)
+         "histogram": [{"log10": int, "count": int}]}
+                                      # rows with 10^log10 <= row l2 < 10^(log10+1);
+                                      # sum(count) + zero_rows + nonfinite_rows
+                                      # == changed_rows
+      ],
+      "incomparable": [               # only with --force
+        {"name": str, "reason": str,
+         "a": {"dtype": str, "shape": [int]} | null, "b": {...} | null}
+      ]
+    }
+"""
+
+from __future__ import annotations
+
+import click
+
+from .console import Output, json_option, quiet_option, table
+
+
+@click.command("diff")
+@click.pass_context
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, metavar="K",
+              help="List the K rows with the largest change per tensor.")
+@click.option("--tensor", "tensors", multiple=True, metavar="NAME",
+              help="Compare only this tensor (repeatable).")
+@click.option("--force", is_flag=True,
+              help="Compare different models anyway: the tensors both hold alike, listing the rest.")
+@json_option
+@quiet_option
+def command(ctx, a, b, top, tensors, force, as_json, quiet):
+    """Show what changed from A to B: rows, buckets, and the size of the change.
+
+    A and B are replica directories, REPLICA@OFFSET (the replica as it was
+    at a retained offset), or checkpoints (.npz, .safetensors, a directory
+    of .npy files). Exits 0 when they are identical, 1 when they differ.
+    """
+    from ..diff import diff, open_side
+
+    out = Output(as_json, quiet)
+    with open_side(a) as side_a, open_side(b) as side_b, out.progress("diff") as update:
+        result = diff(side_a, side_b, top=top, tensors=tensors or None, force=force, progress=update)
+    out.result(result.to_json(), lambda c: _render(c, result))
+    if not result.identical:
+        ctx.exit(1)
+
+
+def _side(side: dict) -> str:
+    from rich.markup import escape
+
+    where = "checkpoint" if side["offset"] is None else f"offset {side['offset']}"
+    return f"[bold]{escape(side['spec'])}[/bold] ({where})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def _num(x) -> str:
+    return "nan/inf" if x is None else f"{x:.4g}"
+
+
+def _render(c, result) -> None:
+    from rich.markup import escape
+
+    if result.identical:
+        c.print(f"[green]identical[/green]: {_side(result.a)} and {_side(result.b)}")
+        return
+    changed = [t for t in result.tensors if t.changed_rows]
+    c.print(f"A  {_side(result.a)}")
+    c.print(f"B  {_side(result.b)}")
+    c.print(f"[yellow]{_count(result.changed_rows, 'row')} changed[/yellow] in "
+            f"{_count(result.changed_buckets, 'bucket')} of {len(changed)} of {_count(len(result.tensors), 'tensor')} "
+            f"({_count(result.rows_compared, 'row')} compared, by {result.method})")
+    if changed:
+        t = table("tensor", "dtype", "shape", "rows", "buckets", "l2", "max |Δ|", "significance")
+        for col in t.columns[3:]:
+            col.justify = "right"
+        for d in changed:
+            data = d.to_json()
+            rows = f"{d.changed_rows:,}" + (f" ({d.nonfinite_rows:,} nan/inf)" if d.nonfinite_rows else "")
+            t.add_row(escape(d.name), d.dtype, "x".join(map(str, d.shape)) or "scalar", rows,
+                      f"{d.changed_buckets:,}", _num(data["l2"]), _num(data["max_abs"]), _num(data["significance"]))
+        c.print()
+        c.print(t)
+    for d in changed:
+        data = d.to_json()
+        if data["top"]:
+            c.print()
+            top = table("row", "l2 of Δ", title=f"{escape(d.name)}: largest changes")
+            for col in top.columns:
+                col.justify = "right"
+            for entry in data["top"]:
+                top.add_row(f"{entry['row']:,}", _num(entry["l2"]))
+            c.print(top)
+        bins = [(f"[1e{h['log10']:+03d}, 1e{h['log10'] + 1:+03d})", h["count"]) for h in data["histogram"]]
+        if d.zero_rows:
+            bins.insert(0, ("0 (bits only)", d.zero_rows))
+        if d.nonfinite_rows:
+            bins.append(("nan/inf", d.nonfinite_rows))
+        if bins:
+            widest = max(n for _label, n in bins)
+            hist = table("l2 of Δ per row", "rows", "", title=f"{escape(d.name)}: size of the changes")
+            for label, n in bins:
+                hist.add_row(label, f"{n:,}", "[cyan]" + "█" * max(1, round(24 * n / widest)) + "[/cyan]")
+            c.print()
+            c.print(hist)
+    if result.incomparable:
+        c.print()
+        c.print(f"[red]{len(result.incomparable)} tensors not comparable[/red]:")
+        for entry in result.incomparable:
+            c.print(f"  {escape(entry['name'])}: {escape(entry['reason'])}")

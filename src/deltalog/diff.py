@@ -1,0 +1,650 @@
+"""Compare two models: replicas, a replica at an earlier offset, or checkpoints.
+
+A side is a replica pinned to one offset (its head when opened, or a
+retained ``REPLICA@OFFSET``) or a checkpoint. What the comparison costs
+depends on what the two sides share:
+
+* Two replicas of one model (same model id, same layout), or one replica
+  at two offsets. Every replica of a model keeps the writer's offsets, so
+  the model at offset h is the same everywhere. With sides at lo <= hi:
+
+  1. lo == hi: identical, nothing is read.
+  2. Bucket versions, O(#buckets touched): a bucket whose version is known
+     at both offsets and equal on both sides, or that no record after lo
+     touched on a replica whose head reaches hi, is identical. The rest
+     are the dirty buckets.
+  3. Candidate rows inside dirty buckets come from the log: every row a
+     record in (lo, hi] wrote, read from a replica whose log reaches back
+     to lo (``history.changed_rows``). If neither log does (compacted),
+     the candidates are every row of the dirty buckets.
+  4. The candidates' values at each side's offset (``history.values_at``)
+     are compared bitwise: a row rewritten to the same bytes is no change.
+
+  The cost follows the change (rows written since lo), never the model.
+
+* A plain checkpoint on either side, or replicas of different models with
+  ``force``: every row is compared by value, a chunk of about 32 MiB per
+  side at a time, so memory stays bounded whatever the tensor's size.
+
+Numbers are over the delta B - A in float64 (bfloat16 widened exactly by
+:func:`deltalog.dtypes.as_float`, integers and bool as float64). Elements
+whose delta is not finite (NaN, infinity) count towards ``nonfinite_rows``
+and are left out of l2, max_abs and significance.
+
+A replica in the middle of a partial sync holds rows newer than its head in
+its files, which ``history.values_at`` does not account for yet; diff
+refuses it (LockHeld) rather than report wrong numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .checkpoint import CheckpointTensor, read_checkpoint, read_checkpoint_metadata
+from .dtypes import as_float, bits_dtype
+from .errors import InvalidInput, LockHeld, ModelMismatch, NotAReplica
+from .history import changed_rows, check_retained, values_at
+from .replica import DEFAULT_BUCKET_ROWS, MARKER, Replica
+
+CHUNK_BYTES = 32 << 20  # per side, per step of a value comparison
+LOG_CHUNK_BYTES = 64 << 20  # per side, per values_at call (each call re-reads the log after the offset)
+
+Progress = Callable[[str, int, int], None]
+
+
+# -- sides ------------------------------------------------------------------------
+
+
+@dataclass
+class ReplicaSide:
+    """A replica as it was at ``offset`` (a retained offset, pinned when the side was made)."""
+
+    replica: Replica
+    offset: int
+    spec: str
+    kind = "replica"
+
+    @classmethod
+    def at(cls, replica: Replica, offset: int | None = None, spec: str | None = None) -> "ReplicaSide":
+        """The replica at ``offset`` (default: its head now). OffsetNotRetained if it cannot be rebuilt."""
+        if offset is None:
+            offset = replica.head
+        else:
+            offset = int(offset)
+            check_retained(replica, offset)
+        return cls(replica, offset, spec or replica.path)
+
+    @property
+    def model_id(self) -> str:
+        return self.replica.model_id
+
+    @property
+    def bucket_rows(self) -> int:
+        return self.replica.bucket_rows
+
+    def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {t.name: (t.dtype, tuple(t.shape)) for t in self.replica.tensors}
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind, "path": os.path.abspath(self.replica.path),
+                "model_id": self.model_id, "offset": self.offset}
+
+
+@dataclass
+class CheckpointSide:
+    """A checkpoint's tensors (storage dtype, possibly memory-mapped)."""
+
+    tensors: Mapping[str, CheckpointTensor]
+    spec: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    kind = "checkpoint"
+    offset = None
+    bucket_rows = None
+
+    @classmethod
+    def read(cls, path: str, spec: str | None = None) -> "CheckpointSide":
+        return cls(read_checkpoint(path), spec or path, read_checkpoint_metadata(path))
+
+    @property
+    def model_id(self) -> str | None:
+        return self.metadata.get("deltalog.model_id")
+
+    def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {name: (t.dtype, tuple(t.shape)) for name, t in self.tensors.items()}
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind, "path": os.path.abspath(self.spec),
+                "model_id": self.model_id, "offset": None}
+
+
+Side = ReplicaSide | CheckpointSide
+
+
+def _is_replica_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, MARKER))
+
+
+def _holds_npy(path: str) -> bool:
+    return any(f.endswith(".npy") for _d, _s, files in os.walk(path) for f in files)
+
+
+def parse_spec(spec: str) -> tuple[str, str, int | None]:
+    """("replica", path, offset or None) or ("checkpoint", path, None) for a command-line side.
+
+    A replica directory (it has a DELTALOG file) is a replica at its head;
+    ``PATH@N`` with PATH a replica is that replica at offset N; any other
+    existing path is a checkpoint.
+    """
+    if not spec:
+        raise InvalidInput("empty model path")
+    if _is_replica_dir(spec):
+        return "replica", spec, None
+    path, at, offset = spec.rpartition("@")
+    if at and path and _is_replica_dir(path):
+        if not offset.isdigit():  # digits only: no sign, no spaces
+            raise InvalidInput(f"{spec}: offset {offset!r} is not a non-negative integer",
+                               hint="write REPLICA@OFFSET, e.g. models/a@42")
+        return "replica", path, int(offset)
+    if os.path.exists(spec):
+        if os.path.isdir(spec) and not _holds_npy(spec):
+            raise NotAReplica(f"{spec}: neither a replica (no {MARKER} file) nor a checkpoint (no .npy files)",
+                              hint="create a replica with 'deltalog init'")
+        return "checkpoint", spec, None
+    if at and path and os.path.exists(path):
+        raise InvalidInput(f"{spec}: {path} is not a replica, so it has no offsets",
+                           hint="REPLICA@OFFSET needs a replica directory; checkpoints are compared as they are")
+    raise NotAReplica(f"{spec}: no such replica or checkpoint",
+                      hint="give a replica directory, REPLICA@OFFSET, or a .npz/.safetensors/.npy-dir checkpoint")
+
+
+@contextmanager
+def open_side(spec: str) -> Iterator[Side]:
+    """Open one side of a diff from its command-line spelling; closes what it opened."""
+    kind, path, offset = parse_spec(spec)
+    if kind == "checkpoint":
+        yield CheckpointSide.read(path, spec)
+        return
+    with Replica.open(path) as replica:
+        yield ReplicaSide.at(replica, offset, spec)
+
+
+# -- results ----------------------------------------------------------------------
+
+
+@dataclass
+class TensorDiff:
+    """What changed in one tensor, B - A."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    bucket_rows: int
+    top_k: int = 10
+    changed_rows: int = 0
+    changed_buckets: int = 0
+    rows_compared: int = 0
+    nonfinite_rows: int = 0
+    zero_rows: int = 0  # bytes differ, numbers equal (-0.0 vs 0.0)
+    significance: float = 0.0
+    max_abs: float = 0.0
+    sum_squares: float = 0.0
+    histogram: dict[int, int] = field(default_factory=dict)  # floor(log10(row l2)) -> rows
+    top_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    top_l2: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
+    _last_bucket: int = -1
+
+    @property
+    def l2(self) -> float:
+        return math.sqrt(self.sum_squares)
+
+    def compare(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+        """Account for ``rows`` (ascending, after any rows seen before) holding ``a`` on A and ``b`` on B."""
+        self.rows_compared += len(rows)
+        if not len(rows):
+            return
+        bits = bits_dtype(self.dtype)
+        differs = np.any(a.view(bits) != b.view(bits), axis=1)
+        if differs.any():
+            keep = np.flatnonzero(differs)
+            self._changed(np.asarray(rows, dtype=np.int64)[keep], a[keep], b[keep])
+
+    def _changed(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+        self.changed_rows += len(rows)
+        buckets = rows // self.bucket_rows
+        distinct = buckets[np.r_[True, buckets[1:] != buckets[:-1]]]
+        self.changed_buckets += len(distinct) - int(distinct[0] == self._last_bucket)
+        self._last_bucket = int(distinct[-1])
+
+        with np.errstate(invalid="ignore", over="ignore"):
+            delta = as_float(b, self.dtype).astype(np.float64) - as_float(a, self.dtype).astype(np.float64)
+            mag = np.abs(delta)
+            finite = np.isfinite(mag)
+            mag = np.where(finite, mag, 0.0)
+            squares = mag * mag
+            row_l2 = np.sqrt(squares.sum(axis=1))
+        nonfinite = ~finite.all(axis=1)
+        overflow = np.isinf(row_l2)
+        if overflow.any():  # squares past 1e308 (float64 deltas past 1e154): scale the row first
+            big = mag[overflow]
+            scale = big.max(axis=1)
+            with np.errstate(over="ignore"):
+                row_l2[overflow] = scale * np.sqrt(((big / scale[:, None]) ** 2).sum(axis=1))
+        self.nonfinite_rows += int(nonfinite.sum())
+        self.significance += float(mag.sum())
+        self.sum_squares += float(squares.sum())
+        self.max_abs = max(self.max_abs, float(mag.max()))
+
+        ok = ~nonfinite
+        self.zero_rows += int(np.count_nonzero(ok & (row_l2 == 0)))
+        positive = row_l2[ok & (row_l2 > 0)]
+        if positive.size:
+            exps, counts = np.unique(np.floor(np.log10(positive)).astype(np.int64), return_counts=True)
+            for e, c in zip(exps.tolist(), counts.tolist()):
+                self.histogram[e] = self.histogram.get(e, 0) + c
+
+        if self.top_k:
+            rank = np.where(nonfinite, np.inf, row_l2)  # a row that became NaN or inf matters most
+            all_rows = np.concatenate([self.top_rows, rows])
+            all_rank = np.concatenate([self.top_l2, rank])
+            order = np.lexsort((all_rows, -all_rank))[: self.top_k]
+            self.top_rows, self.top_l2 = all_rows[order], all_rank[order]
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "changed_rows": self.changed_rows,
+            "changed_buckets": self.changed_buckets,
+            "rows_compared": self.rows_compared,
+            "l2": _number(self.l2),
+            "max_abs": _number(self.max_abs),
+            "significance": _number(self.significance),
+            "nonfinite_rows": self.nonfinite_rows,
+            "zero_rows": self.zero_rows,
+            "top": [{"row": int(r), "l2": _number(float(v))} for r, v in zip(self.top_rows, self.top_l2)],
+            "histogram": [{"log10": e, "count": self.histogram[e]} for e in sorted(self.histogram)],
+        }
+
+
+def _number(x: float) -> float | None:
+    """JSON has no NaN or infinity: those become null."""
+    return x if math.isfinite(x) else None
+
+
+@dataclass
+class DiffResult:
+    a: dict  # describe() of each side
+    b: dict
+    method: str  # "same-offset" | "log" | "buckets" | "values"
+    bucket_rows: int
+    tensors: list[TensorDiff]
+    incomparable: list[dict]  # {name, reason, a: {dtype, shape} | None, b: ...}
+
+    @property
+    def a_offset(self) -> int | None:
+        return self.a["offset"]
+
+    @property
+    def b_offset(self) -> int | None:
+        return self.b["offset"]
+
+    @property
+    def changed_rows(self) -> int:
+        return sum(t.changed_rows for t in self.tensors)
+
+    @property
+    def changed_buckets(self) -> int:
+        return sum(t.changed_buckets for t in self.tensors)
+
+    @property
+    def rows_compared(self) -> int:
+        return sum(t.rows_compared for t in self.tensors)
+
+    @property
+    def identical(self) -> bool:
+        return self.changed_rows == 0 and not self.incomparable
+
+    def tensor(self, name: str) -> TensorDiff:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def to_json(self) -> dict:
+        return {
+            "identical": self.identical,
+            "changed_rows": self.changed_rows,
+            "changed_buckets": self.changed_buckets,
+            "a_offset": self.a_offset,
+            "b_offset": self.b_offset,
+            "a": self.a,
+            "b": self.b,
+            "method": self.method,
+            "bucket_rows": self.bucket_rows,
+            "rows_compared": self.rows_compared,
+            "tensors": [t.to_json() for t in self.tensors],
+            "incomparable": self.incomparable,
+        }
+
+
+# -- the operation ------------------------------------------------------------------
+
+
+def diff(
+    a: Side,
+    b: Side,
+    top: int = 10,
+    tensors: Iterable[str] | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> DiffResult:
+    """What changed from A to B (numbers are over B - A).
+
+    ``tensors`` limits the comparison to those names (InvalidInput if a
+    name is on neither side). Two different models, or tensors that exist
+    on one side only or differ in dtype or shape, raise ModelMismatch
+    unless ``force``: then the tensors both hold alike are compared by
+    value and the rest are listed as incomparable.
+    """
+    if top < 0:
+        raise InvalidInput(f"--top must be 0 or more, got {top}")
+    progress = progress or (lambda stage, done, total: None)
+    wanted = None if tensors is None else list(dict.fromkeys(tensors))
+    if wanted is not None:
+        _check_names(a, b, wanted)
+    for side in (a, b):
+        if isinstance(side, ReplicaSide):
+            _refuse_pending_sync(side)
+    lineage = _same_lineage(a, b)
+    if not lineage:
+        _check_model_ids(a, b, force)
+    names, incomparable = _match_tensors(a, b, wanted, force)
+    bucket_rows = next((s.bucket_rows for s in (a, b) if s.bucket_rows), DEFAULT_BUCKET_ROWS)
+    layout = a.layout()
+    results = [TensorDiff(n, layout[n][0], layout[n][1], bucket_rows, top) for n in names]
+    if lineage:
+        method = _diff_by_log(a, b, results, progress)
+    else:
+        method = "values"
+        _diff_by_value(a, b, results, progress)
+    return DiffResult(a.describe(), b.describe(), method, bucket_rows, results, incomparable)
+
+
+def _refuse_pending_sync(side: ReplicaSide) -> None:
+    """LockHeld while a partial sync is pending on the replica.
+
+    Its tensor files then hold some rows newer than its head, which
+    history.values_at (what diff reads through) does not yet account for;
+    numbers from them would be wrong, so diff refuses rather than guess.
+    """
+    from .sync import pending_state
+
+    pending = pending_state(side.replica)
+    if pending is not None:
+        raise LockHeld(
+            f"{side.spec}: a partial sync to offset {pending.get('target')} is pending, "
+            f"so its files are ahead of its head {side.replica.head}",
+            hint="let 'deltalog sync' finish it, then diff again",
+        )
+
+
+def _check_names(a: Side, b: Side, wanted: list[str]) -> None:
+    la, lb = a.layout(), b.layout()
+    unknown = [n for n in wanted if n not in la and n not in lb]
+    if unknown:
+        known = sorted(set(la) | set(lb))
+        raise InvalidInput(f"unknown tensor {unknown[0]!r} (in neither {a.spec} nor {b.spec})",
+                           hint="known: " + ", ".join(known[:10]) + (", ..." if len(known) > 10 else ""))
+
+
+def _same_lineage(a: Side, b: Side) -> bool:
+    """True when both sides are replicas of one model's history (same id, layout, and snapshots)."""
+    if not (isinstance(a, ReplicaSide) and isinstance(b, ReplicaSide)):
+        return False
+    ra, rb = a.replica, b.replica
+    if ra.model_id != rb.model_id or ra.bucket_rows != rb.bucket_rows or a.layout() != b.layout():
+        return False
+    if os.path.realpath(ra.path) == os.path.realpath(rb.path):
+        return True
+    # Two inits given the same --model-id are different histories that share
+    # offsets; a snapshot both hold at one offset tells them apart cheaply.
+    snaps_a = {s["offset"]: _digests(s) for s in ra.snapshots()}
+    return all(snaps_a.get(s["offset"], _digests(s)) == _digests(s) for s in rb.snapshots())
+
+
+def _digests(manifest: dict) -> list[tuple[str, str]]:
+    return sorted((t["name"], t["xxh3"]) for t in manifest["tensors"])
+
+
+def _check_model_ids(a: Side, b: Side, force: bool) -> None:
+    if force or a.model_id is None or b.model_id is None:
+        return
+    if a.model_id != b.model_id:
+        raise ModelMismatch(
+            f"{a.spec} holds model {a.model_id} but {b.spec} holds model {b.model_id}",
+            hint="pass --force to compare their values anyway",
+        )
+    if isinstance(a, ReplicaSide) and isinstance(b, ReplicaSide):
+        raise ModelMismatch(
+            f"{a.spec} and {b.spec} share model id {a.model_id} but not its history "
+            "(different bucket layout, tensors or snapshots)",
+            hint="pass --force to compare their values anyway",
+        )
+
+
+def _match_tensors(a: Side, b: Side, wanted: list[str] | None, force: bool) -> tuple[list[str], list[dict]]:
+    """(names to compare, incomparable entries). ModelMismatch on a mismatch unless ``force``."""
+    la, lb = a.layout(), b.layout()
+    names = sorted(set(la) | set(lb) if wanted is None else wanted)
+    comparable, incomparable = [], []
+    for name in names:
+        ta, tb = la.get(name), lb.get(name)
+        if ta is not None and ta == tb:
+            comparable.append(name)
+            continue
+        if ta is None:
+            reason = f"only in B ({b.spec})"
+        elif tb is None:
+            reason = f"only in A ({a.spec})"
+        else:
+            reason = f"A has {ta[0]}{list(ta[1])}, B has {tb[0]}{list(tb[1])}"
+        incomparable.append({
+            "name": name,
+            "reason": reason,
+            "a": None if ta is None else {"dtype": ta[0], "shape": list(ta[1])},
+            "b": None if tb is None else {"dtype": tb[0], "shape": list(tb[1])},
+        })
+    if incomparable and not force:
+        first = incomparable[0]
+        more = f" (and {len(incomparable) - 1} more)" if len(incomparable) > 1 else ""
+        raise ModelMismatch(
+            f"{a.spec} and {b.spec} are not the same model: tensor {first['name']!r}: {first['reason']}{more}",
+            hint="pass --force to compare the tensors they share",
+        )
+    return comparable, incomparable
+
+
+# -- two replicas of one model: bucket versions, then the log --------------------------
+
+
+def _diff_by_log(a: ReplicaSide, b: ReplicaSide, results: list[TensorDiff], progress: Progress) -> str:
+    x, y = a.offset, b.offset
+    if x == y:  # every replica keeps the writer's offsets: same offset, same model
+        return "same-offset"
+    lo, hi = min(x, y), max(x, y)
+    upper, lower = (a, b) if x > y else (b, a)
+    # Heads are read before the bucket indexes: a version <= lo then means no
+    # record in (lo, head] wrote the bucket, whatever a writer does meanwhile.
+    head_a, head_b = a.replica.head, b.replica.head
+    head_lower = head_a if lower is a else head_b
+
+    touched, method = None, "buckets"
+    if upper.replica.oldest_offset <= lo:
+        touched, method = changed_rows(upper.replica, lo, hi), "log"
+    elif lower.replica.oldest_offset <= lo and head_lower >= hi:
+        touched, method = changed_rows(lower.replica, lo, head_lower), "log"
+
+    candidates: list[tuple[TensorDiff, np.ndarray]] = []
+    for t in results:
+        dirty = _dirty_buckets(a, b, t.name, lo, hi, head_a, head_b)
+        if not dirty.size:
+            continue
+        if touched is not None:
+            cand = touched.get(t.name, np.empty(0, np.uint64))
+            cand = cand[np.isin(cand // np.uint64(t.bucket_rows), dirty)]
+        else:  # the log does not reach back to lo: every row of the dirty buckets
+            starts = dirty.astype(np.int64) * t.bucket_rows
+            lengths = np.minimum(starts + t.bucket_rows, _rows_of(t)) - starts
+            firsts = np.cumsum(lengths) - lengths
+            cand = (np.repeat(starts - firsts, lengths) + np.arange(int(lengths.sum()))).astype(np.uint64)
+        if cand.size:
+            candidates.append((t, cand))
+
+    # As few values_at calls as fit the memory budget: each one re-reads the
+    # log after its offset, so small tensors share a call and big ones split.
+    total = sum(len(c) for _t, c in candidates)
+    done = 0
+    for batch in _batches(candidates, LOG_CHUNK_BYTES):
+        wanted = {t.name: rows for t, rows in batch}
+        _, va = values_at(a.replica, a.offset, wanted)
+        _, vb = values_at(b.replica, b.offset, wanted)
+        for t, rows in batch:
+            t.compare(rows, va[t.name], vb[t.name])
+            done += len(rows)
+        progress("comparing changed rows", done, total)
+    return method
+
+
+def _batches(candidates: list[tuple[TensorDiff, np.ndarray]], budget: int) -> Iterator[list[tuple[TensorDiff, np.ndarray]]]:
+    """Group (tensor, rows) into batches of at most ``budget`` value bytes; a tensor appears once per batch."""
+    batch, used = [], 0
+    for t, rows in candidates:
+        row_bytes = max(1, _row_bytes(t))
+        start = 0
+        while start < len(rows):
+            room = (budget - used) // row_bytes
+            if room == 0:
+                if batch:
+                    yield batch
+                    batch, used = [], 0
+                    continue
+                room = 1  # a single row larger than the budget
+            part = rows[start : start + room]
+            batch.append((t, part))
+            used += len(part) * row_bytes
+            start += len(part)
+    if batch:
+        yield batch
+
+
+def _rows_of(t: TensorDiff) -> int:
+    return t.shape[0] if t.shape else 1
+
+
+def _row_bytes(t: TensorDiff) -> int:
+    elems = math.prod(t.shape[1:]) if len(t.shape) > 1 else 1
+    return elems * np.dtype(bits_dtype(t.dtype)).itemsize
+
+
+def _versions(index: dict[int, tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+    buckets = np.fromiter(index.keys(), dtype=np.int64, count=len(index))
+    versions = np.fromiter((v for v, _s in index.values()), dtype=np.int64, count=len(index))
+    return buckets, versions
+
+
+def _dirty_buckets(a: ReplicaSide, b: ReplicaSide, name: str, lo: int, hi: int, head_a: int, head_b: int) -> np.ndarray:
+    """Sorted uint64 buckets of ``name`` that may differ between the sides: O(#buckets ever written)."""
+    ba, va = _versions(a.replica.bucket_index(name))
+    if os.path.realpath(a.replica.path) == os.path.realpath(b.replica.path):
+        bb, vb = ba, va
+    else:
+        bb, vb = _versions(b.replica.bucket_index(name))
+    buckets = np.union1d(ba, bb)  # a bucket in neither index is version 0 (init) on both sides
+    at_a = np.zeros(len(buckets), np.int64)
+    at_a[np.searchsorted(buckets, ba)] = va
+    at_b = np.zeros(len(buckets), np.int64)
+    at_b[np.searchsorted(buckets, bb)] = vb
+    # A side's version at its offset is known when nothing wrote the bucket since.
+    same = (at_a <= a.offset) & (at_b <= b.offset) & (at_a == at_b)
+    # On a side whose head reaches hi, version <= lo means no record in (lo, hi] wrote it.
+    untouched = ((head_a >= hi) & (at_a <= lo)) | ((head_b >= hi) & (at_b <= lo))
+    return buckets[~(same | untouched)].astype(np.uint64)
+
+
+# -- anything else: values, chunk by chunk -------------------------------------------
+
+
+class _Rows:
+    """Reads row ranges of one side, in storage dtype, shaped (rows, row_elems)."""
+
+    def __init__(self, side: Side, names: list[str]):
+        self.side = side
+        self.names = names
+        self._upto: int | None = None  # the offset chunks are read at; patched back to side.offset
+        self._patch: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        if isinstance(self.side, CheckpointSide):
+            array = self.side.tensors[name].array
+            if array.ndim == 0:
+                return np.asarray(array).reshape(1, 1)
+            chunk = np.asarray(array[start:stop])
+            return chunk.reshape(stop - start, -1) if chunk.size else chunk.reshape(stop - start, 0)
+        if self._upto is None:
+            self._pin()
+        # At self._upto values_at reads the head and undoes nothing, unless a
+        # writer has moved on since; rows written after the side's own offset
+        # then get their values at that offset from the patch.
+        _, values = values_at(self.side.replica, self._upto, {name: np.arange(start, stop, dtype=np.uint64)})
+        values = values[name]
+        rows, old = self._patch.get(name, (np.empty(0, np.int64), None))
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi > lo:
+            values[rows[lo:hi] - start] = old[lo:hi]
+        return values
+
+    def _pin(self) -> None:
+        """Rows written in (offset, head] with their values at offset: O(rows changed since offset)."""
+        replica, offset = self.side.replica, self.side.offset
+        upto = replica.head
+        if upto != offset:
+            touched = changed_rows(replica, offset, upto)
+            touched = {n: r for n, r in touched.items() if n in self.names}
+            _, old = values_at(replica, offset, touched)
+            self._patch = {n: (touched[n].astype(np.int64), old[n]) for n in touched}
+        self._upto = upto
+
+
+def _diff_by_value(a: Side, b: Side, results: list[TensorDiff], progress: Progress) -> None:
+    names = [t.name for t in results]
+    ra, rb = _Rows(a, names), _Rows(b, names)
+    total = sum(_rows_of(t) for t in results)
+    done = 0
+    for t in results:
+        n_rows = _rows_of(t)
+        step = max(1, CHUNK_BYTES // (_row_bytes(t) + 8))  # + the row index
+        for start in range(0, n_rows, step):
+            stop = min(n_rows, start + step)
+            t.compare(np.arange(start, stop, dtype=np.int64), ra.read(t.name, start, stop), rb.read(t.name, start, stop))
+            done += stop - start
+            progress("comparing values", done, total)
+
+
+__all__ = [
+    "CHUNK_BYTES",
+    "CheckpointSide",
+    "DiffResult",
+    "ReplicaSide",
+    "Side",
+    "TensorDiff",
+    "diff",
+    "open_side",
+    "parse_spec",
+]
