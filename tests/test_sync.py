@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from conftest import DELTALOG, bits, random_update, run_cli
+from conftest import DELTALOG, bits, cli_json, random_update, run_cli
 from deltalog import Replica
 from deltalog import sync as sync_mod
 from deltalog.errors import LockHeld, ModelMismatch, TransportError
@@ -588,3 +588,15 @@ def test_spec_parsing():
     s = parse_spec("[::1]:/srv/m")
     assert (s.scheme, s.host, s.path) == ("ssh", "[::1]", "/srv/m")
     assert parse_spec("https://h:8765").scheme == "https"
+
+
+def test_snapshot_transfer_of_a_model_with_an_empty_tensor(tmp_path):
+    """A zero-row tensor has no snapshot pieces to send; its file must still be created."""
+    src, dst = tmp_path / "a", tmp_path / "b"
+    with Replica.init(src, {"empty": np.zeros((0, 3), np.float32), "x": np.ones(4, np.float32)}) as r:
+        r.commit({"x": ([1], np.array([5.0], np.float32))})
+    result = cli_json("sync", src, dst)
+    assert result["complete"] is True and result["to_offset"] == 1
+    with Replica.open(dst) as b:
+        assert b.read_tensor("empty").shape == (0, 3)
+        assert b.read_tensor("x").tolist() == [1.0, 5.0, 1.0, 1.0]

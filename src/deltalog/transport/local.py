@@ -185,7 +185,9 @@ class LocalSink:
         for entry in manifest["tensors"]:
             local = os.path.join(partial, f"{ids[entry['name']]:05d}.bin")
             self._files[entry["file"]] = local
-            size = os.path.getsize(local) if os.path.exists(local) else 0
+            if not os.path.exists(local):
+                open(local, "wb").close()  # a zero-byte tensor gets no pieces, but its file must exist
+            size = os.path.getsize(local)
             if size > int(entry["nbytes"]):
                 os.truncate(local, 0)
                 size = 0
