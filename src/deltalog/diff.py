@@ -384,7 +384,7 @@ def _refuse_pending_sync(side: ReplicaSide) -> None:
     history.values_at (what diff reads through) does not yet account for;
     numbers from them would be wrong, so diff refuses rather than guess.
     """
-    from .sync import pending_state
+    from .pending import pending_state
 
     pending = pending_state(side.replica)
     if pending is not None:

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from . import record as rec
-from .errors import OffsetNotRetained
+from .errors import DeltalogError, OffsetNotRetained
+from .pending import merged_pending, pending_marker
 from .replica import Replica
 
 
@@ -61,6 +62,51 @@ def changed_rows(replica: Replica, since: int, upto: int | None = None) -> dict[
     return {name: np.unique(np.concatenate(chunks)) for name, chunks in parts.items()}
 
 
+def head_values(replica: Replica, rows: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+    """(head, {name: values of ``rows[name]`` at the head}), read consistently across tensors.
+
+    The tensor files hold the head, except for rows a pending partial sync
+    already wrote (deltalog.pending): for those the value at the head is the
+    one the first pending chunk replaced, and it is put back here.
+    """
+    for _attempt in range(100):
+        marker = pending_marker(replica)
+        head, values, torn = None, {}, False
+        for name, wanted in rows.items():
+            h, current = replica.read_rows(name, wanted)
+            if head is not None and h != head:  # a writer moved between tensors
+                torn = True
+                break
+            head, values[name] = h, current
+        if torn or pending_marker(replica) != marker:
+            continue
+        if marker is not None:
+            _put_back_pending(replica, marker, values, rows)
+        return (replica.head if head is None else head), values
+    raise DeltalogError(f"{replica.path}: the replica kept changing under the read", hint="retry")
+
+
+_pending_cache: dict = {}  # (path, marker) -> {name: (rows, old)}: one entry, for repeated reads
+
+
+def _put_back_pending(replica: Replica, marker, values: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> None:
+    key = (replica.path, marker)
+    held = _pending_cache.get(key)
+    if held is None:
+        held = {name: (d.rows, d.old) for name, d in merged_pending(replica).items()}
+        _pending_cache.clear()
+        _pending_cache[key] = held
+    for name, (prows, pold) in held.items():
+        if name not in rows or not len(prows):
+            continue
+        wanted = rows[name]
+        pos = np.searchsorted(prows, wanted)
+        posc = np.minimum(pos, len(prows) - 1)
+        hit = (pos < len(prows)) & (prows[posc] == wanted)
+        if hit.any():
+            values[name][hit] = pold[posc[hit]]
+
+
 def values_at(replica: Replica, offset: int, rows: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
     """(head used, {name: values of ``rows[name]`` at ``offset``}), rows sorted unique.
 
@@ -68,16 +114,7 @@ def values_at(replica: Replica, offset: int, rows: dict[str, np.ndarray]) -> tup
     ``offset`` newest first using the values each one replaced.
     """
     check_retained(replica, offset)
-    head = None
-    values: dict[str, np.ndarray] = {}
-    for name, wanted in rows.items():
-        h, current = replica.read_rows(name, wanted)
-        if head is not None and h != head:  # a writer moved between tensors: start again
-            return values_at(replica, offset, rows)
-        head = h
-        values[name] = current
-    if head is None:
-        head = replica.head
+    head, values = head_values(replica, rows)
     if offset == head:
         return head, values
     for rec_offset, blob in replica.iter_record_blobs_reverse(offset, head):

@@ -338,7 +338,7 @@ def repair_in_place(
                 hint="use 'replay --out' to export an older model, or 'rollback --to' to make it the head",
             )
         rebuilder = _Rebuilder(replica, head)
-        from .sync import merged_pending  # late: only a repair needs the sync module
+        from .pending import merged_pending
 
         pending = merged_pending(replica)  # a partial sync's rows are ahead of the head in the files
         tensor_dir = os.path.join(replica.path, tensorfiles.TENSOR_DIR)

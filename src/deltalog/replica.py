@@ -67,6 +67,7 @@ class State:
     applying: int | None  # set while rows are being written
     flushed: int  # newest record whose rows are fsynced to disk
     boot: str  # boot id of the machine that last wrote the tensor files
+    gen: int = 0  # bumped by every apply: readers compare it (a partial-sync chunk moves no offset)
 
     @property
     def settled(self) -> bool:
@@ -281,7 +282,9 @@ class Replica:
     def state(self) -> State:
         with self._store.read() as txn:
             s = self._store.get_meta(txn, "state")
-        return State(s["head"], s["applied"], s.get("applying"), s.get("flushed", s["applied"]), s.get("boot", ""))
+        return State(
+            s["head"], s["applied"], s.get("applying"), s.get("flushed", s["applied"]), s.get("boot", ""), s.get("gen", 0)
+        )
 
     def _put_state(self, txn, **changes) -> None:
         state = self._store.get_meta(txn, "state")
@@ -336,11 +339,14 @@ class Replica:
         view.flags.writeable = False
         return view
 
-    def read_tensor(self, name: str, timeout: float = 30.0) -> np.ndarray:
-        """A copy of a tensor exactly as of :attr:`head` (waits out a writer)."""
+    def read_tensor(self, name: str) -> np.ndarray:
+        """A copy of a tensor exactly as of :attr:`head` (waits out a writer; rows a
+        pending partial sync wrote ahead of the head are shown at their head value)."""
+        from .history import head_values  # history builds on this module
+
         info = self.info(name)
-        _head, rows = self.read_rows(name, np.arange(info.rows), timeout)
-        return rows.reshape(info.shape)
+        _head, values = head_values(self, {name: np.arange(info.rows)})
+        return values[name].reshape(info.shape)
 
     def read_rows(self, name: str, rows: np.ndarray, timeout: float = 30.0) -> tuple[int, np.ndarray]:
         """(head, copy of ``rows`` of a tensor as of that head), waiting out a writer.
@@ -682,7 +688,11 @@ class Replica:
         self._store.write(lambda txn: self._put_state(txn, flushed=self._store.get_meta(txn, "state")["applied"]))
 
     def _set_applied(self, offset: int) -> None:
-        self._store.write(lambda txn: self._put_state(txn, applied=offset, applying=None, boot=boot_id()))
+        def mark(txn):
+            gen = self._store.get_meta(txn, "state").get("gen", 0) + 1
+            self._put_state(txn, applied=offset, applying=None, boot=boot_id(), gen=gen)
+
+        self._store.write(mark)
 
     def _recover(self) -> None:
         """Re-apply records the tensor files may lack (lock held; idempotent).

@@ -43,19 +43,18 @@ import numpy as np
 from . import record as rec
 from . import tensorfiles
 from .errors import (
-    DeltalogError,
     IntegrityError,
     InvalidInput,
     ModelMismatch,
     OffsetNotRetained,
     TransportError,
 )
+from .history import values_at
+from .pending import CHUNK_KEY, PENDING_KEY, merged_pending, pending_buckets, pending_state
 from .replica import Replica, _row_significance
 from .store import bucket_key
 from .transport.base import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, SNAPSHOT_PIECE_BYTES
 
-PENDING_KEY = "sync.pending"
-CHUNK_KEY = "sync.chunk.{:08d}"
 RESTORE_KEY = "sync.restore"
 FOLLOW_KEY = "follow"
 ROW_OVERHEAD = 8  # bytes per row for its index and version, in size estimates
@@ -226,20 +225,19 @@ def source_chunks(replica: Replica, since: int, advanced, target: int, max_chunk
     changes = _collect_changes(replica, since, target, advanced)
     order = _bucket_order(changes, replica.bucket_rows)
     max_chunk_bytes = max(1, int(max_chunk_bytes))
-    overlay = _PendingOverlay(replica)
     batch: list[tuple[int, int, int]] = []
     size = 0
     for sig, ti, _bucket, start, stop in order:
         batch.append((ti, start, stop))
         size += (stop - start) * (changes[ti].info.row_bytes + ROW_OVERHEAD)
         if size >= max_chunk_bytes:
-            yield _encode_chunk(replica, changes, batch, since, target, overlay)
+            yield _encode_chunk(replica, changes, batch, since, target)
             batch, size = [], 0
     if batch:
-        yield _encode_chunk(replica, changes, batch, since, target, overlay)
+        yield _encode_chunk(replica, changes, batch, since, target)
 
 
-def _encode_chunk(replica, changes, batch, since, target, overlay) -> bytes:
+def _encode_chunk(replica, changes, batch, since, target) -> bytes:
     picked: dict[int, list[np.ndarray]] = {}
     for ti, start, stop in batch:
         picked.setdefault(ti, []).append(np.arange(start, stop))
@@ -248,7 +246,7 @@ def _encode_chunk(replica, changes, batch, since, target, overlay) -> bytes:
         idx = np.sort(np.concatenate(idx))
         sel[ti] = idx
         rows_by_name[changes[ti].info.name] = changes[ti].rows[idx]
-    values = _values_at(replica, target, rows_by_name, overlay)
+    _head, values = values_at(replica, target, rows_by_name)
     tensors = []
     for ti in sorted(sel, key=lambda t: changes[t].info.id):
         ch, idx = changes[ti], sel[ti]
@@ -261,82 +259,6 @@ def _encode_chunk(replica, changes, batch, since, target, overlay) -> bytes:
     record = rec.Record(offset=target, base=since, kind="sync", time=time.time(), model_id=replica.model_id,
                         tensors=tensors, target=target)
     return rec.encode(record)
-
-
-class _PendingOverlay:
-    """A source's own partial-sync state: rows whose file values are newer than its head.
-
-    A follower in the middle of a partial sync may feed another replica; for
-    the rows its pending chunks wrote, the value at its head is the first
-    chunk's old value, not what the tensor file holds.
-    """
-
-    def __init__(self, replica: Replica):
-        self.replica = replica
-        self.marker = None
-        self.rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def current_marker(self):
-        pending = pending_state(self.replica)
-        return None if pending is None else (pending["base"], pending["chunks"], pending["target"])
-
-    def load(self, marker) -> None:
-        if marker == self.marker:
-            return
-        self.marker = marker
-        self.rows = {}
-        if marker is not None:
-            merged = _merge_pending(self.replica)
-            self.rows = {name: (d.rows, d.old) for name, d in merged.items()}
-
-    def apply(self, values: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> None:
-        for name, (prows, pold) in self.rows.items():
-            if name not in rows or not len(prows):
-                continue
-            wanted = rows[name]
-            pos = np.searchsorted(prows, wanted)
-            posc = np.minimum(pos, len(prows) - 1)
-            hit = (pos < len(prows)) & (prows[posc] == wanted)
-            if hit.any():
-                values[name][hit] = pold[posc[hit]]
-
-
-def _values_at(replica: Replica, target: int, rows: dict[str, np.ndarray], overlay: _PendingOverlay) -> dict[str, np.ndarray]:
-    """Values of ``rows`` (sorted unique per tensor) at exactly ``target``, consistently."""
-    for _attempt in range(100):
-        before = overlay.current_marker()
-        head, values, torn = None, {}, False
-        for name, wanted in rows.items():
-            h, current = replica.read_rows(name, wanted)
-            if head is not None and h != head:
-                torn = True
-                break
-            head, values[name] = h, current
-        if torn or overlay.current_marker() != before:
-            continue
-        if head is None:
-            head = replica.head
-        overlay.load(before)
-        overlay.apply(values, rows)
-        break
-    else:
-        raise DeltalogError(f"{replica.path}: the source kept changing under the read")
-    if target == head:
-        return values
-    if target > head:
-        raise OffsetNotRetained(f"{replica.path}: target {target} is past the head {head}")
-    blobs = list(replica.iter_record_blobs(since=target, upto=head))
-    for offset, blob in reversed(blobs):
-        record = rec.decode(blob, f"{replica.path}: record {offset}", only=set(rows))
-        for t in record.tensors:
-            if t.old is None:
-                raise OffsetNotRetained(f"{replica.path}: record {offset} carries no undo values")
-            wanted = rows[t.name]
-            pos = np.searchsorted(wanted, t.rows)
-            posc = np.minimum(pos, max(len(wanted) - 1, 0))
-            hit = (pos < len(wanted)) & (wanted[posc] == t.rows) if len(wanted) else np.zeros(len(t.rows), bool)
-            values[t.name][pos[hit]] = t.old[hit]
-    return values
 
 
 def source_snapshot_manifest(replica: Replica, offset: int) -> dict:
@@ -390,57 +312,6 @@ def source_read_snapshot_file(replica: Replica, offset: int, file: str, start: i
 # =============================================================================
 # destination side: partial-sync state on a replica (writer lock held)
 # =============================================================================
-
-
-def pending_state(replica: Replica) -> dict | None:
-    """The replica's pending partial sync: {base, target, source, chunks, buckets} or None."""
-    with replica.store.read() as txn:
-        return replica.store.get_meta(txn, PENDING_KEY)
-
-
-def iter_pending_chunks(replica: Replica) -> Iterator[bytes]:
-    pending = pending_state(replica)
-    if pending is None:
-        return
-    for n in range(pending["chunks"]):
-        with replica.store.read() as txn:
-            blob = replica.store.get_meta(txn, CHUNK_KEY.format(n))
-        if blob is None:
-            raise IntegrityError(f"{replica.path}: pending sync chunk {n} is missing")
-        yield blob
-
-
-def pending_buckets(pending: dict | None) -> dict[str, dict[int, int]]:
-    """{tensor: {bucket: version}} of a pending partial sync (the destination's ``advanced``)."""
-    if not pending:
-        return {}
-    return {name: dict(zip(b["b"], b["v"])) for name, b in pending["buckets"].items()}
-
-
-def _merge_pending(replica: Replica) -> dict[str, rec.TensorDelta]:
-    """All pending chunks as one delta per tensor: newest value, first old value, newest version."""
-    parts: dict[str, list[rec.TensorDelta]] = {}
-    for n, blob in enumerate(iter_pending_chunks(replica)):
-        record = rec.decode(blob, f"{replica.path}: pending sync chunk {n}")
-        for t in record.tensors:
-            parts.setdefault(t.name, []).append(t)
-    merged = {}
-    for name, deltas in parts.items():
-        rows = np.concatenate([d.rows for d in deltas])
-        new = np.concatenate([d.new for d in deltas])
-        old = np.concatenate([d.old for d in deltas])
-        versions = np.concatenate([d.versions for d in deltas])
-        order = np.argsort(rows, kind="stable")  # chunks in arrival order within a row
-        rows, new, old, versions = rows[order], new[order], old[order], versions[order]
-        first = np.r_[True, rows[1:] != rows[:-1]]
-        last = np.r_[rows[1:] != rows[:-1], True]
-        merged[name] = rec.TensorDelta(name, deltas[0].dtype, rows[last], new[last], old[first], versions[last])
-    return merged
-
-
-def merged_pending(replica: Replica) -> dict[str, rec.TensorDelta]:
-    """{tensor: rows, newest values, values at the head, versions} of a pending partial sync ({} if none)."""
-    return _merge_pending(replica) if pending_state(replica) is not None else {}
 
 
 def _bucket_maxima(rows: np.ndarray, versions: np.ndarray, bucket_rows: int) -> tuple[list[int], list[int]]:
@@ -531,7 +402,7 @@ def finish_sync(replica: Replica, target: int, follow: dict | None) -> int:
         raise InvalidInput(f"{replica.path}: sync target {target} is not after the head {head}")
     if pending is not None and (pending["base"] != head or pending["target"] > target):
         raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
-    merged = _merge_pending(replica) if pending else {}
+    merged = merged_pending(replica) if pending else {}
     tensors, sigs = [], []
     for info in replica.tensors:
         d = merged.get(info.name)
@@ -571,7 +442,7 @@ def abort_pending(replica: Replica) -> None:
     if pending is None:
         return
     head = replica.head
-    merged = _merge_pending(replica)
+    merged = merged_pending(replica)
     store = replica.store
     store.write(lambda txn: _put_state(store, txn, applying=head))
     undo = [rec.TensorDelta(d.name, d.dtype, d.rows, d.old) for d in merged.values()]

@@ -124,7 +124,7 @@ def _check_tensors(
     """Rebuild each tensor from snapshot + log and compare it bitwise with its file."""
     after = sorted(o for o in good if o > base["offset"])
     snap_dir = tensorfiles.snapshot_path(replica.path, base["offset"])
-    from .sync import merged_pending
+    from .pending import merged_pending
 
     pending = merged_pending(replica)  # a partial sync: rows already ahead of the head
     for n, info in enumerate(replica.tensors):
@@ -168,7 +168,7 @@ def _check_buckets(replica: Replica, good: set[int], report: VerifyReport) -> No
                 for bucket, version in zip(buckets, t.versions.tolist()):
                     newest[bucket] = max(version, newest.get(bucket, 0))
                 expected[t.name].update(newest)
-    from .sync import pending_buckets
+    from .pending import pending_buckets
 
     for name, held in pending_buckets(replica.pending_sync()).items():
         expected[name].update(held)
