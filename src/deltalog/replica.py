@@ -708,7 +708,7 @@ class Replica:
             for offset, blob in self._store.iter_records(txn, after=start, upto=state.head):
                 self._apply(rec.decode(blob, f"{self.path}: record {offset}", with_old=False))
         self._recover_sync_state()
-        self._set_applied(state.head)
+        self._set_applied(self.state.head)  # re-read: finishing a sync revert moves the head back
         self.flush()
 
     def _repair_if_abandoned(self) -> None:
@@ -750,6 +750,12 @@ class Replica:
             self._read_maps.clear()
             copy_snapshot_into_tensors(self.path, manifest)
             self._store.write(lambda txn: txn.delete(b"sync.restore", db=self._store.dbs["meta"]))
+        with self._store.read() as txn:
+            reverting = self._store.get_meta(txn, "sync.revert")
+        if reverting is not None:
+            from .guard import finish_revert  # guard imports this module
+
+            finish_revert(self, reverting)
         for n in range(pending["chunks"] if pending else 0):
             with self._store.read() as txn:
                 blob = self._store.get_meta(txn, f"sync.chunk.{n:08d}")

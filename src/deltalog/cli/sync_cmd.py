@@ -55,13 +55,31 @@ def _name(text: str) -> str:
               help="Give up when the peer sends nothing for this long (exit 8).")
 @click.option("--token-file", type=click.Path(dir_okay=False, exists=True),
               help="File with the bearer token of an http(s) source (else $DELTALOG_TOKEN).")
+@click.option("--check", "check", metavar="CMD",
+              help="After a complete sync, run CMD (a shell command; env DELTALOG_REPLICA, DELTALOG_HEAD, "
+                   "DELTALOG_PREVIOUS_HEAD, DELTALOG_SOURCE). If it fails, DST goes back to where it was "
+                   "(the sync is undone, not rolled back by a new record) and the exit code is 10. "
+                   "Local DST only.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep DST following SRC: sync, wait for SRC's head to move (a long-poll on SRC's side, "
+                   "not a sleep), sync again, until SIGTERM or Ctrl-C (then exit 0 with DST exactly at a "
+                   "head). A vanished SRC, a dropped connection or a held lock is retried with exponential "
+                   "backoff (jittered, capped at 30 s or --interval) and the sync resumes where it stopped. "
+                   "--max-bytes and --deadline then apply to each round.")
+@click.option("--interval", type=click.FloatRange(min=0.01), default=None, metavar="SECONDS",
+              help="With --follow: the longest wait for SRC to move before an idle round that refreshes "
+                   "DST's lag (status lag_seconds); also the polling period for a source that cannot "
+                   "long-poll.  [default: 5]")
+@click.option("--bwlimit", type=ByteSize(), metavar="BYTES_PER_S",
+              help="Receive at most this many bytes per second on average (e.g. 10M), one token bucket "
+                   "across all rounds of --follow; most significant buckets still go first.")
 @click.option("--chunk-bytes", type=ByteSize(), default=None, hidden=True,
               help="Uncompressed row bytes per chunk (tuning and tests).")
 @wait_option
 @json_option
 @quiet_option
-def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog, timeout, token_file, chunk_bytes,
-            wait, as_json, quiet):
+def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog, timeout, token_file, check,
+            follow, interval, bwlimit, chunk_bytes, wait, as_json, quiet):
     """Bring DST up to SRC's head by moving only the rows that changed.
 
     \b
@@ -78,6 +96,14 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
     buckets go first; 'status' then shows pending_buckets and the head
     stays the last complete offset. Exit 0 when DST reached SRC's head,
     1 when a budget stopped it first.
+
+    \b
+    With --follow, one line per round on stderr (none with --quiet), or
+    with --json one JSON object per line on stdout: "event": "sync" with
+    the sync fields plus round, lag_offsets, lag_seconds and waited;
+    "event": "retry" with error and retry_in; a last "event": "stopped".
+    DST can itself be served (serve-snapshot) and followed: a tree of
+    followers, each a hop that adds milliseconds.
     """
     from ..errors import InvalidInput
     from ..sync import sync
@@ -87,27 +113,128 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
     s_spec, d_spec = parse_spec(src), parse_spec(dst)
     if s_spec.scheme == d_spec.scheme == "local" and os.path.realpath(src) == os.path.realpath(dst):
         raise InvalidInput(f"{src}: SRC and DST are the same replica")
+    if check and d_spec.scheme != "local":
+        raise InvalidInput("--check needs a local DST", hint="run the guarded sync on the destination host")
+    if follow and (dry_run or check):
+        raise click.UsageError(f"--follow cannot be combined with {'--dry-run' if dry_run else '--check'}")
+    if interval is not None and not follow:
+        raise click.UsageError("--interval needs --follow")
     token = None
     if token_file:
         with open(token_file) as f:
             token = f.read().strip()
     options = TransportOptions(ssh_command=ssh_command, remote_deltalog=remote_deltalog, timeout=timeout, token=token)
+    if follow:
+        return _follow(src, dst, options, out, interval=interval, max_bytes=max_bytes, deadline=deadline,
+                       bwlimit=bwlimit, wait=wait, chunk_bytes=chunk_bytes)
     source = open_source(src, options)
     try:
         sink = open_sink(dst, options)
+        if check:
+            from ..guard import GuardedSink
+
+            sink = GuardedSink(sink, check, _name(src))
         try:
             extra = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
+            if bwlimit:
+                from ..follow import TokenBucket, chunk_bytes_for, piece_bytes_for
+                from ..transport.base import DEFAULT_CHUNK_BYTES
+
+                extra["chunk_bytes"] = chunk_bytes_for(bwlimit, chunk_bytes or DEFAULT_CHUNK_BYTES)
+                extra.update(throttle=TokenBucket(bwlimit).take, piece_bytes=piece_bytes_for(bwlimit))
             with out.progress(f"sync {src} -> {dst}") as update:
                 result = sync(source, sink, source_name=_name(src), destination_name=_name(dst),
                               max_bytes=max_bytes, deadline=deadline, dry_run=dry_run, wait=wait,
                               progress=update if out.interactive else None, **extra)
+            verdict = _run_check(sink, result, check, _name(src)) if check and not dry_run else None
         finally:
             sink.close()
     finally:
         source.close()
+    if verdict is not None and verdict.get("removed"):
+        import shutil
+
+        shutil.rmtree(dst)  # a replica this run created, rejected by the check: as it was, i.e. absent
     data = result.to_json()
+    if verdict is not None:
+        data["check"] = verdict
     out.result(data, lambda c: _render(c, result, src, dst))
+    if verdict is not None and not verdict["accepted"]:
+        back = "removed the new replica" if verdict.get("removed") else f"went back to offset {verdict['reverted_to']}"
+        click.echo(f"deltalog: error: --check rejected offset {verdict['offset']} (exit {verdict['exit_code']}): "
+                   f"{dst} {back}", err=True)
+        return 10
     return 0 if result.complete or dry_run else 1
+
+
+def _follow(src: str, dst: str, options, out: Output, *, interval, max_bytes, deadline, bwlimit, wait,
+            chunk_bytes) -> int:
+    """sync --follow: rounds until SIGTERM/SIGINT; one JSON line or one stderr line per round."""
+    import json
+    import sys
+
+    from ..follow import DEFAULT_INTERVAL, Stopper, follow
+    from ..transport import open_sink, open_source
+
+    def emit(event: dict) -> None:
+        if out.as_json:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+        elif not out.quiet:
+            click.echo(_round_line(event, src, dst), err=True)
+
+    stopper = Stopper()
+    with stopper.installed():
+        follow(src, dst, source_name=_name(src), destination_name=_name(dst),
+               open_source=lambda text: open_source(text, options), open_sink=lambda text: open_sink(text, options),
+               interval=DEFAULT_INTERVAL if interval is None else interval, max_bytes=max_bytes,
+               deadline=deadline, bwlimit=bwlimit, wait=wait, chunk_bytes=chunk_bytes, on_event=emit,
+               stopper=stopper)
+    return 0
+
+
+def _round_line(e: dict, src: str, dst: str) -> str:
+    """One plain line per follow event (for logs: no colour, no table)."""
+    kind = e["event"]
+    if kind == "retry":
+        err = e["error"]
+        return (f"deltalog: {src} -> {dst}: {err['type']}: {err['message']}; "
+                f"retrying in {e['retry_in']:.1f} s (attempt {e['attempt']})")
+    if kind == "stopped":
+        why = f" by {e['signal']}" if e.get("signal") else ""
+        return f"deltalog: stopped{why} after {e['rounds']} rounds; {dst} at offset {e['head']}"
+    lag = f"lag {e['lag_offsets']} offsets" + (f", {e['lag_seconds']:.3f} s" if e.get("lag_seconds") else "")
+    if e["rows_sent"] == 0 and e["snapshot_offset"] is None and e["complete"]:
+        return f"round {e['round']}: {dst} up to date at {e['head']} (waited {e['waited']:.2f} s)"
+    moved = (f"{e['rows_sent']:,} rows in {e['chunks']} chunks, {human_bytes(e['bytes_sent'])}"
+             + (f" (snapshot {e['snapshot_offset']})" if e["snapshot_offset"] is not None else ""))
+    state = "" if e["complete"] else f", stopped by {e['stopped_by']}, {e['pending_buckets']:,} buckets pending"
+    start = "new replica" if e["from_offset"] is None else e["from_offset"]
+    return f"round {e['round']}: {start} -> {e['head']} of {e['to_offset']}, {moved}, {e['seconds']:.3f} s{state}; {lag}"
+
+
+def _run_check(sink, result, check: str, source: str) -> dict | None:
+    """Judge what this sync (or a crashed earlier one) applied; undo it if the check fails."""
+    from ..guard import confirm, revert, run_check, unconfirmed
+
+    replica = sink.replica
+    marker = unconfirmed(replica) if replica is not None else None
+    if marker is not None:
+        code = run_check(check, replica.path, marker["target"], marker["base"], source)
+        if code == 0:
+            confirm(replica)
+            return {"command": check, "offset": marker["target"], "exit_code": 0, "accepted": True}
+        revert(replica, marker)
+        result.head = replica.head
+        return {"command": check, "offset": marker["target"], "exit_code": code, "accepted": False,
+                "reverted_to": marker["base"]}
+    if result.created and result.complete and replica is not None:  # a new replica: nothing to go back to
+        code = run_check(check, replica.path, replica.head, None, source)
+        verdict = {"command": check, "offset": replica.head, "exit_code": code, "accepted": code == 0}
+        if code != 0:
+            verdict["removed"] = True
+        return verdict
+    return sink.outcome  # only a leftover unconfirmed sync was judged (or nothing moved)
 
 
 def _render(c, r, src: str, dst: str) -> None:
