@@ -137,3 +137,10 @@ def test_index_codec_round_trips(values):
     rows = np.array(sorted(values), dtype=np.uint64)
     payload, size = codec.encode_indices(rows)
     assert np.array_equal(codec.decode_indices(payload, size, len(rows), "t"), rows)
+
+
+def test_rows_only_decode_skips_values(rng):
+    r = make_record(rng, k=30)
+    back = rec.decode(rec.encode(r), rows_only=True).tensors[0]
+    assert np.array_equal(back.rows, r.tensors[0].rows)
+    assert back.new.shape == (0, r.tensors[0].new.shape[1]) and back.old is None

@@ -86,7 +86,11 @@ def unshuffle(planes: bytes, dtype: np.dtype) -> np.ndarray:
     raw = np.frombuffer(planes, dtype=np.uint8)
     if itemsize == 1:
         return raw.view(dtype).copy()
-    return np.ascontiguousarray(raw.reshape(itemsize, -1).T).reshape(-1).view(dtype)
+    n = raw.size // itemsize
+    out = np.empty((n, itemsize), dtype=np.uint8)
+    for j in range(itemsize):  # one plane at a time: ~5x faster than a transposed copy (bench/RESULTS.md)
+        out[:, j] = raw[j * n : (j + 1) * n]
+    return out.reshape(-1).view(dtype)
 
 
 # -- row indices -------------------------------------------------------------

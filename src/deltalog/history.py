@@ -50,12 +50,11 @@ def records_after(replica: Replica, offset: int, upto: int | None = None) -> Ite
 def changed_rows(replica: Replica, since: int, upto: int | None = None) -> dict[str, np.ndarray]:
     """Per tensor: sorted unique rows written by records in (since, upto].
 
-    Decodes only the index sections' owners; values are decompressed too, as
-    the record format keeps them per tensor (cheap next to the read).
+    Decodes only the row-index sections (values stay compressed).
     """
     parts: dict[str, list[np.ndarray]] = {}
     for offset, blob in records_after(replica, since, upto):
-        record = rec.decode(blob, f"{replica.path}: record {offset}", with_old=False)
+        record = rec.decode(blob, f"{replica.path}: record {offset}", rows_only=True)
         for t in record.tensors:
             parts.setdefault(t.name, []).append(t.rows)
     _check_not_compacted_meanwhile(replica, since)

@@ -199,10 +199,12 @@ def summarize(blob, what: str = "record") -> RecordSummary:
 
 
 def decode(
-    blob, what: str = "record", only: set[str] | None = None, with_old: bool = True, checked: bool = False
+    blob, what: str = "record", only: set[str] | None = None, with_old: bool = True, checked: bool = False,
+    rows_only: bool = False,
 ) -> Record:
     """Check and decode a record. ``only`` limits which tensors are decompressed;
-    ``checked`` skips the checksum when the caller has just verified it."""
+    ``checked`` skips the checksum when the caller has just verified it; ``rows_only``
+    decodes row indices alone (``new`` is then an empty (0, row_elems) array)."""
     if not checked:
         check(blob, what)
     header, pos = _read_header(blob, what)
@@ -227,6 +229,10 @@ def decode(
             dtype = storage_dtype(dtype_name)
             _, payload, size = spans["index"]
             rows = codec.decode_indices(payload, size, count, where)
+            if rows_only:
+                tensors.append(TensorDelta(name, dtype_name, rows, np.empty((0, row_elems), dtype),
+                                           None, None, float(th["significance"])))
+                continue
             _, payload, size = spans["new"]
             new = codec.decode_values(payload, size, dtype, (count, row_elems), where)
             old = None
