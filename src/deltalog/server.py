@@ -15,6 +15,9 @@ when the server has a token):
                                             GET /v1/chunks?since=&target=&max_chunk_bytes= too
     POST /v1/plan                           what /v1/chunks would send, without the values
                                             (body {since, advanced, target}; GET with a query too)
+    GET  /v1/wait?since=H&timeout=T         long-poll: answers {head, changed} as soon as the head
+                                            differs from H, or after T seconds (default 30, at
+                                            most 600) with the head unchanged (sync --follow)
     GET  /metrics                           Prometheus text
 
 Files are streamed with ``socket.sendfile`` from descriptors opened before
@@ -80,6 +83,9 @@ MAX_BODY_BYTES = 64 << 20  # a /v1/chunks request: the advanced-bucket list of a
 MAX_TOKEN_BYTES = 4096
 _STREAM_CHUNK = 1 << 20  # chunked-encoding writes are batched up to this size
 _MAX_U64 = (1 << 64) - 1
+DEFAULT_WAIT_SECONDS = 30.0
+MAX_WAIT_SECONDS = 600.0
+_WAIT_CHECK_CLIENT = 0.25  # a long-poll checks this often that its client is still there
 
 # Paths are matched on the raw request target: no percent-decoding, no
 # normalisation. Anything else is 404, so "%2e%2e", "..", "//" and absolute
@@ -305,6 +311,80 @@ def _printable(text: str, limit: int = 200) -> str:
 
 
 # ---------------------------------------------------------------------------
+# long-poll
+
+
+class HeadWatcher:
+    """Wakes the /v1/wait long-polls when the served replica's head moves.
+
+    One thread, running only while someone waits, re-reads the head every
+    ``poll`` seconds (one LMDB read; the writer is another process, so there
+    is nothing to be notified by) and wakes every waiter when it changes: N
+    waiting followers cost one reader, not N.
+    """
+
+    def __init__(self, read_head: Callable[[], int], poll: float | None = None):
+        from .sync import HEAD_POLL_SECONDS
+
+        self._read_head = read_head
+        self._poll = HEAD_POLL_SECONDS if poll is None else poll
+        self._cond = threading.Condition()
+        self._head: int | None = None  # as last read by the thread (None: not running)
+        self._waiters = 0
+        self._running = False
+        self.error: BaseException | None = None  # why the watching thread last stopped early
+
+    def wait(self, since: int, timeout: float, gone: Callable[[], bool] = lambda: False) -> int:
+        """The head as soon as it differs from ``since``, or at ``timeout``.
+
+        ``gone()`` is asked every quarter second; True (the client hung up)
+        raises ConnectionAbortedError.
+        """
+        head = self._read_head()
+        if head != since or timeout <= 0:
+            return head
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._waiters += 1
+            if not self._running:
+                self._running = True
+                self._head = head
+                threading.Thread(target=self._run, daemon=True, name="deltalog-head-watch").start()
+            try:
+                while True:
+                    if self._head is not None and self._head != since:
+                        return self._head
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return self._head if self._head is not None else head
+                    self._cond.wait(min(left, _WAIT_CHECK_CLIENT))
+                    if gone():
+                        raise ConnectionAbortedError("the client of a long-poll went away")
+            finally:
+                self._waiters -= 1
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    if not self._waiters:
+                        return
+                head = self._read_head()
+                with self._cond:
+                    if head != self._head:
+                        self._head = head
+                        self._cond.notify_all()
+                time.sleep(self._poll)
+        except Exception as exc:  # noqa: BLE001 - the replica went away (shutdown): waiters time out on their own
+            self.error = exc
+        finally:
+            with self._cond:
+                self._running = False
+                self._head = None
+                self._cond.notify_all()
+
+
+# ---------------------------------------------------------------------------
 # the server
 
 
@@ -334,6 +414,7 @@ class SnapshotServer(ThreadingHTTPServer):
         self.request_timeout = timeout
         self.log = log
         self.metrics = Metrics()
+        self.head_watcher = HeadWatcher(lambda: self.replica.head)
         self.started = time.time()
         self._conn_lock = threading.Lock()
         self._rejecting = 0
@@ -716,6 +797,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._route = "/v1/chunks"
             if self._method_ok("GET", "POST"):
                 self._chunks(query if method == "GET" else None)
+        elif path == "/v1/wait":
+            self._route = "/v1/wait"
+            if self._method_ok("GET"):
+                self._wait(query)
         elif path == "/v1/plan":
             self._route = "/v1/plan"
             if self._method_ok("GET", "POST"):
@@ -874,6 +959,35 @@ class _Handler(BaseHTTPRequestHandler):
                     if sent != hi - lo:  # the file shrank under us: the body cannot be completed
                         raise ConnectionAbortedError("snapshot file shrank mid-download")
             pos += seg.length
+
+    # -- the long-poll ----------------------------------------------------------------------
+
+    def _wait(self, query: str) -> None:
+        """GET /v1/wait?since=H&timeout=T: {head, changed} once the head is not H, or at T."""
+        raw = {k: v[-1] for k, v in parse_qs(query or "", keep_blank_values=True).items()}
+        try:
+            since = int(raw["since"])
+            timeout = float(raw.get("timeout") or DEFAULT_WAIT_SECONDS)
+        except KeyError:
+            raise InvalidInput("since (the head the client knows) is required") from None
+        except ValueError:
+            raise InvalidInput("since must be an integer and timeout a number of seconds") from None
+        if not -1 <= since <= _MAX_U64 or not timeout >= 0:
+            raise InvalidInput("since must be an offset and timeout a non-negative number of seconds")
+        timeout = min(timeout, MAX_WAIT_SECONDS)
+        sock = self.connection
+
+        def gone() -> bool:
+            import select
+
+            try:
+                ready, _, _ = select.select([sock], [], [], 0)
+                return bool(ready) and sock.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):
+                return True
+
+        head = self.server.head_watcher.wait(since, timeout, gone)
+        self._send_json({"head": head, "changed": head != since})
 
     # -- the record stream ----------------------------------------------------------------
 
@@ -1079,6 +1193,7 @@ def serve(server: SnapshotServer, grace: float = 2.0) -> None:
 __all__ = [
     "API_PREFIX",
     "DEFAULT_PORT",
+    "HeadWatcher",
     "Metrics",
     "SnapshotServer",
     "parse_range",

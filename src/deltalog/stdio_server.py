@@ -4,11 +4,17 @@ Speaks the framed protocol (deltalog.wire) on stdin/stdout, one request and
 its answer at a time, after a version handshake in which the client picks a
 role:
 
-- ``source`` (the client pulls from PATH): requests ``plan``, ``chunks``
-  (answered by a stream of ``chunk`` frames and an ``end`` frame),
-  ``snapshot_manifest``, ``read_snapshot_file``;
+- ``source`` (the client pulls from PATH): requests ``hello`` (the source
+  hello again, looked at afresh: one per round of ``sync --follow``),
+  ``wait`` ({since, timeout}: answered ``head`` {head} as soon as PATH's
+  head differs from ``since``, or at the timeout; the long-poll of ``sync
+  --follow``), ``plan``, ``chunks`` (answered by a stream of ``chunk``
+  frames and an ``end`` frame), ``snapshot_manifest``, ``read_snapshot_file``;
 - ``sink`` (the client pushes into PATH, this process applies): requests
-  ``begin``, ``apply_chunk``, ``finish``, ``abort_pending``, ``note_follow``,
+  ``begin``, ``apply_chunk``, ``apply_final`` (the only chunk of a sync,
+  applied as its record; header {target, follow}), ``finish``,
+  ``abort_pending``, ``note_follow``, ``end`` (a round of ``sync --follow``
+  is over: the lock is released, the session stays for the next ``begin``),
   ``snapshot_begin``, ``snapshot_write``, ``snapshot_commit``.
 
 Either ends with ``bye`` or end of input. Structured arguments and answers
@@ -24,7 +30,9 @@ sync would.
 from __future__ import annotations
 
 import os
+import select
 import sys
+import time
 
 from . import wire
 from .errors import DeltalogError, TransportError
@@ -49,7 +57,7 @@ def serve(path: str, instream, outstream, max_frame_bytes: int = wire.DEFAULT_MA
         role = header.get("role")
         if role not in ("source", "sink"):
             raise TransportError(f"unknown role {role!r} in the client's hello")
-        handler = _SourceHandler(path) if role == "source" else _SinkHandler(path)
+        handler = _SourceHandler(path, instream) if role == "source" else _SinkHandler(path)
     except Exception as exc:  # noqa: BLE001 - every failure goes back as one error frame
         _log_unexpected(exc)
         wire.write_frame(outstream, wire.error_header(exc))
@@ -91,14 +99,47 @@ def _log_unexpected(exc: BaseException) -> None:
         traceback.print_exception(exc, file=sys.stderr)
 
 
+MAX_WAIT_SECONDS = 3600.0  # one ``wait`` request; the client asks again
+
+
 class _SourceHandler:
-    def __init__(self, path: str):
+    def __init__(self, path: str, instream=None):
         from .transport.local import LocalSource
 
         self.source = LocalSource(path)
+        try:
+            self._in_fd = instream.fileno() if instream is not None else None
+        except (AttributeError, OSError, ValueError):
+            self._in_fd = None  # not a real pipe (a test's buffer): wait without watching the client
 
     def hello(self) -> dict:
         return self.source.hello()
+
+    def do_hello(self, header, payload, out) -> None:
+        _answer(out, "hello", self.source.hello())
+
+    def do_wait(self, header, payload, out) -> None:
+        """Answer when the head moves past ``since`` or at the timeout; stop early if the client hangs up."""
+        from .sync import source_wait
+
+        a = _args(header, payload)
+        try:
+            since, timeout = int(a["since"]), min(max(0.0, float(a.get("timeout", 0.0))), MAX_WAIT_SECONDS)
+        except (KeyError, TypeError, ValueError):
+            raise TransportError("wait needs an integer since and a number of seconds") from None
+        fd = self._in_fd
+
+        def idle(seconds: float) -> bool:
+            if fd is None:
+                time.sleep(seconds)
+                return False
+            # Readable while we wait means end of input (the client went away) or a
+            # new request; either way the wait is over. The sleep is the select.
+            ready, _, _ = select.select([fd], [], [], seconds)
+            return bool(ready)
+
+        head = source_wait(self.source.replica, since, timeout, idle=idle)
+        _answer(out, "head", head=head)
 
     def do_plan(self, header, payload, out) -> None:
         a = _args(header, payload)
@@ -129,10 +170,19 @@ class _SinkHandler:
     def __init__(self, path: str):
         from .transport.local import LocalSink
 
+        self.path = path
         self.sink = LocalSink(path)
 
     def hello(self) -> dict:
         return {}
+
+    def do_end(self, header, payload, out) -> None:
+        """End a round of ``sync --follow``: release the lock, keep the session for the next ``begin``."""
+        from .transport.local import LocalSink
+
+        self.sink.close()
+        self.sink = LocalSink(self.path)
+        _answer(out, "ok")
 
     def do_begin(self, header, payload, out) -> None:
         a = _args(header, payload)
@@ -148,6 +198,9 @@ class _SinkHandler:
 
     def do_abort_pending(self, header, payload, out) -> None:
         _answer(out, "state", self.sink.abort_pending())
+
+    def do_apply_final(self, header, payload, out) -> None:
+        _answer(out, "state", self.sink.apply_final(payload, int(header["target"]), header.get("follow") or {}))
 
     def do_note_follow(self, header, payload, out) -> None:
         self.sink.note_follow(_args(header, payload)["follow"])

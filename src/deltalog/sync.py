@@ -5,7 +5,8 @@ Three parts, none of which prints:
 Source side (what every server calls: local, ``serve --stdio``, HTTP)
     :func:`source_hello`, :func:`source_plan`, :func:`source_chunks`,
     :func:`source_snapshot_manifest`, :func:`snapshot_file_path`,
-    :func:`source_read_snapshot_file`. Rows changed in (since, target] are
+    :func:`source_read_snapshot_file`, :func:`source_wait` (the long-poll of
+    ``sync --follow``). Rows changed in (since, target] are
     found from the log (per-row versions of coalesced sync records included),
     coalesced to one value per row read at exactly ``target``, grouped in
     whole buckets ordered by significance and encoded as "sync" records.
@@ -21,13 +22,20 @@ Destination side (partial-sync state on a replica; the writer lock held)
     chunks; values are absolute). The head does not move: it stays the last
     complete offset. :func:`finish_sync` replaces all pending chunks by ONE
     "sync" record at the target (new = newest chunk's value, old = the first
-    chunk's old value, per-row versions) in one transaction, log-first like
-    Replica commits. :func:`abort_pending` undoes them. :func:`restore_snapshot`
+    chunk's old value, per-row versions) in one transaction; the rows are
+    already in the files, so only the log and the state move.
+    :func:`apply_whole` is the fast path of a sync that is a single chunk
+    (every round of ``sync --follow``): the chunk becomes that record at once,
+    logged then applied exactly as a commit is, with no pending state and the
+    tensor files fsynced on the commit schedule (the log is the write-ahead
+    log). :func:`abort_pending` undoes pending chunks. :func:`restore_snapshot`
     rebases a replica that fell behind the source's retention.
 
 The engine
     :func:`sync` drives a Source and a Sink (deltalog.transport.base) under
-    a byte budget and a deadline and returns a :class:`SyncResult`.
+    a byte budget and a deadline and returns a :class:`SyncResult`; it can
+    be paced (``throttle``, for --bwlimit) and asked to stop between two
+    chunks (``should_stop``, for signals). deltalog.follow runs it in rounds.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from .errors import (
 )
 from .history import values_at
 from .pending import CHUNK_KEY, PENDING_KEY, merged_pending, pending_buckets, pending_state
-from .replica import Replica, _row_significance
+from .replica import Replica, _row_significance, boot_id
 from .store import bucket_key
 from .transport.base import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, SNAPSHOT_PIECE_BYTES
 
@@ -94,6 +102,33 @@ def source_hello(replica: Replica) -> dict:
         "snapshots": sorted(s["offset"] for s in replica.snapshots()),
         "time": time.time(),
     }
+
+
+HEAD_POLL_SECONDS = 0.002  # how often a waiting source re-reads its head (one LMDB read, ~10 us)
+
+
+def source_wait(replica: Replica, since: int, timeout: float, poll: float = HEAD_POLL_SECONDS,
+                idle: Callable[[float], bool] | None = None) -> int:
+    """The replica's head as soon as it differs from ``since``, or after ``timeout`` seconds (Source.wait_for_head).
+
+    The head is re-read from the log every ``poll`` seconds: a commit or a
+    finished sync by another process shows at the next read, with no
+    notification machinery to go stale. ``idle(seconds)`` replaces the sleep
+    between reads; it returns True to stop waiting early (the stdio server
+    uses it to notice a client that hung up).
+    """
+    deadline = time.monotonic() + max(0.0, float(timeout))
+    while True:
+        head = replica.head
+        left = deadline - time.monotonic()
+        if head != since or left <= 0:
+            return head
+        pause = min(poll, left)
+        if idle is not None:
+            if idle(pause):
+                return replica.head
+        else:
+            time.sleep(pause)
 
 
 def normalise_advanced(advanced) -> dict[str, dict[int, int]]:
@@ -225,11 +260,12 @@ def source_chunks(replica: Replica, since: int, advanced, target: int, max_chunk
     changes = _collect_changes(replica, since, target, advanced)
     order = _bucket_order(changes, replica.bucket_rows)
     max_chunk_bytes = max(1, int(max_chunk_bytes))
+    row_cost = [ch.info.row_bytes + ROW_OVERHEAD for ch in changes]  # a property: not once per bucket
     batch: list[tuple[int, int, int]] = []
     size = 0
     for sig, ti, _bucket, start, stop in order:
         batch.append((ti, start, stop))
-        size += (stop - start) * (changes[ti].info.row_bytes + ROW_OVERHEAD)
+        size += (stop - start) * row_cost[ti]
         if size >= max_chunk_bytes:
             yield _encode_chunk(replica, changes, batch, since, target)
             batch, size = [], 0
@@ -320,10 +356,8 @@ def _bucket_maxima(rows: np.ndarray, versions: np.ndarray, bucket_rows: int) -> 
     return buckets[starts].tolist(), np.maximum.reduceat(versions, starts).tolist()
 
 
-def apply_chunk(replica: Replica, blob, target: int, source: str) -> dict:
-    """Apply one chunk from a source as pending partial-sync state (atomic, durable)."""
-    state = replica.state
-    head = state.head
+def _checked_chunk(replica: Replica, blob, target: int, head: int):
+    """Decode a chunk from a source and check it fits ``replica`` at ``head``: (record, [(info, delta)])."""
     record = rec.decode(blob, "chunk from the source", with_old=False)
     if record.model_id != replica.model_id:
         raise ModelMismatch(f"the source's deltas belong to model {record.model_id}, "
@@ -332,10 +366,7 @@ def apply_chunk(replica: Replica, blob, target: int, source: str) -> dict:
         raise TransportError(
             f"the source sent a chunk for {record.base}->{record.offset} ({record.kind}); "
             f"expected {head}->{target}")
-    pending = pending_state(replica)
-    if pending is not None and (pending["base"] != head or pending["target"] > target):
-        raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
-    deltas, bucket_updates = [], []
+    out = []
     for t in record.tensors:
         try:
             info = replica.info(t.name)
@@ -349,8 +380,65 @@ def apply_chunk(replica: Replica, blob, target: int, source: str) -> dict:
                                 f"{replica.path} has {info.rows} rows")
         if t.versions is None or (len(t.rows) and (int(t.versions.min()) <= head or int(t.versions.max()) > target)):
             raise TransportError(f"tensor {t.name!r}: chunk row versions missing or outside ({head}, {target}]")
-        if not len(t.rows):
-            continue
+        if len(t.rows) > 1 and not bool(np.all(t.rows[1:] > t.rows[:-1])):
+            raise TransportError(f"tensor {t.name!r}: chunk rows are not sorted and unique")
+        if len(t.rows):
+            out.append((info, t))
+    return record, out
+
+
+def apply_whole(replica: Replica, blob, target: int, follow: dict | None) -> int:
+    """Apply the ONLY chunk of a sync as its final record, the way a commit is applied; returns its rows.
+
+    The fast path of small syncs (every round of ``sync --follow``): no
+    pending partial-sync state, no fsync of the tensor files. One
+    transaction logs the record (new values, this replica's old values,
+    per-row versions), the bucket versions, the follower metadata and
+    head = applying = target; then the rows are written; then a second
+    transaction marks them applied. A crash in between is repaired by
+    Replica._recover (it re-applies the record), and the tensor files are
+    fsynced later (LocalSink's schedule): after a machine crash the log
+    re-applies what the page cache lost, as for commits.
+    """
+    head = replica.state.head
+    if pending_state(replica) is not None:
+        raise IntegrityError(f"{replica.path}: a partial sync is pending; its chunks must be finished, not bypassed")
+    _record, parts = _checked_chunk(replica, blob, target, head)
+    deltas, sigs = [], []
+    for info, t in parts:
+        old = np.array(replica._writable(info)[t.rows.astype(np.intp)])
+        row_sig = _row_significance(old, t.new, info.dtype)
+        deltas.append((info, rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, float(row_sig.sum()))))
+        sigs.append(row_sig)
+    record = rec.Record(offset=target, base=head, kind="sync", time=time.time(), model_id=replica.model_id,
+                        tensors=[d for _i, d in deltas], target=target)
+    blob_out = rec.encode(record)
+    store = replica.store
+
+    def log_it(txn):
+        store.put_record(txn, target, blob_out)
+        for (info, d), row_sig in zip(deltas, sigs):
+            replica._bump_buckets(txn, info, d.rows, row_sig, target, d.versions)
+        if follow is not None:
+            store.put_meta(txn, FOLLOW_KEY, follow)
+        _put_state(store, txn, head=target, applying=target)
+
+    store.write(log_it)
+    replica._apply(record)
+    replica._set_applied(target)
+    return sum(len(d.rows) for _i, d in deltas)
+
+
+def apply_chunk(replica: Replica, blob, target: int, source: str) -> dict:
+    """Apply one chunk from a source as pending partial-sync state (atomic, durable)."""
+    state = replica.state
+    head = state.head
+    _record, parts = _checked_chunk(replica, blob, target, head)
+    pending = pending_state(replica)
+    if pending is not None and (pending["base"] != head or pending["target"] > target):
+        raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
+    deltas, bucket_updates = [], []
+    for info, t in parts:
         old = np.array(replica._writable(info)[t.rows.astype(np.intp)])
         deltas.append(rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, t.significance))
         bucket_updates.append((info, *_bucket_maxima(t.rows, t.versions, replica.bucket_rows)))
@@ -427,12 +515,14 @@ def finish_sync(replica: Replica, target: int, follow: dict | None) -> int:
             txn.delete(PENDING_KEY.encode(), db=store.dbs["meta"])
         if follow is not None:
             store.put_meta(txn, FOLLOW_KEY, follow)
-        _put_state(store, txn, head=target, applying=target)
+        # The pending chunks' rows are already in the tensor files, fsynced by
+        # apply_chunk (or re-applied by recovery): the record only has to be
+        # logged. `flushed` stays where it is, so after a machine crash the
+        # log re-applies this record too, which is harmless (absolute values).
+        gen = store.get_meta(txn, "state").get("gen", 0) + 1
+        _put_state(store, txn, head=target, applied=target, applying=None, boot=boot_id(), gen=gen)
 
     store.write(log_it)
-    replica._apply(record)
-    replica._set_applied(target)
-    _durable(replica)
     return target
 
 
@@ -634,6 +724,7 @@ class SyncResult:
     from_offset: int
     to_offset: int
     head: int = 0
+    source_head: int | None = None  # the source's head when this run started (what to wait past)
     rows_sent: int = 0
     bytes_sent: int = 0
     chunks: int = 0
@@ -644,7 +735,7 @@ class SyncResult:
     snapshot_bytes: int = 0
     created: bool = False
     dry_run: bool = False
-    stopped_by: str | None = None  # "max-bytes" | "deadline" when incomplete under a budget
+    stopped_by: str | None = None  # "max-bytes" | "deadline" | "signal" when stopped before the end
     plan: dict | None = None  # dry run: what would move
     note: str | None = None
 
@@ -695,10 +786,22 @@ def sync(
     dry_run: bool = False,
     wait: float = 0.0,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    piece_bytes: int = SNAPSHOT_PIECE_BYTES,
     progress: Progress | None = None,
+    throttle: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SyncResult:
-    """Bring ``sink`` up to ``source``'s head (or as far as the budget allows)."""
+    """Bring ``sink`` up to ``source``'s head (or as far as the budget allows).
+
+    ``throttle(n)`` is called with the size of every chunk or snapshot piece
+    received, before it is applied, and may sleep (--bwlimit's token bucket).
+    ``should_stop()`` is asked before each one is applied: True stops the
+    run there (``stopped_by="signal"``), every chunk applied so far kept as
+    resumable partial-sync state, exactly as a budget stops it.
+    """
     report = progress is not None
+    throttle = throttle or (lambda n: None)
+    should_stop = should_stop or (lambda: False)
     progress = progress or (lambda stage, done, total: None)
     budget = Budget(max_bytes, deadline)
     hello = source.hello()
@@ -707,7 +810,8 @@ def sync(
     state = sink.begin(wait, dry_run)
     target = int(hello["head"])
     result = SyncResult(source_name, destination_name, from_offset=state["head"], to_offset=target,
-                        head=state["head"], dry_run=dry_run, pending_buckets=state.get("pending_buckets", 0))
+                        head=state["head"], source_head=target, dry_run=dry_run,
+                        pending_buckets=state.get("pending_buckets", 0))
     existed = state["exists"]
     if existed:
         check_same_model(hello, state, destination_name)
@@ -751,7 +855,7 @@ def sync(
             size = int(entry["nbytes"])
             pos = min(held.get(entry["file"], 0), size)
             while pos < size:
-                n = min(SNAPSHOT_PIECE_BYTES, size - pos)
+                n = min(max(1, int(piece_bytes)), size - pos)
                 if budget.max_bytes is not None:
                     n = min(n, max(1, budget.max_bytes // 4))
                 why = budget.exhausted(result.bytes_sent, n, first)
@@ -762,6 +866,10 @@ def sync(
                 if len(data) != n:
                     raise TransportError(f"{source_name}: snapshot file {entry['file']} came short "
                                          f"({len(data)} of {n} bytes at {pos})")
+                throttle(n)
+                if should_stop():
+                    result.stopped_by = "signal"
+                    return finish_result()
                 sink.snapshot_write(entry["file"], pos, data)
                 pos += n
                 done += n
@@ -798,13 +906,31 @@ def sync(
             plan_total = None
     first = result.snapshot_offset is None
     stream = source.chunks(since, advanced, target, _chunk_bytes(budget, chunk_bytes))
+    # A sync that is one chunk is applied as its final record at once (Sink.apply_final)
+    # when the destination has no partial state; a wrapper sink (guard) opts out by
+    # not defining the method on its class.
+    whole = not advanced and not state.get("pending_target") and callable(getattr(type(sink), "apply_final", None))
     finished = True
+    fast = False
     try:
-        for blob in stream:
+        for blob, only in _mark_only(stream, peek=whole):
             why = budget.exhausted(result.bytes_sent, len(blob), first)
             if why:
                 result.stopped_by = why
                 finished = False
+                break
+            throttle(len(blob))
+            if should_stop():
+                result.stopped_by = "signal"
+                finished = False
+                break
+            if only:
+                state = sink.apply_final(blob, target, {**follow, "in_sync_at": follow["synced_at"]})
+                fast = True
+                result.chunks = 1
+                result.rows_sent = int(state["rows"])
+                result.bytes_sent += len(blob)
+                progress("rows", result.rows_sent, plan_total or 0)
                 break
             applied = sink.apply_chunk(blob, target, source_name)
             first = False
@@ -817,7 +943,11 @@ def sync(
         close = getattr(stream, "close", None)
         if close is not None and not finished:
             close()
-    if finished:
+    if fast:
+        result.complete = True
+        result.pending_buckets = 0
+        result.head = state["head"]
+    elif finished:
         state = sink.finish(target, {**follow, "in_sync_at": follow["synced_at"]})
         result.complete = True
         result.pending_buckets = 0
@@ -825,6 +955,28 @@ def sync(
     else:
         sink.note_follow(follow)
     return finish_result()
+
+
+def _mark_only(stream, peek: bool):
+    """(blob, only) for each blob of ``stream``; ``only`` is True for a first blob that is also the last.
+
+    Knowing that takes reading the second blob before the first is applied,
+    so it is done only when asked (``peek``).
+    """
+    it = iter(stream)
+    first = next(it, None)
+    if first is None:
+        return
+    if not peek:
+        yield first, False
+    else:
+        second = next(it, None)
+        yield first, second is None
+        if second is None:
+            return
+        yield second, False
+    for blob in it:
+        yield blob, False
 
 
 def _dry_plan(source, since: int, advanced: dict, target: int) -> dict:

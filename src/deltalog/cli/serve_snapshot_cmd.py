@@ -34,10 +34,15 @@ def command(replica, host, port, token_file, max_connections, timeout, as_json, 
     GET /v1/snapshot/OFFSET             the snapshot at OFFSET, likewise
     GET /v1/snapshots/OFFSET/FILE       snapshot files (manifest.json, NNNNN.bin)
     POST /v1/chunks                     record stream for 'deltalog sync http://HOST:PORT DST'
+    GET /v1/wait?since=H&timeout=T      long-poll: answers {head, changed} when the head
+                                        is no longer H, or after T s ('sync --follow')
     GET /metrics                        Prometheus metrics
 
     Downloads support Range requests (curl -C -), so an interrupted one
-    resumes. Prints "serving REPLICA on URL" on stderr at start (with --json,
+    resumes. REPLICA may be a follower that another 'deltalog sync
+    --follow' keeps up to date: waiting followers wake as its head moves
+    (each following client holds up to three connections: keep-alive,
+    long-poll and a record stream). Prints "serving REPLICA on URL" on stderr at start (with --json,
     a JSON object with the url on stdout instead) and one line per request
     on stderr unless --quiet.
     """

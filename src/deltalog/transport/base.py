@@ -55,7 +55,10 @@ class Source(Protocol):
     """A replica we pull from: local, ssh or http."""
 
     def hello(self) -> dict:
-        """Who the source is and where its log stands (see the module docstring).
+        """Who the source is and where its log stands (see the module docstring), as of now.
+
+        Each call looks afresh (a long-lived source is asked once per round
+        of ``sync --follow``).
 
         ModelMismatch is raised by the engine, not here; TransportError when
         the peer cannot be reached or speaks another protocol version.
@@ -101,6 +104,26 @@ class Source(Protocol):
         """
         ...
 
+    def wait_for_head(self, since: int, timeout: float) -> int:
+        """Block until the source's head differs from ``since``, at most ``timeout`` seconds; return the head.
+
+        The long-poll of ``sync --follow``: the source side waits (local: the
+        log's state re-read every few ms; ssh: a ``wait`` request the remote
+        ``serve --stdio`` answers when the head moves; http: ``GET
+        /v1/wait?since=H&timeout=T``), so a follower sees a commit within
+        milliseconds without polling the network. Returning the unchanged
+        head at the timeout is normal. A source that cannot long-poll (an
+        older server) raises NotImplementedError; the caller then sleeps.
+        A following :meth:`hello` describes the source afresh.
+        """
+        ...
+
+    @property
+    def reusable(self) -> bool:
+        """False when this source cannot serve another request and must be reopened
+        (an ssh pipe still holding a chunk stream that was stopped half-read)."""
+        ...
+
     def close(self) -> None:
         ...
 
@@ -124,6 +147,17 @@ class Sink(Protocol):
 
         Returns {"rows": int, "pending_buckets": int}. ModelMismatch or
         IntegrityError for a chunk that is not for this replica / corrupt.
+        """
+        ...
+
+    def apply_final(self, blob: bytes, target: int, follow: dict) -> dict:
+        """Optional (defined on the class): apply the ONLY chunk of a sync as its "sync" record at ``target``.
+
+        The fast path of small syncs, each round of ``sync --follow``: logged
+        then applied like a commit, no partial-sync state and no extra fsync.
+        Called only when the destination holds no partial sync. Returns the
+        sink state plus "rows" (rows applied). A wrapper that must see every
+        finish (``sync --check``) simply does not define it.
         """
         ...
 
@@ -159,6 +193,15 @@ class Sink(Protocol):
 
         A new destination is created under its final name only now (staged
         beside it, then renamed). Returns the sink state.
+        """
+        ...
+
+    def end_round(self) -> None:
+        """Optional: release the lock but keep the connection for another :meth:`begin`.
+
+        ``sync --follow`` calls it between rounds on a sink that has it (ssh
+        push: one session for all rounds); other sinks are closed and
+        reopened, which for a local directory costs less than a millisecond.
         """
         ...
 

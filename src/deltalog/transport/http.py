@@ -43,6 +43,7 @@ _ERROR_BODY_BYTES = 64 << 10
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _MSGPACK = "application/msgpack"
+_WAIT_MARGIN = 10.0  # seconds a /v1/wait answer may come after its timeout before the server counts as gone
 
 
 def open_source(spec, options) -> "HttpSource":
@@ -77,6 +78,7 @@ class HttpSource:
             raise InvalidInput("the HTTP token must be printable ASCII without spaces")
         self._token = token
         self._conn: http.client.HTTPConnection | None = None
+        self._wait_conn: http.client.HTTPConnection | None = None  # long-polls: their own keep-alive connection
         self._streams: set[http.client.HTTPConnection] = set()
 
     # -- Source -------------------------------------------------------------------
@@ -200,8 +202,56 @@ class HttpSource:
             self._close_shared()
             raise self._lost(exc, what) from None
 
+    def wait_for_head(self, since: int, timeout: float) -> int:
+        """GET /v1/wait: the server answers when its head differs from ``since`` (or at ``timeout``).
+
+        A server without /v1/wait (404) raises NotImplementedError. The
+        long-poll has its own keep-alive connection, whose socket timeout
+        covers the wait, so the shared one keeps the user's --timeout.
+        """
+        from ..wire import unpack
+
+        path = f"/v1/wait?since={int(since)}&timeout={max(0.0, float(timeout)):g}"
+        limit = max(self.timeout, float(timeout) + _WAIT_MARGIN)
+        for attempt in (0, 1):
+            reused = self._wait_conn is not None
+            if self._wait_conn is None:
+                self._wait_conn = self._new_connection()
+            conn = self._wait_conn
+            conn.timeout = limit
+            if conn.sock is not None:
+                conn.sock.settimeout(limit)
+            try:
+                response = self._send(conn, "GET", path, "wait", headers={"Accept": _MSGPACK}, allow=(200, 404))
+                data = response.read()
+            except _Stale:
+                self._drop_wait()
+                if not reused or attempt:
+                    raise TransportError(f"{self.url}: the server closed the connection (wait)") from None
+                continue
+            except (http.client.HTTPException, OSError) as exc:
+                self._drop_wait()
+                raise self._lost(exc, "wait") from None
+            except BaseException:  # a DeltalogError, or a signal's exception mid-wait
+                self._drop_wait()
+                raise
+            if response.status == 404:
+                self._drop_wait()
+                raise NotImplementedError(f"{self.url}: the server has no /v1/wait (an older deltalog)")
+            answer = unpack(data, f"{self.url}: wait")
+            head = answer.get("head") if isinstance(answer, dict) else None
+            if not isinstance(head, int):
+                raise TransportError(f"{self.url}: garbled /v1/wait answer")
+            return head
+        raise AssertionError("unreachable")
+
+    @property
+    def reusable(self) -> bool:
+        return True  # every stream has its own connection; the others reconnect by themselves
+
     def close(self) -> None:
         self._close_shared()
+        self._drop_wait()
         for conn in list(self._streams):
             self._drop_stream(conn)
 
@@ -223,6 +273,11 @@ class HttpSource:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def _drop_wait(self) -> None:
+        if self._wait_conn is not None:
+            self._wait_conn.close()
+            self._wait_conn = None
 
     def _drop_stream(self, conn) -> None:
         self._streams.discard(conn)

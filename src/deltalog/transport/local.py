@@ -15,15 +15,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from contextlib import ExitStack
 
 from .. import sync as sync_mod
 from .. import tensorfiles
-from ..errors import IntegrityError, InvalidInput, NotAReplica, StorageError
+from ..errors import IntegrityError, InvalidInput, NotAReplica, StorageError, TransportError
 from ..lock import WriterLock
-from ..replica import MARKER, Replica
+from ..replica import MARKER, Replica, boot_id
 
 TRANSFER = "transfer.json"  # the manifest being fetched, beside the partial files
+FOLLOW_FLUSH_SECONDS = 30.0  # a destination's tensor files are fsynced at least this often (see LocalSink)
+_flushed_at: dict[str, float] = {}  # destination path -> when this process last fsynced its tensor files
 
 
 def open_source(spec, options) -> "LocalSource":
@@ -35,14 +38,38 @@ def open_sink(spec, options) -> "LocalSink":
 
 
 class LocalSource:
-    """A replica directory we read from (no lock: readers never block the writer)."""
+    """A replica directory we read from (no lock: readers never block the writer).
+
+    Every :meth:`hello` after the first takes a fresh view of the replica (a
+    new handle on the same, shared LMDB environment): a long-lived source, as
+    ``sync --follow`` and ``serve --stdio`` keep, must not serve rows through
+    tensor-file maps another process has since renamed over (replay
+    --in-place). A chunk stream is never open across a hello.
+    """
 
     def __init__(self, path: str):
         self.path = path
         self.replica = Replica.open(path)
+        self._fresh = True  # the handle opened just now is the view for the first hello
 
     def hello(self) -> dict:
+        if not self._fresh:
+            try:
+                view = Replica.open(self.path)  # before closing the old one: the environment stays open
+            except NotAReplica as exc:
+                raise TransportError(f"{self.path}: the source replica went away ({exc})",
+                                     hint="it was there when this sync started") from None
+            old, self.replica = self.replica, view
+            old.close()
+        self._fresh = False
         return sync_mod.source_hello(self.replica)
+
+    def wait_for_head(self, since: int, timeout: float) -> int:
+        return sync_mod.source_wait(self.replica, since, timeout)
+
+    @property
+    def reusable(self) -> bool:
+        return self.replica is not None
 
     def plan(self, since: int, advanced, target: int) -> dict:
         return sync_mod.source_plan(self.replica, since, advanced, target)
@@ -80,6 +107,8 @@ class LocalSink:
         self._files: dict[str, str] = {}  # source file name -> local path
         self._handles: dict[str, object] = {}
         self._wait = 0.0
+        self._applied = False  # this session wrote rows (else a no-op round: a moment to flush)
+        self._idle_round = False
 
     # -- state -----------------------------------------------------------------
 
@@ -125,7 +154,14 @@ class LocalSink:
     # -- log transfer -----------------------------------------------------------
 
     def apply_chunk(self, blob, target: int, source: str) -> dict:
+        self._applied = True
         return sync_mod.apply_chunk(self._need_replica(), blob, target, source)
+
+    def apply_final(self, blob, target: int, follow: dict) -> dict:
+        self._applied = True
+        replica = self._need_replica()
+        rows = sync_mod.apply_whole(replica, blob, target, self._merged_follow(follow))
+        return {**sync_mod.sink_state(replica), "rows": rows}
 
     def finish(self, target: int, follow: dict) -> dict:
         replica = self._need_replica()
@@ -140,6 +176,7 @@ class LocalSink:
     def note_follow(self, follow: dict) -> None:
         if self.replica is not None:
             sync_mod.note_follow(self.replica, self._merged_follow(follow))
+            self._idle_round = "in_sync_at" in follow and not self._applied
 
     def _merged_follow(self, follow: dict) -> dict:
         previous = sync_mod.follow_state(self.replica) or {}
@@ -253,6 +290,37 @@ class LocalSink:
         self._stack.enter_context(self.replica.writing(max(self._wait, 30.0)))
         return sync_mod.sink_state(self.replica)
 
+    def _flush_on_schedule(self) -> None:
+        """Fsync the tensor files every FOLLOW_FLUSH_SECONDS, or in an idle round, not at every close.
+
+        A sync applied as one record (apply_final) leaves rows in the page
+        cache only; Replica.close would fsync them, which for a follower
+        running a round every few ms is most of the round (an fsync of
+        scattered rows costs 100+ ms). The log is the write-ahead log:
+        ``flushed`` lags the head, so after a machine crash recovery
+        re-applies those records, as it does for commits (contract 1 holds
+        either way). The kernel writes dirty pages back within ~30 s by
+        itself, so a flush at that age is cheap; a round that applied
+        nothing (the source was idle) flushes at once, and so does the first
+        sync of a process (a one-shot ``deltalog sync`` leaves files durable).
+        """
+        replica = self.replica
+        if not replica._dirty:
+            if self._idle_round and replica.state.flushed < replica.state.applied and replica._lock.try_acquire():
+                try:
+                    replica.flush()  # an idle moment: make the follower's files durable now
+                finally:
+                    replica._lock.release()
+                _flushed_at[self.path] = time.monotonic()
+            return
+        state = replica.state
+        now = time.monotonic()
+        last = _flushed_at.get(self.path)  # None: the first sync of this process (a cron run) flushes at close
+        if last is not None and now - last < FOLLOW_FLUSH_SECONDS and boot_id() and state.applying is None:
+            replica._dirty.clear()  # Replica.close would fsync; the schedule says not yet
+        else:
+            _flushed_at[self.path] = now
+
     def close(self) -> None:
         for fh in self._handles.values():
             try:
@@ -262,6 +330,7 @@ class LocalSink:
         self._handles = {}
         self._stack.close()
         if self.replica is not None:
+            self._flush_on_schedule()
             self.replica.close()
             self.replica = None
         if self._staging_lock is not None:

@@ -77,8 +77,8 @@ class SshConnection:
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._stderr_thread = threading.Thread(target=self._drain_stderr, daemon=True)
         self._stderr_thread.start()
-        self.rfile = io.BufferedReader(_TimeoutReader(self.proc.stdout.fileno(), options.timeout, self._timed_out),
-                                       1 << 16)
+        self._reader = _TimeoutReader(self.proc.stdout.fileno(), options.timeout, self._timed_out)
+        self.rfile = io.BufferedReader(self._reader, 1 << 16)
         self.wfile = io.BufferedWriter(self.proc.stdin, 1 << 16)
         self.busy = False  # a chunk stream is half read: the pipe cannot carry another request
         self.closed = False
@@ -105,7 +105,7 @@ class SshConnection:
                     print(f"remote {self.spec.host}: {line}", file=sys.stderr, flush=True)
 
     def _timed_out(self):
-        raise TransportError(f"no answer for {self.options.timeout:g} s",
+        raise TransportError(f"no answer for {self._reader.timeout:g} s",
                              hint="the peer or the network hangs; raise --timeout if it is just slow")
 
     def _explain(self, exc: TransportError) -> TransportError:
@@ -148,11 +148,15 @@ class SshConnection:
         """Send one request and return (answer header, payload) of the expected kind."""
         if self.busy:
             raise TransportError(f"{self.spec.text}: a chunk stream was abandoned; reconnect")
-        body = payload if payload is not None else (wire.pack(args) if args is not None else b"")
-        self.send({"type": kind, **fields}, body)
-        header, data = self.read()
+        header, data = self.request_unchecked(kind, args, payload, **fields)
         wire.expect(header, expect)
         return header, data
+
+    def request_unchecked(self, kind: str, args: dict | None = None, payload=None, **fields):
+        """Send one request and return its answer, an error frame included (not raised)."""
+        body = payload if payload is not None else (wire.pack(args) if args is not None else b"")
+        self.send({"type": kind, **fields}, body)
+        return self.read()
 
     def close(self) -> None:
         if self.closed:
@@ -176,16 +180,51 @@ class SshConnection:
             self.proc.wait()
 
 
+WAIT_MARGIN_SECONDS = 10.0  # a wait answer may come this much after its timeout before the peer counts as gone
+
+
 class SshSource:
     """Pull from ``host:path`` over ssh."""
 
     def __init__(self, spec, options):
         self.spec = spec
         self.conn = _open(spec, options, "source")
-        self._hello = self.conn.hello
+        self._hello = self.conn.hello  # the handshake's: fresh for the first hello() only
 
     def hello(self) -> dict:
-        return self._hello
+        if self._hello is not None:
+            hello, self._hello = self._hello, None
+            return hello
+        _h, data = self.conn.request("hello", expect="hello")
+        return wire.unpack(data, "hello")
+
+    def wait_for_head(self, since: int, timeout: float) -> int:
+        """The remote ``serve --stdio`` answers when its head moves (or at ``timeout``)."""
+        conn = self.conn
+        if conn.busy:
+            raise TransportError(f"{self.spec.text}: a chunk stream was abandoned; reconnect")
+        reader = conn._reader
+        saved = reader.timeout
+        if saved is not None:  # silence is expected for up to ``timeout`` s now
+            reader.timeout = max(saved, timeout + WAIT_MARGIN_SECONDS)
+        conn.busy = True  # interrupted (a signal) before the answer: the pipe is out of step
+        try:
+            header, _data = conn.request_unchecked("wait", {"since": int(since), "timeout": float(timeout)})
+        finally:
+            reader.timeout = saved
+        if header.get("type") == "error" and "unknown request" in str(header.get("message")):
+            conn.busy = False
+            raise NotImplementedError("the remote deltalog cannot long-poll (upgrade it)")
+        wire.expect(header, "head")
+        conn.busy = False
+        head = header.get("head")
+        if not isinstance(head, int):
+            raise TransportError(f"{self.spec.text}: garbled wait answer")
+        return head
+
+    @property
+    def reusable(self) -> bool:
+        return not (self.conn.busy or self.conn.closed)
 
     def plan(self, since: int, advanced, target: int) -> dict:
         _h, data = self.conn.request("plan", {"since": since, "advanced": advanced, "target": target}, expect="plan")
@@ -237,6 +276,10 @@ class SshSink:
         _h, data = self.conn.request("apply_chunk", expect="applied", payload=blob, target=target, source=source)
         return wire.unpack(data, "applied")
 
+    def apply_final(self, blob, target: int, follow: dict) -> dict:
+        _h, data = self.conn.request("apply_final", expect="state", payload=blob, target=target, follow=follow)
+        return wire.unpack(data, "state")
+
     def finish(self, target: int, follow: dict) -> dict:
         return self._state("finish", {"target": target, "follow": follow})
 
@@ -255,6 +298,14 @@ class SshSink:
 
     def snapshot_commit(self) -> dict:
         return self._state("snapshot_commit")
+
+    def end_round(self) -> None:
+        """Release the remote lock but keep the session (``sync --follow`` pushes round after round)."""
+        self.conn.request("end")
+
+    @property
+    def reusable(self) -> bool:
+        return not (self.conn.busy or self.conn.closed)
 
     def close(self) -> None:
         self.conn.close()
