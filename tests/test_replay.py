@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import apply_update as apply_updates
+from conftest import bits
 import pytest
 
 from deltalog import tensorfiles
@@ -50,17 +52,6 @@ def random_updates(rng: np.random.Generator, model: dict[str, np.ndarray]) -> di
         values = (rng.standard_normal(shape) if arr.dtype.kind == "f" else rng.integers(-100, 100, shape)).astype(arr.dtype)
         updates[name] = (rows, values)
     return updates
-
-
-def apply_updates(model, updates) -> None:
-    for name, (rows, values) in updates.items():
-        arr = model[name]
-        arr.reshape(arr.shape[0] if arr.ndim else 1, -1)[np.asarray(rows)] = np.asarray(values).reshape(len(rows), -1)
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    return a.view(f"u{a.dtype.itemsize}")
 
 
 def same(a: np.ndarray, b: np.ndarray) -> bool:

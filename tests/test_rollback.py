@@ -10,6 +10,8 @@ import sys
 import time
 
 import numpy as np
+from conftest import apply_update as apply_updates
+from conftest import bits
 import pytest
 
 from deltalog import record as rec
@@ -63,11 +65,6 @@ def apply_updates(model: dict[str, np.ndarray], updates: dict[str, tuple]) -> No
         arr = model[name]
         flat = arr.reshape(arr.shape[0] if arr.ndim else 1, -1)
         flat[np.asarray(rows)] = np.asarray(values).reshape(len(rows), -1)
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    return a.view(f"u{a.dtype.itemsize}")
 
 
 def assert_state(replica: Replica, expected: dict[str, np.ndarray], what: str = "") -> None:
