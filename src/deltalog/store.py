@@ -37,7 +37,7 @@ _OFFSET = struct.Struct(">Q")
 _BUCKET_KEY = struct.Struct(">IQ")
 _BUCKET_VALUE = struct.Struct(">Qd")
 
-_registry: dict[str, list] = {}  # realpath -> [Environment, refcount]
+_registry: dict[str, list] = {}  # realpath -> [Environment, refcount, {name: database handle}]
 _registry_lock = threading.Lock()
 
 
@@ -53,7 +53,15 @@ def bucket_key(tensor_id: int, bucket: int) -> bytes:
     return _BUCKET_KEY.pack(tensor_id, bucket)
 
 
-def _acquire_env(path: str) -> lmdb.Environment:
+def _acquire_env(path: str) -> tuple[lmdb.Environment, dict]:
+    """The shared environment of ``path`` and its named database handles (opened once per environment).
+
+    The handles are opened here, before the environment is published, and
+    reused by every later LogStore: ``open_db`` runs a write transaction
+    while holding the GIL, so calling it while another thread of this
+    process holds a write transaction on the environment (a commit while a
+    reader opens the replica) would deadlock.
+    """
     real = os.path.realpath(path)
     with _registry_lock:
         entry = _registry.get(real)
@@ -69,9 +77,22 @@ def _acquire_env(path: str) -> lmdb.Environment:
                 )
             except lmdb.Error as exc:
                 raise IntegrityError(f"{path}: cannot open the log ({exc})") from None
-            entry = _registry[real] = [env, 0]
+            try:
+                with env.begin(write=False) as txn:
+                    missing = [n for n in DB_NAMES if txn.get(n) is None]
+                if missing:
+                    # Only init creates databases; a reader must not write.
+                    raise IntegrityError(f"{path}: log is missing databases {[m.decode() for m in missing]}")
+                dbs = {n.decode(): env.open_db(n, create=False) for n in DB_NAMES}
+            except lmdb.Error as exc:
+                env.close()
+                raise IntegrityError(f"{path}: cannot open the log ({exc})") from None
+            except BaseException:
+                env.close()
+                raise
+            entry = _registry[real] = [env, 0, dbs]
         entry[1] += 1
-        return entry[0]
+        return entry[0], entry[2]
 
 
 def _release_env(path: str) -> None:
@@ -91,20 +112,7 @@ class LogStore:
 
     def __init__(self, path: str):
         self.path = path
-        self.env = _acquire_env(path)
-        try:
-            with self.env.begin(write=False) as txn:
-                missing = [n for n in DB_NAMES if txn.get(n) is None]
-            if missing:
-                # Only init creates databases; a reader must not write.
-                raise IntegrityError(f"{path}: log is missing databases {[m.decode() for m in missing]}")
-            self.dbs = {n.decode(): self.env.open_db(n, create=False) for n in DB_NAMES}
-        except lmdb.Error as exc:
-            _release_env(path)
-            raise IntegrityError(f"{path}: cannot open the log ({exc})") from None
-        except BaseException:
-            _release_env(path)
-            raise
+        self.env, self.dbs = _acquire_env(path)
         self._closed = False
 
     @classmethod

@@ -22,7 +22,7 @@ from .. import sync as sync_mod
 from .. import tensorfiles
 from ..errors import IntegrityError, InvalidInput, NotAReplica, StorageError, TransportError
 from ..lock import WriterLock
-from ..replica import MARKER, Replica, boot_id
+from ..replica import LOG_DIR, MARKER, Replica, boot_id
 
 TRANSFER = "transfer.json"  # the manifest being fetched, beside the partial files
 FOLLOW_FLUSH_SECONDS = 30.0  # a destination's tensor files are fsynced at least this often (see LocalSink)
@@ -40,29 +40,48 @@ def open_sink(spec, options) -> "LocalSink":
 class LocalSource:
     """A replica directory we read from (no lock: readers never block the writer).
 
-    Every :meth:`hello` after the first takes a fresh view of the replica (a
-    new handle on the same, shared LMDB environment): a long-lived source, as
-    ``sync --follow`` and ``serve --stdio`` keep, must not serve rows through
-    tensor-file maps another process has since renamed over (replay
-    --in-place). A chunk stream is never open across a hello.
+    Every :meth:`hello` after the first looks at the replica afresh: a
+    long-lived source, as ``sync --follow`` and ``serve --stdio`` keep, must
+    not serve rows through tensor-file maps another process has since
+    renamed over (replay --in-place), nor through the log of a directory
+    that was replaced. A chunk stream is never open across a hello.
     """
 
     def __init__(self, path: str):
         self.path = path
         self.replica = Replica.open(path)
+        self._log_id = self._log_identity()
         self._fresh = True  # the handle opened just now is the view for the first hello
+
+    def _log_identity(self):
+        try:
+            st = os.stat(os.path.join(self.path, LOG_DIR, "data.mdb"))
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
 
     def hello(self) -> dict:
         if not self._fresh:
-            try:
-                view = Replica.open(self.path)  # before closing the old one: the environment stays open
-            except NotAReplica as exc:
-                raise TransportError(f"{self.path}: the source replica went away ({exc})",
-                                     hint="it was there when this sync started") from None
-            old, self.replica = self.replica, view
-            old.close()
+            self._refresh()
         self._fresh = False
         return sync_mod.source_hello(self.replica)
+
+    def _refresh(self) -> None:
+        if not _is_replica(self.path):
+            raise TransportError(f"{self.path}: the source replica went away",
+                                 hint="it was there when this sync started")
+        if self._log_identity() == self._log_id:
+            self.replica.reload_tensor_files()  # the same log: only the file maps can be stale
+            return
+        # Another replica now lives at this path: drop ours (and with it the shared
+        # environment of the old log) before opening the new one.
+        self.replica.close()
+        self.replica = None
+        try:
+            self.replica = Replica.open(self.path)
+        except NotAReplica as exc:
+            raise TransportError(f"{self.path}: the source replica went away ({exc})") from None
+        self._log_id = self._log_identity()
 
     def wait_for_head(self, since: int, timeout: float) -> int:
         return sync_mod.source_wait(self.replica, since, timeout)
