@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 from conftest import DELTALOG, REPO, apply_update, bits, random_update, run_cli
+from http_fixture import running_server
+from sshd_fixture import sshd  # noqa: F401  (fixture)
 
 from deltalog import Replica
 from deltalog import sync as sync_mod
@@ -30,8 +32,6 @@ from deltalog.rollback import rollback
 from deltalog.store import LogStore
 from deltalog.transport import open_sink, open_source
 from deltalog.verify import verify
-from http_fixture import running_server
-from sshd_fixture import sshd  # noqa: F401  (fixture)
 
 TESTS = os.path.join(REPO, "tests")
 
@@ -74,9 +74,9 @@ def states_upto(n: int) -> dict[int, dict[str, np.ndarray]]:
 
 def changed_rows(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, int]:
     out = {}
-    for name in a:
-        rows = a[name].shape[0] if a[name].ndim else 1
-        out[name] = int(np.any(bits(a[name]).reshape(rows, -1) != bits(b[name]).reshape(rows, -1), axis=1).sum())
+    for name, before in a.items():
+        rows = before.shape[0] if before.ndim else 1
+        out[name] = int(np.any(bits(before).reshape(rows, -1) != bits(b[name]).reshape(rows, -1), axis=1).sum())
     return out
 
 
@@ -166,7 +166,7 @@ def test_readers_see_exact_heads_while_commits_and_syncs_run(tmp_path):
                         try:
                             head, values = head_values(r, {i.name: np.arange(i.rows) for i in r.tensors})
                             one = r.read_tensor("emb")  # a single tensor: the model at some head
-                        except Exception as exc:  # noqa: BLE001
+                        except Exception as exc:
                             if not _known_race(exc):
                                 raise
                             counts["known race hits"] += 1
@@ -181,7 +181,7 @@ def test_readers_see_exact_heads_while_commits_and_syncs_run(tmp_path):
                         result = diff(ReplicaSide.at(a), ReplicaSide.at(b))
                     except LockHeld:
                         counts["diffs refused (partial sync)"] += 1
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         if not _known_race(exc):
                             raise
                         counts["known race hits"] += 1

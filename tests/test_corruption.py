@@ -73,7 +73,7 @@ def run_battery(commands: list[list[str]], timeout: float = 120) -> list[Outcome
     """Run the commands in order in one child; a command the child died in gets the signal as its code."""
     proc = subprocess.run(
         [sys.executable, "-c", _BATTERY], input="".join(json.dumps(c) + "\n" for c in commands),
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False,
     )
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     outcomes = [Outcome(c, r["code"] or 0, r["stdout"], r["stderr"]) for c, r in zip(commands, results)]

@@ -29,16 +29,16 @@ import numpy as np
 import pytest
 import xxhash
 from conftest import bits, random_model, random_update, run_cli
+from http_fixture import serve_snapshot_process  # noqa: F401  (fixture)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deltalog import Replica, wire
 from deltalog import record as rec
 from deltalog import sync as sync_mod
-from deltalog.errors import DeltalogError, IntegrityError, TransportError
+from deltalog.errors import IntegrityError, TransportError
 from deltalog.stdio_server import serve
 from deltalog.verify import verify
-from http_fixture import serve_snapshot_process  # noqa: F401  (fixture)
 
 LIMIT = 64 << 10
 
@@ -100,7 +100,7 @@ def test_every_truncation_of_a_valid_frame_is_a_transport_error(payload, fields)
     for cut in range(len(raw)):
         with pytest.raises(TransportError):
             wire.read_frame(io.BytesIO(raw[:cut]), max_frame_bytes=LIMIT)
-    header, got = wire.read_frame(io.BytesIO(raw), max_frame_bytes=LIMIT)
+    _header, got = wire.read_frame(io.BytesIO(raw), max_frame_bytes=LIMIT)
     assert bytes(got) == payload
 
 
