@@ -9,16 +9,22 @@ depends on what the two sides share:
   the model at offset h is the same everywhere. With sides at lo <= hi:
 
   1. lo == hi: identical, nothing is read.
-  2. Bucket versions, O(#buckets touched): a bucket whose version is known
-     at both offsets and equal on both sides, or that no record after lo
-     touched on a replica whose head reaches hi, is identical. The rest
-     are the dirty buckets.
-  3. Candidate rows inside dirty buckets come from the log: every row a
-     record in (lo, hi] wrote, read from a replica whose log reaches back
-     to lo (``history.changed_rows``). If neither log does (compacted),
-     the candidates are every row of the dirty buckets.
+  2. The log: when a replica's log reaches back to lo, the candidates are
+     the rows records in (lo, hi] wrote (``history.changed_rows``; only
+     their row-index sections are decoded, checksums checked): exactly
+     the rows that can differ. Bucket versions are not consulted then:
+     they could only prune this set, by trusting an index that carries
+     no checksum.
+  3. Bucket versions, O(#buckets touched), when no log reaches back to lo
+     (compacted): a bucket whose version is known at both offsets and
+     equal on both sides, or that no record after lo touched on a replica
+     whose head reaches hi, is identical. Every row of the other buckets
+     is a candidate.
   4. The candidates' values at each side's offset (``history.values_at``)
      are compared bitwise: a row rewritten to the same bytes is no change.
+     Both sides are gathered at once (two threads: the scattered reads
+     are bound by memory latency), then the statistics run over cache-sized
+     slices.
 
   The cost follows the change (rows written since lo), never the model.
 
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,6 +60,7 @@ from .history import changed_rows, check_retained, values_at
 from .replica import DEFAULT_BUCKET_ROWS, MARKER, Replica
 
 CHUNK_BYTES = 32 << 20  # per side, per step of a value comparison
+STATS_CHUNK_BYTES = 256 << 10  # float64 deltas per pass of the statistics: stays in cache
 LOG_CHUNK_BYTES = 64 << 20  # per side, per values_at call (each call re-reads the log after the offset)
 
 Progress = Callable[[str, int, int], None]
@@ -208,9 +216,10 @@ class TensorDiff:
         self.rows_compared += len(rows)
         if not len(rows):
             return
-        bits = bits_dtype(self.dtype)
-        differs = np.any(a.view(bits) != b.view(bits), axis=1)
-        if differs.any():
+        differs = rows_differ(a, b)
+        if differs.all():
+            self._changed(np.asarray(rows, dtype=np.int64), a, b)
+        elif differs.any():
             keep = np.flatnonzero(differs)
             self._changed(np.asarray(rows, dtype=np.int64)[keep], a[keep], b[keep])
 
@@ -220,9 +229,36 @@ class TensorDiff:
         distinct = buckets[np.r_[True, buckets[1:] != buckets[:-1]]]
         self.changed_buckets += len(distinct) - int(distinct[0] == self._last_bucket)
         self._last_bucket = int(distinct[-1])
+        # The statistics run over slices of ~256 KiB of float64 deltas, in two
+        # buffers reused by every slice: the passes below then stay in cache.
+        step = max(1, STATS_CHUNK_BYTES // (8 * max(1, a.shape[1])))
+        n = min(step, len(rows))
+        buffers = (np.empty((n, a.shape[1])), np.empty((n, a.shape[1])))
+        ranks = [self._stats(a[i : i + step], b[i : i + step], buffers) for i in range(0, len(rows), step)]
+        if self.top_k:
+            self._keep_top(rows, np.concatenate(ranks))
 
+    def _stats(self, a: np.ndarray, b: np.ndarray, buffers: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Add the statistics of some changed rows; returns their rank for top-k (row l2, inf if not finite)."""
+        delta, squares = buffers[0][: len(a)], buffers[1][: len(a)]
         with np.errstate(invalid="ignore", over="ignore"):
-            delta = as_float(b, self.dtype).astype(np.float64) - as_float(a, self.dtype).astype(np.float64)
+            # float64 holds the difference of two float32 (or narrower) values exactly.
+            np.subtract(as_float(b, self.dtype), as_float(a, self.dtype), out=delta, dtype=np.float64)
+            np.multiply(delta, delta, out=squares)
+            row_squares = squares.sum(axis=1)
+        if not np.isfinite(row_squares).all():  # NaN or inf in the delta, or squares past 1e308: rare
+            return self._stats_nonfinite(delta.copy())
+        mag = np.abs(delta, out=delta)
+        self.significance += float(mag.sum())
+        self.max_abs = max(self.max_abs, float(mag.max()))
+        self.sum_squares += float(row_squares.sum())
+        row_l2 = np.sqrt(row_squares)
+        self._count(row_l2[row_l2 > 0], int(np.count_nonzero(row_l2 == 0)))
+        return row_l2
+
+    def _stats_nonfinite(self, delta: np.ndarray) -> np.ndarray:
+        """:meth:`_stats` for rows holding NaN or infinite deltas (left out of the sums) or huge ones."""
+        with np.errstate(invalid="ignore", over="ignore"):
             mag = np.abs(delta)
             finite = np.isfinite(mag)
             mag = np.where(finite, mag, 0.0)
@@ -239,21 +275,28 @@ class TensorDiff:
         self.significance += float(mag.sum())
         self.sum_squares += float(squares.sum())
         self.max_abs = max(self.max_abs, float(mag.max()))
-
         ok = ~nonfinite
-        self.zero_rows += int(np.count_nonzero(ok & (row_l2 == 0)))
-        positive = row_l2[ok & (row_l2 > 0)]
-        if positive.size:
-            exps, counts = np.unique(np.floor(np.log10(positive)).astype(np.int64), return_counts=True)
+        self._count(row_l2[ok & (row_l2 > 0)], int(np.count_nonzero(ok & (row_l2 == 0))))
+        return np.where(nonfinite, np.inf, row_l2)  # a row that became NaN or inf matters most
+
+    def _count(self, positive_l2: np.ndarray, zero_rows: int) -> None:
+        self.zero_rows += zero_rows
+        if positive_l2.size:
+            exps, counts = np.unique(np.floor(np.log10(positive_l2)).astype(np.int64), return_counts=True)
             for e, c in zip(exps.tolist(), counts.tolist()):
                 self.histogram[e] = self.histogram.get(e, 0) + c
 
-        if self.top_k:
-            rank = np.where(nonfinite, np.inf, row_l2)  # a row that became NaN or inf matters most
-            all_rows = np.concatenate([self.top_rows, rows])
-            all_rank = np.concatenate([self.top_l2, rank])
-            order = np.lexsort((all_rows, -all_rank))[: self.top_k]
-            self.top_rows, self.top_l2 = all_rows[order], all_rank[order]
+    def _keep_top(self, rows: np.ndarray, rank: np.ndarray) -> None:
+        """Keep the top_k rows by rank (ties: lower row first) among those kept so far and ``rows``."""
+        k = self.top_k
+        if len(rank) > 4 * k:  # only rows ranked at least the k-th largest can make it
+            kth = np.partition(rank, len(rank) - k)[len(rank) - k]
+            pick = rank >= kth
+            rows, rank = rows[pick], rank[pick]
+        all_rows = np.concatenate([self.top_rows, rows])
+        all_rank = np.concatenate([self.top_l2, rank])
+        order = np.lexsort((all_rows, -all_rank))[:k]
+        self.top_rows, self.top_l2 = all_rows[order], all_rank[order]
 
     def to_json(self) -> dict:
         return {
@@ -271,6 +314,17 @@ class TensorDiff:
             "top": [{"row": int(r), "l2": _number(float(v))} for r, v in zip(self.top_rows, self.top_l2)],
             "histogram": [{"log10": e, "count": self.histogram[e]} for e in sorted(self.histogram)],
         }
+
+
+def rows_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row: do the bytes of ``a`` and ``b`` differ? (compared in the widest words that tile a row)."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    row_bytes = a.shape[1] * a.dtype.itemsize if a.ndim == 2 else a.dtype.itemsize
+    if not row_bytes or not len(a):
+        return np.zeros(len(a), dtype=bool)
+    word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)
+    words = np.dtype(f"<u{word}")
+    return np.any(a.reshape(len(a), -1).view(words) != b.reshape(len(b), -1).view(words), axis=1)
 
 
 def _number(x: float) -> float | None:
@@ -493,13 +547,13 @@ def _diff_by_log(a: ReplicaSide, b: ReplicaSide, results: list[TensorDiff], prog
 
     candidates: list[tuple[TensorDiff, np.ndarray]] = []
     for t in results:
-        dirty = _dirty_buckets(a, b, t.name, lo, hi, head_a, head_b)
-        if not dirty.size:
-            continue
         if touched is not None:
+            # The log names every row a record in (lo, hi] wrote: exactly the rows
+            # that can differ. Bucket versions could only prune this set by trusting
+            # a second structure that is not checksummed, so they are not read.
             cand = touched.get(t.name, np.empty(0, np.uint64))
-            cand = cand[np.isin(cand // np.uint64(t.bucket_rows), dirty)]
-        else:  # the log does not reach back to lo: every row of the dirty buckets
+        else:  # the log does not reach back to lo: every row of the buckets whose versions differ
+            dirty = _dirty_buckets(a, b, t.name, lo, hi, head_a, head_b)
             starts = dirty.astype(np.int64) * t.bucket_rows
             lengths = np.minimum(starts + t.bucket_rows, _rows_of(t)) - starts
             firsts = np.cumsum(lengths) - lengths
@@ -511,14 +565,18 @@ def _diff_by_log(a: ReplicaSide, b: ReplicaSide, results: list[TensorDiff], prog
     # log after its offset, so small tensors share a call and big ones split.
     total = sum(len(c) for _t, c in candidates)
     done = 0
-    for batch in _batches(candidates, LOG_CHUNK_BYTES):
-        wanted = {t.name: rows for t, rows in batch}
-        _, va = values_at(a.replica, a.offset, wanted)
-        _, vb = values_at(b.replica, b.offset, wanted)
-        for t, rows in batch:
-            t.compare(rows, va[t.name], vb[t.name])
-            done += len(rows)
-        progress("comparing changed rows", done, total)
+    # The two sides' rows are gathered at once: scattered reads from two large
+    # maps are bound by memory latency, and numpy releases the GIL while it gathers.
+    with ThreadPoolExecutor(max_workers=1) as other:
+        for batch in _batches(candidates, LOG_CHUNK_BYTES):
+            wanted = {t.name: rows for t, rows in batch}
+            side_a = other.submit(values_at, a.replica, a.offset, wanted)
+            _, vb = values_at(b.replica, b.offset, wanted)
+            _, va = side_a.result()
+            for t, rows in batch:
+                t.compare(rows, va[t.name], vb[t.name])
+                done += len(rows)
+            progress("comparing changed rows", done, total)
     return method
 
 

@@ -50,15 +50,29 @@ def records_after(replica: Replica, offset: int, upto: int | None = None) -> Ite
 def changed_rows(replica: Replica, since: int, upto: int | None = None) -> dict[str, np.ndarray]:
     """Per tensor: sorted unique rows written by records in (since, upto].
 
-    Decodes only the row-index sections (values stay compressed).
+    Reads each record in place (no copy), checks its checksum and decodes
+    only its row-index sections: the values stay compressed.
     """
     parts: dict[str, list[np.ndarray]] = {}
-    for offset, blob in records_after(replica, since, upto):
-        record = rec.decode(blob, f"{replica.path}: record {offset}", rows_only=True)
+    for offset, view in replica.iter_record_views(since, upto):
+        record = rec.decode(view, f"{replica.path}: record {offset}", rows_only=True)
         for t in record.tensors:
             parts.setdefault(t.name, []).append(t.rows)
     _check_not_compacted_meanwhile(replica, since)
-    return {name: np.unique(np.concatenate(chunks)) for name, chunks in parts.items()}
+    return {name: sorted_union(chunks) for name, chunks in parts.items()}
+
+
+def sorted_union(chunks: list[np.ndarray]) -> np.ndarray:
+    """The sorted distinct values of some arrays (a sort and a mask: numpy's hash-based unique is slower here)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    merged = np.sort(np.concatenate(chunks), kind="stable")  # timsort merges the sorted runs
+    if len(merged) < 2:
+        return merged
+    keep = np.empty(len(merged), dtype=bool)
+    keep[0] = True
+    np.not_equal(merged[1:], merged[:-1], out=keep[1:])
+    return merged[keep]
 
 
 def head_values(replica: Replica, rows: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:

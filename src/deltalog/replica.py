@@ -358,7 +358,7 @@ class Replica:
         while True:
             before = self.state
             if before.settled:
-                values = np.array(self.rows_view(name)[idx])
+                values = np.take(self.rows_view(name), idx, axis=0)  # one gather, one copy
                 if self.state == before:
                     return before.head, values
             elif self._lock.try_acquire():  # the writer died mid-apply: repair
@@ -404,6 +404,34 @@ class Replica:
                 return
             yield from batch
             after = batch[-1][0]
+
+    def iter_record_views(self, since: int = -1, upto: int | None = None, reverse: bool = False,
+                          batch: int = 64) -> Iterator[tuple[int, memoryview]]:
+        """(offset, zero-copy view of the encoded record) for since < offset <= upto.
+
+        A view is valid only until the next item is requested: decode what
+        you need from it first. Reading a few index sections of an 8 MB
+        record then costs no copy of it. The read transaction is renewed
+        every ``batch`` records, so none is held for long.
+        """
+        if upto is None:
+            upto = self.head
+        while upto > since:
+            last = None
+            with self._store.read() as txn:
+                walk = (self._store.iter_records_reverse(txn, after=since, upto=upto) if reverse
+                        else self._store.iter_records(txn, after=since, upto=upto))
+                for n, (offset, view) in enumerate(walk):
+                    yield offset, view
+                    last = offset
+                    if n + 1 == batch:
+                        break
+            if last is None:
+                return
+            if reverse:
+                upto = last - 1
+            else:
+                since = last
 
     def iter_record_blobs_reverse(self, since: int, upto: int) -> Iterator[tuple[int, bytes]]:
         """(offset, encoded record) for since < offset <= upto, newest first; batched like

@@ -93,7 +93,10 @@ def map_rows(path: str, info: TensorInfo, writable: bool) -> np.ndarray:
         raise IntegrityError(f"tensor file {path} for {info.name!r} is missing") from None
     if size != info.nbytes:
         raise IntegrityError(f"tensor file {path} for {info.name!r} has {size} bytes, expected {info.nbytes}")
-    return np.memmap(path, dtype=info.storage, mode="r+" if writable else "r", shape=(info.rows, info.row_elems))
+    mapped = np.memmap(path, dtype=info.storage, mode="r+" if writable else "r", shape=(info.rows, info.row_elems))
+    # A plain ndarray view (it keeps the map alive): np.memmap's Python-level
+    # __getitem__ and __array_finalize__ cost more than a gather of a few rows.
+    return mapped.view(np.ndarray)
 
 
 def write_array_file(path: str, array: np.ndarray) -> str:
