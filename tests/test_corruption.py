@@ -335,15 +335,6 @@ def damage_truncate_log_to(size: int):
     return damage
 
 
-BUG_LMDB_ERRORS = (
-    "BUG: lmdb.CorruptedError/PageNotFoundError from damaged pages escape as exit 20 'internal error' "
-    "instead of IntegrityError (exit 5): store.LogStore.read/write do not translate them (a damaged bucket key "
-    "also escapes as struct.error)"
-)
-BUG_TRUNCATED_LOG = (
-    "BUG: a truncated log/data.mdb kills every command with SIGBUS: LogStore does not check the file "
-    "holds (last_pgno+1)*psize bytes before LMDB maps it"
-)
 BUG_MODEL_META = "BUG: a decodable but malformed meta/model (a key missing) is a KeyError, exit 20, not exit 5"
 BUG_STATE_HEAD = (
     "BUG: meta/state.head is trusted although it disagrees with the log's last record: status, diff "
@@ -364,10 +355,8 @@ BUG_BUCKET_INDEX = (
         pytest.param(damage_snapshot_registry, True, id="snapshot-registry"),
         pytest.param(damage_truncate_log_to(0), True, id="log-truncated-to-0"),
         pytest.param(damage_truncate_log_to(100), True, id="log-truncated-to-100"),
-        pytest.param(damage_record_pages_type, True, id="record-pages-type",
-                     marks=pytest.mark.xfail(strict=True, reason=BUG_LMDB_ERRORS)),
-        pytest.param(damage_truncate_log(0.5), True, id="log-truncated-half",
-                     marks=pytest.mark.xfail(strict=True, reason=BUG_TRUNCATED_LOG)),
+        pytest.param(damage_record_pages_type, True, id="record-pages-type"),
+        pytest.param(damage_truncate_log(0.5), True, id="log-truncated-half"),
         pytest.param(damage_model_meta, True, id="model-meta",
                      marks=pytest.mark.xfail(strict=True, reason=BUG_MODEL_META)),
         pytest.param(damage_state_head, True, id="state-head",

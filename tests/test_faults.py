@@ -750,10 +750,6 @@ def assert_unchanged(path, model: dict[str, np.ndarray], head: int) -> None:
             assert same(r.read_tensor(name), want), name
 
 
-BUG_LMDB_EIO = (
-    "BUG: LMDB reports a short write on a full disk as 'mdb_txn_commit: Input/output error' (EIO); "
-    "store.LogStore.write only maps ENOSPC/DiskError, so the command exits 20 (internal error) instead of 12"
-)
 BUG_SPARSE_SCRATCH = (
     "BUG: replay builds tensors in sparse scratch files (truncate + mmap): on a full disk reading the "
     "snapshot into them fails with EFAULT, reported as 'no intact snapshot' (exit 5) instead of exit 12"
@@ -769,7 +765,6 @@ def test_init_on_a_full_disk_leaves_nothing(small_fs, tmp_path):
     assert sorted(os.listdir(small_fs)) == ["filler"]  # no replica, no staging directory
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_LMDB_EIO)
 def test_commit_on_a_full_disk_fails_cleanly_and_changes_nothing(small_fs, tmp_path):
     model = small_model(2)
     path = small_fs / "r"
@@ -782,7 +777,6 @@ def test_commit_on_a_full_disk_fails_cleanly_and_changes_nothing(small_fs, tmp_p
     assert_clean_storage_error(proc)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_LMDB_EIO)
 def test_sync_into_a_full_disk_fails_cleanly_and_changes_nothing(small_fs, tmp_path):
     model = small_model(3)
     src, dst = tmp_path / "src", small_fs / "dst"

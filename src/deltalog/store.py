@@ -17,6 +17,7 @@ growing the map when it is full, and adopt a map another process grew.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -27,6 +28,7 @@ from typing import TypeVar
 import lmdb
 
 from .errors import IntegrityError, StorageError
+from .lmdbfile import check_data_file
 from .record import pack, unpack
 
 T = TypeVar("T")
@@ -37,6 +39,17 @@ _OFFSET = struct.Struct(">Q")
 _BUCKET_KEY = struct.Struct(">IQ")
 _BUCKET_VALUE = struct.Struct(">Qd")
 
+_FULL_DISK_BYTES = 16 << 20  # below this much free space an EIO from a write is taken for a full disk
+
+
+class _DamagedEntry(Exception):
+    """A key or value of the wrong length in the log (LogStore.read/write name the replica)."""
+
+
+# What a damaged log raises: LMDB checksums nothing, but it checks page types
+# and page numbers; our fixed-size keys and values check their lengths.
+_DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, _DamagedEntry)
+
 _registry: dict[str, list] = {}  # realpath -> [Environment, refcount, {name: database handle}]
 _registry_lock = threading.Lock()
 
@@ -46,7 +59,14 @@ def offset_key(offset: int) -> bytes:
 
 
 def key_offset(key) -> int:
-    return _OFFSET.unpack(bytes(key))[0]
+    return _unpack(_OFFSET, key, "record key")[0]
+
+
+def _unpack(layout: struct.Struct, raw, what: str) -> tuple:
+    raw = bytes(raw)
+    if len(raw) != layout.size:
+        raise _DamagedEntry(f"a {what} of {len(raw)} bytes, not {layout.size}")
+    return layout.unpack(raw)
 
 
 def bucket_key(tensor_id: int, bucket: int) -> bytes:
@@ -66,6 +86,7 @@ def _acquire_env(path: str) -> tuple[lmdb.Environment, dict]:
     with _registry_lock:
         entry = _registry.get(real)
         if entry is None:
+            check_data_file(real)  # a truncated file would kill us with SIGBUS once mapped
             try:
                 env = lmdb.open(
                     real,
@@ -143,6 +164,8 @@ class LogStore:
             txn = self.env.begin(write=False, buffers=True)
         try:
             yield txn
+        except _DAMAGE_ERRORS as exc:
+            raise self._damaged(exc) from None
         finally:
             txn.abort()
 
@@ -150,7 +173,8 @@ class LogStore:
         """Run ``body`` in a write transaction and commit it durably.
 
         ``body`` may run more than once (after the map grows), so it must
-        only write through the transaction it is given.
+        only write through the transaction it is given. A failed commit
+        leaves the log as it was (LMDB writes the meta page last).
         """
         while True:
             try:
@@ -161,12 +185,38 @@ class LogStore:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)
-            except lmdb.DiskError as exc:
-                raise StorageError(f"{self.path}: write failed ({exc})", hint="free disk space and retry") from None
+            except _DAMAGE_ERRORS as exc:
+                raise self._damaged(exc) from None
             except lmdb.Error as exc:
-                if "No space left" in str(exc) or "ENOSPC" in str(exc):
-                    raise StorageError(f"{self.path}: disk full ({exc})", hint="free disk space and retry") from None
-                raise
+                storage = self._storage_error(exc)
+                if storage is None:
+                    raise
+                raise storage from None
+
+    def _damaged(self, exc: Exception) -> IntegrityError:
+        return IntegrityError(f"{self.path}: the log is damaged ({exc})")
+
+    def _storage_error(self, exc: lmdb.Error) -> StorageError | None:
+        """The StorageError an OS-level LMDB failure means, or None for other errors (bugs)."""
+        code = getattr(exc, "code", 0)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            return StorageError(f"{self.path}: disk full ({exc})", hint="free disk space and retry")
+        if code == errno.EIO:
+            # LMDB reports a short write as EIO, and a full disk is what
+            # makes writes come up short; else it is the device failing.
+            if self._free_bytes() < _FULL_DISK_BYTES:
+                return StorageError(f"{self.path}: disk full (a log write came up short)", hint="free disk space and retry")
+            return StorageError(f"{self.path}: I/O error writing the log ({exc})", hint="check the disk (dmesg)")
+        if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return StorageError(f"{self.path}: cannot write the log ({exc})", hint="check permissions and mounts")
+        return None
+
+    def _free_bytes(self) -> int:
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
 
     # -- typed accessors ------------------------------------------------------
 
@@ -227,16 +277,16 @@ class LogStore:
         cursor = txn.cursor(db=self.dbs["buckets"])
         found = cursor.set_range(bucket_key(tensor_id, 0))
         while found:
-            tid, bucket = _BUCKET_KEY.unpack(bytes(cursor.key()))
+            tid, bucket = _unpack(_BUCKET_KEY, cursor.key(), "bucket key")
             if tid != tensor_id:
                 break
-            version, significance = _BUCKET_VALUE.unpack(bytes(cursor.value()))
+            version, significance = _unpack(_BUCKET_VALUE, cursor.value(), "bucket entry")
             yield bucket, version, significance
             found = cursor.next()
 
     def get_bucket(self, txn, tensor_id: int, bucket: int) -> tuple[int, float] | None:
         raw = txn.get(bucket_key(tensor_id, bucket), db=self.dbs["buckets"])
-        return None if raw is None else _BUCKET_VALUE.unpack(bytes(raw))
+        return None if raw is None else _unpack(_BUCKET_VALUE, raw, "bucket entry")
 
     def put_bucket(self, txn, tensor_id: int, bucket: int, version: int, significance: float) -> None:
         txn.put(bucket_key(tensor_id, bucket), _BUCKET_VALUE.pack(version, significance), db=self.dbs["buckets"])

@@ -1,0 +1,143 @@
+"""The LMDB store: the size check made before LMDB maps data.mdb, and how LMDB failures are reported."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import lmdb
+import numpy as np
+import pytest
+
+from deltalog import Replica
+from deltalog.errors import IntegrityError, StorageError
+from deltalog.lmdbfile import check_data_file, newest_meta
+from deltalog.store import LogStore
+
+
+def _short_but_healthy(path: str) -> int:
+    """An environment whose newest transaction allocated overflow pages at the end and freed them again.
+
+    LMDB never writes such pages, so the file ends before (last_pgno + 1) * psize:
+    a healthy file that a plain size check would refuse. Returns the page count.
+    """
+    env = lmdb.open(path, map_size=1 << 30, max_dbs=1)
+    db = env.open_db(b"named")  # as in a replica's log
+    with env.begin(write=True, db=db) as txn:
+        for i in range(2000):
+            txn.put(b"%08d" % i, b"v" * 50)
+    with env.begin(write=True, db=db) as txn:  # frees pages, so the next transaction reuses a free list
+        for i in range(2000, 6000):
+            txn.put(b"%08d" % i, b"v" * 50)
+        for i in range(2000, 6000):
+            txn.delete(b"%08d" % i)
+    with env.begin(write=True, db=db) as txn:
+        txn.put(b"big", b"z" * 100_000)
+        txn.delete(b"big")  # its overflow pages: allocated at the end, freed, never written
+    pages = env.info()["last_pgno"] + 1
+    env.close()
+    return pages
+
+
+def test_meta_pages_read_as_lmdb_reads_them(tmp_path):
+    path = str(tmp_path / "env")
+    env = lmdb.open(path, map_size=1 << 30)
+    for i in range(5):
+        with env.begin(write=True) as txn:
+            txn.put(b"%d" % i, b"x" * 3000)
+    info, psize = env.info(), env.stat()["psize"]
+    env.close()
+    with open(os.path.join(path, "data.mdb"), "rb") as f:
+        meta = newest_meta(f)
+    assert (meta.psize, meta.last_pgno, meta.txnid) == (psize, info["last_pgno"], info["last_txnid"])
+
+
+def test_a_file_short_only_by_free_pages_opens(tmp_path):
+    path = str(tmp_path / "env")
+    pages = _short_but_healthy(path)
+    size = os.path.getsize(os.path.join(path, "data.mdb"))
+    assert size < pages * 4096  # the situation exists: LMDB left free pages unwritten
+    check_data_file(path)
+    env = lmdb.open(path, map_size=1 << 30, max_dbs=1)
+    with env.begin(db=env.open_db(b"named")) as txn:
+        assert txn.get(b"big") is None and len(txn.get(b"00001999")) == 50
+    env.close()
+
+
+def test_a_file_missing_pages_in_use_is_refused(tmp_path):
+    path = str(tmp_path / "env")
+    _short_but_healthy(path)
+    data = os.path.join(path, "data.mdb")
+    os.truncate(data, os.path.getsize(data) // 2 // 4096 * 4096)
+    with pytest.raises(IntegrityError, match="truncated"):
+        check_data_file(path)
+
+
+@pytest.mark.parametrize("size", [0, 100])
+def test_a_file_without_its_meta_pages_is_refused(tmp_path, size):
+    path = str(tmp_path / "env")
+    _short_but_healthy(path)
+    os.truncate(os.path.join(path, "data.mdb"), size)
+    with pytest.raises(IntegrityError, match="truncated"):
+        check_data_file(path)
+
+
+def test_a_truncated_replica_log_is_refused_before_lmdb_maps_it(tmp_path):
+    path = tmp_path / "r"
+    with Replica.init(path, {"emb": np.zeros((2000, 64), np.float32)}, bucket_rows=64) as r:
+        r.commit({"emb": (np.arange(2000), np.ones((2000, 64), np.float32))})
+    data = path / "log" / "data.mdb"
+    os.truncate(data, os.path.getsize(data) // 2 // 4096 * 4096)
+    with pytest.raises(IntegrityError, match="truncated"):
+        Replica.open(path)
+
+
+class _FakeLmdbError(lmdb.Error):
+    def __init__(self, code: int):
+        super().__init__(f"mdb_txn_commit: {os.strerror(code)}")
+        self.code = code
+
+
+@pytest.mark.parametrize("code, free, words", [
+    (errno.ENOSPC, 1 << 40, "disk full"),
+    (errno.EIO, 0, "disk full"),  # LMDB's short write on a full disk
+    (errno.EIO, 1 << 40, "I/O error"),  # space left: the device failed
+    (errno.EACCES, 1 << 40, "cannot write"),
+])
+def test_os_level_lmdb_failures_are_storage_errors(tmp_path, monkeypatch, code, free, words):
+    Replica.init(tmp_path / "r", {"a": np.zeros(4, np.float32)}).close()
+    store = LogStore(str(tmp_path / "r" / "log"))
+    try:
+        monkeypatch.setattr(store, "_free_bytes", lambda: free)
+
+        def fail(txn):
+            raise _FakeLmdbError(code)
+
+        with pytest.raises(StorageError, match=words):
+            store.write(fail)
+    finally:
+        store.close()
+
+
+def test_other_lmdb_failures_stay_internal_errors(tmp_path):
+    Replica.init(tmp_path / "r", {"a": np.zeros(4, np.float32)}).close()
+    store = LogStore(str(tmp_path / "r" / "log"))
+    try:
+        def fail(txn):
+            raise _FakeLmdbError(errno.EINVAL)
+
+        with pytest.raises(lmdb.Error):
+            store.write(fail)
+    finally:
+        store.close()
+
+
+def test_a_bucket_key_of_the_wrong_length_is_an_integrity_error(tmp_path):
+    Replica.init(tmp_path / "r", {"a": np.zeros(4, np.float32)}).close()
+    store = LogStore(str(tmp_path / "r" / "log"))
+    try:
+        store.write(lambda txn: txn.put(b"\0" * 8 + b"\1", b"x" * 16, db=store.dbs["buckets"]))
+        with pytest.raises(IntegrityError, match="bucket key of 9 bytes"), store.read() as txn:
+            list(store.get_buckets(txn, 0))
+    finally:
+        store.close()
