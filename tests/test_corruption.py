@@ -335,7 +335,6 @@ def damage_truncate_log_to(size: int):
     return damage
 
 
-BUG_MODEL_META = "BUG: a decodable but malformed meta/model (a key missing) is a KeyError, exit 20, not exit 5"
 BUG_STATE_HEAD = (
     "BUG: meta/state.head is trusted although it disagrees with the log's last record: status, diff "
     "and sync report and ship the model at 11 labelled as offset 10"
@@ -357,8 +356,7 @@ BUG_BUCKET_INDEX = (
         pytest.param(damage_truncate_log_to(100), True, id="log-truncated-to-100"),
         pytest.param(damage_record_pages_type, True, id="record-pages-type"),
         pytest.param(damage_truncate_log(0.5), True, id="log-truncated-half"),
-        pytest.param(damage_model_meta, True, id="model-meta",
-                     marks=pytest.mark.xfail(strict=True, reason=BUG_MODEL_META)),
+        pytest.param(damage_model_meta, True, id="model-meta"),
         pytest.param(damage_state_head, True, id="state-head",
                      marks=pytest.mark.xfail(strict=True, reason=BUG_STATE_HEAD)),
         pytest.param(damage_bucket_index, True, id="bucket-index",

@@ -141,3 +141,49 @@ def test_a_bucket_key_of_the_wrong_length_is_an_integrity_error(tmp_path):
             list(store.get_buckets(txn, 0))
     finally:
         store.close()
+
+
+# -- metadata a replica is opened with -------------------------------------------------------------
+
+
+def _rewrite_meta(path, key: str, change) -> None:
+    from deltalog.record import pack, unpack
+
+    store = LogStore(str(path / "log"))
+    try:
+        def rewrite(txn):
+            value = unpack(bytes(txn.get(key.encode(), db=store.dbs["meta"])), key)
+            txn.put(key.encode(), pack(change(value)), db=store.dbs["meta"])
+
+        store.write(rewrite)
+    finally:
+        store.close()
+
+
+def _tensor0(change):
+    def apply(model):
+        change(model["tensors"][0])
+        return model
+
+    return apply
+
+
+@pytest.mark.parametrize("key, change, words", [
+    ("model", lambda m: {k: v for k, v in m.items() if k != "bucket_rows"}, "bucket_rows"),
+    ("model", lambda m: {**m, "bucket_rows": "16"}, "bucket_rows"),
+    ("model", lambda m: {**m, "model_id": 7}, "model_id"),
+    ("model", lambda m: {**m, "tensors": {}}, "no tensors"),
+    ("model", _tensor0(lambda t: t.pop("dtype")), "dtype"),
+    ("model", _tensor0(lambda t: t.update(dtype="complex64")), "dtype"),
+    ("model", _tensor0(lambda t: t.update(shape=[4, "8"])), "shape"),
+    ("model", _tensor0(lambda t: t.update(shape=None)), "shape"),
+    ("model", _tensor0(lambda t: t.update(name="zzz")), "sorted"),
+    ("model", lambda m: [m], "not a map"),
+    ("format", lambda f: {"write_version": 1}, "meta/format"),
+])
+def test_malformed_model_metadata_is_an_integrity_error(tmp_path, key, change, words):
+    path = tmp_path / "r"
+    Replica.init(path, {"a": np.zeros((4, 8), np.float32), "b": np.zeros(3, np.int32)}).close()
+    _rewrite_meta(path, key, change)
+    with pytest.raises(IntegrityError, match=words):
+        Replica.open(path)

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import record as rec
 from . import tensorfiles
-from .dtypes import as_float, bits_dtype, logical_name, to_storage
+from .dtypes import STORAGE, as_float, bits_dtype, logical_name, to_storage
 from .errors import (
     DeltalogError,
     IntegrityError,
@@ -134,6 +134,50 @@ def _normalise_tensors(tensors: Mapping) -> list[tuple[str, str, np.ndarray]]:
     return out
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_format_meta(path: str, fmt) -> None:
+    """IntegrityError unless meta/format holds the two versions as integers."""
+    if not isinstance(fmt, dict) or not all(_is_int(fmt.get(k)) for k in ("write_version", "read_version")):
+        raise IntegrityError(f"{path}: damaged log metadata: meta/format is {fmt!r:.100}")
+
+
+def _check_model_meta(path: str, model) -> None:
+    """IntegrityError unless meta/model has every key this code reads, of the right type.
+
+    It decoded as msgpack, but a damaged value must be refused here, not
+    surface later as a KeyError or TypeError (an internal error).
+    """
+
+    def damaged(what: str) -> IntegrityError:
+        return IntegrityError(f"{path}: damaged log metadata: meta/model {what}")
+
+    if not isinstance(model, dict):
+        raise damaged("is not a map")
+    if not isinstance(model.get("model_id"), str):
+        raise damaged("has no model_id")
+    if not _is_int(model.get("bucket_rows")) or model["bucket_rows"] < 1:
+        raise damaged(f"has bucket_rows {model.get('bucket_rows')!r}")
+    if not isinstance(model.get("created", 0.0), (int, float)):
+        raise damaged(f"has created {model.get('created')!r:.50}")
+    tensors = model.get("tensors")
+    if not isinstance(tensors, list) or not tensors:
+        raise damaged("lists no tensors")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+            raise damaged(f"tensor {i} has no name")
+        if not isinstance(t.get("dtype"), str) or t["dtype"] not in STORAGE:
+            raise damaged(f"tensor {t['name']!r} has dtype {t.get('dtype')!r:.50}")
+        shape = t.get("shape")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise damaged(f"tensor {t['name']!r} has shape {shape!r:.50}")
+    names = [t["name"] for t in tensors]
+    if names != sorted(set(names)):  # tensor ids are positions in the list sorted by name
+        raise damaged("tensor names are not sorted and unique")
+
+
 class Replica:
     """One replica directory. Use :meth:`init` or :meth:`open`; close when done."""
 
@@ -150,8 +194,10 @@ class Replica:
             model = store.get_meta(txn, "model")
         if fmt is None or model is None:
             raise IntegrityError(f"{path}: log holds no model metadata")
+        _check_format_meta(path, fmt)
         if fmt["read_version"] > FORMAT_VERSION:
             raise UnsupportedVersion(f"{path}: replica needs format v{fmt['read_version']} to read")
+        _check_model_meta(path, model)  # after the version check: a newer format may lay it out otherwise
         self.format_version: int = fmt["write_version"]
         self._writable_format = fmt["write_version"] <= FORMAT_VERSION
         self.model_id: str = model["model_id"]
