@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import zstandard
@@ -30,6 +33,8 @@ from .errors import IntegrityError
 INDEX = "delta-zstd"
 VALUES = "shuffle-zstd"
 XOR_VALUES = "xor-shuffle-zstd"
+
+T = TypeVar("T")
 
 _local = threading.local()  # zstd contexts are not thread-safe; one per thread
 
@@ -53,6 +58,26 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     if d is None:
         d = _local.dctx = zstandard.ZstdDecompressor()
     return d
+
+
+_PARALLEL_BYTES = 1 << 20  # below this, handing sections to threads costs more than it saves
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def run_jobs(jobs: list[Callable[[], T]], nbytes: int) -> list[T]:
+    """Results of ``jobs`` in order: on a small thread pool when they encode ``nbytes`` or more.
+
+    zstd and numpy's copies release the GIL, so the sections of one large
+    record compress on all cores (commit, rollback and sync all write large records).
+    """
+    global _pool
+    if nbytes < _PARALLEL_BYTES or len(jobs) < 2 or _THREADS < 2:
+        return [job() for job in jobs]
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="deltalog-codec")
+    return list(_pool.map(lambda job: job(), jobs))
 
 
 def compress(data) -> bytes:

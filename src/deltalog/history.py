@@ -123,25 +123,44 @@ def _put_back_pending(replica: Replica, marker, values: dict[str, np.ndarray], r
 def values_at(replica: Replica, offset: int, rows: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
     """(head used, {name: values of ``rows[name]`` at ``offset``}), rows sorted unique.
 
-    Reads the rows at the head (consistently), then undoes the records after
-    ``offset`` newest first using the values each one replaced.
+    Reads the rows at the head (consistently), then walks the records after
+    ``offset`` oldest first: a row's value at ``offset`` is the value the
+    first record after it that wrote the row replaced. Each row is resolved
+    once, a record's values are decompressed only for tensors where it
+    resolves a row, and the walk stops when every row is resolved, so a
+    dense layer written by every record costs one record, not all of them.
     """
     check_retained(replica, offset)
     head, values = head_values(replica, rows)
     if offset == head:
         return head, values
-    for rec_offset, blob in replica.iter_record_blobs_reverse(offset, head):
-        record = rec.decode(blob, f"{replica.path}: record {rec_offset}", only=set(rows))
-        for t in record.tensors:
-            if t.old is None:
-                raise OffsetNotRetained(
-                    f"{replica.path}: record {rec_offset} carries no undo values; offset {offset} cannot be rebuilt"
-                )
+    unresolved = {name: np.ones(len(r), dtype=bool) for name, r in rows.items() if len(r)}
+    left = {name: len(r) for name, r in rows.items() if len(r)}
+    for rec_offset, view in replica.iter_record_views(offset, head):
+        if not left:
+            break
+        what = f"{replica.path}: record {rec_offset}"
+        rec.check(view, what)
+        firsts = {}
+        for t in rec.decode(view, what, only=set(left), checked=True, rows_only=True).tensors:
             wanted = rows[t.name]
             pos = np.searchsorted(wanted, t.rows)
             hit = pos < len(wanted)
             hit[hit] = wanted[pos[hit]] == t.rows[hit]
-            values[t.name][pos[hit]] = t.old[hit]
+            hit[hit] = unresolved[t.name][pos[hit]]
+            if hit.any():
+                firsts[t.name] = (hit, pos[hit])
+        if not firsts:
+            continue
+        for t in rec.decode(view, what, only=set(firsts), checked=True).tensors:
+            if t.old is None:
+                raise OffsetNotRetained(f"{what} carries no undo values; offset {offset} cannot be rebuilt")
+            hit, pos = firsts[t.name]
+            values[t.name][pos] = t.old[hit]
+            unresolved[t.name][pos] = False
+            left[t.name] -= len(pos)
+            if not left[t.name]:
+                del left[t.name]
     _check_not_compacted_meanwhile(replica, offset)
     return head, values
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from functools import partial
 
 import msgpack
 import numpy as np
@@ -101,22 +102,34 @@ class RecordSummary:
 def encode(record: Record) -> bytes:
     if record.kind not in KINDS:
         raise ValueError(f"unknown record kind {record.kind!r}")
+    # Every section is encoded on its own (zstd and numpy release the GIL), so a
+    # large record compresses its sections on all cores; results keep their order.
+    jobs = []
+    for t in record.tensors:
+        jobs.append(partial(codec.encode_indices, t.rows))
+        jobs.append(partial(codec.encode_values, t.new))
+        if t.old is not None:
+            jobs.append(partial(codec.encode_xor_values, t.old, t.new))
+        if t.versions is not None:
+            jobs.append(partial(codec.encode_values, np.asarray(t.versions, dtype="<u8")))
+    value_bytes = sum(t.new.nbytes * (2 if t.old is not None else 1) for t in record.tensors)
+    encoded = iter(codec.run_jobs(jobs, value_bytes))
     sections: list[bytes] = []
     tensor_headers = []
     for t in record.tensors:
         layout = {}
-        payload, size = codec.encode_indices(t.rows)
+        payload, size = next(encoded)
         layout["index"] = [codec.INDEX, len(payload), size]
         sections.append(payload)
-        payload, size = codec.encode_values(t.new)
+        payload, size = next(encoded)
         layout["new"] = [codec.VALUES, len(payload), size]
         sections.append(payload)
         if t.old is not None:
-            payload, size = codec.encode_xor_values(t.old, t.new)
+            payload, size = next(encoded)
             layout["old"] = [codec.XOR_VALUES, len(payload), size]
             sections.append(payload)
         if t.versions is not None:
-            payload, size = codec.encode_values(np.asarray(t.versions, dtype="<u8"))
+            payload, size = next(encoded)
             layout["versions"] = [codec.VALUES, len(payload), size]
             sections.append(payload)
         tensor_headers.append(
@@ -204,7 +217,8 @@ def decode(
 ) -> Record:
     """Check and decode a record. ``only`` limits which tensors are decompressed;
     ``checked`` skips the checksum when the caller has just verified it; ``rows_only``
-    decodes row indices alone (``new`` is then an empty (0, row_elems) array)."""
+    decodes row indices (and per-row versions, when present) alone: ``new`` is then an
+    empty (0, row_elems) array."""
     if not checked:
         check(blob, what)
     header, pos = _read_header(blob, what)
@@ -230,8 +244,12 @@ def decode(
             _, payload, size = spans["index"]
             rows = codec.decode_indices(payload, size, count, where)
             if rows_only:
+                versions = None
+                if "versions" in spans:  # 8 bytes a row: cheap, and a sync source needs them
+                    _, payload, size = spans["versions"]
+                    versions = codec.decode_values(payload, size, np.dtype("<u8"), (count,), where)
                 tensors.append(TensorDelta(name, dtype_name, rows, np.empty((0, row_elems), dtype),
-                                           None, None, float(th["significance"])))
+                                           None, versions, float(th["significance"])))
                 continue
             _, payload, size = spans["new"]
             new = codec.decode_values(payload, size, dtype, (count, row_elems), where)

@@ -724,14 +724,12 @@ class Replica:
         starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
         if not len(starts):
             return
-        sums = np.add.reduceat(row_sig, starts).tolist()
+        sums = np.add.reduceat(row_sig, starts)
         if row_versions is None:
-            versions = [offset] * len(starts)
+            versions = np.full(len(starts), offset, dtype=np.uint64)
         else:
-            versions = np.maximum.reduceat(row_versions, starts).tolist()
-        for bucket, sig, version in zip(buckets[starts].tolist(), sums, versions):
-            prior = self._store.get_bucket(txn, info.id, bucket)
-            self._store.put_bucket(txn, info.id, bucket, int(version), (prior[1] if prior else 0.0) + sig)
+            versions = np.maximum.reduceat(np.asarray(row_versions, dtype=np.uint64), starts)
+        self._store.bump_buckets(txn, info.id, buckets[starts], versions, sums)
 
     def _apply(self, record: rec.Record) -> None:
         """Write a record's new values into the tensor files (the page cache; see flush())."""

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import lmdb
+import numpy as np
 
 from .errors import IntegrityError, StorageError
 from .lmdbfile import check_data_file
@@ -38,6 +39,8 @@ INITIAL_MAP_SIZE = 1 << 36  # 64 GiB of address space; the file stays as small a
 _OFFSET = struct.Struct(">Q")
 _BUCKET_KEY = struct.Struct(">IQ")
 _BUCKET_VALUE = struct.Struct(">Qd")
+_BUCKET_KEY_DTYPE = np.dtype([("tensor", ">u4"), ("bucket", ">u8")])  # the same layouts, for arrays of them
+_BUCKET_VALUE_DTYPE = np.dtype([("version", ">u8"), ("significance", ">f8")])
 
 _FULL_DISK_BYTES = 16 << 20  # below this much free space an EIO from a write is taken for a full disk
 
@@ -290,6 +293,39 @@ class LogStore:
 
     def put_bucket(self, txn, tensor_id: int, bucket: int, version: int, significance: float) -> None:
         txn.put(bucket_key(tensor_id, bucket), _BUCKET_VALUE.pack(version, significance), db=self.dbs["buckets"])
+
+    def bump_buckets(self, txn, tensor_id: int, buckets: np.ndarray, versions: np.ndarray, added: np.ndarray) -> None:
+        """Set the versions of many buckets of one tensor and add to their significance.
+
+        ``buckets`` sorted and unique, ``versions`` and ``added`` aligned with
+        them. One getmulti and one putmulti instead of a get and a put per
+        bucket: a training step touches thousands of buckets.
+        """
+        if not len(buckets):
+            return
+        keys_raw = np.empty(len(buckets), dtype=_BUCKET_KEY_DTYPE)
+        keys_raw["tensor"] = tensor_id
+        keys_raw["bucket"] = buckets
+        raw = keys_raw.tobytes()
+        size = _BUCKET_KEY.size
+        keys = [raw[i : i + size] for i in range(0, len(raw), size)]
+        cursor = txn.cursor(db=self.dbs["buckets"])
+        significance = np.asarray(added, dtype=np.float64).copy()
+        found = cursor.getmulti(keys)
+        if found:  # the keys found, in the order asked
+            found_keys = b"".join([k for k, _v in found])
+            found_values = b"".join([v for _k, v in found])
+            if len(found_values) != len(found) * _BUCKET_VALUE.size or len(found_keys) != len(found) * size:
+                raise _DamagedEntry("a bucket entry of the wrong length")
+            at = np.frombuffer(found_keys, dtype=_BUCKET_KEY_DTYPE)["bucket"].astype(np.int64)
+            prior = np.frombuffer(found_values, dtype=_BUCKET_VALUE_DTYPE)["significance"]
+            significance[np.searchsorted(buckets, at)] += prior
+        values = np.empty(len(buckets), dtype=_BUCKET_VALUE_DTYPE)
+        values["version"] = versions
+        values["significance"] = significance
+        raw = values.tobytes()
+        vsize = _BUCKET_VALUE.size
+        cursor.putmulti([(k, raw[i * vsize : (i + 1) * vsize]) for i, k in enumerate(keys)])
 
     def get_snapshots(self, txn) -> list[dict]:
         cursor = txn.cursor(db=self.dbs["snapshots"])

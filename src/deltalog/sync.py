@@ -168,12 +168,21 @@ def _check_range(replica: Replica, since: int, target: int) -> None:
             raise OffsetNotRetained(f"{replica.path}: offset {target} is not retained")
 
 
-def _collect_changes(replica: Replica, since: int, target: int, advanced: dict[str, dict[int, int]]) -> list[_TensorChanges]:
-    """Rows written in (since, target] (per-row versions honoured), minus what ``advanced`` holds."""
+def _collect_changes(replica: Replica, since: int, target: int, advanced: dict[str, dict[int, int]],
+                     exact_significance: bool = True) -> list[_TensorChanges]:
+    """Rows written in (since, target] (per-row versions honoured), minus what ``advanced`` holds.
+
+    Each row's significance is the sum of |new - old| over the records that
+    wrote it, which takes decompressing every record's values. That order
+    matters only when the changes span several chunks (a budget may stop
+    between them); otherwise (``exact_significance=False``) only the
+    row-index and version sections are decoded and every row of a record
+    gets that tensor's mean: per tensor, the sums stay exact.
+    """
     parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
     if target > since:
-        for offset, blob in replica.iter_record_blobs(since=since, upto=target):
-            record = rec.decode(blob, f"{replica.path}: record {offset}")
+        for offset, view in replica.iter_record_views(since, target):
+            record = rec.decode(view, f"{replica.path}: record {offset}", rows_only=not exact_significance)
             for t in record.tensors:
                 versions = (
                     np.asarray(t.versions, dtype=np.uint64)
@@ -183,7 +192,9 @@ def _collect_changes(replica: Replica, since: int, target: int, advanced: dict[s
                 keep = versions > np.uint64(since)
                 if not keep.any():
                     continue
-                if t.old is not None:
+                if not exact_significance:
+                    sig = np.full(int(keep.sum()), t.significance / max(1, len(t.rows)))
+                elif t.old is not None:
                     sig = _row_significance(t.old[keep], t.new[keep], t.dtype)
                 else:
                     sig = np.zeros(int(keep.sum()), dtype=np.float64)
@@ -236,7 +247,7 @@ def source_plan(replica: Replica, since: int, advanced, target: int) -> dict:
     """What :func:`source_chunks` would send, without reading values (dry runs, progress)."""
     advanced = normalise_advanced(advanced)
     _check_range(replica, since, target)
-    changes = _collect_changes(replica, since, target, advanced)
+    changes = _collect_changes(replica, since, target, advanced, exact_significance=False)
     tensors = []
     for ch in changes:
         n = len(ch.rows)
@@ -254,12 +265,19 @@ def source_plan(replica: Replica, since: int, advanced, target: int) -> dict:
 
 
 def source_chunks(replica: Replica, since: int, advanced, target: int, max_chunk_bytes: int) -> Iterator[bytes]:
-    """Encoded "sync" records bringing a replica at ``since`` to ``target`` (see Source.chunks)."""
+    """Encoded "sync" records bringing a replica at ``since`` to ``target`` (see Source.chunks).
+
+    When everything fits in one chunk the order of buckets does not matter,
+    so the records' values are not decompressed to rank them.
+    """
     advanced = normalise_advanced(advanced)
     _check_range(replica, since, target)
-    changes = _collect_changes(replica, since, target, advanced)
-    order = _bucket_order(changes, replica.bucket_rows)
     max_chunk_bytes = max(1, int(max_chunk_bytes))
+    changes = _collect_changes(replica, since, target, advanced, exact_significance=False)
+    total = sum(len(ch.rows) * (ch.info.row_bytes + ROW_OVERHEAD) for ch in changes)
+    if total > max_chunk_bytes:  # several chunks: a budget may stop between them, so rank them exactly
+        changes = _collect_changes(replica, since, target, advanced, exact_significance=True)
+    order = _bucket_order(changes, replica.bucket_rows)
     row_cost = [ch.info.row_bytes + ROW_OVERHEAD for ch in changes]  # a property: not once per bucket
     batch: list[tuple[int, int, int]] = []
     size = 0
@@ -769,7 +787,17 @@ def check_same_model(hello: dict, state: dict, dst: str) -> None:
         raise ModelMismatch(f"{dst} has another tensor layout or bucket size than the source")
 
 
-def _chunk_bytes(budget: Budget, chunk_bytes: int) -> int:
+WHOLE_SYNC_CHUNK_BYTES = 64 << 20  # an unbudgeted sync up to this size is one chunk: one record, one transaction
+
+
+def _chunk_bytes(budget: Budget, chunk_bytes: int | None) -> int:
+    """Uncompressed row bytes per chunk. A budget needs small chunks to stop between;
+    without one, fewer chunks mean less work: a sync that fits in one chunk is applied
+    as its final record at once (no partial-sync state, one transaction). Memory then
+    follows the changed rows, up to WHOLE_SYNC_CHUNK_BYTES."""
+    if chunk_bytes is None:
+        budgeted = budget.max_bytes is not None or budget.deadline is not None
+        chunk_bytes = DEFAULT_CHUNK_BYTES if budgeted else WHOLE_SYNC_CHUNK_BYTES
     if budget.max_bytes is None:
         return chunk_bytes
     return max(1, min(chunk_bytes, budget.max_bytes // 4))
@@ -785,7 +813,7 @@ def sync(
     deadline: float | None = None,
     dry_run: bool = False,
     wait: float = 0.0,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     piece_bytes: int = SNAPSHOT_PIECE_BYTES,
     progress: Progress | None = None,
     throttle: Callable[[int], None] | None = None,
