@@ -187,3 +187,20 @@ def test_malformed_model_metadata_is_an_integrity_error(tmp_path, key, change, w
     _rewrite_meta(path, key, change)
     with pytest.raises(IntegrityError, match=words):
         Replica.open(path)
+
+
+@pytest.mark.parametrize("commits, change, words", [
+    (2, lambda s: {**s, "head": 1}, "the head is 1 but the log's last record is 2"),
+    (2, lambda s: {**s, "head": 3}, "the head is 3 but the log's last record is 2"),
+    (0, lambda s: {**s, "head": 1}, "no record after the oldest offset 0"),
+    (1, lambda s: {k: v for k, v in s.items() if k != "head"}, "meta/state"),
+    (1, lambda s: {**s, "applying": "1"}, "meta/state"),
+])
+def test_a_head_that_disagrees_with_the_log_is_refused_at_open(tmp_path, commits, change, words):
+    path = tmp_path / "r"
+    with Replica.init(path, {"a": np.zeros((4, 2), np.float32)}) as r:
+        for n in range(commits):
+            r.commit({"a": ([n], np.full((1, 2), n + 1, np.float32))})
+    _rewrite_meta(path, "state", change)
+    with pytest.raises(IntegrityError, match=words):
+        Replica.open(path)

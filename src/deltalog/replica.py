@@ -178,6 +178,21 @@ def _check_model_meta(path: str, model) -> None:
         raise damaged("tensor names are not sorted and unique")
 
 
+def _check_state_meta(path: str, state, oldest) -> None:
+    """IntegrityError unless meta/state and meta/oldest hold what :attr:`Replica.state` reads."""
+    optional_ints = ("flushed", "gen")
+    if not (
+        isinstance(state, dict)
+        and _is_int(state.get("head"))
+        and _is_int(state.get("applied"))
+        and (state.get("applying") is None or _is_int(state["applying"]))
+        and all(_is_int(state[k]) for k in optional_ints if k in state)
+        and isinstance(state.get("boot", ""), str)
+        and _is_int(oldest)
+    ):
+        raise IntegrityError(f"{path}: damaged log metadata: meta/state is {state!r:.100}, meta/oldest {oldest!r:.30}")
+
+
 class Replica:
     """One replica directory. Use :meth:`init` or :meth:`open`; close when done."""
 
@@ -207,6 +222,33 @@ class Replica:
             TensorInfo(i, t["name"], t["dtype"], tuple(t["shape"])) for i, t in enumerate(model["tensors"])
         ]
         self._by_name = {t.name: t for t in self._tensors}
+        self._check_head()
+
+    def _check_head(self) -> None:
+        """IntegrityError unless meta/state is well formed and its head is the log's last
+        record (or the oldest offset, when the log holds no record after it).
+
+        Every writer moves the head and the records in one transaction
+        (commit, sync, a reverted sync, compaction, a rebase onto a
+        snapshot), so a disagreement is damage: trusting the head would
+        label the model at one offset as another. It costs one cursor step.
+        """
+        with self._store.read() as txn:
+            state = self._store.get_meta(txn, "state")
+            oldest = self._store.get_meta(txn, "oldest", 0)
+            last = self._store.last_offset(txn)
+        _check_state_meta(self.path, state, oldest)
+        head = state["head"]
+        if last is None and head != oldest:
+            problem = f"the head is {head} but the log holds no record after the oldest offset {oldest}"
+        elif last is not None and (head != last or last <= oldest):
+            problem = f"the head is {head} but the log's last record is {last} (oldest offset {oldest})"
+        else:
+            return
+        raise IntegrityError(
+            f"{self.path}: damaged state: {problem}",
+            hint="restore the replica from a copy, or sync a new one from another replica",
+        )
 
     # -- lifecycle ------------------------------------------------------------
 

@@ -240,6 +240,11 @@ class LogStore:
         if not txn.put(offset_key(offset), blob, db=self.dbs["records"], overwrite=False):
             raise IntegrityError(f"{self.path}: a record already exists at offset {offset}")
 
+    def last_offset(self, txn) -> int | None:
+        """The offset of the newest record, or None when the log holds none."""
+        cursor = txn.cursor(db=self.dbs["records"])
+        return key_offset(cursor.key()) if cursor.last() else None
+
     def iter_records(self, txn, after: int = -1, upto: int | None = None) -> Iterator[tuple[int, memoryview]]:
         """(offset, blob) for records with after < offset <= upto, in order."""
         cursor = txn.cursor(db=self.dbs["records"])
