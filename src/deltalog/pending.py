@@ -12,7 +12,6 @@ sync engine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,7 +28,10 @@ CHUNK_KEY = "sync.chunk.{:08d}"
 
 def pending_marker(replica: "Replica"):
     """Something that changes whenever the pending state does (None when there is none)."""
-    pending = pending_state(replica)
+    return _marker(pending_state(replica))
+
+
+def _marker(pending: dict | None):
     return None if pending is None else (pending["base"], pending["chunks"], pending["target"])
 
 
@@ -39,16 +41,25 @@ def pending_state(replica: "Replica") -> dict | None:
         return replica.store.get_meta(txn, PENDING_KEY)
 
 
-def iter_pending_chunks(replica: "Replica") -> Iterator[bytes]:
-    pending = pending_state(replica)
-    if pending is None:
-        return
-    for n in range(pending["chunks"]):
-        with replica.store.read() as txn:
+def read_pending(replica: "Replica") -> tuple[dict | None, list[bytes]]:
+    """(sync.pending, its chunks) read in ONE transaction, copied out of it.
+
+    A reader does not hold the lock, so a sync may add a chunk or finish
+    (deleting every chunk) at any moment: reading sync.pending and then each
+    chunk in separate transactions could pair one state's list with another
+    state's chunks. One LMDB read transaction sees one committed state.
+    """
+    with replica.store.read() as txn:
+        pending = replica.store.get_meta(txn, PENDING_KEY)
+        if pending is None:
+            return None, []
+        blobs = []
+        for n in range(pending["chunks"]):
             blob = replica.store.get_meta(txn, CHUNK_KEY.format(n))
-        if blob is None:
-            raise IntegrityError(f"{replica.path}: pending sync chunk {n} is missing")
-        yield blob
+            if blob is None:  # committed together with sync.pending: damage, not a race
+                raise IntegrityError(f"{replica.path}: pending sync chunk {n} is missing")
+            blobs.append(blob)
+    return pending, blobs
 
 
 def pending_buckets(pending: dict | None) -> dict[str, dict[int, int]]:
@@ -58,10 +69,10 @@ def pending_buckets(pending: dict | None) -> dict[str, dict[int, int]]:
     return {name: dict(zip(b["b"], b["v"])) for name, b in pending["buckets"].items()}
 
 
-def _merge_pending(replica: "Replica") -> dict[str, rec.TensorDelta]:
-    """All pending chunks as one delta per tensor: newest value, first old value, newest version."""
+def _merge_pending(replica: "Replica", blobs: list[bytes]) -> dict[str, rec.TensorDelta]:
+    """Pending chunks as one delta per tensor: newest value, first old value, newest version."""
     parts: dict[str, list[rec.TensorDelta]] = {}
-    for n, blob in enumerate(iter_pending_chunks(replica)):
+    for n, blob in enumerate(blobs):
         record = rec.decode(blob, f"{replica.path}: pending sync chunk {n}")
         for t in record.tensors:
             parts.setdefault(t.name, []).append(t)
@@ -80,7 +91,15 @@ def _merge_pending(replica: "Replica") -> dict[str, rec.TensorDelta]:
 
 
 def merged_pending(replica: "Replica") -> dict[str, rec.TensorDelta]:
-    """{tensor: rows, newest values, values at the head, versions} of a pending partial sync ({} if none)."""
-    return _merge_pending(replica) if pending_state(replica) is not None else {}
+    """{tensor: rows, newest values, values at the head, versions} of a pending partial sync ({} if none),
+    all from one committed state of it."""
+    _pending, blobs = read_pending(replica)
+    return _merge_pending(replica, blobs)
 
 
+def merged_pending_at(replica: "Replica", marker) -> dict[str, rec.TensorDelta] | None:
+    """:func:`merged_pending` of the pending state ``marker`` (from :func:`pending_marker`) names,
+    or None when the state has moved on since: a lock-free reader that read rows
+    under ``marker`` must then read them again."""
+    pending, blobs = read_pending(replica)
+    return _merge_pending(replica, blobs) if _marker(pending) == marker else None
