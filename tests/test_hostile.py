@@ -269,10 +269,6 @@ def test_sink_side_refuses_chunks_that_lie_and_changes_nothing(served, tmp_path)
         assert f.read().startswith("deltalog replica")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: LocalSink.snapshot_begin/commit check the files against the manifest's nbytes and xxh3 only, "
-    "never against the hello's shapes and dtypes: a pushing client (or source) whose manifest disagrees "
-    "creates a replica under its final name whose tensor files have the wrong size"))
 def test_sink_side_refuses_a_snapshot_that_disagrees_with_its_model(tmp_path):
     data = b"\0" * 8
     hello = {"protocol": 1, "model_id": "m", "head": 0, "oldest_offset": 0, "bucket_rows": 4, "format_version": 1,

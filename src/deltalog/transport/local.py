@@ -20,6 +20,7 @@ from contextlib import ExitStack
 
 from .. import sync as sync_mod
 from .. import tensorfiles
+from ..dtypes import STORAGE
 from ..errors import IntegrityError, InvalidInput, NotAReplica, StorageError, TransportError
 from ..lock import WriterLock
 from ..replica import LOG_DIR, MARKER, Replica, boot_id
@@ -110,6 +111,43 @@ class LocalSource:
 
 def _is_replica(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
+
+
+_PEER_HINT = "the destination was left as it was; run 'deltalog verify' on the source"
+
+
+def check_manifest_matches_model(hello: dict, manifest: dict) -> None:
+    """IntegrityError unless a snapshot manifest lists exactly the hello's tensors, each with
+    its dtype, its shape and the size they make (rows * row_elems * itemsize).
+
+    The received files are checked against the manifest's nbytes and xxh3
+    only, so a manifest that disagrees with the model (a buggy or hostile
+    peer) would make a replica whose tensor files have the wrong size.
+    """
+    try:
+        model = {t["name"]: (t["dtype"], [int(d) for d in t["shape"]]) for t in hello["tensors"]}
+        listed = {t["name"]: t for t in manifest["tensors"]}
+        same_id = manifest["model_id"] == hello["model_id"]
+    except (KeyError, TypeError, ValueError):
+        raise IntegrityError("the source's hello or snapshot manifest is malformed", hint=_PEER_HINT) from None
+    if not same_id:
+        raise IntegrityError("the source's snapshot manifest belongs to another model than its hello", hint=_PEER_HINT)
+    if sorted(model) != sorted(listed) or len(listed) != len(manifest["tensors"]) or len(model) != len(hello["tensors"]):
+        raise IntegrityError("the source's snapshot manifest does not list its tensors", hint=_PEER_HINT)
+    for name, (dtype, shape) in model.items():
+        if not isinstance(dtype, str) or dtype not in STORAGE or any(d < 0 for d in shape):
+            raise IntegrityError(f"the source's model has an unusable tensor {name!r}: {dtype!r}{shape}", hint=_PEER_HINT)
+        entry = listed[name]
+        nbytes = tensorfiles.TensorInfo(0, name, dtype, tuple(shape)).nbytes
+        if (entry.get("dtype"), entry.get("shape"), entry.get("nbytes")) != (dtype, shape, nbytes) or not (
+            isinstance(entry.get("file"), str) and isinstance(entry.get("xxh3"), str)
+        ):
+            raise IntegrityError(
+                f"the source's snapshot manifest disagrees with its model on tensor {name!r}: "
+                f"{entry.get('dtype')!r}{entry.get('shape')} in {entry.get('nbytes')!r} bytes, "
+                f"the model says {dtype}{shape} in {nbytes}",
+                hint=_PEER_HINT,
+            )
 
 
 class LocalSink:
@@ -212,9 +250,8 @@ class LocalSink:
     def snapshot_begin(self, hello: dict, manifest: dict) -> dict[str, int]:
         if self.replica is None and self._staging is None:
             raise InvalidInput("snapshot_begin before begin")
+        check_manifest_matches_model(hello, manifest)  # before anything is created from them
         names = [t["name"] for t in hello["tensors"]]
-        if sorted(names) != sorted(t["name"] for t in manifest["tensors"]):
-            raise IntegrityError("the source's snapshot manifest does not list its tensors")
         if self.replica is not None:
             sync_mod.check_same_model(hello, sync_mod.sink_state(self.replica), self.path)
         self._hello, self._manifest = hello, manifest
