@@ -750,10 +750,6 @@ def assert_unchanged(path, model: dict[str, np.ndarray], head: int) -> None:
             assert same(r.read_tensor(name), want), name
 
 
-BUG_SPARSE_SCRATCH = (
-    "BUG: replay builds tensors in sparse scratch files (truncate + mmap): on a full disk reading the "
-    "snapshot into them fails with EFAULT, reported as 'no intact snapshot' (exit 5) instead of exit 12"
-)
 
 
 def test_init_on_a_full_disk_leaves_nothing(small_fs, tmp_path):
@@ -817,7 +813,6 @@ def test_compact_on_a_full_disk_fails_cleanly_and_changes_nothing(small_fs):
         assert r.oldest_offset == 0
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_SPARSE_SCRATCH)
 @pytest.mark.parametrize("how", ["--in-place", "--out"])
 def test_replay_on_a_full_disk_is_a_storage_error(small_fs, how):
     model = small_model(6)

@@ -209,11 +209,20 @@ class ReplayResult:
 
 
 def _scratch_map(path: str, info: TensorInfo) -> np.ndarray:
-    """A writable (rows, row_elems) map of a new file of the tensor's size."""
+    """A writable (rows, row_elems) map of a new file of the tensor's size, its disk space reserved.
+
+    A sparse file (truncate) would run out of space only while the map is
+    written: on a full disk that is SIGBUS, or EFAULT from a read into it,
+    not ENOSPC. Allocating the blocks up front makes a full disk an OSError
+    here, before anything is built.
+    """
     if info.nbytes == 0:
         return np.zeros((info.rows, info.row_elems), dtype=info.storage)
     with open(path, "wb") as f:
-        f.truncate(info.nbytes)
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(f.fileno(), 0, info.nbytes)
+        else:  # no way to reserve here (macOS): sparse, as before
+            f.truncate(info.nbytes)
     return np.memmap(path, dtype=info.storage, mode="r+", shape=(info.rows, info.row_elems))
 
 
