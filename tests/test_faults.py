@@ -655,9 +655,6 @@ def test_kill_9_during_replay_in_place(history, tmp_path):
 # -- init ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a killed init leaves its staging directory .NAME.init-PID (twice the model's size) forever: "
-    "Replica.init removes only the one named after its own pid"))
 def test_killed_init_leaves_nothing_behind_once_rerun(tmp_path):
     ckpt = tmp_path / "m.npz"
     np.savez(ckpt, emb=np.random.default_rng(0).standard_normal((500_000, 16)).astype(np.float32))
@@ -825,3 +822,22 @@ def test_replay_on_a_full_disk_is_a_storage_error(small_fs, how):
     proc = run_cli("replay", path, *args)
     assert not [n for n in os.listdir(path / "tensors") if n.endswith(".replay-tmp")]
     assert_clean_storage_error(proc)
+
+
+def test_init_removes_only_staging_directories_of_dead_inits(tmp_path):
+    """A staging directory is removed when its init is gone: never one whose pid lives or whose lock is held."""
+    from deltalog.lock import WriterLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    live_pid = os.getppid()
+    for pid in (dead.pid, live_pid, 4242424):
+        (tmp_path / f".r.init-{pid}" / "tensors").mkdir(parents=True)
+    held = WriterLock(str(tmp_path / ".r.init-4242424"))  # a dead-looking pid, but its lock is held
+    held.acquire()
+    try:
+        Replica.init(tmp_path / "r", {"a": np.zeros(3, np.float32)}).close()
+    finally:
+        held.release()
+    left = sorted(p.name for p in tmp_path.glob(".r.init-*"))
+    assert left == sorted([f".r.init-{live_pid}", ".r.init-4242424"])

@@ -134,6 +134,48 @@ def _normalise_tensors(tensors: Mapping) -> list[tuple[str, str, np.ndarray]]:
     return out
 
 
+_STAGING_PREFIX = ".{}.init-"  # + the pid of the init building it, beside the target
+
+
+def _remove_dead_inits(parent: str, name: str) -> None:
+    """Remove the staging directories that inits of ``name`` killed mid-way left behind.
+
+    A live init holds the flock on its staging directory's lock file, so one
+    whose lock can be taken was abandoned. Its pid must also not be a live
+    process: that covers the moment between an init creating its directory
+    and locking it. A reused pid only delays the removal to a later init.
+    """
+    prefix = _STAGING_PREFIX.format(name)
+    try:
+        entries = [e for e in os.listdir(parent) if e.startswith(prefix) and e[len(prefix):].isdigit()]
+    except OSError:
+        return
+    for entry in entries:
+        staging, pid = os.path.join(parent, entry), int(entry[len(prefix):])
+        if pid == os.getpid() or _pid_alive(pid) or not os.path.isdir(staging):
+            continue
+        lock = WriterLock(staging)
+        try:
+            if not lock.try_acquire():
+                continue  # its init lives (in another pid namespace)
+        except OSError:
+            continue  # another init is removing it
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            lock.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    return True
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -279,10 +321,14 @@ class Replica:
             raise InvalidInput("a model needs at least one tensor")
         infos = [TensorInfo(i, name, dtype, tuple(int(d) for d in arr.shape)) for i, (name, dtype, arr) in enumerate(items)]
         parent = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.init-{os.getpid()}")
+        name = os.path.basename(os.path.abspath(path))
+        _remove_dead_inits(parent, name)
+        tmp = os.path.join(parent, f"{_STAGING_PREFIX.format(name)}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        staging_lock = WriterLock(tmp)  # held while building: see _remove_dead_inits
         try:
             os.makedirs(os.path.join(tmp, tensorfiles.TENSOR_DIR))
+            staging_lock.acquire()
             arrays = []
             for info, (_n, _d, arr) in zip(infos, items):
                 tensorfiles.write_array_file(os.path.join(tmp, tensorfiles.TENSOR_DIR, info.file), arr)
@@ -327,6 +373,8 @@ class Replica:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            staging_lock.release()  # after the rename it is the replica's writer lock: open() takes it
         return cls.open(path)
 
     @classmethod
