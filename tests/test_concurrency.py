@@ -266,10 +266,6 @@ def test_reading_a_follower_while_its_partial_sync_finishes(tmp_path):
     assert any(same(values, states[h]["emb"]) for h in (0, head)), "a torn read"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: history.head_values checks the pending marker, then _put_back_pending reads the pending chunks: "
-    "a sync that completes in between leaves rows read under the old pending state with nothing put back "
-    "(a torn read). Fix: pending.merged_pending_at(replica, marker), and read the rows again when it is None"))
 def test_reading_a_follower_whose_partial_sync_finishes_before_the_chunks_are_read(tmp_path):
     """The sync completes after the reader read its rows and checked the pending marker, before the chunks."""
     states = states_upto(6)

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import record as rec
 from .errors import DeltalogError, OffsetNotRetained
-from .pending import merged_pending, pending_marker
+from .pending import merged_pending_at, pending_marker
 from .replica import Replica
 
 
@@ -93,8 +93,8 @@ def head_values(replica: Replica, rows: dict[str, np.ndarray]) -> tuple[int, dic
             head, values[name] = h, current
         if torn or pending_marker(replica) != marker:
             continue
-        if marker is not None:
-            _put_back_pending(replica, marker, values, rows)
+        if marker is not None and not _put_back_pending(replica, marker, values, rows):
+            continue  # the partial sync moved on before its chunks were read: read the rows again
         return (replica.head if head is None else head), values
     raise DeltalogError(f"{replica.path}: the replica kept changing under the read", hint="retry")
 
@@ -102,11 +102,15 @@ def head_values(replica: Replica, rows: dict[str, np.ndarray]) -> tuple[int, dic
 _pending_cache: dict = {}  # (path, marker) -> {name: (rows, old)}: one entry, for repeated reads
 
 
-def _put_back_pending(replica: Replica, marker, values: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> None:
+def _put_back_pending(replica: Replica, marker, values: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> bool:
+    """Put back the head values of rows the pending partial sync ``marker`` wrote; False if it moved on."""
     key = (replica.path, marker)
     held = _pending_cache.get(key)
     if held is None:
-        held = {name: (d.rows, d.old) for name, d in merged_pending(replica).items()}
+        merged = merged_pending_at(replica, marker)
+        if merged is None:
+            return False
+        held = {name: (d.rows, d.old) for name, d in merged.items()}
         _pending_cache.clear()
         _pending_cache[key] = held
     for name, (prows, pold) in held.items():
@@ -118,6 +122,7 @@ def _put_back_pending(replica: Replica, marker, values: dict[str, np.ndarray], r
         hit = (pos < len(prows)) & (prows[posc] == wanted)
         if hit.any():
             values[name][hit] = pold[posc[hit]]
+    return True
 
 
 def values_at(replica: Replica, offset: int, rows: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
