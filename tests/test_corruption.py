@@ -518,30 +518,39 @@ def test_bit_rot_in_a_live_tensor_file_is_found_by_verify_and_repaired(template,
     assert run_cli("verify", path).returncode == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: sync sources read row values from the live tensor files (history.values_at), which carry no "
-    "checksum: a bit-rotted row ships to the follower silently and the follower's verify passes"))
 def test_sync_never_ships_a_bit_rotted_row(template, tmp_path):
+    """The source reads its rows through Replica.read_rows, which checks them against their row digests."""
     path = damaged_copy(template, tmp_path)
     name, row = _rot_a_row_sync_will_send(template, path)
     dst = tmp_path / "dst"
     proc = run_cli("sync", path, dst)
-    if proc.returncode == 0:  # it may only work exactly
+    if proc.returncode == 0:  # the damaged row would have been shipped silently: say what arrived
         with Replica.open(dst) as d:
             assert same(d.read_tensor(name)[row], template.states[HEAD][name][row]), "the damaged row was shipped"
-    else:
-        assert proc.returncode == 5 and "Traceback" not in proc.stderr
+    # The source reads the row to ship it: its digest must catch the damage (exit 5, the row named).
+    assert proc.returncode == 5 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"tensor '{name}' row {row}" in proc.stderr and "replay" in proc.stderr and "--in-place" in proc.stderr
+    assert run_cli("replay", path, "--in-place").returncode == 0  # the hint's repair, then the sync works
+    assert run_cli("sync", path, dst).returncode == 0
+    with Replica.open(dst) as d:
+        assert same(d.read_tensor(name), template.states[HEAD][name])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: diff reads the values at the head from the live tensor files: a bit-rotted row changes "
-    "its numbers (exit 1, no warning) although the log holds the exact values"))
 def test_diff_never_reports_a_bit_rotted_row(template, tmp_path):
+    """diff reads the head's rows through Replica.read_rows: the damaged row fails its digest (exit 5, named)."""
     path = damaged_copy(template, tmp_path)
-    _rot_a_row_sync_will_send(template, path)
+    name, row = _rot_a_row_sync_will_send(template, path)
     outcomes = run_battery([["diff", f"{path}@{LOW}", path, "--json"]])
     wrong, unclean = judge(template, path, tmp_path, outcomes)
     assert not wrong and not unclean, (wrong, unclean)
+    # diff reads the damaged row at the head: its digest must catch it (exit 5, the row and the repair named)
+    assert outcomes[0].code == 5, outcomes[0]
+    error = outcomes[0].json()["error"]
+    assert f"tensor '{name}' row {row}" in error["message"] and "--in-place" in error["hint"], error
+    assert run_cli("replay", path, "--in-place").returncode == 0
+    outcomes = run_battery([["diff", f"{path}@{LOW}", path, "--json"]])  # repaired: now it must work exactly
+    wrong, unclean = judge(template, path, tmp_path, outcomes)
+    assert outcomes[0].code == 1 and not wrong and not unclean, (outcomes[0], wrong, unclean)
     with Replica.open(path) as r:  # and the max_abs it reports is the true one
         data = outcomes[0].json()
         item = next(t for t in data["tensors"] if t["name"] == "item_emb")

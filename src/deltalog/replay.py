@@ -334,6 +334,8 @@ def repair_in_place(
     ``tensors/NNNNN.bin.replay-tmp``; if the live file differs (or is
     missing or of the wrong size) the rebuilt one is fsynced and renamed
     over it, so a crash leaves the old file or the new one, never a mix.
+    Its row digest file is rebuilt from the rebuilt rows the same way
+    (``tensors/NNNNN.digest.replay-tmp``).
     Identical files are left alone. Processes that hold the old file mapped
     keep seeing it until they reopen the replica. The rows of a pending
     partial sync are written back on top, as the files held them.
@@ -364,6 +366,8 @@ def repair_in_place(
             progress("tensors", n, len(tensors))
             live = os.path.join(tensor_dir, info.file)
             tmp = live + REPAIR_SUFFIX
+            live_digest = os.path.join(tensor_dir, info.digest_file)
+            tmp_digest = live_digest + REPAIR_SUFFIX
             try:
                 dest = _scratch_map(tmp, info)
                 rebuilder.fill(info, dest)
@@ -371,23 +375,40 @@ def repair_in_place(
                     dest[pending[info.name].rows.astype(np.intp)] = pending[info.name].new
                 if isinstance(dest, np.memmap):
                     dest.flush()
+                if replica.has_row_digests:  # the digests of the rebuilt rows (format v2)
+                    tensorfiles.write_digest_file(tmp_digest, dest, fsync=False)
                 del dest
-                if info.nbytes == 0:
-                    if os.path.exists(live):
-                        continue
-                    open(tmp, "wb").close()
-                if _same_content(tmp, live):
-                    os.unlink(tmp)
+                changed = False
+                if info.nbytes == 0 and os.path.exists(live):
+                    pass  # nothing to compare: _scratch_map made no file
+                else:
+                    if info.nbytes == 0:
+                        open(tmp, "wb").close()
+                    if _same_content(tmp, live):
+                        os.unlink(tmp)
+                    else:
+                        with open(tmp, "rb+") as f:
+                            os.fsync(f.fileno())
+                        os.replace(tmp, live)
+                        changed = True
+                if replica.has_row_digests:
+                    if _same_content(tmp_digest, live_digest):
+                        os.unlink(tmp_digest)
+                    else:
+                        with open(tmp_digest, "rb+") as f:
+                            os.fsync(f.fileno())
+                        os.replace(tmp_digest, live_digest)
+                        changed = True
+                if not changed:
                     continue
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, live)
                 tensorfiles.fsync_dir(tensor_dir)
             except OSError as exc:
                 _unlink_quietly(tmp)
+                _unlink_quietly(tmp_digest)
                 raise StorageError(f"{live}: cannot rebuild: {exc.strerror}", hint="check free space and permissions") from None
             except BaseException:
                 _unlink_quietly(tmp)
+                _unlink_quietly(tmp_digest)
                 raise
             repaired.append(info.name)
         progress("tensors", len(tensors), len(tensors))

@@ -6,6 +6,7 @@ Directory layout (formats/FORMAT.md is normative):
     lock                writer lock (deltalog.lock)
     log/                LMDB environment (deltalog.store)
     tensors/NNNNN.bin   materialised rows, memory-mapped (deltalog.tensorfiles)
+    tensors/NNNNN.digest  one digest per row (format v2; deltalog.rowdigest)
     snapshots/OFFSET/   immutable checksummed copies of all tensors
 
 Write protocol (what makes kill -9 safe): a record is committed to the log
@@ -16,6 +17,13 @@ the records after ``applied``: recovery is idempotent.
 
 Readers never take the lock. ``tensor()`` is a live memory map;
 ``read_tensor()`` returns a copy that is consistent with ``head``.
+
+Row digests (format v2): every write of rows also writes their digests,
+under the same protocol (page cache, fsynced by flush(), re-applied by
+recovery), and every copy of rows out of the files (``read_rows``, the undo
+values a record keeps) is checked against them, so bit rot in a live file
+is an IntegrityError, never a shipped or reported number. A v1 replica has
+no digest files: it is read unchecked, and its first writer upgrades it.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import record as rec
-from . import tensorfiles
+from . import rowdigest, tensorfiles
 from .dtypes import STORAGE, as_float, bits_dtype, logical_name, to_storage
 from .errors import (
     DeltalogError,
@@ -49,8 +57,9 @@ from .tensorfiles import TensorInfo
 
 MARKER = "DELTALOG"
 LOG_DIR = "log"
-FORMAT_VERSION = 1  # what this code writes
-READ_VERSION = 1  # the oldest code that can read what it writes
+FORMAT_VERSION = 2  # what this code writes (and the newest it reads)
+READ_VERSION = 1  # the oldest code that can read what it writes; also the DELTALOG marker's number
+DIGEST_VERSION = 2  # the first write version with row digest files (tensors/NNNNN.digest)
 DEFAULT_BUCKET_ROWS = 1024
 _COMPARE_CHUNK_BYTES = 32 << 20  # bounded memory when comparing a checkpoint
 # Tensor files are fsynced like a WAL checkpoint, not at every commit: the
@@ -93,7 +102,9 @@ _BOOT_ID: str | None = None
 
 
 def _marker_text() -> str:
-    return f"deltalog replica\nformat {FORMAT_VERSION}\n"
+    # The marker holds the read version: a v1 reader (it refuses a marker
+    # above 1) still opens a v2 replica, read-only (meta/format says why).
+    return f"deltalog replica\nformat {READ_VERSION}\n"
 
 
 def check_marker(path: str) -> None:
@@ -112,8 +123,8 @@ def check_marker(path: str) -> None:
         version = int(lines[1].split()[1])
     except (IndexError, ValueError):
         raise IntegrityError(f"{path}: damaged {MARKER} marker file") from None
-    if version > FORMAT_VERSION:
-        raise UnsupportedVersion(f"{path}: replica format v{version}, this deltalog reads up to v{FORMAT_VERSION}")
+    if version > FORMAT_VERSION:  # the marker holds the replica's read version
+        raise UnsupportedVersion(f"{path}: replica needs format v{version} to read, this deltalog reads up to v{FORMAT_VERSION}")
 
 
 def _normalise_tensors(tensors: Mapping) -> list[tuple[str, str, np.ndarray]]:
@@ -255,8 +266,7 @@ class Replica:
         if fmt["read_version"] > FORMAT_VERSION:
             raise UnsupportedVersion(f"{path}: replica needs format v{fmt['read_version']} to read")
         _check_model_meta(path, model)  # after the version check: a newer format may lay it out otherwise
-        self.format_version: int = fmt["write_version"]
-        self._writable_format = fmt["write_version"] <= FORMAT_VERSION
+        self._set_format(fmt)
         self.model_id: str = model["model_id"]
         self.bucket_rows: int = model["bucket_rows"]
         self.created: float = model.get("created", 0.0)
@@ -265,6 +275,40 @@ class Replica:
         ]
         self._by_name = {t.name: t for t in self._tensors}
         self._check_head()
+
+    def _set_format(self, fmt: dict) -> None:
+        self.format_version: int = fmt["write_version"]
+        self._writable_format = fmt["write_version"] <= FORMAT_VERSION
+        self._digests = fmt["write_version"] >= DIGEST_VERSION  # tensors/NNNNN.digest exist and are kept
+
+    @property
+    def has_row_digests(self) -> bool:
+        """Whether this replica keeps tensors/NNNNN.digest (format v2 and later; a v1 replica until its first write)."""
+        return self._digests
+
+    def _refresh_format(self) -> None:
+        """Re-read meta/format (lock held): another process may have upgraded the replica since open."""
+        with self._store.read() as txn:
+            fmt = self._store.get_meta(txn, "format")
+        _check_format_meta(self.path, fmt)
+        if fmt["write_version"] != self.format_version:
+            self._set_format(fmt)
+
+    def _upgrade_format(self) -> None:
+        """v1 -> v2 (lock held, tensors settled): write every digest file, fsynced, then meta/format.
+
+        Idempotent: a crash before the transaction leaves a v1 replica whose
+        digest files are ignored, and the next writer writes them all again.
+        """
+        if self._digests or not self._writable_format:
+            return
+        tensor_dir = os.path.join(self.path, tensorfiles.TENSOR_DIR)
+        for info in self._tensors:
+            tensorfiles.write_digest_file(self._digest_path(info), self._writable(info))
+        tensorfiles.fsync_dir(tensor_dir)
+        fmt = {"write_version": FORMAT_VERSION, "read_version": READ_VERSION}
+        self._store.write(lambda txn: self._store.put_meta(txn, "format", fmt))
+        self._set_format(fmt)
 
     def _check_head(self) -> None:
         """IntegrityError unless meta/state is well formed and its head is the log's last
@@ -332,6 +376,9 @@ class Replica:
             arrays = []
             for info, (_n, _d, arr) in zip(infos, items):
                 tensorfiles.write_array_file(os.path.join(tmp, tensorfiles.TENSOR_DIR, info.file), arr)
+                tensorfiles.write_digest_file(
+                    os.path.join(tmp, tensorfiles.TENSOR_DIR, info.digest_file), arr.reshape(info.rows, info.row_elems)
+                )
                 arrays.append((info, arr))
             tensorfiles.fsync_dir(os.path.join(tmp, tensorfiles.TENSOR_DIR))
             manifest = tensorfiles.write_snapshot(tmp, 0, model_id, arrays)
@@ -457,6 +504,37 @@ class Replica:
     def _tensor_path(self, info: TensorInfo) -> str:
         return os.path.join(self.path, tensorfiles.TENSOR_DIR, info.file)
 
+    def _digest_path(self, info: TensorInfo) -> str:
+        return os.path.join(self.path, tensorfiles.TENSOR_DIR, info.digest_file)
+
+    def _digest_map(self, info: TensorInfo, writable: bool) -> np.ndarray:
+        """(rows,) u64 map of a tensor's row digests; cached beside the row maps, under key ~id."""
+        maps = self._write_maps if writable else self._read_maps
+        view = maps.get(~info.id)
+        if view is None:
+            view = maps[~info.id] = tensorfiles.map_digests(self._digest_path(info), info, writable=writable)
+        return view
+
+    def _check_digests(self, info: TensorInfo, idx: np.ndarray, values: np.ndarray, stored: np.ndarray) -> None:
+        """IntegrityError naming the first row of ``values`` (rows ``idx``) whose digest is not ``stored``."""
+        bad = rowdigest.first_mismatch(values, stored)
+        if bad is not None:
+            raise self._digest_error(info, int(np.asarray(idx).reshape(-1)[bad]))
+
+    def _digest_error(self, info: TensorInfo, row: int) -> IntegrityError:
+        return IntegrityError(
+            f"{self.path}: tensor {info.name!r} row {row}: its bytes in {tensorfiles.TENSOR_DIR}/{info.file} "
+            "do not match the row's digest (damaged tensor file)",
+            hint=tensorfiles.REPAIR_HINT.format(path=self.path),
+        )
+
+    def _gather_old(self, info: TensorInfo, idx: np.ndarray) -> np.ndarray:
+        """A checked copy of rows ``idx`` of the tensor file (lock held): values a record will keep as undo values."""
+        values = self._writable(info)[idx]
+        if self._digests:
+            self._check_digests(info, idx, values, self._digest_map(info, writable=True)[idx])
+        return values
+
     def rows_view(self, name: str) -> np.ndarray:
         """Read-only (rows, row_elems) live view of a tensor's storage."""
         info = self.info(name)
@@ -487,7 +565,8 @@ class Replica:
     def read_rows(self, name: str, rows: np.ndarray, timeout: float = 30.0) -> tuple[int, np.ndarray]:
         """(head, copy of ``rows`` of a tensor as of that head), waiting out a writer.
 
-        Costs O(len(rows)), whatever the tensor's size.
+        Costs O(len(rows)), whatever the tensor's size. The rows are checked
+        against their digests (format v2): a damaged row is an IntegrityError.
         """
         idx = np.asarray(rows, dtype=np.intp)
         deadline = time.monotonic() + timeout
@@ -495,11 +574,19 @@ class Replica:
             before = self.state
             if before.settled:
                 values = np.take(self.rows_view(name), idx, axis=0)  # one gather, one copy
-                if self.state == before:
+                info = self.info(name)
+                stored = np.take(self._digest_map(info, writable=False), idx) if self._digests else None
+                if self.state == before:  # not torn by a writer: now the digests must match
+                    if stored is not None:
+                        self._check_digests(info, idx, values, stored)
                     return before.head, values
             elif self._lock.try_acquire():  # the writer died mid-apply: repair
                 try:
                     self._recover()
+                    if not self._writable_format:
+                        raise UnsupportedVersion(
+                            f"{self.path}: a newer deltalog's writer died mid-write; open it with that version to repair it"
+                        )
                 finally:
                     self._lock.release()
                 continue
@@ -599,8 +686,12 @@ class Replica:
     # -- writing ----------------------------------------------------------------
 
     @contextmanager
-    def writing(self, wait: float = 0.0) -> Iterator[None]:
-        """Hold the writer lock, with the tensors brought up to the log's head."""
+    def writing(self, wait: float = 0.0, upgrade: bool = True) -> Iterator[None]:
+        """Hold the writer lock, with the tensors brought up to the log's head.
+
+        A v1 replica is upgraded to the current format first (its digest
+        files written), unless ``upgrade`` is False (verify: it only reads).
+        """
         if not self._writable_format:
             raise UnsupportedVersion(f"{self.path}: written by a newer deltalog; opened read-only")
         if self._lock.held:  # re-entrant within one Replica
@@ -608,7 +699,11 @@ class Replica:
             return
         self._lock.acquire(wait)
         try:
-            self._recover()
+            self._recover()  # re-reads meta/format first: another process may have upgraded it
+            if not self._writable_format:
+                raise UnsupportedVersion(f"{self.path}: written by a newer deltalog; opened read-only")
+            if upgrade:
+                self._upgrade_format()
             yield
         finally:
             self._lock.release()
@@ -762,9 +857,8 @@ class Replica:
                 versions = np.asarray(versions, dtype=np.uint64)
                 if versions.shape != rows.shape:
                     raise InvalidInput(f"tensor {info.name!r}: {len(versions)} row versions for {len(rows)} rows")
-            current = self._writable(info)
             idx = rows.astype(np.intp)
-            old = current[idx]
+            old = self._gather_old(info, idx)  # checked against the row digests: these become undo values
             if drop_unchanged:
                 bits = bits_dtype(info.dtype)
                 keep = np.any(old.view(bits) != new.view(bits), axis=1)
@@ -825,24 +919,31 @@ class Replica:
         """Write a record's new values into the tensor files (the page cache; see flush())."""
         for delta in record.tensors:
             info = self.info(delta.name)
-            self._writable(info)[delta.rows.astype(np.intp)] = delta.new
+            idx = delta.rows.astype(np.intp)
+            digests = self._digest_map(info, writable=True) if self._digests else None  # a missing file fails before any write
+            self._writable(info)[idx] = delta.new
+            if digests is not None:
+                digests[idx] = rowdigest.row_digests(delta.new)
             self._dirty.add(info.id)
 
     def flush(self) -> None:
         """fsync the tensor files and record that they are durable up to ``applied`` (lock held).
 
         Every file, not only those this handle wrote: an earlier writer that
-        was killed may have left pages of other files unsynced.
+        was killed may have left pages of other files unsynced. The row
+        digest files go with them.
         """
         try:
             for info in self._tensors:
-                if not info.nbytes:
-                    continue
-                fd = os.open(self._tensor_path(info), os.O_RDONLY)
-                try:
-                    os.fsync(fd)  # all dirty pages of the file, whichever mapping wrote them
-                finally:
-                    os.close(fd)
+                paths = [self._tensor_path(info)] if info.nbytes else []
+                if self._digests and info.rows:
+                    paths.append(self._digest_path(info))
+                for path in paths:
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)  # all dirty pages of the file, whichever mapping wrote them
+                    finally:
+                        os.close(fd)
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot write tensor files: {exc.strerror}") from None
         self._dirty.clear()
@@ -862,6 +963,9 @@ class Replica:
         After a kill -9 that is (applied, head]; after a machine crash the
         page cache is gone too, so it is (flushed, head].
         """
+        self._refresh_format()  # this handle may predate an upgrade: write digests if the replica has them
+        if not self._writable_format:
+            return  # a newer deltalog's replica: only its writers may repair it
         state = self.state
         if state.settled:
             return
@@ -957,6 +1061,13 @@ class Replica:
         if not self._lock.held:
             raise DeltalogError("make_snapshot needs the writer lock: call it inside Replica.writing()")
         head = self.head
+        if self._digests:  # a snapshot is checksummed whole: check its rows before they are sealed in it
+            for t in self._tensors:
+                stored = self._digest_map(t, writable=True)
+                for start, digests in tensorfiles.digest_blocks(self._writable(t)):
+                    bad = np.flatnonzero(digests != stored[start : start + len(digests)])
+                    if len(bad):
+                        raise self._digest_error(t, start + int(bad[0]))
         manifest = tensorfiles.write_snapshot(
             self.path, head, self.model_id, [(t, self._writable(t)) for t in self._tensors]
         )

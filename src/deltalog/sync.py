@@ -424,7 +424,7 @@ def apply_whole(replica: Replica, blob, target: int, follow: dict | None) -> int
     _record, parts = _checked_chunk(replica, blob, target, head)
     deltas, sigs = [], []
     for info, t in parts:
-        old = np.array(replica._writable(info)[t.rows.astype(np.intp)])
+        old = replica._gather_old(info, t.rows.astype(np.intp))  # checked against the row digests
         row_sig = _row_significance(old, t.new, info.dtype)
         deltas.append((info, rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, float(row_sig.sum()))))
         sigs.append(row_sig)
@@ -457,7 +457,7 @@ def apply_chunk(replica: Replica, blob, target: int, source: str) -> dict:
         raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
     deltas, bucket_updates = [], []
     for info, t in parts:
-        old = np.array(replica._writable(info)[t.rows.astype(np.intp)])
+        old = replica._gather_old(info, t.rows.astype(np.intp))  # checked against the row digests
         deltas.append(rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, t.significance))
         bucket_updates.append((info, *_bucket_maxima(t.rows, t.versions, replica.bucket_rows)))
     stored = rec.encode(rec.Record(offset=target, base=head, kind="sync", time=time.time(),
@@ -599,9 +599,10 @@ def follow_state(replica: Replica) -> dict | None:
 
 
 def copy_snapshot_into_tensors(replica_dir: str, manifest: dict) -> None:
-    """Overwrite the tensor files with the snapshot's files, in place, fsynced (bounded memory)."""
+    """Overwrite the tensor files with the snapshot's files, in place, fsynced (bounded memory);
+    then write each one's row digest file (snapshots carry none: their files are checksummed whole)."""
     snap = tensorfiles.snapshot_path(replica_dir, manifest["offset"])
-    for entry in manifest["tensors"]:
+    for n, entry in enumerate(manifest["tensors"]):
         src = os.path.join(snap, entry["file"])
         dst = os.path.join(replica_dir, tensorfiles.TENSOR_DIR, entry["file"])
         with open(src, "rb") as fin, open(dst, "r+b" if os.path.exists(dst) else "wb") as fout:
@@ -610,6 +611,8 @@ def copy_snapshot_into_tensors(replica_dir: str, manifest: dict) -> None:
             fout.truncate()
             fout.flush()
             os.fsync(fout.fileno())
+        info = tensorfiles.TensorInfo(n, entry["name"], entry["dtype"], tuple(entry["shape"]))
+        tensorfiles.write_digests_of_file(dst, info)
 
 
 def _bucket_version_items(replica: Replica, manifest: dict):
@@ -641,11 +644,13 @@ def init_from_snapshot(staging: str, path: str, hello: dict, manifest: dict) -> 
     os.makedirs(os.path.join(staging, tensorfiles.TENSOR_DIR), exist_ok=True)
     local_manifest = {k: manifest[k] for k in ("offset", "model_id", "tensors")}
     snap = tensorfiles.snapshot_path(staging, offset)
-    for entry in local_manifest["tensors"]:
+    for n, entry in enumerate(local_manifest["tensors"]):
         dst = os.path.join(staging, tensorfiles.TENSOR_DIR, entry["file"])
         shutil.copyfile(os.path.join(snap, entry["file"]), dst)
         with open(dst, "rb+") as f:
             os.fsync(f.fileno())
+        info = tensorfiles.TensorInfo(n, entry["name"], entry["dtype"], tuple(entry["shape"]))
+        tensorfiles.write_digests_of_file(dst, info)  # format v2: the follower's rows are checked too
     tensorfiles.fsync_dir(os.path.join(staging, tensorfiles.TENSOR_DIR))
     log_dir = os.path.join(staging, replica_mod.LOG_DIR)
     shutil.rmtree(log_dir, ignore_errors=True)  # a half-made log from a crashed attempt

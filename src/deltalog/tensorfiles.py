@@ -4,7 +4,9 @@ Each tensor is one raw little-endian, row-major file (``tensors/00000.bin``:
 files are numbered by tensor id because tensor names may hold any
 character). Row r of a tensor with E elements per row lives at byte
 ``r * E * itemsize``, so a reader memory-maps it and a writer updates rows
-in place.
+in place. Beside it (format v2), ``tensors/00000.digest`` holds one u64
+little-endian digest per row (deltalog.rowdigest), memory-mapped and
+written together with the rows, so every read of rows can be checked.
 
 A snapshot is a directory ``snapshots/<offset, 20 digits>/`` holding the
 same files plus ``manifest.json`` (offset, model id, per-file size and
@@ -17,17 +19,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import xxhash
 
+from . import rowdigest
 from .dtypes import storage_dtype
 from .errors import IntegrityError, StorageError
 
 TENSOR_DIR = "tensors"
 SNAPSHOT_DIR = "snapshots"
 MANIFEST = "manifest.json"
+DIGEST_SUFFIX = ".digest"  # tensors/NNNNN.digest: rows x u64 little-endian, one row digest each
+DIGEST_DTYPE = np.dtype("<u8")
+REPAIR_HINT = "repair the tensor files with 'deltalog replay {path} --in-place'"
 _COPY_CHUNK = 16 << 20
 
 
@@ -64,6 +71,10 @@ class TensorInfo:
     def file(self) -> str:
         return f"{self.id:05d}.bin"
 
+    @property
+    def digest_file(self) -> str:
+        return f"{self.id:05d}{DIGEST_SUFFIX}"
+
     def buckets(self, bucket_rows: int) -> int:
         return -(-self.rows // bucket_rows)
 
@@ -97,6 +108,64 @@ def map_rows(path: str, info: TensorInfo, writable: bool) -> np.ndarray:
     # A plain ndarray view (it keeps the map alive): np.memmap's Python-level
     # __getitem__ and __array_finalize__ cost more than a gather of a few rows.
     return mapped.view(np.ndarray)
+
+
+def digest_path(tensor_path: str) -> str:
+    """``tensors/NNNNN.digest`` for ``tensors/NNNNN.bin``."""
+    root, _ext = os.path.splitext(tensor_path)
+    return root + DIGEST_SUFFIX
+
+
+def map_digests(path: str, info: TensorInfo, writable: bool) -> np.ndarray:
+    """A (rows,) u64 memory map of a tensor's digest file, checked for size."""
+    if info.rows == 0:
+        return np.zeros(0, dtype=DIGEST_DTYPE)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise IntegrityError(f"row digest file {path} for {info.name!r} is missing") from None
+    if size != info.rows * DIGEST_DTYPE.itemsize:
+        raise IntegrityError(
+            f"row digest file {path} for {info.name!r} has {size} bytes, expected {info.rows * DIGEST_DTYPE.itemsize}"
+        )
+    mapped = np.memmap(path, dtype=DIGEST_DTYPE, mode="r+" if writable else "r", shape=(info.rows,))
+    return mapped.view(np.ndarray)
+
+
+def digest_blocks(rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, digests) of ``rows`` ((n, row_elems)) in blocks of about _COPY_CHUNK bytes: bounded memory."""
+    n = rows.shape[0]
+    row_bytes = rows.shape[1] * rows.dtype.itemsize if rows.ndim == 2 else rows.dtype.itemsize
+    step = max(1, _COPY_CHUNK // max(8, row_bytes))
+    for start in range(0, n, step):
+        yield start, rowdigest.row_digests(rows[start : start + step])
+
+
+def write_digest_file(path: str, rows: np.ndarray, fsync: bool = True) -> None:
+    """Write the row digests of ``rows`` ((n, row_elems), storage dtype) to ``path``, in place, fsynced.
+
+    In place (not a rename): processes that have the file mapped see the new
+    digests, as they see rows written into the tensor file.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                for _start, digests in digest_blocks(rows):
+                    f.write(digests.astype(DIGEST_DTYPE, copy=False).tobytes())
+                f.truncate()
+                f.flush()
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror}", hint="check free space and permissions") from None
+
+
+def write_digests_of_file(tensor_path: str, info: TensorInfo) -> None:
+    """Write the digest file of a tensor file already in place (its rows read through a memory map)."""
+    write_digest_file(digest_path(tensor_path), map_rows(tensor_path, info, writable=False))
 
 
 def write_array_file(path: str, array: np.ndarray) -> str:

