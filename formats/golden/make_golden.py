@@ -1,13 +1,16 @@
 """Regenerate a golden sample directory: run ONLY when deliberately adding a format version.
 
-    python formats/golden/make_golden.py formats/golden/v1
+    python formats/golden/make_golden.py formats/golden/v2
 
 Writes, from a fixed seed:
   replica/           a tiny replica (every dtype kind, 0-d to 3-d, commit + rollback records)
   records/OFFSET.dlrc  each record's encoded bytes, the portable form
   expected.safetensors  the tensors at the head
-  expected.json      head, model id, and per record: kind, base, rows, reason, target
+  expected.json      head, model id, and per record: kind, base, rows, reason, target;
+                     from v2 on also the row digests of each tensor at the head (hex)
 Golden files are committed; tests/test_golden.py reads them with the current code.
+The directory's name (vN) must be the format version the current code writes:
+v1 was written by the code of version 1, v2 adds a tensor of 0 rows.
 """
 
 import json
@@ -17,13 +20,17 @@ import sys
 
 import numpy as np
 
+from deltalog import rowdigest
 from deltalog.checkpoint import write_checkpoint
-from deltalog.replica import Replica
+from deltalog.replica import FORMAT_VERSION, Replica
 
 
 def main(out: str) -> None:
     if os.path.exists(out):
         sys.exit(f"{out} exists: golden samples are never overwritten; make a new version directory")
+    version = os.path.basename(os.path.normpath(out))
+    if version != f"v{FORMAT_VERSION}":
+        sys.exit(f"{out}: this code writes format v{FORMAT_VERSION}; name the directory v{FORMAT_VERSION}")
     rng = np.random.default_rng(20261123)
     tensors = {
         "item_emb": (rng.standard_normal((12, 4)).astype(np.float32), "float32"),
@@ -34,9 +41,11 @@ def main(out: str) -> None:
         "mask": (np.array([True, False, True]), "bool"),
         "step": (np.array(0, dtype=np.int32), "int32"),
     }
+    if FORMAT_VERSION >= 2:
+        tensors["empty"] = (np.zeros((0, 4), np.float32), "float32")  # 0 rows: an empty digest file
     replica_dir = os.path.join(out, "replica")
     os.makedirs(out)
-    r = Replica.init(replica_dir, tensors, bucket_rows=4, model_id="golden-v1")
+    r = Replica.init(replica_dir, tensors, bucket_rows=4, model_id=f"golden-{version}")
     r.commit({"item_emb": ([0, 5, 11], rng.standard_normal((3, 4)).astype(np.float32)),
               "step": ([0], np.array([1], np.int32))})
     r.commit({"dense.w": (np.arange(3), rng.standard_normal((3, 3))),  # a dense layer: every row
@@ -57,8 +66,15 @@ def main(out: str) -> None:
         records.append({"offset": s.offset, "base": s.base, "kind": s.kind, "rows": s.rows, "reason": s.reason, "target": s.target})
     write_checkpoint(os.path.join(out, "expected.safetensors"),
                      {name: (r.read_tensor(name), r.info(name).dtype) for name in r.tensor_names})
+    expected = {"head": r.head, "model_id": r.model_id, "bucket_rows": r.bucket_rows, "records": records}
+    if FORMAT_VERSION >= 2:  # the digests at the head, by the definition's plain-Python form
+        expected["format"] = {"write_version": r.format_version, "marker": 1}
+        expected["digests"] = {
+            name: [f"{rowdigest.reference_digest(row.tobytes()):016x}" for row in r.rows_view(name)]
+            for name in r.tensor_names
+        }
     with open(os.path.join(out, "expected.json"), "w") as f:
-        json.dump({"head": r.head, "model_id": r.model_id, "bucket_rows": r.bucket_rows, "records": records}, f, indent=1)
+        json.dump(expected, f, indent=1)
     r.close()
     os.remove(os.path.join(replica_dir, "log", "lock.mdb"))  # runtime state, recreated on open
 
