@@ -436,6 +436,81 @@ def test_source_without_long_poll_falls_back_to_polling(small_replica, tmp_path,
         t.join(5)
 
 
+def _damage_and_repair(path, name: str, which: str = "file") -> None:
+    """Scribble over tensor ``name``'s file (or its row digest file), then replay --in-place:
+    a rebuilt file is renamed over it."""
+    from deltalog.replay import repair_in_place
+
+    with Replica.open(path) as r:
+        file = os.path.join(path, "tensors", getattr(r.info(name), which))
+    with open(file, "r+b") as f:
+        f.write(b"\xff" * 64)
+    with Replica.open(path) as r:
+        assert repair_in_place(r, wait=10.0).repaired == [name]
+
+
+def _commit_rows(path, name: str, rows, value: float) -> int:
+    with Replica.open(path) as r:
+        width = r.info(name).row_elems
+        dtype = r.read_rows(name, np.array(rows[:1]))[1].dtype
+        return r.commit({name: (np.array(rows), np.full((len(rows), width), value, dtype))})
+
+
+@pytest.mark.parametrize("which", ["file", "digest_file"])
+def test_a_follower_keeps_its_destination_open_across_rounds(small_replica, tmp_path, rng, which):
+    """One sink for all rounds (its maps stay warm), the lock free between rounds, and a
+    tensor or digest file renamed over in between (replay --in-place) is the one written next."""
+    path, model = small_replica
+    dst = tmp_path / "f"
+    opened = []
+
+    def counting_sink(text):
+        opened.append(text)
+        return open_sink(text)
+
+    stopper, events = Stopper(), []
+    t = _run_follow(path, dst, stopper, events, interval=0.2, open_sink=counting_sink)
+    try:
+        commit_stream(path, rng, model, 3)
+        head = _commit_rows(path, "item_emb", [0, 3, 4], 6.0)  # the follower maps item_emb's files
+        wait_until(lambda: head_of(dst) == head, 10, "the follower to catch up")
+        _damage_and_repair(dst, "item_emb", which)  # takes the follower's lock between two rounds
+        head = _commit_rows(path, "item_emb", [0, 1, 2, 50], 7.0)
+        wait_until(lambda: head_of(dst) == head, 10, "the follower to catch up again")
+    finally:
+        stopper.request()
+        t.join(5)
+    assert not t.is_alive()
+    assert len(opened) == 1, "the destination was reopened between rounds"
+    assert_exact(path, dst)
+
+
+@pytest.mark.parametrize("which", ["file", "digest_file"])
+def test_a_long_lived_local_source_reads_a_tensor_file_renamed_over_it(small_replica, tmp_path, which):
+    """A source kept across rounds serves the rows of the file now at the path, not of the one it mapped."""
+    from deltalog.sync import sync
+
+    path, _model = small_replica
+    dst = tmp_path / "f"
+    source = open_source(str(path))
+    try:
+        for round_ in range(3):  # a new replica; rows read through the source's maps; the same after a repair
+            if round_ == 1:
+                _commit_rows(path, "item_emb", [3, 4], 8.0)
+            if round_ == 2:
+                _damage_and_repair(path, "item_emb", which)
+                _commit_rows(path, "item_emb", [0, 1, 2, 50], 9.0)
+            sink = open_sink(str(dst))
+            try:
+                result = sync(source, sink, source_name=str(path), destination_name=str(dst))
+            finally:
+                sink.close()
+            assert result.complete
+    finally:
+        source.close()
+    assert_exact(path, dst)
+
+
 # -- real processes ------------------------------------------------------------------------------
 
 

@@ -2,7 +2,9 @@
 
 A follower runs rounds. A round is one :func:`deltalog.sync.sync` (the
 destination's writer lock is taken for the round and released after it, so
-``compact``, ``status`` or a cron job can get in between); between rounds
+``compact``, ``status`` or a cron job can get in between; the source and,
+where the sink allows it, the destination stay open across rounds, so their
+memory maps stay warm); between rounds
 the follower waits for the source's head to move with the source's
 long-poll (``Source.wait_for_head``: the source side watches its own log,
 so a commit reaches the follower in milliseconds and an idle follower costs

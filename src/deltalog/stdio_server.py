@@ -177,11 +177,18 @@ class _SinkHandler:
         return {}
 
     def do_end(self, header, payload, out) -> None:
-        """End a round of ``sync --follow``: release the lock, keep the session for the next ``begin``."""
+        """End a round of ``sync --follow``: release the lock, keep the session for the next ``begin``.
+
+        The replica stays open too when it can (LocalSink.end_round: its
+        memory maps stay warm); otherwise a fresh sink serves the next round.
+        """
         from .transport.local import LocalSink
 
-        self.sink.close()
-        self.sink = LocalSink(self.path)
+        if self.sink.reusable:
+            self.sink.end_round()
+        else:
+            self.sink.close()
+            self.sink = LocalSink(self.path)
         _answer(out, "ok")
 
     def do_begin(self, header, payload, out) -> None:

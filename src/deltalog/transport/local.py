@@ -52,14 +52,11 @@ class LocalSource:
         self.path = path
         self.replica = Replica.open(path)
         self._log_id = self._log_identity()
+        self._files_id = _tensor_files_identity(self.replica)
         self._fresh = True  # the handle opened just now is the view for the first hello
 
     def _log_identity(self):
-        try:
-            st = os.stat(os.path.join(self.path, LOG_DIR, "data.mdb"))
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino
+        return _log_identity(self.path)
 
     def hello(self) -> dict:
         if not self._fresh:
@@ -72,7 +69,14 @@ class LocalSource:
             raise TransportError(f"{self.path}: the source replica went away",
                                  hint="it was there when this sync started")
         if self._log_identity() == self._log_id:
-            self.replica.reload_tensor_files()  # the same log: only the file maps can be stale
+            # The same log: only the file maps can be stale, and only if a file was
+            # replaced (replay --in-place renames over them). Keeping the maps of
+            # unchanged files keeps their page tables: remapping at every round of
+            # a follower made each row read a page fault again.
+            files = _tensor_files_identity(self.replica)
+            if files != self._files_id:
+                self.replica.reload_tensor_files()
+                self._files_id = files
             return
         # Another replica now lives at this path: drop ours (and with it the shared
         # environment of the old log) before opening the new one.
@@ -83,6 +87,7 @@ class LocalSource:
         except NotAReplica as exc:
             raise TransportError(f"{self.path}: the source replica went away ({exc})") from None
         self._log_id = self._log_identity()
+        self._files_id = _tensor_files_identity(self.replica)
 
     def wait_for_head(self, since: int, timeout: float) -> int:
         return sync_mod.source_wait(self.replica, since, timeout)
@@ -111,6 +116,36 @@ class LocalSource:
 
 def _is_replica(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
+
+
+def _log_identity(path: str):
+    """(device, inode) of a replica's log file: another replica at the same path has another one."""
+    try:
+        st = os.stat(os.path.join(path, LOG_DIR, "data.mdb"))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _tensor_files_identity(replica: Replica) -> tuple:
+    """(device, inode) of each tensor file and row digest file (None: missing).
+
+    A file renamed over another (replay --in-place rebuilds a tensor file or
+    its digest file that way) changes it; a map of the old file would keep
+    reading and writing the old inode.
+    """
+    out = []
+    for info in replica.tensors:
+        for name in (info.file, getattr(info, "digest_file", None)):
+            if name is None:
+                continue
+            try:
+                st = os.stat(os.path.join(replica.path, tensorfiles.TENSOR_DIR, name))
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_dev, st.st_ino))
+    return tuple(out)
 
 
 _PEER_HINT = "the destination was left as it was; run 'deltalog verify' on the source"
@@ -164,16 +199,24 @@ class LocalSink:
         self._files: dict[str, str] = {}  # source file name -> local path
         self._handles: dict[str, object] = {}
         self._wait = 0.0
-        self._applied = False  # this session wrote rows (else a no-op round: a moment to flush)
+        self._applied = False  # this round wrote rows (else a no-op round: a moment to flush)
         self._idle_round = False
+        self._identity: tuple | None = None  # the replica's files when opened (see _current_identity)
 
     # -- state -----------------------------------------------------------------
 
     def begin(self, wait: float, dry_run: bool = False) -> dict:
         self._wait = wait
+        if self.replica is not None:  # another round of sync --follow (after end_round)
+            if not dry_run and self._identity == self._current_identity():
+                self._stack.enter_context(self.replica.writing(wait))
+                if self._identity == self._current_identity():  # nothing replaced it while we waited
+                    return sync_mod.sink_state(self.replica)
+                self._release()
+            self._drop_replica()
         while True:
             if _is_replica(self.path):
-                self.replica = Replica.open(self.path)
+                self._open_replica()
                 if not dry_run:
                     self._stack.enter_context(self.replica.writing(wait))
                 return sync_mod.sink_state(self.replica)
@@ -197,6 +240,17 @@ class LocalSink:
                 continue
             self._staging, self._staging_lock = staging, lock
             return self._new_state()
+
+    def _open_replica(self) -> None:
+        log = _log_identity(self.path)  # before opening: a replacement after it shows at the next begin
+        self.replica = Replica.open(self.path)
+        self._identity = (log, _tensor_files_identity(self.replica))  # before the first map, likewise
+
+    def _current_identity(self) -> tuple:
+        """The log's and the tensor files' identities: what a kept-open replica must still be."""
+        log = _log_identity(self.path)
+        files = _tensor_files_identity(self.replica) if self.replica is not None else None
+        return log, files
 
     @staticmethod
     def _new_state() -> dict:
@@ -342,7 +396,7 @@ class LocalSink:
         sync_mod.init_from_snapshot(self._staging, self.path, hello, local_manifest)
         self._staging_lock.release()  # the lock file moved in with the rename; take it as the replica's
         self._staging_lock = self._staging = None
-        self.replica = Replica.open(self.path)
+        self._open_replica()
         self._stack.enter_context(self.replica.writing(max(self._wait, 30.0)))
         return sync_mod.sink_state(self.replica)
 
@@ -377,6 +431,44 @@ class LocalSink:
         else:
             _flushed_at[self.path] = now
 
+    # -- rounds (sync --follow) ----------------------------------------------------
+
+    @property
+    def reusable(self) -> bool:
+        """True when :meth:`end_round` can keep this sink for another :meth:`begin` (a replica is open)."""
+        return self.replica is not None and self._staging_lock is None and not self._handles
+
+    def end_round(self) -> None:
+        """Release the writer lock but keep the replica open for the next round.
+
+        Reopening the replica every round (a follower runs one per commit at
+        the source) threw its memory maps away, and with them their page
+        tables: every row read or written in the next round was a page fault
+        again, and unmapping a 512 MiB map that was touched all over cost as
+        much. The next :meth:`begin` takes the lock again and reopens only if
+        another replica, or another tensor file, is now at the path.
+        """
+        self._release()
+        self._flush_on_schedule()
+        replica = self.replica
+        if replica._dirty and replica._lock.try_acquire():  # due now: what Replica.close would have done
+            try:
+                replica.flush()
+            finally:
+                replica._lock.release()
+        self._applied = False
+        self._idle_round = False
+
+    def _release(self) -> None:
+        self._stack.close()
+        self._stack = ExitStack()
+
+    def _drop_replica(self) -> None:
+        if self.replica is not None:
+            self._flush_on_schedule()
+            self.replica.close()
+            self.replica = None
+
     def close(self) -> None:
         for fh in self._handles.values():
             try:
@@ -384,11 +476,8 @@ class LocalSink:
             except OSError:
                 pass
         self._handles = {}
-        self._stack.close()
-        if self.replica is not None:
-            self._flush_on_schedule()
-            self.replica.close()
-            self.replica = None
+        self._release()
+        self._drop_replica()
         if self._staging_lock is not None:
             self._staging_lock.release()
             self._staging_lock = None
