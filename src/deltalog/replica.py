@@ -546,8 +546,9 @@ class Replica:
     def tensor(self, name: str) -> np.ndarray:
         """Read-only live view of a tensor in its original shape and storage dtype.
 
-        It reflects writes as they happen; use :meth:`read_tensor` for a copy
-        that is guaranteed consistent with one head.
+        It reflects writes as they happen and is not checked against the row
+        digests; use :meth:`read_tensor` for a copy that is guaranteed
+        consistent with one head and checked.
         """
         view = self.rows_view(name).reshape(self.info(name).shape)
         view.flags.writeable = False
