@@ -23,6 +23,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,7 +55,9 @@ TARGETS = [
     ("rollback", "rollback >= 20x faster than full restore", 20.0),
     ("commit", "commit >= 500,000 rows/s", 500_000.0),
     ("serve", "serve-snapshot >= 1/2 of cp's throughput", 0.5),
+    ("latency", "p99 update latency A -> B -> C < 1 s at 10,000 rows/s", 1.0),
 ]
+LATENCY_TARGET_ROWS = 10_000  # embedding rows/s the root commits for the latency target
 
 
 # -- small helpers ------------------------------------------------------------------
@@ -141,6 +144,69 @@ def drop_writeback() -> None:
     os.sync()
 
 
+# -- latency helpers ----------------------------------------------------------------
+
+
+def follow_events(path: str) -> list[dict]:
+    """The events a ``deltalog sync --follow --json`` wrote so far (one JSON object a line)."""
+    events = []
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.endswith("\n") and line.startswith("{"):
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    events.append(event)
+    except OSError:
+        pass
+    return events
+
+
+def follow_stats(events: list[dict], exit_code) -> dict:
+    """One follower's rounds that moved rows: how many, rows and seconds per round; retries; its exit code."""
+    rounds = [e for e in events if e.get("event") == "sync"]
+    moved = [e for e in rounds if e.get("rows_sent")]
+    retries = [e for e in events if e.get("event") == "retry"]
+    return {"rounds": len(rounds), "rounds_that_moved": len(moved), "exit_code": exit_code,
+            "retries": len(retries), "last_retry_error": retries[-1]["error"]["message"] if retries else None,
+            "rows_per_round_p50": median([e["rows_sent"] for e in moved]),
+            "round_seconds_p50": pct([e["seconds"] for e in moved], 50),
+            "round_seconds_p99": pct([e["seconds"] for e in moved], 99),
+            "bytes_sent": sum(e.get("bytes_sent") or 0 for e in moved)}
+
+
+def merge_follow_stats(runs: list[dict]) -> dict:
+    """One follower's stats over repeats: medians; retries summed; the first failure kept."""
+    out = {k: median([r[k] for r in runs]) for k in ("rounds", "rounds_that_moved", "rows_per_round_p50",
+                                                      "round_seconds_p50", "round_seconds_p99", "bytes_sent")}
+    out["retries"] = sum(r["retries"] for r in runs)
+    out["last_retry_error"] = next((r["last_retry_error"] for r in reversed(runs) if r["last_retry_error"]), None)
+    out["exit_code"] = next((r["exit_code"] for r in runs if r["exit_code"] != 0), 0)
+    return out
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process used so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def replica_head(path: str) -> int:
+    from deltalog import Replica
+
+    try:
+        with Replica.open(path) as r:
+            return r.head
+    except Exception:  # noqa: BLE001 - not there yet
+        return -1
+
+
 # -- what is there ------------------------------------------------------------------
 
 
@@ -174,7 +240,8 @@ def probe_features() -> dict[str, str | None]:
     why["diff"] = need("deltalog.diff", "diff", "diff")
     why["rollback"] = need("deltalog.rollback", "rollback", "rollback")
     why["sync"] = need("deltalog.sync", "sync", "sync") or need("deltalog.transport.ssh", "open_sink", "serve")
-    why["latency"] = why["sync"] or need("deltalog.transport.local", "open_sink", "sync")
+    why["latency"] = why["sync"] or need("deltalog.transport.local", "open_sink", "sync") or \
+        need("deltalog.follow", "follow", "sync")
     why["serve"] = need("deltalog.server", "SnapshotServer", "serve-snapshot")
     tools = missing_tools() + ([] if shutil.which("rsync") else ["rsync"])
     if tools and not why["sync"]:
@@ -707,86 +774,190 @@ class Bench:
     # -- latency
 
     def section_latency(self) -> None:
+        """Commit-to-leaf latency of ``deltalog sync --follow`` under a steady training-like stream.
+
+        A -> B -> C: two real ``deltalog sync SRC DST --follow`` processes
+        (local paths, or over the bench's sshd with --latency-transport ssh:
+        A pushes into 127.0.0.1:B, C pulls from it). This process is the
+        trainer: it commits one step every --latency-interval seconds, each
+        carrying about --latency-rows-per-second x interval embedding rows
+        (Zipf, as the rest of the benchmark) and a probe value in a row the
+        stream never draws; the dense layers go in one step every
+        --latency-dense-interval seconds. A watcher process polls the probe
+        row at C every 1 ms; latency = first seen at C - commit returned at A
+        (time.monotonic(): one clock for every process of the machine).
+        Each repeat starts the followers and the watcher afresh.
+        """
         if not self.enabled("latency"):
             return
         if self.features["latency"]:
             return self.skip("latency", self.features["latency"])
-        if not os.path.isdir(self.B):
-            run([*self.cli, "sync", self.A, self.B, "--quiet"])
-        run([*self.cli, "sync", self.B, self.C, "--quiet"])
-        stop = os.path.join(self.work, "latency.stop")
-        outs = {n: self.logfile(f"latency-{n}.json") for n in ("ab", "bc", "watch")}
-        ssh = self.args.latency_transport == "ssh"
+        a = self.args
+        ssh = a.latency_transport == "ssh"
         if ssh:
             self.start_sshd()
-        extra = ["--ssh-command", self.sshd.ssh_command(), "--remote-deltalog", self.remote_deltalog()] if ssh else []
-        lat = [PY, os.path.join(HERE, "latency.py")]
-        b_dst = self.remote(self.B) if ssh else self.B
-        procs = [
-            subprocess.Popen([*lat, "syncloop", self.A, b_dst, stop, outs["ab"], "--interval",
-                              str(self.args.sync_interval), *extra]),
-            subprocess.Popen([*lat, "syncloop", b_dst, self.C, stop, outs["bc"], "--interval",
-                              str(self.args.sync_interval), *extra]),
-        ]
-        self.results["commands"]["latency"] = (
-            f"A commits a step every {self.args.latency_interval} s; in a loop: deltalog sync A B; in a loop: "
-            f"deltalog sync B C ({'ssh' if ssh else 'local paths'}, in-process, bench/latency.py syncloop); "
-            f"a watcher polls the probe row at C every 1 ms")
-        try:
-            from deltalog import Replica
+        opts = ["--ssh-command", self.sshd.ssh_command(), "--remote-deltalog", self.remote_deltalog()] if ssh else []
+        b = self.remote(self.B) if ssh else self.B
+        # B and C exist and are at A's head before the clock starts (a first sync copies a snapshot)
+        run([*self.cli, "sync", self.A, b, "--quiet", *opts])
+        run([*self.cli, "sync", b, self.C, "--quiet", *opts])
+        if self.b_ready:
+            self.pending.clear()
+        interval = a.latency_interval
+        per_step = max(1, round(a.latency_rows_per_second * interval))
+        stream = workload.Stream(self.specs, seed=a.seed + 7, zipf=a.zipf, touch=a.touch,
+                                 steps_per_minute=a.steps_per_minute)
+        stream.set_rows_per_step(per_step)
+        dense_every = 0 if a.latency_dense_interval <= 0 else max(1, round(a.latency_dense_interval / interval))
+        follow_opts = [*opts, *(["--interval", str(a.sync_interval)] if a.sync_interval else [])]
+        hops = {"ab": [*self.cli, "sync", self.A, b, "--follow", "--json", *follow_opts],
+                "bc": [*self.cli, "sync", b, self.C, "--follow", "--json", *follow_opts]}
+        plan = (f"one step every {interval} s: ~{per_step:,} embedding rows + a probe row"
+                + (f", the dense layers every {dense_every} steps ({dense_every * interval:g} s)" if dense_every
+                   else ", no dense layers"))
+        self.results["commands"]["latency_follow_ab"] = shlex.join(hops["ab"])
+        self.results["commands"]["latency_follow_bc"] = shlex.join(hops["bc"])
+        self.results["commands"]["latency"] = (f"A (this process) commits {plan}; a watcher (bench/latency.py "
+                                               f"watch) polls the probe row at C every 1 ms")
+        runs = []
+        section_started = time.monotonic()
+        for i in range(a.repeat):
+            if self.over_budget("latency", section_started, i):
+                break
+            self.log(f"[latency {i + 1}/{a.repeat}] {max(10, round(a.latency_seconds / interval))} steps at A, {plan}; "
+                     f"deltalog sync --follow A -> B -> C ({a.latency_transport}) ...")
+            r = self.latency_run(stream, hops, per_step, dense_every)
+            runs.append(r)
+            self.log(f"[latency {i + 1}/{a.repeat}] A -> B -> C: p50 {fmt_s(r['p50'])}, p99 {fmt_s(r['p99'])}, "
+                     f"max {fmt_s(r['max'])} ({r['arrived']}/{r['probes']} probes seen at C); A committed "
+                     f"{r['rows_per_s']:,.0f} embedding rows/s ({r['total_rows_per_s']:,.0f} rows/s with the dense "
+                     f"layers, {r['mb_per_s']:.1f} MB/s); C equals A: {r['c_equals_a']}")
+        s = {k: median([r[k] for r in runs]) for k, v in runs[0].items() if isinstance(v, (int, float))
+             and not isinstance(v, bool)}
+        s["max"] = max((r["max"] for r in runs if r["max"] is not None), default=None)  # the worst, not a median
+        s.update(transport=a.latency_transport, interval=interval, rows_per_step=per_step, dense_every=dense_every,
+                 target_rows_per_s=a.latency_rows_per_second, repeats=len(runs),
+                 probes=sum(r["probes"] for r in runs), arrived=sum(r["arrived"] for r in runs),
+                 c_equals_a=all(r["c_equals_a"] for r in runs),
+                 follower_cpu={k: median([r["follower_cpu"][k] for r in runs]) for k in hops},
+                 hops={k: merge_follow_stats([r["hops"][k] for r in runs]) for k in hops}, runs=runs)
+        self.results.setdefault("checks", {})["c_equals_a_after_follow"] = s["c_equals_a"]
+        self.results["sections"]["latency"] = s
 
-            deadline = time.monotonic() + 300
-            while True:
-                with Replica.open(self.C) as rc:
-                    if rc.head >= self.ra.head:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("C did not catch up with A within 300 s")
-                time.sleep(0.05)
-            probe = next(s for s in self.specs if s.name == workload.PROBE_TENSOR)
-            procs.append(subprocess.Popen([*lat, "watch", self.C, probe.name, str(probe.rows - 1), stop, outs["watch"]]))
-            time.sleep(0.5)
-            committed = {}
-            n = max(10, int(self.args.latency_seconds / self.args.latency_interval))
-            self.log(f"[latency] {n} probe commits at A, one every {self.args.latency_interval} s, "
-                     f"sync loops A -> B -> C ({'ssh' if ssh else 'local'}) ...")
+    def latency_run(self, stream, hops: dict, per_step: int, dense_every: int) -> dict:
+        """Start the followers and the watcher, commit the stream at A on schedule, stop them; the numbers."""
+        from deltalog import Replica
+
+        a = self.args
+        interval = a.latency_interval
+        warmup = max(1, round(1.0 / interval))  # one second of steps before the first probe
+        n = max(10, round(a.latency_seconds / interval))
+        logs = {k: (self.logfile(f"latency-follow-{k}.jsonl"), self.logfile(f"latency-follow-{k}.err")) for k in hops}
+        stop = self.logfile("latency.stop")
+        watch_out = self.logfile("latency-watch.json")
+        probe = next(s for s in self.specs if s.name == workload.PROBE_TENSOR)
+        procs: dict[str, subprocess.Popen] = {}
+        files = []
+        committed: dict[int, float] = {}
+        dense_probe: dict[int, bool] = {}
+        commit_s: list[float] = []
+        behind: list[float] = []  # how late A was on its schedule after each measured step
+        sparse_rows = dense_rows = nbytes = 0
+        try:
+            for k, argv in hops.items():
+                out, err = open(logs[k][0], "w"), open(logs[k][1], "w")
+                files += [out, err]
+                procs[k] = subprocess.Popen(argv, stdout=out, stderr=err)
+            procs["watch"] = subprocess.Popen([PY, os.path.join(HERE, "latency.py"), "watch", self.C, probe.name,
+                                               str(probe.rows - 1), stop, watch_out])
+            self.wait_for(lambda: all(any(e["event"] == "sync" for e in follow_events(logs[k][0])) for k in hops)
+                          and os.path.exists(watch_out + ".ready"),
+                          60, "the followers and the watcher did not start", procs)
             next_at = time.monotonic()
-            last = None
-            for _ in range(n):
-                seq, updates = self.stream.probe_step(self.current)
-                last = self.ra.commit(updates)
-                committed[seq] = time.monotonic()
-                next_at += self.args.latency_interval
-                time.sleep(max(0.0, next_at - time.monotonic()))
-            deadline = time.monotonic() + 60  # let the last probes arrive
-            while time.monotonic() < deadline:
-                with Replica.open(self.C) as rc:
-                    if rc.head >= last:
-                        break
-                time.sleep(0.1)
+            started = None
+            cpu0 = {}
+            for i in range(warmup + n):
+                measuring = i >= warmup
+                if measuring and started is None:
+                    started = time.monotonic()
+                    cpu0 = {k: proc_cpu(procs[k].pid) for k in hops}
+                dense = bool(dense_every) and i % dense_every == 0
+                if measuring:
+                    seq, updates = stream.probe_step(self.current, dense=dense)
+                else:
+                    updates = stream.step(self.current, dense=dense)
+                t0 = time.monotonic()
+                self.ra.commit(updates)
+                t1 = time.monotonic()
+                if measuring:
+                    committed[seq] = t1
+                    dense_probe[seq] = dense
+                    commit_s.append(t1 - t0)
+                    for name, (r, v) in updates.items():
+                        if name in stream.samplers:
+                            sparse_rows += len(r)
+                        else:
+                            dense_rows += len(r)
+                        nbytes += v.nbytes
+                next_at += interval
+                now = time.monotonic()
+                if measuring:
+                    behind.append(max(0.0, now - next_at))
+                # A fixed-rate schedule (open loop): a step that comes late does not move the
+                # next ones, so the rate holds whenever A can commit that fast on average.
+                time.sleep(max(0.0, next_at - now))
+            elapsed = time.monotonic() - started
+            cpu = {k: (proc_cpu(procs[k].pid) - cpu0[k]) / elapsed for k in hops}
+            last = self.ra.head
+            self.wait_for(lambda: replica_head(self.C) >= last, 120, f"C did not reach A's head {last}", procs)
             time.sleep(0.1)
         finally:
             with open(stop, "w"):
                 pass
-            for p in procs:
+            for k in hops:
+                if k in procs and procs[k].poll() is None:
+                    procs[k].send_signal(signal.SIGTERM)
+            codes = {}
+            for k, p in procs.items():
                 try:
-                    p.wait(timeout=60)
+                    codes[k] = p.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     p.kill()
-        watched = read_json(outs["watch"])
+                    codes[k] = "killed"
+            for f in files:
+                f.close()
+        watched = read_json(watch_out)
         seen = {int(k): v for k, v in watched["seen"].items()}
-        lat_s = [max(0.0, seen[k] - t) for k, t in committed.items() if k in seen]
-        loops = {k: read_json(outs[k]) for k in ("ab", "bc")}
-        s = {"probes": len(committed), "arrived": len(lat_s), "p50": pct(lat_s, 50), "p99": pct(lat_s, 99),
-             "max": max(lat_s) if lat_s else None, "transport": self.args.latency_transport,
-             "interval": self.args.latency_interval, "loops": {k: {kk: v[kk] for kk in ("runs", "runs_that_moved", "errors", "last_error")}
-                                                               for k, v in loops.items()},
-             "hop_seconds_p50": {k: median(v["seconds_of_moving_runs"]) for k, v in loops.items()}}
-        self.results["sections"]["latency"] = s
-        self.log(f"[latency] A -> B -> C: p50 {fmt_s(s['p50'])}, p99 {fmt_s(s['p99'])}, max {fmt_s(s['max'])} "
-                 f"({s['arrived']}/{s['probes']} probes seen at C)")
-        if self.b_ready and not ssh:
-            self.pending.clear()
+        probes = [{"seq": k, "latency": max(0.0, seen[k] - t) if k in seen else None, "dense": dense_probe[k],
+                   "commit": c} for (k, t), c in zip(committed.items(), commit_s)]
+        lat_s = [p["latency"] for p in probes if p["latency"] is not None]
+        dense_lat = [p["latency"] for p in probes if p["dense"] and p["latency"] is not None]
+        sparse_lat = [p["latency"] for p in probes if not p["dense"] and p["latency"] is not None]
+        with Replica.open(self.C) as rc:
+            c_ok = rc.head == self.ra.head and all(np.array_equal(self.ra.rows_view(t), rc.rows_view(t))
+                                                   for t in self.ra.tensor_names)
+        return {"probes": len(committed), "arrived": len(lat_s), "p50": pct(lat_s, 50), "p99": pct(lat_s, 99),
+                "max": max(lat_s) if lat_s else None, "seconds": elapsed,
+                "rows_per_s": sparse_rows / elapsed, "total_rows_per_s": (sparse_rows + dense_rows) / elapsed,
+                "mb_per_s": nbytes / elapsed / 1e6,
+                "behind_p99": pct(behind, 99), "behind_max": max(behind) if behind else None,
+                "p50_sparse_steps": pct(sparse_lat, 50), "p99_sparse_steps": pct(sparse_lat, 99),
+                "p50_dense_steps": pct(dense_lat, 50), "p99_dense_steps": pct(dense_lat, 99),
+                "commit_p50": pct(commit_s, 50), "commit_p99": pct(commit_s, 99),
+                "follower_cpu": cpu, "c_equals_a": c_ok, "watch_polls": watched.get("polls"),
+                "hops": {k: follow_stats(follow_events(logs[k][0]), codes.get(k)) for k in hops},
+                "probe_runs": probes}
+
+    def wait_for(self, ready, timeout: float, what: str, procs: dict) -> None:
+        """Poll ``ready()`` every 20 ms; RuntimeError after ``timeout`` s or when a process of ``procs`` died."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            dead = {k: p.returncode for k, p in procs.items() if p.poll() is not None}
+            if dead:
+                raise RuntimeError(f"{what}: exited early {dead} (logs in {self.logs})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} within {timeout:.0f} s")
+            time.sleep(0.02)
 
     # -- serve-snapshot
 
@@ -926,7 +1097,7 @@ class Bench:
                 filecmp_equal(a, os.path.join(self.mirror, os.path.basename(a))) for a in self.tensor_files(self.A))
             self.log(f"check: B equals A after deltalog sync: {checks['b_equals_a']}; "
                      f"rsync mirror equals A: {checks['rsync_mirror_equals_a']}")
-        self.results["checks"] = checks
+        self.results.setdefault("checks", {}).update(checks)
 
 
 class SendfileServer:
@@ -1075,6 +1246,23 @@ def verdicts(results: dict) -> list[dict]:
             f"{v['curl_mb_s']:,.0f} MB/s vs {v['cp_mb_s']:,.0f} MB/s; loopback ceiling {v['ceiling_mb_s']:,.0f} MB/s")
     else:
         skipped("serve", desc["serve"], "serve")
+    t = sec.get("latency")
+    if t:
+        rate_ok = (t["rows_per_s"] or 0) >= 0.95 * LATENCY_TARGET_ROWS
+        all_in = t["arrived"] == t["probes"]
+        ok = t["p99"] is not None and t["p99"] < 1.0 and rate_ok and all_in and t["c_equals_a"]
+        note = (f"p50 {fmt_s(t['p50'])}, max {fmt_s(t['max'])}, {t['arrived']}/{t['probes']} probes; "
+                f"A committed {t['rows_per_s']:,.0f} embedding rows/s ({t['total_rows_per_s']:,.0f} with dense) "
+                f"over {t['transport']} sync --follow")
+        if not rate_ok:
+            note += f"; rate below {LATENCY_TARGET_ROWS:,} rows/s"
+        if not all_in:
+            note += "; probes missing at C"
+        if not t["c_equals_a"]:
+            note += "; C differs from A"
+        add("latency", desc["latency"], f"p99 {fmt_s(t['p99'])}", ok, note)
+    else:
+        skipped("latency", desc["latency"], "latency")
     return out
 
 
@@ -1140,9 +1328,27 @@ def report_text(results: dict) -> str:
                      f"CLI {fmt_speedup(r['cli_ratio'])}")
     if "latency" in sec:
         t = sec["latency"]
-        lines.append(f"update latency A -> B -> C ({t['transport']} sync loops): p50 {fmt_s(t['p50'])}, p99 {fmt_s(t['p99'])}, "
-                     f"max {fmt_s(t['max'])} over {t['arrived']}/{t['probes']} probes; one hop's sync p50 "
-                     + ", ".join(f"{k} {fmt_s(v)}" for k, v in t["hop_seconds_p50"].items()))
+        dense = (f"the dense layers every {t['dense_every']} steps, i.e. every {fmt_s(t['dense_every'] * t['interval'])}"
+                 if t["dense_every"] else "no dense layers")
+        lines.append(f"update latency A -> B -> C, deltalog sync --follow on each hop ({t['transport']}): p50 "
+                     f"{fmt_s(t['p50'])}, p99 {fmt_s(t['p99'])}, max {fmt_s(t['max'])} (worst of {t['repeats']} runs) "
+                     f"over {t['arrived']}/{t['probes']} probes (commit returned at A -> first seen at C)")
+        lines.append(f"  A: one step every {fmt_s(t['interval'])} (~{t['rows_per_step']:,} embedding rows + a probe row, "
+                     f"{dense}) for {t['seconds']:.1f} s: {t['rows_per_s']:,.0f} embedding rows/s, "
+                     f"{t['total_rows_per_s']:,.0f} rows/s with the dense layers, {t['mb_per_s']:.1f} MB/s of new values; "
+                     f"commit p50 {fmt_s(t['commit_p50'])}, p99 {fmt_s(t['commit_p99'])}; behind schedule p99 "
+                     f"{fmt_s(t['behind_p99'])}, max {fmt_s(t['behind_max'])}")
+        if t["dense_every"]:
+            lines.append(f"  probes in steps without the dense layers: p50 {fmt_s(t['p50_sparse_steps'])}, p99 "
+                         f"{fmt_s(t['p99_sparse_steps'])}; in steps with them: p50 {fmt_s(t['p50_dense_steps'])}, "
+                         f"p99 {fmt_s(t['p99_dense_steps'])}")
+        for k, name in (("ab", "A -> B"), ("bc", "B -> C")):
+            h = t["hops"][k]
+            lines.append(f"  {name}: {h['rounds']:.0f} rounds ({h['rounds_that_moved']:.0f} moved rows, p50 "
+                         f"{h['rows_per_round_p50'] or 0:,.0f} rows), round p50 {fmt_s(h['round_seconds_p50'])}, p99 "
+                         f"{fmt_s(h['round_seconds_p99'])}; follower CPU {t['follower_cpu'].get(k, 0):.0%} of a core"
+                         + (f"; {h['retries']} retries ({h['last_retry_error']})" if h["retries"] else "")
+                         + (f"; exit {h['exit_code']}" if h["exit_code"] != 0 else ""))
     if "serve" in sec:
         v = sec["serve"]
         lines.append(f"serve-snapshot: curl {v['curl_mb_s']:,.0f} MB/s ({fmt_bytes(v['curl_bytes'])} in "
@@ -1214,11 +1420,16 @@ def parse_args(argv=None):
     p.add_argument("--section-budget", type=float, default=200.0,
                    help="seconds a repeated section may take; fewer repeats (noted) beyond it")
     p.add_argument("--latency-seconds", type=float, default=30.0, help="how long probes are committed")
-    p.add_argument("--latency-interval", type=float, default=1.0,
-                   help="seconds between probe commits at A (each one a training step)")
-    p.add_argument("--sync-interval", type=float, default=0.02, help="sleep of a sync loop that found nothing to do")
+    p.add_argument("--latency-interval", type=float, default=0.1,
+                   help="seconds between commits at A during the latency section (each one a training step with a probe)")
+    p.add_argument("--latency-rows-per-second", type=float, default=float(LATENCY_TARGET_ROWS),
+                   help="embedding rows A commits per second during the latency section")
+    p.add_argument("--latency-dense-interval", type=float, default=1.0,
+                   help="seconds between the steps that also commit the dense layers (0: never)")
+    p.add_argument("--sync-interval", type=float, default=None,
+                   help="the followers' --interval (longest long-poll wait; default: deltalog's)")
     p.add_argument("--latency-transport", choices=("local", "ssh"), default="local",
-                   help="how the A -> B -> C sync loops reach B")
+                   help="how the A -> B -> C followers reach B")
     p.add_argument("--debug", action="store_true", help="print tracebacks of section errors")
     args = p.parse_args(argv)
     if args.only:
@@ -1227,6 +1438,8 @@ def parse_args(argv=None):
             p.error(f"unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.latency_interval <= 0 or args.latency_rows_per_second <= 0:
+        p.error("--latency-interval and --latency-rows-per-second must be positive")
     return args
 
 

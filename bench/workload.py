@@ -121,26 +121,31 @@ class Stream:
     def _calibrate(self, z: Zipf) -> int:
         """Draws per step such that a minute's draws hit ``touch`` of the rows (unique): bisection."""
         target = max(1, int(self.touch * z.n))
-        rng = np.random.default_rng(12345)
-        unique = lambda k: len(np.unique(z.draw(rng, k)))  # noqa: E731
-        lo, hi = target, 2 * target
-        while unique(hi) < target and hi < 1000 * target:
-            lo, hi = hi, 2 * hi
-        for _ in range(12):
-            mid = (lo + hi) // 2
-            if unique(mid) < target:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo <= max(1, target // 200):
-                break
-        return max(1, math.ceil(hi / self.steps_per_minute))
+        return max(1, math.ceil(_draws_for_unique(z, target) / self.steps_per_minute))
 
-    def step(self, current) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """One optimizer step: {name: (rows, new values)}. ``current(name, rows)`` gives the values now."""
+    def set_rows_per_step(self, rows: int) -> None:
+        """Resize the batches so that one step commits about ``rows`` distinct embedding rows.
+
+        The rows are shared between the tables as the calibrated batches
+        share them; each table's draw count is then found by bisection on
+        the distinct rows one step's draw yields (hot rows repeat within a
+        step, so a step draws more than it commits).
+        """
+        total = sum(self.batch.values())
+        for name, z in self.samplers.items():
+            want = max(1, round(rows * self.batch[name] / total))
+            self.batch[name] = _draws_for_unique(z, want)
+
+    def step(self, current, dense: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """One optimizer step: {name: (rows, new values)}. ``current(name, rows)`` gives the values now.
+
+        ``dense=False`` leaves the dense layers out (a trainer that commits
+        them at a slower cadence than its embedding rows)."""
         updates = {}
         for s in self.specs:
             if s.dense:
+                if not dense:
+                    continue
                 rows = np.arange(s.rows)
                 old = current(s.name, rows).reshape(s.rows, -1)
                 noise = self.rng.standard_normal(old.shape, dtype=np.float32)
@@ -154,15 +159,34 @@ class Stream:
                 updates[s.name] = (rows, old - grad)
         return updates
 
-    def probe_step(self, current) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    def probe_step(self, current, dense: bool = True) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
         """A step that also writes probe value ``seq`` (all of its 64 elements) into the probe row."""
         self.probe_seq += 1
-        updates = self.step(current)
+        updates = self.step(current, dense=dense)
         spec = next(s for s in self.specs if s.name == PROBE_TENSOR)
         rows, values = updates[PROBE_TENSOR]
         probe = np.full((1, spec.shape[1]), float(self.probe_seq), dtype=np.float32)
         updates[PROBE_TENSOR] = (np.append(rows, spec.rows - 1), np.concatenate([values, probe]))
         return self.probe_seq, updates
+
+
+def _draws_for_unique(z: Zipf, target: int) -> int:
+    """How many draws of ``z`` yield about ``target`` distinct rows (bisection, fixed seed)."""
+    target = max(1, min(int(target), z.space))
+    rng = np.random.default_rng(12345)
+    unique = lambda k: len(np.unique(z.draw(rng, k)))  # noqa: E731
+    lo, hi = target, 2 * target
+    while unique(hi) < target and hi < 1000 * target:
+        lo, hi = hi, 2 * hi
+    for _ in range(12):
+        mid = (lo + hi) // 2
+        if unique(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= max(1, target // 200):
+            break
+    return hi
 
 
 def describe(size: float, seed: int = 1, steps_per_minute: int = 12) -> str:
