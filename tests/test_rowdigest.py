@@ -378,3 +378,18 @@ def test_tensorfiles_digest_helpers(tmp_path):
         f.write(b"\0")
     with pytest.raises(IntegrityError, match="has 41 bytes, expected 40"):
         tensorfiles.map_digests(path, info, writable=False)
+
+
+def test_a_long_lived_writer_follows_a_replay_in_place_that_replaced_only_a_digest_file(tmp_path, rng):
+    """A training job keeps its handle open; a replay --in-place elsewhere renames a new digest file over
+    the damaged one: the job's next commit must write into the new file, not the unlinked old one."""
+    src, model = _source(tmp_path, rng)
+    with Replica.open(src) as r:
+        info = r.info("item_emb")
+        r.commit({"item_emb": ([1], np.ones((1, 8), np.float32))})  # its maps are cached now
+        _flip(os.path.join(src, "tensors", info.digest_file), 8 * 7)
+        proc = run_cli("replay", src, "--in-place", "--json")  # another process, between two commits
+        assert proc.returncode == 0 and json.loads(proc.stdout)["repaired"] == ["item_emb"], proc.stderr
+        r.commit({"item_emb": ([7, 8], np.full((2, 8), 2.0, np.float32))})
+        assert r.read_tensor("item_emb")[7, 0] == 2.0
+    assert_digests_right(src)

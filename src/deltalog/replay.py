@@ -337,7 +337,8 @@ def repair_in_place(
     Its row digest file is rebuilt from the rebuilt rows the same way
     (``tensors/NNNNN.digest.replay-tmp``).
     Identical files are left alone. Processes that hold the old file mapped
-    keep seeing it until they reopen the replica. The rows of a pending
+    keep seeing it until they reopen the replica (a writer's handle maps the
+    new files when it next takes the lock). The rows of a pending
     partial sync are written back on top, as the files held them.
     """
     progress = progress or _no_progress

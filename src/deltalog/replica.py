@@ -255,6 +255,7 @@ class Replica:
         self._lock = WriterLock(path)
         self._read_maps: dict[int, np.ndarray] = {}
         self._write_maps: dict[int, np.ndarray] = {}
+        self._mapped: dict[str, tuple[int, int]] = {}  # path -> (st_dev, st_ino) of each file when mapped
         self._dirty: set[int] = set()  # tensor ids this handle wrote since its last flush (close() flushes then)
         self._last_flush = time.monotonic()
         with store.read() as txn:
@@ -513,6 +514,7 @@ class Replica:
         view = maps.get(~info.id)
         if view is None:
             view = maps[~info.id] = tensorfiles.map_digests(self._digest_path(info), info, writable=writable)
+            self._note_mapped(self._digest_path(info))
         return view
 
     def _check_digests(self, info: TensorInfo, idx: np.ndarray, values: np.ndarray, stored: np.ndarray) -> None:
@@ -541,6 +543,7 @@ class Replica:
         view = self._read_maps.get(info.id)
         if view is None:
             view = self._read_maps[info.id] = tensorfiles.map_rows(self._tensor_path(info), info, writable=False)
+            self._note_mapped(self._tensor_path(info))
         return view
 
     def tensor(self, name: str) -> np.ndarray:
@@ -809,7 +812,31 @@ class Replica:
         view = self._write_maps.get(info.id)
         if view is None:
             view = self._write_maps[info.id] = tensorfiles.map_rows(self._tensor_path(info), info, writable=True)
+            self._note_mapped(self._tensor_path(info))
         return view
+
+    def _note_mapped(self, path: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        self._mapped[path] = (st.st_dev, st.st_ino)
+
+    def _drop_replaced_maps(self) -> None:
+        """Forget every memory map if a mapped file was renamed over since (lock held; a stat per file).
+
+        ``replay --in-place`` in another process replaces a damaged tensor
+        file or only its digest file; a long-lived handle (a training job,
+        a follower between rounds) must not go on writing into the old inode.
+        """
+        for path, ident in self._mapped.items():
+            try:
+                st = os.stat(path)
+            except OSError:
+                st = None
+            if st is None or (st.st_dev, st.st_ino) != ident:
+                self.reload_tensor_files()
+                return
 
     def append_record(
         self,
@@ -964,6 +991,7 @@ class Replica:
         After a kill -9 that is (applied, head]; after a machine crash the
         page cache is gone too, so it is (flushed, head].
         """
+        self._drop_replaced_maps()  # files replaced by a replay --in-place elsewhere: map the new ones
         self._refresh_format()  # this handle may predate an upgrade: write digests if the replica has them
         if not self._writable_format:
             return  # a newer deltalog's replica: only its writers may repair it
@@ -1079,6 +1107,7 @@ class Replica:
         """Forget cached memory maps after tensor files were replaced (replay --in-place renames over them)."""
         self._read_maps.clear()
         self._write_maps.clear()
+        self._mapped.clear()
 
     # -- reports ------------------------------------------------------------------
 
