@@ -887,7 +887,9 @@ class Bench:
                 else:
                     updates = stream.step(self.current, dense=dense)
                 t0 = time.monotonic()
-                self.ra.commit(updates)
+                # wait: a reader of A that finds a commit in flight may hold A's lock for a moment
+                # (Replica.read_rows takes it to repair a writer it believes dead)
+                self.ra.commit(updates, wait=1.0)
                 t1 = time.monotonic()
                 if measuring:
                     committed[seq] = t1
