@@ -15,6 +15,10 @@ import time
 from .errors import LockHeld
 
 LOCK_FILE = "lock"
+# A lock-free reader that finds a replica mid-apply takes the lock for a moment
+# to check whether the writer died (Replica.read_rows): a writer asking with no
+# wait must not fail on that, only on a writer that holds the lock for real.
+GRACE_SECONDS = 0.05
 
 
 class WriterLock:
@@ -27,12 +31,15 @@ class WriterLock:
         return self._fd is not None
 
     def acquire(self, wait: float = 0.0) -> None:
-        """Take the lock, waiting up to ``wait`` seconds; LockHeld otherwise."""
+        """Take the lock, waiting up to ``wait`` seconds (at least GRACE_SECONDS); LockHeld otherwise."""
+        self._acquire(max(wait, GRACE_SECONDS))
+
+    def _acquire(self, wait: float) -> None:
         if self._fd is not None:
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + wait
-        delay = 0.01
+        delay = 0.005
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -46,8 +53,9 @@ class WriterLock:
         self._fd = fd
 
     def try_acquire(self) -> bool:
+        """Take the lock if it is free now; never waits."""
         try:
-            self.acquire(0.0)
+            self._acquire(0.0)
             return True
         except LockHeld:
             return False
