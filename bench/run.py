@@ -466,11 +466,26 @@ class Bench:
         out = {}
         rb = Replica.open(self.B)
         try:
+            # Fresh maps of B first (what a new process pays: a page fault per 64 KiB
+            # window it touches), for each method on its own handle; then both again
+            # on the same, now populated, maps: that pair is the ratio (in-process,
+            # same memory-mapped tensors), the fresh pair is printed beside it.
+            started = time.perf_counter()
+            diff(ReplicaSide.at(self.ra), ReplicaSide.at(rb), top=10)
+            out["lib_fresh_seconds"] = time.perf_counter() - started
+            fresh = Replica.open(self.B)
+            try:
+                started = time.perf_counter()
+                numpy_diff(self.ra, fresh)
+                out["numpy_fresh_seconds"] = time.perf_counter() - started
+            finally:
+                fresh.close()
             started = time.perf_counter()
             result = diff(ReplicaSide.at(self.ra), ReplicaSide.at(rb), top=10)
             out["lib_seconds"] = time.perf_counter() - started
             out["lib_changed_rows"] = result.changed_rows
             out["method"] = getattr(result, "method", None)
+            numpy_diff(self.ra, rb)  # populate every page of rb's maps, as diff's warm-up did for its rows
             started = time.perf_counter()
             out["numpy_changed_rows"] = numpy_diff(self.ra, rb)
             out["numpy_seconds"] = time.perf_counter() - started
@@ -746,6 +761,14 @@ class Bench:
             drop_writeback()
             r["cp_seconds"], _ = run(argv)
             self.results["commands"]["rollback_cp"] = shlex.join(argv)
+            # A rollback returns durable (its record is fsynced); a restore that survives
+            # a power cut is cp followed by an fsync of the files it wrote.
+            restored = [os.path.join(self.restore, os.path.basename(f)) for f in files]
+            argv = ["sh", "-c", " ".join(["cp", *map(shlex.quote, files), shlex.quote(self.restore + "/"), "&&",
+                                          "sync", *map(shlex.quote, restored)])]
+            drop_writeback()
+            r["cp_durable_seconds"], _ = run(argv)
+            self.results["commands"]["rollback_cp_durable"] = argv[2]
             runs.append(r)
             self.log(f"[rollback {i + 1}/{self.args.repeat}] {'library' if mode == 'lib' else 'CLI'}: "
                      f"{r['records']} records, {r['rows']:,} rows: {fmt_s(r['seconds'])} (roll forward "
@@ -759,8 +782,10 @@ class Bench:
              "lib_seconds": median([r["seconds"] for r in lib]),
              "lib_forward_seconds": median([r["forward_seconds"] for r in lib]),
              "cli_seconds": median([r["seconds"] for r in cli]),
-             "cp_seconds": median([r["cp_seconds"] for r in runs])}
+             "cp_seconds": median([r["cp_seconds"] for r in runs]),
+             "cp_durable_seconds": median([r["cp_durable_seconds"] for r in runs])}
         s["ratio"] = s["cp_seconds"] / s["lib_seconds"]
+        s["durable_ratio"] = s["cp_durable_seconds"] / s["lib_seconds"]
         s["cli_ratio"] = s["cp_seconds"] / s["cli_seconds"] if s["cli_seconds"] else None
         s["full_bytes"] = sum(os.path.getsize(f) for f in files)
         self.results["sections"]["rollback"] = s
@@ -1180,8 +1205,10 @@ def parse_rsync_stats(text: str) -> dict:
 
 
 def summarize_diff(runs: list[dict]) -> dict:
-    s = {k: median([r[k] for r in runs]) for k in ("lib_seconds", "cli_seconds", "numpy_seconds", "lib_changed_rows")}
+    keys = ("lib_seconds", "cli_seconds", "numpy_seconds", "lib_changed_rows", "lib_fresh_seconds", "numpy_fresh_seconds")
+    s = {k: median([r[k] for r in runs]) for k in keys}
     s["ratio"] = s["numpy_seconds"] / s["lib_seconds"]
+    s["fresh_ratio"] = s["numpy_fresh_seconds"] / s["lib_fresh_seconds"]
     s["cli_ratio"] = s["numpy_seconds"] / s["cli_seconds"]
     s["method"] = runs[0].get("method")
     s["agree"] = not any(r.get("disagree") for r in runs)
@@ -1321,6 +1348,9 @@ def report_text(results: dict) -> str:
                      f"{fmt_s(d['lib_seconds'])}, CLI {fmt_s(d['cli_seconds'])}, numpy over the mmapped tensors "
                      f"{fmt_s(d['numpy_seconds'])} -> library {fmt_speedup(d['ratio'])}, CLI {fmt_speedup(d['cli_ratio'])}"
                      + ("" if d["agree"] else "  WARNING: changed-row counts disagree"))
+        lines.append(f"  on freshly opened maps of B (a page fault per 64 KiB window touched): library "
+                     f"{fmt_s(d['lib_fresh_seconds'])}, numpy {fmt_s(d['numpy_fresh_seconds'])} -> "
+                     f"library {fmt_speedup(d['fresh_ratio'])}")
     if "rollback" in sec:
         r = sec["rollback"]
         lines.append(f"rollback of {r['records']:.0f} training commits ({r['rows']:,.0f} rows): library "
@@ -1328,6 +1358,8 @@ def report_text(results: dict) -> str:
                      f"CLI {fmt_s(r['cli_seconds'])} ({r['cli_runs']} runs); cp of the full copy "
                      f"({fmt_bytes(r['full_bytes'])}) {fmt_s(r['cp_seconds'])} -> library {fmt_speedup(r['ratio'])}, "
                      f"CLI {fmt_speedup(r['cli_ratio'])}")
+        lines.append(f"  durable: deltalog's rollback record is fsynced when it returns; cp + fsync of the full copy "
+                     f"{fmt_s(r['cp_durable_seconds'])} -> library {fmt_speedup(r['durable_ratio'])}")
     if "latency" in sec:
         t = sec["latency"]
         dense = (f"the dense layers every {t['dense_every']} steps, i.e. every {fmt_s(t['dense_every'] * t['interval'])}"
