@@ -144,3 +144,25 @@ def test_rows_only_decode_skips_values(rng):
     back = rec.decode(rec.encode(r), rows_only=True).tensors[0]
     assert np.array_equal(back.rows, r.tensors[0].rows)
     assert back.new.shape == (0, r.tensors[0].new.shape[1]) and back.old is None
+
+
+def test_sections_kept_from_a_decode_are_stored_as_they_came(rng, monkeypatch):
+    """A sync destination stores the sections it received: re-encoding reuses them byte for byte."""
+    chunk = make_record(rng, k=40, with_old=False, versions=True)
+    chunk.kind, chunk.offset = "sync", 9
+    blob = rec.encode(chunk)
+    got = rec.decode(blob, keep_encoded=True)
+    assert sorted(got.tensors[0].encoded) == ["index", "new", "versions"]
+    with monkeypatch.context() as m:  # nothing may be compressed again
+        m.setattr(codec, "encode_values", lambda *a: pytest.fail("re-encoded a kept section"))
+        m.setattr(codec, "encode_indices", lambda *a: pytest.fail("re-encoded a kept section"))
+        assert rec.encode(got) == blob
+    t = got.tensors[0]
+    t.old = np.flip(t.new, axis=0).copy()  # the destination adds its own undo values
+    stored = rec.decode(rec.encode(got)).tensors[0]
+    assert stored.new.tobytes() == chunk.tensors[0].new.tobytes()
+    assert stored.old.tobytes() == t.old.tobytes()
+    assert np.array_equal(stored.versions, chunk.tensors[0].versions)
+    assert np.array_equal(stored.rows, chunk.tensors[0].rows)
+    # Reuse must be asked for: a plain decode keeps nothing.
+    assert rec.decode(blob).tensors[0].encoded is None

@@ -60,6 +60,10 @@ class TensorDelta:
     old: np.ndarray | None = None  # same shape: the values replaced, for undo
     versions: np.ndarray | None = None  # uint64 per row, offset that last wrote it; None = the record's offset
     significance: float = 0.0  # sum |new - old| over the rows
+    # Sections that arrived already encoded for exactly these rows, new values and
+    # versions ({"index"|"new"|"versions": (payload, decoded size)}): encode() copies
+    # them instead of compressing again (a sync destination stores what it received).
+    encoded: dict[str, tuple[bytes, int]] | None = None
 
 
 @dataclass
@@ -99,20 +103,28 @@ class RecordSummary:
     tensors: list[dict]
 
 
+def _given(section: tuple[bytes, int]):
+    return lambda: section
+
+
 def encode(record: Record) -> bytes:
     if record.kind not in KINDS:
         raise ValueError(f"unknown record kind {record.kind!r}")
     # Every section is encoded on its own (zstd and numpy release the GIL), so a
     # large record compresses its sections on all cores; results keep their order.
     jobs = []
+    value_bytes = 0
     for t in record.tensors:
-        jobs.append(partial(codec.encode_indices, t.rows))
-        jobs.append(partial(codec.encode_values, t.new))
+        done = t.encoded or {}
+        jobs.append(_given(done["index"]) if "index" in done else partial(codec.encode_indices, t.rows))
+        jobs.append(_given(done["new"]) if "new" in done else partial(codec.encode_values, t.new))
+        value_bytes += 0 if "new" in done else t.new.nbytes
         if t.old is not None:
             jobs.append(partial(codec.encode_xor_values, t.old, t.new))
+            value_bytes += t.old.nbytes
         if t.versions is not None:
-            jobs.append(partial(codec.encode_values, np.asarray(t.versions, dtype="<u8")))
-    value_bytes = sum(t.new.nbytes * (2 if t.old is not None else 1) for t in record.tensors)
+            jobs.append(_given(done["versions"]) if "versions" in done
+                        else partial(codec.encode_values, np.asarray(t.versions, dtype="<u8")))
     encoded = iter(codec.run_jobs(jobs, value_bytes))
     sections: list[bytes] = []
     tensor_headers = []
@@ -213,12 +225,13 @@ def summarize(blob, what: str = "record") -> RecordSummary:
 
 def decode(
     blob, what: str = "record", only: set[str] | None = None, with_old: bool = True, checked: bool = False,
-    rows_only: bool = False,
+    rows_only: bool = False, keep_encoded: bool = False,
 ) -> Record:
     """Check and decode a record. ``only`` limits which tensors are decompressed;
     ``checked`` skips the checksum when the caller has just verified it; ``rows_only``
     decodes row indices (and per-row versions, when present) alone: ``new`` is then an
-    empty (0, row_elems) array."""
+    empty (0, row_elems) array. ``keep_encoded`` keeps copies of the index, new and
+    versions sections on each TensorDelta, for :func:`encode` to reuse."""
     if not checked:
         check(blob, what)
     header, pos = _read_header(blob, what)
@@ -261,8 +274,13 @@ def decode(
             if "versions" in spans:
                 _, payload, size = spans["versions"]
                 versions = codec.decode_values(payload, size, np.dtype("<u8"), (count,), where)
+            encoded = None
+            if keep_encoded:  # copies of the sections encode() would write the same way
+                ours = {"index": codec.INDEX, "new": codec.VALUES, "versions": codec.VALUES}
+                encoded = {key: (bytes(spans[key][1]), spans[key][2])
+                           for key, name_of_codec in ours.items() if key in spans and spans[key][0] == name_of_codec}
             tensors.append(
-                TensorDelta(name, dtype_name, rows, new, old, versions, float(th["significance"]))
+                TensorDelta(name, dtype_name, rows, new, old, versions, float(th["significance"]), encoded)
             )
         if pos != end:
             raise IntegrityError(f"{what}: {end - pos} unexplained bytes after the sections")

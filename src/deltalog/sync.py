@@ -376,7 +376,7 @@ def _bucket_maxima(rows: np.ndarray, versions: np.ndarray, bucket_rows: int) -> 
 
 def _checked_chunk(replica: Replica, blob, target: int, head: int):
     """Decode a chunk from a source and check it fits ``replica`` at ``head``: (record, [(info, delta)])."""
-    record = rec.decode(blob, "chunk from the source", with_old=False)
+    record = rec.decode(blob, "chunk from the source", with_old=False, keep_encoded=True)
     if record.model_id != replica.model_id:
         raise ModelMismatch(f"the source's deltas belong to model {record.model_id}, "
                             f"{replica.path} holds {replica.model_id}")
@@ -426,7 +426,8 @@ def apply_whole(replica: Replica, blob, target: int, follow: dict | None) -> int
     for info, t in parts:
         old = replica._gather_old(info, t.rows.astype(np.intp))  # checked against the row digests
         row_sig = _row_significance(old, t.new, info.dtype)
-        deltas.append((info, rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, float(row_sig.sum()))))
+        deltas.append((info, rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, float(row_sig.sum()),
+                                             encoded=t.encoded)))  # the received sections are stored as they came
         sigs.append(row_sig)
     record = rec.Record(offset=target, base=head, kind="sync", time=time.time(), model_id=replica.model_id,
                         tensors=[d for _i, d in deltas], target=target)
@@ -458,7 +459,8 @@ def apply_chunk(replica: Replica, blob, target: int, source: str) -> dict:
     deltas, bucket_updates = [], []
     for info, t in parts:
         old = replica._gather_old(info, t.rows.astype(np.intp))  # checked against the row digests
-        deltas.append(rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, t.significance))
+        deltas.append(rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, t.significance,
+                                      encoded=t.encoded))
         bucket_updates.append((info, *_bucket_maxima(t.rows, t.versions, replica.bucket_rows)))
     stored = rec.encode(rec.Record(offset=target, base=head, kind="sync", time=time.time(),
                                    model_id=replica.model_id, tensors=deltas, target=target))
