@@ -216,6 +216,18 @@ def test_readers_see_exact_heads_while_commits_and_syncs_run(tmp_path):
                 assert same(r.read_tensor(name), want), (path, name)
 
 
+def follower_with_two_pending_chunks(tmp_path) -> tuple:
+    """(src at offset 6, dst at 0 holding a partial sync of two chunks towards 6)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    with Replica.init(src, base_model(), bucket_rows=64) as r:
+        assert local_sync(src, dst).complete
+        for offset in range(1, 7):
+            r.commit(update_for(offset, None))
+    for _ in range(2):
+        assert not local_sync(src, dst, max_bytes=1, chunk_bytes=1).complete
+    return src, dst
+
+
 def test_reading_a_follower_while_its_partial_sync_finishes(tmp_path):
     """A reader is between two pending chunks when the sync completes (deterministic interleaving).
 
@@ -224,13 +236,7 @@ def test_reading_a_follower_while_its_partial_sync_finishes(tmp_path):
     the pending list and all its chunks in one transaction still sees them.
     """
     states = states_upto(6)
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    with Replica.init(src, base_model(), bucket_rows=64) as r:
-        assert local_sync(src, dst).complete
-        for offset in range(1, 7):
-            r.commit(update_for(offset, None))
-    for _ in range(2):
-        assert not local_sync(src, dst, max_bytes=1, chunk_bytes=1).complete  # two pending chunks
+    src, dst = follower_with_two_pending_chunks(tmp_path)
     reader = Replica.open(dst)
     real_read = reader.store.read
     chunk_reads = []
@@ -269,13 +275,7 @@ def test_reading_a_follower_while_its_partial_sync_finishes(tmp_path):
 def test_reading_a_follower_whose_partial_sync_finishes_before_the_chunks_are_read(tmp_path):
     """The sync completes after the reader read its rows and checked the pending marker, before the chunks."""
     states = states_upto(6)
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    with Replica.init(src, base_model(), bucket_rows=64) as r:
-        assert local_sync(src, dst).complete
-        for offset in range(1, 7):
-            r.commit(update_for(offset, None))
-    for _ in range(2):
-        assert not local_sync(src, dst, max_bytes=1, chunk_bytes=1).complete  # two pending chunks
+    src, dst = follower_with_two_pending_chunks(tmp_path)
     reader = Replica.open(dst)
     real_read = reader.store.read
     fired = []

@@ -63,7 +63,7 @@ class TensorDelta:
     # Sections that arrived already encoded for exactly these rows, new values and
     # versions ({"index"|"new"|"versions": (payload, decoded size)}): encode() copies
     # them instead of compressing again (a sync destination stores what it received).
-    encoded: dict[str, tuple[bytes, int]] | None = None
+    encoded: dict[str, tuple[bytes | memoryview, int]] | None = None
 
 
 @dataclass
@@ -167,8 +167,11 @@ def encode(record: Record) -> bytes:
         }
     )
     parts = [_FIXED.pack(MAGIC, VERSION, 0, len(header)), header, *sections]
-    body = b"".join(parts)
-    return body + _TRAILER.pack(xxhash.xxh3_64_intdigest(body))
+    digest = xxhash.xxh3_64()
+    for part in parts:  # hashed piece by piece: the record is assembled once, not twice
+        digest.update(part)
+    parts.append(_TRAILER.pack(digest.intdigest()))
+    return b"".join(parts)
 
 
 def _read_header(blob, what: str) -> tuple[dict, int]:
@@ -230,8 +233,9 @@ def decode(
     """Check and decode a record. ``only`` limits which tensors are decompressed;
     ``checked`` skips the checksum when the caller has just verified it; ``rows_only``
     decodes row indices (and per-row versions, when present) alone: ``new`` is then an
-    empty (0, row_elems) array. ``keep_encoded`` keeps copies of the index, new and
-    versions sections on each TensorDelta, for :func:`encode` to reuse."""
+    empty (0, row_elems) array. ``keep_encoded`` keeps the index, new and versions
+    sections on each TensorDelta (views into ``blob``: keep it alive and unchanged
+    while they are used), for :func:`encode` to reuse."""
     if not checked:
         check(blob, what)
     header, pos = _read_header(blob, what)
@@ -277,7 +281,7 @@ def decode(
             encoded = None
             if keep_encoded:  # copies of the sections encode() would write the same way
                 ours = {"index": codec.INDEX, "new": codec.VALUES, "versions": codec.VALUES}
-                encoded = {key: (bytes(spans[key][1]), spans[key][2])
+                encoded = {key: (spans[key][1], spans[key][2])  # views into ``blob``: no copy
                            for key, name_of_codec in ours.items() if key in spans and spans[key][0] == name_of_codec}
             tensors.append(
                 TensorDelta(name, dtype_name, rows, new, old, versions, float(th["significance"]), encoded)

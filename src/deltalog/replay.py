@@ -385,21 +385,9 @@ def repair_in_place(
                 else:
                     if info.nbytes == 0:
                         open(tmp, "wb").close()
-                    if _same_content(tmp, live):
-                        os.unlink(tmp)
-                    else:
-                        with open(tmp, "rb+") as f:
-                            os.fsync(f.fileno())
-                        os.replace(tmp, live)
-                        changed = True
+                    changed = _install_if_different(tmp, live)
                 if replica.has_row_digests:
-                    if _same_content(tmp_digest, live_digest):
-                        os.unlink(tmp_digest)
-                    else:
-                        with open(tmp_digest, "rb+") as f:
-                            os.fsync(f.fileno())
-                        os.replace(tmp_digest, live_digest)
-                        changed = True
+                    changed = _install_if_different(tmp_digest, live_digest) or changed
                 if not changed:
                     continue
                 tensorfiles.fsync_dir(tensor_dir)
@@ -422,6 +410,17 @@ def repair_in_place(
         tensors_checked=len(tensors),
         repaired=repaired,
     )
+
+
+def _install_if_different(tmp: str, live: str) -> bool:
+    """Rename a rebuilt file over the live one (fsynced first) unless they already match; True if it did."""
+    if _same_content(tmp, live):
+        os.unlink(tmp)
+        return False
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, live)
+    return True
 
 
 def _unlink_quietly(path: str) -> None:
