@@ -228,6 +228,15 @@ def follower_with_two_pending_chunks(tmp_path) -> tuple:
     return src, dst
 
 
+def read_through(reader: Replica, read) -> tuple:
+    """(tensor "emb", head) read by ``reader`` with its store's read transactions made by ``read``; closes it."""
+    reader.store.read = read
+    try:
+        return reader.read_tensor("emb"), reader.head
+    finally:
+        reader.close()
+
+
 def test_reading_a_follower_while_its_partial_sync_finishes(tmp_path):
     """A reader is between two pending chunks when the sync completes (deterministic interleaving).
 
@@ -261,12 +270,7 @@ def test_reading_a_follower_while_its_partial_sync_finishes(tmp_path):
         with real_read() as txn:
             yield ReaderTxn(txn)
 
-    reader.store.read = read
-    try:
-        values = reader.read_tensor("emb")
-        head = reader.head
-    finally:
-        reader.close()
+    values, head = read_through(reader, read)
     assert len(chunk_reads) >= 2, "the interleaving did not happen"
     assert head == 6
     assert any(same(values, states[h]["emb"]) for h in (0, head)), "a torn read"
@@ -286,12 +290,7 @@ def test_reading_a_follower_whose_partial_sync_finishes_before_the_chunks_are_re
             assert local_sync(src, dst).complete
         return real_read()
 
-    reader.store.read = read
-    try:
-        values = reader.read_tensor("emb")
-        head = reader.head
-    finally:
-        reader.close()
+    values, head = read_through(reader, read)
     assert fired, "the interleaving did not happen"
     assert any(same(values, states[h]["emb"]) for h in (0, head)), "a torn read"
 

@@ -46,15 +46,15 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .checkpoint import CheckpointTensor, read_checkpoint, read_checkpoint_metadata
-from .dtypes import as_float, bits_dtype
+from .dtypes import as_float, bits_dtype, rows_differ
 from .errors import InvalidInput, LockHeld, ModelMismatch, NotAReplica
 from .history import changed_rows, check_retained, values_at
 from .replica import DEFAULT_BUCKET_ROWS, MARKER, Replica
@@ -314,17 +314,6 @@ class TensorDiff:
             "top": [{"row": int(r), "l2": _number(float(v))} for r, v in zip(self.top_rows, self.top_l2)],
             "histogram": [{"log10": e, "count": self.histogram[e]} for e in sorted(self.histogram)],
         }
-
-
-def rows_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per row: do the bytes of ``a`` and ``b`` differ? (compared in the widest words that tile a row)."""
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    row_bytes = a.shape[1] * a.dtype.itemsize if a.ndim == 2 else a.dtype.itemsize
-    if not row_bytes or not len(a):
-        return np.zeros(len(a), dtype=bool)
-    word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)
-    words = np.dtype(f"<u{word}")
-    return np.any(a.reshape(len(a), -1).view(words) != b.reshape(len(b), -1).view(words), axis=1)
 
 
 def _number(x: float) -> float | None:

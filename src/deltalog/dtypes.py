@@ -92,3 +92,14 @@ def as_float(array: np.ndarray, name: str) -> np.ndarray:
     if name in FLOAT_TYPES:
         return array.astype(np.float32)
     return array.astype(np.float64)
+
+
+def rows_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row: do the bytes of ``a`` and ``b`` differ? (compared in the widest words that tile a row)."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    row_bytes = a.shape[1] * a.dtype.itemsize if a.ndim == 2 else a.dtype.itemsize
+    if not row_bytes or not len(a):
+        return np.zeros(len(a), dtype=bool)
+    word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)
+    words = np.dtype(f"<u{word}")
+    return np.any(a.reshape(len(a), -1).view(words) != b.reshape(len(b), -1).view(words), axis=1)

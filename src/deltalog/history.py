@@ -13,7 +13,6 @@ sync from 3 to 9 never held 4..8, so those are not retained.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -40,11 +39,6 @@ def check_retained(replica: Replica, offset: int) -> None:
             f"{replica.path}: offset {offset} was never held here (a sync jumped over it)",
             hint=f"offsets between {oldest} and {head} that are records in 'deltalog log' are available",
         )
-
-
-def records_after(replica: Replica, offset: int, upto: int | None = None) -> Iterator[tuple[int, bytes]]:
-    """Encoded records with offset < o <= upto (default head), oldest first."""
-    return replica.iter_record_blobs(since=offset, upto=upto)
 
 
 def changed_rows(replica: Replica, since: int, upto: int | None = None) -> dict[str, np.ndarray]:

@@ -279,7 +279,7 @@ def decode(
                 _, payload, size = spans["versions"]
                 versions = codec.decode_values(payload, size, np.dtype("<u8"), (count,), where)
             encoded = None
-            if keep_encoded:  # copies of the sections encode() would write the same way
+            if keep_encoded:  # the sections encode() would write the same way
                 ours = {"index": codec.INDEX, "new": codec.VALUES, "versions": codec.VALUES}
                 encoded = {key: (spans[key][1], spans[key][2])  # views into ``blob``: no copy
                            for key, name_of_codec in ours.items() if key in spans and spans[key][0] == name_of_codec}

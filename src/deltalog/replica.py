@@ -40,7 +40,7 @@ import numpy as np
 
 from . import record as rec
 from . import rowdigest, tensorfiles
-from .dtypes import STORAGE, as_float, bits_dtype, logical_name, to_storage
+from .dtypes import STORAGE, as_float, logical_name, rows_differ, to_storage
 from .errors import (
     DeltalogError,
     IntegrityError,
@@ -636,7 +636,7 @@ class Replica:
             yield from batch
             after = batch[-1][0]
 
-    def iter_record_views(self, since: int = -1, upto: int | None = None, reverse: bool = False,
+    def iter_record_views(self, since: int = -1, upto: int | None = None,
                           batch: int = 64) -> Iterator[tuple[int, memoryview]]:
         """(offset, zero-copy view of the encoded record) for since < offset <= upto.
 
@@ -650,34 +650,14 @@ class Replica:
         while upto > since:
             last = None
             with self._store.read() as txn:
-                walk = (self._store.iter_records_reverse(txn, after=since, upto=upto) if reverse
-                        else self._store.iter_records(txn, after=since, upto=upto))
-                for n, (offset, view) in enumerate(walk):
+                for n, (offset, view) in enumerate(self._store.iter_records(txn, after=since, upto=upto)):
                     yield offset, view
                     last = offset
                     if n + 1 == batch:
                         break
             if last is None:
                 return
-            if reverse:
-                upto = last - 1
-            else:
-                since = last
-
-    def iter_record_blobs_reverse(self, since: int, upto: int) -> Iterator[tuple[int, bytes]]:
-        """(offset, encoded record) for since < offset <= upto, newest first; batched like
-        :meth:`iter_record_blobs`, so memory stays bounded however far back ``since`` is."""
-        while upto > since:
-            with self._store.read() as txn:
-                batch = []
-                for offset, blob in self._store.iter_records_reverse(txn, after=since, upto=upto):
-                    batch.append((offset, bytes(blob)))
-                    if len(batch) == 64:
-                        break
-            if not batch:
-                return
-            yield from batch
-            upto = batch[-1][0] - 1
+            since = last
 
     def iter_summaries(self, since: int = -1) -> Iterator[rec.RecordSummary]:
         """Headers of the records after ``since``, oldest first."""
@@ -762,13 +742,12 @@ class Replica:
     def _changed_rows(self, info: TensorInfo, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows where ``new`` differs bitwise from the tensor file, in bounded chunks."""
         current = self._writable(info)
-        bits = bits_dtype(info.dtype)
         step = max(1, _COMPARE_CHUNK_BYTES // max(1, info.row_bytes))
         found_rows, found_values = [], []
         for start in range(0, info.rows, step):
             stop = min(info.rows, start + step)
             chunk = np.asarray(new[start:stop])
-            differs = np.any(chunk.view(bits) != current[start:stop].view(bits), axis=1)
+            differs = rows_differ(chunk, current[start:stop])
             idx = np.flatnonzero(differs)
             if idx.size:
                 found_rows.append(idx.astype(np.uint64) + np.uint64(start))
@@ -892,8 +871,7 @@ class Replica:
             idx = rows.astype(np.intp)
             old = self._gather_old(info, idx)  # checked against the row digests: these become undo values
             if drop_unchanged:
-                bits = bits_dtype(info.dtype)
-                keep = np.any(old.view(bits) != new.view(bits), axis=1)
+                keep = rows_differ(old, new)
                 if not keep.all():
                     rows, new, old = rows[keep], new[keep], old[keep]
                     versions = None if versions is None else versions[keep]

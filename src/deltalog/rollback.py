@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 
-from .dtypes import bits_dtype
+from .dtypes import rows_differ
 from .errors import InvalidInput
 from .history import changed_rows, check_retained, values_at
 from .replica import Replica
@@ -75,8 +74,7 @@ def rollback(replica: Replica, to: int, reason: str | None = None, wait: float =
         updates = {}
         for name, idx in rows.items():
             _h, current = replica.read_rows(name, idx)
-            bits = bits_dtype(replica.info(name).dtype)
-            differs = np.any(current.view(bits) != wanted[name].view(bits), axis=1)
+            differs = rows_differ(current, wanted[name])
             if differs.any():
                 updates[name] = (idx[differs], wanted[name][differs])
         if not updates:  # the tensors already hold the target's values

@@ -256,19 +256,6 @@ class LogStore:
             yield offset, cursor.value()
             found = cursor.next()
 
-    def iter_records_reverse(self, txn, after: int, upto: int) -> Iterator[tuple[int, memoryview]]:
-        """(offset, blob) for records with after < offset <= upto, newest first."""
-        cursor = txn.cursor(db=self.dbs["records"])
-        found = cursor.set_range(offset_key(upto + 1)) if upto + 1 < 2**64 else False
-        found = cursor.prev() if found else cursor.last()
-        while found:
-            offset = key_offset(cursor.key())
-            if offset <= after:
-                break
-            if offset <= upto:
-                yield offset, cursor.value()
-            found = cursor.prev()
-
     def delete_records(self, txn, upto: int) -> int:
         """Delete records with offset <= upto; returns the bytes they held."""
         freed = 0

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import record as rec
 from . import tensorfiles
-from .dtypes import bits_dtype
+from .dtypes import rows_differ
 from .errors import DeltalogError
 from .replica import Replica
 
@@ -145,8 +145,7 @@ def _check_tensors(
         except DeltalogError as exc:
             report.problems.append(str(exc))
             continue
-        bits = bits_dtype(info.dtype)
-        differs = np.any(expected.view(bits) != np.asarray(actual).view(bits), axis=1) if info.nbytes else []
+        differs = rows_differ(expected, np.asarray(actual)) if info.nbytes else []
         bad = int(np.count_nonzero(differs))
         if bad:
             first = int(np.flatnonzero(differs)[0])
