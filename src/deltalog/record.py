@@ -1,13 +1,21 @@
-"""The record: one atomic update batch, and its byte encoding (format v1).
+"""The record: one atomic update batch, and its byte encoding.
 
 A record is what the log stores under its offset and what replicas ship to
 each other, so its encoding is portable (fixed byte order, no LMDB pages)
-and self-checking. Layout (formats/FORMAT.md is normative):
+and self-checking. Two encodings (formats/FORMAT.md section 4 is normative),
+both starting with the same fixed part (big-endian):
 
-    magic "DLRC" | u16 version | u16 flags | u32 header length H  (big-endian)
-    header: msgpack map, H bytes
-    sections: compressed payloads, in the order the header lists them
-    u64 xxh3_64 of everything before it                          (big-endian)
+    magic "DLRC" | u16 version | u16 flags | u32 header length H
+    v1: header (msgpack, H bytes) | sections | u64 xxh3_64 of everything before it
+    v2: header (msgpack, H bytes; every section entry carries the xxh3_64 of its
+        payload) | u64 xxh3_64 of bytes [0, 12+H) | sections, nothing after them
+
+A replica stores v2 (format 3 on): the header checksum covers every section
+checksum, so a reader checks the header and then only the sections it
+decodes (reading a record's row indices costs no hash of its values), while
+a full check still covers every byte. v1 is what records written before
+format 3 hold and what goes to peers (sync's wire protocol is unchanged);
+a v1 record has one checksum, so any read of it hashes all of it.
 
 Values are absolute (re-applying a record is idempotent) and each tensor
 section may carry the values the rows had before (``old``), which makes the
@@ -29,11 +37,12 @@ from .dtypes import storage_dtype
 from .errors import IntegrityError, UnsupportedVersion
 
 MAGIC = b"DLRC"
-VERSION = 1
+VERSION = 2  # the newest record encoding this code reads, and what encode() writes unless told otherwise
 KINDS = ("commit", "sync", "rollback")
+SECTION_KEYS = ("index", "new", "old", "versions")  # the order of one tensor's sections
 
 _FIXED = struct.Struct(">4sHHI")
-_TRAILER = struct.Struct(">Q")
+_U64 = struct.Struct(">Q")  # the v1 trailer and the v2 header checksum
 MAX_HEADER = 64 << 20  # a header is metadata only; anything bigger is corrupt
 
 
@@ -63,6 +72,7 @@ class TensorDelta:
     # Sections that arrived already encoded for exactly these rows, new values and
     # versions ({"index"|"new"|"versions": (payload, decoded size)}): encode() copies
     # them instead of compressing again (a sync destination stores what it received).
+    # The codecs are the same in both record encodings, so a section moves between them.
     encoded: dict[str, tuple[bytes | memoryview, int]] | None = None
 
 
@@ -103,13 +113,19 @@ class RecordSummary:
     tensors: list[dict]
 
 
+# -- encoding ------------------------------------------------------------------
+
+
 def _given(section: tuple[bytes, int]):
     return lambda: section
 
 
-def encode(record: Record) -> bytes:
+def encode(record: Record, version: int = 1) -> bytes:
+    """The record's bytes in encoding ``version``: 2 (what replicas store) or 1 (what goes to peers)."""
     if record.kind not in KINDS:
         raise ValueError(f"unknown record kind {record.kind!r}")
+    if version not in (1, 2):
+        raise ValueError(f"record encoding v{version} is not defined")
     # Every section is encoded on its own (zstd and numpy release the GIL), so a
     # large record compresses its sections on all cores; results keep their order.
     jobs = []
@@ -126,23 +142,23 @@ def encode(record: Record) -> bytes:
             jobs.append(_given(done["versions"]) if "versions" in done
                         else partial(codec.encode_values, np.asarray(t.versions, dtype="<u8")))
     encoded = iter(codec.run_jobs(jobs, value_bytes))
-    sections: list[bytes] = []
+    sections: list[bytes | memoryview] = []
     tensor_headers = []
     for t in record.tensors:
         layout = {}
-        payload, size = next(encoded)
-        layout["index"] = [codec.INDEX, len(payload), size]
-        sections.append(payload)
-        payload, size = next(encoded)
-        layout["new"] = [codec.VALUES, len(payload), size]
-        sections.append(payload)
-        if t.old is not None:
+        for key, codec_name, present in (
+            ("index", codec.INDEX, True),
+            ("new", codec.VALUES, True),
+            ("old", codec.XOR_VALUES, t.old is not None),
+            ("versions", codec.VALUES, t.versions is not None),
+        ):
+            if not present:
+                continue
             payload, size = next(encoded)
-            layout["old"] = [codec.XOR_VALUES, len(payload), size]
-            sections.append(payload)
-        if t.versions is not None:
-            payload, size = next(encoded)
-            layout["versions"] = [codec.VALUES, len(payload), size]
+            entry = [codec_name, len(payload), size]
+            if version >= 2:  # each section hashed once; the header checksum then covers these
+                entry.append(xxhash.xxh3_64_intdigest(payload))
+            layout[key] = entry
             sections.append(payload)
         tensor_headers.append(
             {
@@ -166,44 +182,192 @@ def encode(record: Record) -> bytes:
             "tensors": tensor_headers,
         }
     )
-    parts = [_FIXED.pack(MAGIC, VERSION, 0, len(header)), header, *sections]
-    digest = xxhash.xxh3_64()
-    for part in parts:  # hashed piece by piece: the record is assembled once, not twice
-        digest.update(part)
-    parts.append(_TRAILER.pack(digest.intdigest()))
+    fixed = _FIXED.pack(MAGIC, version, 0, len(header))
+    if version == 1:
+        parts = [fixed, header, *sections]
+        digest = xxhash.xxh3_64()
+        for part in parts:  # hashed piece by piece: the record is assembled once, not twice
+            digest.update(part)
+        parts.append(_U64.pack(digest.intdigest()))
+    else:
+        digest = xxhash.xxh3_64(fixed)
+        digest.update(header)
+        parts = [fixed, header, _U64.pack(digest.intdigest()), *sections]
     return b"".join(parts)
 
 
-def _read_header(blob, what: str) -> tuple[dict, int]:
+# -- reading -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Section:
+    codec: str
+    payload: memoryview
+    size: int  # decoded bytes
+    digest: int | None  # v2: the xxh3_64 of ``payload`` the header declares; v1: None (the trailer covers it)
+
+
+def _parse(blob, what: str, header_checksum: bool, trailer: bool) -> tuple[memoryview, int, dict, int, int]:
+    """(view, version, header, start of the sections, end of the sections).
+
+    ``header_checksum``: check a v2 header's checksum. ``trailer``: check a v1
+    record's trailer, its only checksum, which covers every byte.
+    """
     view = memoryview(blob)
-    if len(view) < _FIXED.size + _TRAILER.size:
+    if len(view) < _FIXED.size + _U64.size:
         raise IntegrityError(f"{what}: truncated record ({len(view)} bytes)")
     magic, version, _flags, hlen = _FIXED.unpack_from(view)
     if magic != MAGIC:
         raise IntegrityError(f"{what}: not a deltalog record (bad magic)")
     if version > VERSION:
         raise UnsupportedVersion(f"{what}: record format v{version}, this deltalog reads up to v{VERSION}")
-    if hlen > MAX_HEADER or _FIXED.size + hlen + _TRAILER.size > len(view):
+    header_end = _FIXED.size + hlen
+    if hlen > MAX_HEADER or header_end + _U64.size > len(view):
         raise IntegrityError(f"{what}: truncated record header")
-    header = unpack(view[_FIXED.size : _FIXED.size + hlen], what)
+    if version == 2:
+        start, end = header_end + _U64.size, len(view)
+        if header_checksum:
+            (want,) = _U64.unpack_from(view, header_end)
+            if xxhash.xxh3_64_intdigest(view[:header_end]) != want:
+                raise IntegrityError(f"{what}: header checksum mismatch")
+    elif version == 1:
+        start, end = header_end, len(view) - _U64.size
+        if trailer:
+            (want,) = _U64.unpack_from(view, end)
+            if xxhash.xxh3_64_intdigest(view[:end]) != want:
+                raise IntegrityError(f"{what}: checksum mismatch")
+    else:  # 0 was never written; only damage under a v1 trailer left unchecked gets here
+        raise IntegrityError(f"{what}: record format v{version} does not exist")
+    header = unpack(view[_FIXED.size : header_end], what)
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
         raise IntegrityError(f"{what}: malformed record header")
-    return header, _FIXED.size + hlen
+    return view, version, header, start, end
+
+
+class RecordView:
+    """An encoded record whose header is parsed and checked: decode any part of it.
+
+    Opening it checks what every read needs: a v1 record's trailer (the whole
+    record: its only checksum), a v2 record's header checksum, and that the
+    sections the header lists exactly fill the record. Each v2 section is then
+    checked once, by the first decode that reads it. ``checked`` says the caller
+    has already checked every byte (:func:`check`). ``blob`` must stay alive
+    and unchanged while the view is used.
+    """
+
+    def __init__(self, blob, what: str = "record", checked: bool = False):
+        self.what = what
+        view, self.version, self._header, pos, end = _parse(blob, what, header_checksum=not checked, trailer=not checked)
+        self._verified: set[tuple[int, str]] | None = None if checked or self.version == 1 else set()
+        self._tensors: list[tuple[dict, dict[str, _Section]]] = []
+        try:
+            for th in self._header["tensors"]:
+                spans = {}
+                for key in SECTION_KEYS:
+                    if key not in th["sections"]:
+                        continue
+                    if self.version == 1:
+                        (codec_name, stored, size), digest = th["sections"][key], None
+                    else:
+                        codec_name, stored, size, digest = th["sections"][key]
+                    if stored < 0 or size < 0 or pos + stored > end:
+                        raise IntegrityError(f"{what}, tensor {th['name']!r}: section {key} runs past the record")
+                    spans[key] = _Section(codec_name, view[pos : pos + stored], int(size), digest)
+                    pos += stored
+                self._tensors.append((th, spans))
+        except (KeyError, TypeError, ValueError):
+            raise IntegrityError(f"{what}: malformed record header") from None
+        if pos != end:
+            raise IntegrityError(f"{what}: {end - pos} unexplained bytes after the sections")
+
+    def _payload(self, n: int, name: str, key: str, section: _Section) -> memoryview:
+        """A section's payload, its checksum checked first (v2, once per section)."""
+        if self._verified is not None and (n, key) not in self._verified:
+            if xxhash.xxh3_64_intdigest(section.payload) != section.digest:
+                raise IntegrityError(f"{self.what}: checksum mismatch (tensor {name!r}, section {key})")
+            self._verified.add((n, key))
+        return section.payload
+
+    def check(self) -> None:
+        """Check every section not checked yet: with the opening checks, every byte of the record."""
+        for n, (th, spans) in enumerate(self._tensors):
+            for key, section in spans.items():
+                self._payload(n, th["name"], key, section)
+
+    def decode(
+        self, only: set[str] | None = None, with_old: bool = True, rows_only: bool = False, keep_encoded: bool = False,
+    ) -> Record:
+        """Decode the record (see :func:`decode`); only the sections decoded are checked."""
+        what, header = self.what, self._header
+        tensors = []
+        try:
+            for n, (th, spans) in enumerate(self._tensors):
+                name, dtype_name = th["name"], th["dtype"]
+                if only is not None and name not in only:
+                    continue
+                count, row_elems = int(th["count"]), int(th["row_elems"])
+                where = f"{what}, tensor {name!r}"
+                dtype = storage_dtype(dtype_name)
+                section = spans["index"]
+                rows = codec.decode_indices(self._payload(n, name, "index", section), section.size, count, where)
+                versions = None
+                if "versions" in spans:  # 8 bytes a row: cheap, and a sync source needs them even rows_only
+                    section = spans["versions"]
+                    versions = codec.decode_values(self._payload(n, name, "versions", section), section.size,
+                                                   np.dtype("<u8"), (count,), where)
+                if rows_only:
+                    tensors.append(TensorDelta(name, dtype_name, rows, np.empty((0, row_elems), dtype),
+                                               None, versions, float(th["significance"])))
+                    continue
+                section = spans["new"]
+                new = codec.decode_values(self._payload(n, name, "new", section), section.size, dtype,
+                                          (count, row_elems), where)
+                old = None
+                if with_old and "old" in spans:
+                    section = spans["old"]
+                    old = codec.decode_xor_values(self._payload(n, name, "old", section), section.size, new, where)
+                encoded = None
+                if keep_encoded:  # the sections encode() would write the same way (all checked above)
+                    ours = {"index": codec.INDEX, "new": codec.VALUES, "versions": codec.VALUES}
+                    encoded = {key: (spans[key].payload, spans[key].size)  # views into the blob: no copy
+                               for key, name_of_codec in ours.items() if key in spans and spans[key].codec == name_of_codec}
+                tensors.append(
+                    TensorDelta(name, dtype_name, rows, new, old, versions, float(th["significance"]), encoded)
+                )
+            return Record(
+                offset=int(header["offset"]),
+                base=int(header["base"]),
+                kind=str(header["kind"]),
+                time=float(header["time"]),
+                model_id=str(header["model_id"]),
+                tensors=tensors,
+                reason=header.get("reason"),
+                target=header.get("target"),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise IntegrityError(f"{what}: malformed record header") from None
 
 
 def check(blob, what: str = "record") -> None:
-    """Raise IntegrityError unless the record's checksum matches."""
-    view = memoryview(blob)
-    if len(view) < _FIXED.size + _TRAILER.size:
-        raise IntegrityError(f"{what}: truncated record ({len(view)} bytes)")
-    (want,) = _TRAILER.unpack_from(view, len(view) - _TRAILER.size)
-    if xxhash.xxh3_64_intdigest(view[: len(view) - _TRAILER.size]) != want:
-        raise IntegrityError(f"{what}: checksum mismatch")
+    """Raise IntegrityError unless every byte of the record checks: a v1 record's
+    trailer; a v2 record's header checksum, every section's checksum, and sections
+    that exactly fill the record."""
+    RecordView(blob, what).check()
+
+
+def check_for_partial_decodes(blob, what: str = "record") -> bool:
+    """For a reader that decodes parts of one record in several calls (fetching it
+    each time): check once what those decodes would each check again. Returns the
+    ``checked`` to pass them: True for a v1 record (its trailer, just checked,
+    covers every byte), False for v2 (its header is checked here, and each decode
+    checks the header again, cheaply, and the sections it reads)."""
+    return RecordView(blob, what).version == 1
 
 
 def summarize(blob, what: str = "record") -> RecordSummary:
-    """Parse the header only (no checksum, no decompression): for listings."""
-    header, _ = _read_header(blob, what)
+    """Parse the header only, for listings: no decompression. A v2 header is
+    checked (its checksum is cheap); a v1 record is not (that hashes all of it)."""
+    _view, _version, header, _start, _end = _parse(blob, what, header_checksum=True, trailer=False)
     try:
         tensors = [
             {"name": t["name"], "rows": int(t["count"]), "significance": float(t["significance"])}
@@ -231,72 +395,13 @@ def decode(
     rows_only: bool = False, keep_encoded: bool = False,
 ) -> Record:
     """Check and decode a record. ``only`` limits which tensors are decompressed;
-    ``checked`` skips the checksum when the caller has just verified it; ``rows_only``
-    decodes row indices (and per-row versions, when present) alone: ``new`` is then an
-    empty (0, row_elems) array. ``keep_encoded`` keeps the index, new and versions
-    sections on each TensorDelta (views into ``blob``: keep it alive and unchanged
-    while they are used), for :func:`encode` to reuse."""
-    if not checked:
-        check(blob, what)
-    header, pos = _read_header(blob, what)
-    view = memoryview(blob)
-    end = len(view) - _TRAILER.size
-    tensors = []
-    try:
-        for th in header["tensors"]:
-            name, dtype_name = th["name"], th["dtype"]
-            count, row_elems = int(th["count"]), int(th["row_elems"])
-            where = f"{what}, tensor {name!r}"
-            spans = {}
-            for key in ("index", "new", "old", "versions"):
-                if key in th["sections"]:
-                    codec_name, stored, size = th["sections"][key]
-                    if pos + stored > end or stored < 0 or size < 0:
-                        raise IntegrityError(f"{where}: section {key} runs past the record")
-                    spans[key] = (codec_name, view[pos : pos + stored], int(size))
-                    pos += stored
-            if only is not None and name not in only:
-                continue
-            dtype = storage_dtype(dtype_name)
-            _, payload, size = spans["index"]
-            rows = codec.decode_indices(payload, size, count, where)
-            if rows_only:
-                versions = None
-                if "versions" in spans:  # 8 bytes a row: cheap, and a sync source needs them
-                    _, payload, size = spans["versions"]
-                    versions = codec.decode_values(payload, size, np.dtype("<u8"), (count,), where)
-                tensors.append(TensorDelta(name, dtype_name, rows, np.empty((0, row_elems), dtype),
-                                           None, versions, float(th["significance"])))
-                continue
-            _, payload, size = spans["new"]
-            new = codec.decode_values(payload, size, dtype, (count, row_elems), where)
-            old = None
-            if with_old and "old" in spans:
-                _, payload, size = spans["old"]
-                old = codec.decode_xor_values(payload, size, new, where)
-            versions = None
-            if "versions" in spans:
-                _, payload, size = spans["versions"]
-                versions = codec.decode_values(payload, size, np.dtype("<u8"), (count,), where)
-            encoded = None
-            if keep_encoded:  # the sections encode() would write the same way
-                ours = {"index": codec.INDEX, "new": codec.VALUES, "versions": codec.VALUES}
-                encoded = {key: (spans[key][1], spans[key][2])  # views into ``blob``: no copy
-                           for key, name_of_codec in ours.items() if key in spans and spans[key][0] == name_of_codec}
-            tensors.append(
-                TensorDelta(name, dtype_name, rows, new, old, versions, float(th["significance"]), encoded)
-            )
-        if pos != end:
-            raise IntegrityError(f"{what}: {end - pos} unexplained bytes after the sections")
-        return Record(
-            offset=int(header["offset"]),
-            base=int(header["base"]),
-            kind=str(header["kind"]),
-            time=float(header["time"]),
-            model_id=str(header["model_id"]),
-            tensors=tensors,
-            reason=header.get("reason"),
-            target=header.get("target"),
-        )
-    except (KeyError, TypeError, ValueError):
-        raise IntegrityError(f"{what}: malformed record header") from None
+    ``checked`` skips every checksum when the caller has just run :func:`check`;
+    ``rows_only`` decodes row indices (and per-row versions, when present) alone:
+    ``new`` is then an empty (0, row_elems) array. ``keep_encoded`` keeps the index,
+    new and versions sections on each TensorDelta (views into ``blob``: keep it
+    alive and unchanged while they are used), for :func:`encode` to reuse.
+
+    What is checked: a v1 record's trailer, so all of it; a v2 record's header and
+    the sections decoded here (with ``rows_only`` its index and versions sections;
+    with ``only`` those tensors' sections), never the bytes it does not read."""
+    return RecordView(blob, what, checked).decode(only, with_old, rows_only, keep_encoded)
