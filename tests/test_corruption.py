@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import pytest
 from conftest import REPO, apply_update, bits, random_model, random_update, run_cli
 
 from deltalog import Replica
+from deltalog import record as rec
 from deltalog.checkpoint import read_checkpoint
 from deltalog.errors import EXIT_CODES
 from deltalog.verify import verify
@@ -388,13 +390,36 @@ def test_flipped_bytes_anywhere_in_the_log_never_give_wrong_data(template, tmp_p
 # -- one record, rewritten through the store API -------------------------------------------------------
 
 
-def test_record_with_a_flipped_byte(template, tmp_path):
-    """verify names the record; everything that needs it refuses; what does not need it stays exact."""
+def _record_parts(blob: bytes) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, str], tuple[int, int]]]:
+    """({"header": span}, {(tensor, section): span}) of a record of encoding v2, spans as (start, stop)."""
+    (hlen,) = struct.unpack_from(">I", blob, 8)
+    header = rec.unpack(blob[12 : 12 + hlen], "test")
+    pos, sections = 12 + hlen + 8, {}
+    for t in header["tensors"]:
+        for key in rec.SECTION_KEYS:
+            if key in t["sections"]:
+                sections[(t["name"], key)] = (pos, pos + t["sections"][key][1])
+                pos += t["sections"][key][1]
+    return {"header": (12, 12 + hlen)}, sections
+
+
+@pytest.mark.parametrize("part", ["header", "index", "new", "old"])
+def test_record_with_a_flipped_byte(template, tmp_path, part):
+    """verify names the record; a command refuses exactly when it reads the damaged bytes; the others stay exact.
+
+    A record (encoding v2) checks its header and then each section as it is
+    read: a damaged value section does not stop what needs only the rows,
+    or the values of other tensors.
+    """
     path = damaged_copy(template, tmp_path)
     bad = 6
     with Replica.open(path) as r:
         blob = bytearray(r.record_blob(bad))
-        blob[len(blob) // 2] ^= 0x10
+        assert blob[4:6] == b"\x00\x02"
+        header, sections = _record_parts(bytes(blob))
+        name = max((n for n, key in sections if key == "new"), key=lambda n: sections[(n, "new")][1] - sections[(n, "new")][0])
+        start, stop = header["header"] if part == "header" else sections[(name, part)]
+        blob[(start + stop) // 2] ^= 0x10
 
         def rewrite(txn):
             txn.put(bytes.fromhex(f"{bad:016x}"), bytes(blob), db=r.store.dbs["records"])
@@ -411,21 +436,28 @@ def test_record_with_a_flipped_byte(template, tmp_path):
         ["replay", path, "--in-place"],
     ])
     codes = [o.code for o in outcomes]
-    assert codes == [5, 5, 5, 5, 0, 1, 5, 5], [(o.argv[0], o.code, o.stderr) for o in outcomes]
-    assert f"record {bad}: checksum mismatch" in outcomes[0].stderr
+    if part in ("header", "index"):  # every reader of record 6 needs these bytes
+        want = [5, 5, 5, 5, 0, 1, 5, 5]
+    else:  # values: sync sends the head's values, read from the tensor files
+        want = [5, 5, 0, 5, 0, 1, 5, 5]
+    assert codes == want, [(o.argv[0], o.code, o.stderr) for o in outcomes]
+    assert f"record {bad}: " in outcomes[0].stderr and "checksum mismatch" in outcomes[0].stderr
     for o in outcomes:
         assert "Traceback" not in o.stderr
         if o.code == 5 and o.name != "verify":
             assert o.stderr.count("\n") == 1 and f"record {bad}" in o.stderr, o.stderr
     early = read_checkpoint(str(tmp_path / "early.npz"))
-    for name, want in template.states[bad - 1].items():
-        assert same(np.asarray(early[name].array), want), name
+    for tensor, want_values in template.states[bad - 1].items():
+        assert same(np.asarray(early[tensor].array), want_values), tensor
     late = outcomes[5].json()
     assert {t["name"]: t["changed_rows"] for t in late["tensors"]} == expected_diff(template, bad, HEAD)
-    if (tmp_path / "dst").exists():  # the snapshot transfer came first: a sound follower at 0, never past it
+    if outcomes[1].code == 1:
+        got = {t["name"]: t["changed_rows"] for t in outcomes[1].json()["tensors"]}
+        assert got == expected_diff(template, LOW, HEAD)
+    if (tmp_path / "dst").exists():  # exact at whatever head it reached (0 when the sync stopped after the snapshot)
         with Replica.open(tmp_path / "dst") as d:
-            assert d.head == 0 and verify(d).ok
-            assert all(same(d.read_tensor(n), a) for n, a in template.states[0].items())
+            assert d.head == (HEAD if outcomes[2].code == 0 else 0) and verify(d).ok
+            assert all(same(d.read_tensor(n), a) for n, a in template.states[d.head].items())
     files = raw_tensors(path, template.infos)  # nothing was written: still the model at the head
     assert all(same(files[n], a) for n, a in template.states[HEAD].items())
 

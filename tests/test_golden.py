@@ -1,9 +1,12 @@
-"""Golden samples of formats v1 and v2: what an old replica looks like must keep opening.
+"""Golden samples of formats v1, v2 and v3: what an old replica looks like must keep opening.
 
 formats/golden/vN was written once by formats/golden/make_golden.py (v1 by
 the code of version 1) and is never regenerated; if these tests fail, the
 format changed (see FORMAT.md). v2 adds a row digest file per tensor; a v1
-replica opens and reads unchecked, and its first writer upgrades it.
+replica opens and reads unchecked. v3 stores records of encoding v2 (a
+checksum per section) and says so in its marker, which v1 and v2 readers
+refuse. The first writer of a v1 or v2 replica upgrades it to v3; its old
+records stay as they are, in encoding v1.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from deltalog.errors import UnsupportedVersion
 from deltalog.verify import verify
 
 GOLDEN_ROOT = os.path.join(REPO, "formats", "golden")
-VERSIONS = ["v1", "v2"]
+VERSIONS = ["v1", "v2", "v3"]
 
 
 @pytest.fixture(params=VERSIONS)
@@ -68,7 +71,11 @@ def test_golden_log_lists_the_expected_records(golden):
     with Replica.open(path) as r:
         got = [{"offset": s.offset, "base": s.base, "kind": s.kind, "rows": s.rows, "reason": s.reason, "target": s.target}
                for s in r.iter_summaries()]
-    assert got == expected["records"]
+    assert got == [{k: v for k, v in e.items() if k != "encoding"} for e in expected["records"]]
+
+
+def _encoding(blob: bytes) -> int:
+    return int.from_bytes(blob[4:6], "big")
 
 
 def test_golden_record_files_decode_and_match_the_log(golden):
@@ -78,6 +85,8 @@ def test_golden_record_files_decode_and_match_the_log(golden):
             with open(os.path.join(expected["dir"], "records", f"{entry['offset']:04d}.dlrc"), "rb") as f:
                 blob = f.read()
             assert blob == r.record_blob(entry["offset"])
+            assert _encoding(blob) == entry.get("encoding", 1)  # formats 1 and 2 hold encoding v1 only
+            rec.check(blob)
             record = rec.decode(blob)
             assert (record.offset, record.base, record.kind) == (entry["offset"], entry["base"], entry["kind"])
             assert record.rows == entry["rows"]
@@ -92,13 +101,15 @@ def test_golden_replica_accepts_new_commits(golden):
         assert verify(r).ok
 
 
-def test_golden_v2_digest_files_hold_the_defined_digests(tmp_path):
-    path, expected = _golden("v2", tmp_path)
-    with open(os.path.join(path, "DELTALOG")) as f:
-        assert f.read() == "deltalog replica\nformat 1\n"  # the read version: v1 readers still open it
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_golden_digest_files_hold_the_defined_digests(tmp_path, version):
+    path, expected = _golden(version, tmp_path)
+    fmt = expected["format"]
+    with open(os.path.join(path, "DELTALOG")) as f:  # the read version: 1 (v1 readers open a v2 replica), then 3
+        assert f.read() == f"deltalog replica\nformat {fmt['marker']}\n"
     files = _digest_files(path)
     with Replica.open(path) as r:
-        assert (r.format_version, r.has_row_digests) == (2, True)
+        assert (r.format_version, r.has_row_digests) == (fmt["write_version"], True)
         assert sorted(expected["digests"]) == sorted(r.tensor_names)
         for name, want_hex in expected["digests"].items():
             want = [int(h, 16) for h in want_hex]
@@ -120,6 +131,51 @@ def test_golden_v2_opens_read_only_for_a_v1_reader(tmp_path, monkeypatch):
             r.commit({"counts": ([0], np.array([5], np.int64))})
 
 
+def test_golden_v3_is_refused_by_v1_and_v2_readers(tmp_path, monkeypatch):
+    """Its records are of an encoding they cannot decode: the marker turns them away, and meta/format too."""
+    path, _expected = _golden("v3", tmp_path)
+    for old in (1, 2):
+        monkeypatch.setattr(replica_mod, "FORMAT_VERSION", old)
+        with pytest.raises(UnsupportedVersion, match="needs format v3"):
+            Replica.open(path)
+        with open(os.path.join(path, "DELTALOG"), "w") as f:  # were the marker lost, meta/format still says 3
+            f.write("deltalog replica\nformat 1\n")
+        with pytest.raises(UnsupportedVersion, match="needs format v3"):
+            Replica.open(path)
+        _write_v3_marker(path)
+    monkeypatch.setattr(rec, "VERSION", 1)  # and a v1 record reader refuses each record
+    monkeypatch.setattr(replica_mod, "FORMAT_VERSION", 3)
+    with Replica.open(path) as r, pytest.raises(UnsupportedVersion, match="record format v2"):
+        list(r.iter_summaries())
+
+
+def _write_v3_marker(path) -> None:
+    with open(os.path.join(path, "DELTALOG"), "w") as f:
+        f.write("deltalog replica\nformat 3\n")
+
+
+def _stored_records(path) -> dict[int, bytes]:
+    with Replica.open(path) as r:
+        return dict(r.iter_record_blobs())
+
+
+def _assert_upgraded_to_v3(path, old_records: dict[int, bytes], new_offset: int) -> None:
+    """Marker and meta/format say 3; the old records are the same bytes (encoding v1), the new one is v2."""
+    with open(os.path.join(path, "DELTALOG")) as f:
+        assert f.read() == "deltalog replica\nformat 3\n"
+    with Replica.open(path) as r:
+        assert r.format_version == 3 and r.status()["format_version"] == 3 and r.has_row_digests
+        with r.store.read() as txn:
+            assert r.store.get_meta(txn, "format") == {"write_version": 3, "read_version": 3}
+        assert verify(r).ok
+    stored = _stored_records(path)
+    assert sorted(stored) == sorted([*old_records, new_offset])
+    for offset, blob in old_records.items():
+        assert stored[offset] == blob and _encoding(blob) == 1, offset  # read as v1, never rewritten
+    assert _encoding(stored[new_offset]) == 2
+    rec.check(stored[new_offset])
+
+
 def test_golden_v1_reads_unchecked_and_is_upgraded_by_its_first_write(tmp_path):
     path, expected = _golden("v1", tmp_path)
     assert all(d is None for d in _digest_files(path).values())
@@ -128,45 +184,146 @@ def test_golden_v1_reads_unchecked_and_is_upgraded_by_its_first_write(tmp_path):
         counts = r.read_tensor("counts")  # read without digests
         assert verify(r).ok and r.format_version == 1  # verify only reads: no upgrade
     assert all(d is None for d in _digest_files(path).values())
+    old_records = _stored_records(path)
     with Replica.open(path) as r:
         offset = r.commit({"counts": ([0], np.array([42], np.int64))})
-        assert (r.format_version, r.has_row_digests) == (2, True)
+        assert (r.format_version, r.has_row_digests) == (3, True)  # straight to 3: digests, then records v2
         assert offset == expected["head"] + 1
         counts[0] = 42
         assert np.array_equal(r.read_tensor("counts"), counts)
         assert verify(r).ok
-    with open(os.path.join(path, "DELTALOG")) as f:
-        assert f.read() == "deltalog replica\nformat 1\n"
+    _assert_upgraded_to_v3(path, old_records, offset)
     files = _digest_files(path)
     with Replica.open(path) as r:
-        assert r.format_version == 2 and r.status()["format_version"] == 2
-        with r.store.read() as txn:
-            assert r.store.get_meta(txn, "format") == {"write_version": 2, "read_version": 1}
         for name in r.tensor_names:
             assert files[name] == rowdigest.row_digests(r.rows_view(name)).astype("<u8").tobytes(), name
+        assert r.commit({"counts": ([1], np.array([7], np.int64))}) == offset + 1
+        assert verify(r).ok
 
 
-def test_golden_v1_upgrade_interrupted_before_its_transaction_is_redone(tmp_path, monkeypatch):
-    path, _expected = _golden("v1", tmp_path)
-
-    class Crash(BaseException):
-        pass
-
-    def crash(self, fn):
-        raise Crash
-
+def test_golden_v2_is_upgraded_to_v3_by_its_first_write(tmp_path):
+    path, expected = _golden("v2", tmp_path)
+    old_records = _stored_records(path)
+    digests_before = _digest_files(path)
     with Replica.open(path) as r:
-        monkeypatch.setattr(replica_mod.LogStore, "write", crash)  # after the digest files, before meta/format
+        assert verify(r).ok and r.format_version == 2  # verify only reads: no upgrade
+        offset = r.commit({"counts": ([0], np.array([42], np.int64))})
+        assert offset == expected["head"] + 1 and r.format_version == 3
+    _assert_upgraded_to_v3(path, old_records, offset)
+    after = _digest_files(path)
+    assert {n: d for n, d in after.items() if n != "counts"} == {n: d for n, d in digests_before.items() if n != "counts"}
+    with Replica.open(path) as r:
+        assert r.read_tensor("counts")[0] == 42  # checked against its rewritten digest
+
+
+class Crash(BaseException):
+    pass
+
+
+def _crash(*_args, **_kw):
+    raise Crash
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_upgrade_interrupted_before_the_marker_leaves_the_old_format(tmp_path, monkeypatch, version):
+    path, expected = _golden(version, tmp_path)
+    old = int(version[1])
+    old_records = _stored_records(path)
+    with Replica.open(path) as r:
+        monkeypatch.setattr(replica_mod, "_write_marker", _crash)  # after the digest files (from v1)
         with pytest.raises(Crash):
             r.commit({"counts": ([0], np.array([42], np.int64))})
         monkeypatch.undo()
-        assert r.format_version == 1
-    with open(os.path.join(path, "tensors", "00001.digest"), "r+b") as f:
-        f.write(b"\xff" * 8)  # a v1 replica's digest files are ignored, whatever they hold
+        assert r.format_version == old
+    assert _stored_records(path) == old_records
+    monkeypatch.setattr(replica_mod, "FORMAT_VERSION", old)  # the old version's code still opens it, as it was
     with Replica.open(path) as r:
-        assert r.format_version == 1 and verify(r).ok
-        r.commit({"counts": ([0], np.array([42], np.int64))})
-        assert r.format_version == 2
-        assert verify(r).ok
+        assert r.head == expected["head"] and verify(r).ok
+    monkeypatch.undo()
+    with Replica.open(path) as r:
+        offset = r.commit({"counts": ([0], np.array([42], np.int64))})
+    _assert_upgraded_to_v3(path, old_records, offset)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_upgrade_interrupted_between_marker_and_meta_is_redone(tmp_path, monkeypatch, version):
+    """Marker 3, meta/format still old: older readers refuse it, this one reads it as the old format, and
+    its next writer finishes the upgrade. No record of encoding v2 exists before meta/format says 3."""
+    path, expected = _golden(version, tmp_path)
+    old = int(version[1])
+    old_records = _stored_records(path)
+    with Replica.open(path) as r:
+        monkeypatch.setattr(replica_mod.LogStore, "write", _crash)  # the marker is written, meta/format not yet
+        with pytest.raises(Crash):
+            r.commit({"counts": ([0], np.array([42], np.int64))})
+        monkeypatch.undo()
+        assert r.format_version == old and r.record_encoding == 1
+    with open(os.path.join(path, "DELTALOG")) as f:
+        assert f.read() == "deltalog replica\nformat 3\n"
+    assert _stored_records(path) == old_records
+    if version == "v1":
+        with open(os.path.join(path, "tensors", "00001.digest"), "r+b") as f:
+            f.write(b"\xff" * 8)  # a v1 replica's digest files are ignored, whatever they hold
+    monkeypatch.setattr(replica_mod, "FORMAT_VERSION", old)
+    with pytest.raises(UnsupportedVersion):
+        Replica.open(path)
+    monkeypatch.undo()
+    with Replica.open(path) as r:
+        assert r.format_version == old and r.head == expected["head"] and verify(r).ok
+        offset = r.commit({"counts": ([0], np.array([42], np.int64))})
+        assert r.format_version == 3
         for name in r.tensor_names:
-            r.read_tensor(name)  # every row checked against the rewritten digests
+            r.read_tensor(name)  # every row checked against the (rewritten) digests
+    _assert_upgraded_to_v3(path, old_records, offset)
+
+
+def test_a_writer_that_opened_before_another_process_upgraded_writes_v2_records(tmp_path):
+    path, expected = _golden("v2", tmp_path)
+    early = Replica.open(path)  # stands for another process: its own handle, opened at format 2
+    try:
+        with Replica.open(path) as r:
+            r.commit({"counts": ([0], np.array([42], np.int64))})
+        assert early.record_encoding == 1
+        offset = early.commit({"counts": ([1], np.array([43], np.int64))})  # re-reads meta/format under the lock
+        assert early.format_version == 3 and _encoding(early.record_blob(offset)) == 2
+        assert verify(early).ok
+    finally:
+        early.close()
+
+
+def _sync(src, dst) -> None:
+    from deltalog import sync as sync_mod
+    from deltalog.transport import TransportOptions, open_sink, open_source
+
+    source = open_source(str(src), TransportOptions())
+    try:
+        sink = open_sink(str(dst), TransportOptions())
+        try:
+            assert sync_mod.sync(source, sink, source_name=str(src), destination_name=str(dst)).complete
+        finally:
+            sink.close()
+    finally:
+        source.close()
+
+
+def test_sync_between_formats(tmp_path):
+    """A format 2 source (only read, so not upgraded) feeds a new destination; then, upgraded by a
+    commit, it feeds a format 2 destination, which its first write upgrades. Both store encoding v2."""
+    a, _ = _golden("v2", tmp_path / "a")
+    b, expected = _golden("v2", tmp_path / "b")
+    c = tmp_path / "c"
+    _sync(a, c)
+    with Replica.open(a) as r:
+        assert r.format_version == 2
+    with Replica.open(c) as r:
+        assert r.format_version == 3 and verify(r).ok
+        assert {_encoding(blob) for _o, blob in r.iter_record_blobs()} == {2}
+    b_records = _stored_records(b)
+    with Replica.open(a) as r:
+        offset = r.commit({"counts": ([3], np.array([-3], np.int64))})
+        assert r.format_version == 3
+    _sync(a, b)
+    _assert_upgraded_to_v3(b, b_records, offset)
+    with Replica.open(a) as ra, Replica.open(b) as rb:
+        for name in ra.tensor_names:
+            assert np.array_equal(bits(ra.read_tensor(name)), bits(rb.read_tensor(name))), name

@@ -24,6 +24,7 @@ import pytest
 from conftest import DELTALOG, bits, cli_json, random_update, run_cli
 from deltalog import Replica
 from deltalog import pending as pending_mod
+from deltalog import record as rec
 from deltalog import sync as sync_mod
 from deltalog.errors import LockHeld, ModelMismatch, TransportError
 from deltalog.transport import TransportOptions, open_sink, open_source, parse_spec
@@ -242,6 +243,44 @@ def test_budget_sends_most_significant_buckets_first_and_stays_honest(way, tmp_p
     assert runs == 5  # one bucket per run; the run that moves the last one completes
     assert result.chunks == 1 and result.to_offset == target
     assert_synced(src, dst)
+
+
+def _encoding(blob) -> int:
+    return int.from_bytes(bytes(blob[4:6]), "big")
+
+
+def test_chunks_cross_the_wire_as_v1_records_and_are_stored_as_v2(way, tmp_path, rng):
+    """Every deltalog decodes what a source sends (record encoding v1); a destination stores
+    encoding v2, the sections it received included (their checksums computed on arrival)."""
+    src, model = new_source(tmp_path, rng)
+    dst = tmp_path / "dst"
+    do_sync(way, src, dst)
+    advance(src, rng, model)
+    with Replica.open(src) as a, Replica.open(dst) as b:
+        since, target = b.head, a.head
+        assert {_encoding(blob) for _o, blob in a.iter_record_blobs()} == {2}
+    source = open_source(way.src(src), way.options)
+    try:
+        one = list(source.chunks(since, {}, target, 1 << 30))
+        several = list(source.chunks(since, {}, target, 64))
+    finally:
+        source.close()
+    assert len(one) == 1 and len(several) > 2
+    assert {_encoding(blob) for blob in one + several} == {1}
+    result = do_sync(way, src, dst, max_bytes=1, chunk_bytes=64)  # stops after one chunk: it stays pending
+    assert not result.complete and result.chunks == 1
+    with Replica.open(dst) as b:
+        _pending, chunks = pending_mod.read_pending(b)
+        assert [_encoding(blob) for blob in chunks] == [2]
+    assert do_sync(way, src, dst).complete  # the rest, then all chunks become one record
+    advance(src, rng, model)
+    assert do_sync(way, src, dst).chunks == 1  # a one-chunk sync: the chunk is stored as its record
+    assert_synced(src, dst)
+    with Replica.open(dst) as b:
+        stored = dict(b.iter_record_blobs())
+    assert len(stored) == 3 and {_encoding(blob) for blob in stored.values()} == {2}  # the first came after the snapshot
+    for blob in stored.values():
+        rec.check(blob)
 
 
 def test_partial_sync_resumes_after_the_source_advanced(way, tmp_path, rng):

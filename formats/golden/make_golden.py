@@ -1,16 +1,18 @@
 """Regenerate a golden sample directory: run ONLY when deliberately adding a format version.
 
-    python formats/golden/make_golden.py formats/golden/v2
+    python formats/golden/make_golden.py formats/golden/v3
 
 Writes, from a fixed seed:
   replica/           a tiny replica (every dtype kind, 0-d to 3-d, commit + rollback records)
   records/OFFSET.dlrc  each record's encoded bytes, the portable form
   expected.safetensors  the tensors at the head
   expected.json      head, model id, and per record: kind, base, rows, reason, target;
-                     from v2 on also the row digests of each tensor at the head (hex)
+                     from v2 on also the row digests of each tensor at the head (hex);
+                     from v3 on also each record's encoding (the u16 after the magic)
 Golden files are committed; tests/test_golden.py reads them with the current code.
 The directory's name (vN) must be the format version the current code writes:
-v1 was written by the code of version 1, v2 adds a tensor of 0 rows.
+v1 was written by the code of version 1, v2 adds a tensor of 0 rows, v3 (records
+of encoding v2) adds a sync record with per-row versions after a gap in the offsets.
 """
 
 import json
@@ -22,7 +24,7 @@ import numpy as np
 
 from deltalog import rowdigest
 from deltalog.checkpoint import write_checkpoint
-from deltalog.replica import FORMAT_VERSION, Replica
+from deltalog.replica import FORMAT_VERSION, READ_VERSION, Replica
 
 
 def main(out: str) -> None:
@@ -57,6 +59,10 @@ def main(out: str) -> None:
               "item_emb": ([5], np.full((1, 4), np.nan, np.float32))})
     with r.writing():
         r.append_record("rollback", {"item_emb": ([5], np.zeros((1, 4), np.float32))}, reason="golden rollback", target=2)
+        if FORMAT_VERSION >= 3:  # as a follower logs a coalesced sync of 5..6: a gap, and a version per row
+            r.append_record("sync", {"bias": ([0, 4], rng.standard_normal(2).astype(np.float16)),
+                                     "counts": ([2, 3], np.array([20, 30], np.int64))},
+                            offset=6, target=6, row_versions={"bias": [5, 6], "counts": [6, 6]})
     os.makedirs(os.path.join(out, "records"))
     records = []
     for offset, blob in r.iter_record_blobs():
@@ -64,11 +70,13 @@ def main(out: str) -> None:
             f.write(blob)
     for s in r.iter_summaries():
         records.append({"offset": s.offset, "base": s.base, "kind": s.kind, "rows": s.rows, "reason": s.reason, "target": s.target})
+        if FORMAT_VERSION >= 3:
+            records[-1]["encoding"] = int.from_bytes(r.record_blob(s.offset)[4:6], "big")
     write_checkpoint(os.path.join(out, "expected.safetensors"),
                      {name: (r.read_tensor(name), r.info(name).dtype) for name in r.tensor_names})
     expected = {"head": r.head, "model_id": r.model_id, "bucket_rows": r.bucket_rows, "records": records}
     if FORMAT_VERSION >= 2:  # the digests at the head, by the definition's plain-Python form
-        expected["format"] = {"write_version": r.format_version, "marker": 1}
+        expected["format"] = {"write_version": r.format_version, "marker": READ_VERSION}
         expected["digests"] = {
             name: [f"{rowdigest.reference_digest(row.tobytes()):016x}" for row in r.rows_view(name)]
             for name in r.tensor_names

@@ -120,7 +120,7 @@ def _given(section: tuple[bytes, int]):
     return lambda: section
 
 
-def encode(record: Record, version: int = 1) -> bytes:
+def encode(record: Record, version: int = VERSION) -> bytes:
     """The record's bytes in encoding ``version``: 2 (what replicas store) or 1 (what goes to peers)."""
     if record.kind not in KINDS:
         raise ValueError(f"unknown record kind {record.kind!r}")

@@ -57,9 +57,10 @@ from .tensorfiles import TensorInfo
 
 MARKER = "DELTALOG"
 LOG_DIR = "log"
-FORMAT_VERSION = 2  # what this code writes (and the newest it reads)
-READ_VERSION = 1  # the oldest code that can read what it writes; also the DELTALOG marker's number
+FORMAT_VERSION = 3  # what this code writes (and the newest it reads)
+READ_VERSION = 3  # the oldest code that can read what it writes; also the DELTALOG marker's number
 DIGEST_VERSION = 2  # the first write version with row digest files (tensors/NNNNN.digest)
+RECORD_V2_VERSION = 3  # the first write version whose log may hold records of encoding v2 (deltalog.record)
 DEFAULT_BUCKET_ROWS = 1024
 _COMPARE_CHUNK_BYTES = 32 << 20  # bounded memory when comparing a checkpoint
 # Tensor files are fsynced like a WAL checkpoint, not at every commit: the
@@ -106,9 +107,26 @@ _BOOT_ID: str | None = None
 
 
 def _marker_text() -> str:
-    # The marker holds the read version: a v1 reader (it refuses a marker
-    # above 1) still opens a v2 replica, read-only (meta/format says why).
+    # The marker holds the read version, which every reader checks first: a
+    # v1 or v2 reader refuses a marker above its own version. (Format 2 kept 1
+    # here, so v1 readers opened it read-only; format 3 logs hold records they
+    # cannot decode.)
     return f"deltalog replica\nformat {READ_VERSION}\n"
+
+
+def _write_marker(path: str) -> None:
+    """Replace the DELTALOG marker with this version's, durably: written aside, fsynced, renamed."""
+    marker = os.path.join(path, MARKER)
+    tmp = marker + ".upgrade-tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(_marker_text())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, marker)
+        tensorfiles.fsync_dir(path)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot upgrade the {MARKER} marker: {exc.strerror or exc}") from None
 
 
 def check_marker(path: str) -> None:
@@ -285,6 +303,9 @@ class Replica:
         self.format_version: int = fmt["write_version"]
         self._writable_format = fmt["write_version"] <= FORMAT_VERSION
         self._digests = fmt["write_version"] >= DIGEST_VERSION  # tensors/NNNNN.digest exist and are kept
+        # The encoding of the records this handle writes: v2 only once meta/format
+        # (written after the marker) says that every reader able to open the replica decodes it.
+        self.record_encoding: int = 2 if fmt["write_version"] >= RECORD_V2_VERSION else 1
 
     @property
     def has_row_digests(self) -> bool:
@@ -300,17 +321,25 @@ class Replica:
             self._set_format(fmt)
 
     def _upgrade_format(self) -> None:
-        """v1 -> v2 (lock held, tensors settled): write every digest file, fsynced, then meta/format.
+        """Format 1 or 2 -> 3 (lock held, tensors settled), each step durable before the next:
 
-        Idempotent: a crash before the transaction leaves a v1 replica whose
-        digest files are ignored, and the next writer writes them all again.
+        1. from format 1: every row digest file, fsynced;
+        2. the DELTALOG marker says ``format 3``: from here v1 and v2 deltalog refuse to open the replica;
+        3. meta/format = {3, 3}, one transaction: only then does a handle write v2 records.
+
+        Idempotent: a crash before step 2 leaves the old format (a format 1
+        replica ignores digest files); one between 2 and 3 leaves a replica
+        that only this version opens, still of the old format, which its next
+        writer upgrades again. So no reader ever meets a record it cannot decode.
         """
-        if self._digests or not self._writable_format:
+        if self.format_version >= FORMAT_VERSION or not self._writable_format:
             return
-        tensor_dir = os.path.join(self.path, tensorfiles.TENSOR_DIR)
-        for info in self._tensors:
-            tensorfiles.write_digest_file(self._digest_path(info), self._writable(info))
-        tensorfiles.fsync_dir(tensor_dir)
+        if not self._digests:
+            tensor_dir = os.path.join(self.path, tensorfiles.TENSOR_DIR)
+            for info in self._tensors:
+                tensorfiles.write_digest_file(self._digest_path(info), self._writable(info))
+            tensorfiles.fsync_dir(tensor_dir)
+        _write_marker(self.path)
         fmt = {"write_version": FORMAT_VERSION, "read_version": READ_VERSION}
         self._store.write(lambda txn: self._store.put_meta(txn, "format", fmt))
         self._set_format(fmt)
@@ -677,8 +706,8 @@ class Replica:
     def writing(self, wait: float = 0.0, upgrade: bool = True) -> Iterator[None]:
         """Hold the writer lock, with the tensors brought up to the log's head.
 
-        A v1 replica is upgraded to the current format first (its digest
-        files written), unless ``upgrade`` is False (verify: it only reads).
+        An older replica (format 1 or 2) is upgraded to the current format
+        first (see _upgrade_format), unless ``upgrade`` is False (verify: it only reads).
         """
         if not self._writable_format:
             raise UnsupportedVersion(f"{self.path}: written by a newer deltalog; opened read-only")
@@ -893,7 +922,7 @@ class Replica:
             reason=reason,
             target=target,
         )
-        blob = rec.encode(record)
+        blob = rec.encode(record, self.record_encoding)
 
         def log_it(txn):
             self._store.put_record(txn, offset, blob)

@@ -61,7 +61,7 @@ from .history import values_at
 from .pending import CHUNK_KEY, PENDING_KEY, merged_pending, pending_buckets, pending_state
 from .replica import Replica, _row_significance, boot_id
 from .store import bucket_key
-from .transport.base import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, SNAPSHOT_PIECE_BYTES
+from .transport.base import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, RECORD_VERSION, SNAPSHOT_PIECE_BYTES
 
 RESTORE_KEY = "sync.restore"
 FOLLOW_KEY = "follow"
@@ -312,7 +312,7 @@ def _encode_chunk(replica, changes, batch, since, target) -> bytes:
         )
     record = rec.Record(offset=target, base=since, kind="sync", time=time.time(), model_id=replica.model_id,
                         tensors=tensors, target=target)
-    return rec.encode(record)
+    return rec.encode(record, RECORD_VERSION)  # for a peer: the wire's encoding, whatever the log stores
 
 
 def source_snapshot_manifest(replica: Replica, offset: int) -> dict:
@@ -431,7 +431,7 @@ def apply_whole(replica: Replica, blob, target: int, follow: dict | None) -> int
         sigs.append(row_sig)
     record = rec.Record(offset=target, base=head, kind="sync", time=time.time(), model_id=replica.model_id,
                         tensors=[d for _i, d in deltas], target=target)
-    blob_out = rec.encode(record)
+    blob_out = rec.encode(record, replica.record_encoding)  # kept sections get their v2 checksums here
     store = replica.store
 
     def log_it(txn):
@@ -463,7 +463,7 @@ def apply_chunk(replica: Replica, blob, target: int, source: str) -> dict:
                                       encoded=t.encoded))
         bucket_updates.append((info, *_bucket_maxima(t.rows, t.versions, replica.bucket_rows)))
     stored = rec.encode(rec.Record(offset=target, base=head, kind="sync", time=time.time(),
-                                   model_id=replica.model_id, tensors=deltas, target=target))
+                                   model_id=replica.model_id, tensors=deltas, target=target), replica.record_encoding)
     store = replica.store
     result = {}
 
@@ -522,7 +522,7 @@ def finish_sync(replica: Replica, target: int, follow: dict | None) -> int:
         sigs.append(row_sig)
     record = rec.Record(offset=target, base=head, kind="sync", time=time.time(), model_id=replica.model_id,
                         tensors=[d for _i, d in tensors], target=target)
-    blob = rec.encode(record)
+    blob = rec.encode(record, replica.record_encoding)
     store = replica.store
 
     def log_it(txn):

@@ -46,6 +46,9 @@ from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 PROTOCOL_VERSION = 1  # the sync protocol (hello, chunks, snapshot files); wire.py frames it
+# Chunks cross the wire as record encoding v1, which every deltalog decodes (a
+# replica stores v2 from format 3 on: stored records are never sent as they are).
+RECORD_VERSION = 1
 DEFAULT_CHUNK_BYTES = 4 << 20  # uncompressed row bytes per chunk, before the budget shrinks it
 SNAPSHOT_PIECE_BYTES = 4 << 20  # one read_snapshot_file request; bounds memory on both sides
 
@@ -70,7 +73,7 @@ class Source(Protocol):
     ) -> Iterator[bytes]:
         """Encoded record blobs bringing a replica at ``since`` to ``target``.
 
-        Each blob is ``record.encode`` of a Record with kind="sync",
+        Each blob is ``record.encode(..., RECORD_VERSION)`` of a Record with kind="sync",
         offset=target, base=since, target=target, per-row ``versions`` (the
         offset that last wrote each row) and no ``old`` values. Values are
         the source's values at exactly ``target`` (coalesced: a row updated
