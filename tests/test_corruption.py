@@ -403,13 +403,26 @@ def _record_parts(blob: bytes) -> tuple[dict[str, tuple[int, int]], dict[tuple[s
     return {"header": (12, 12 + hlen)}, sections
 
 
+def _first_writer_after(path: str, low: int, offset: int, name: str) -> bool:
+    """Whether record ``offset`` is the first record after ``low`` to write some row of ``name``:
+    then the values at ``low`` of that row are the undo values of that record."""
+    with Replica.open(path) as r:
+        earlier, mine = set(), set()
+        for o in range(low + 1, offset + 1):
+            for t in rec.decode(r.record_blob(o), rows_only=True).tensors:
+                if t.name == name:
+                    (mine if o == offset else earlier).update(t.rows.tolist())
+    return bool(mine - earlier)
+
+
 @pytest.mark.parametrize("part", ["header", "index", "new", "old"])
 def test_record_with_a_flipped_byte(template, tmp_path, part):
     """verify names the record; a command refuses exactly when it reads the damaged bytes; the others stay exact.
 
     A record (encoding v2) checks its header and then each section as it is
-    read: a damaged value section does not stop what needs only the rows,
-    or the values of other tensors.
+    read: a damaged value section does not stop what needs only the rows
+    (sync sends the head's values), and damaged undo values do not stop
+    what needs only the new ones (replay).
     """
     path = damaged_copy(template, tmp_path)
     bad = 6
@@ -436,10 +449,15 @@ def test_record_with_a_flipped_byte(template, tmp_path, part):
         ["replay", path, "--in-place"],
     ])
     codes = [o.code for o in outcomes]
-    if part in ("header", "index"):  # every reader of record 6 needs these bytes
-        want = [5, 5, 5, 5, 0, 1, 5, 5]
-    else:  # values: sync sends the head's values, read from the tensor files
-        want = [5, 5, 0, 5, 0, 1, 5, 5]
+    # diff and rollback need the values at 3, here the undo values of record 6 (new and old: old is
+    # stored XORed with new); replay needs the new values; sync, only rows and the head's values.
+    assert _first_writer_after(template.path, LOW, bad, name)
+    want = {
+        "header": [5, 5, 5, 5, 0, 1, 5, 5],  # every reader of record 6 needs these bytes
+        "index": [5, 5, 5, 5, 0, 1, 5, 5],
+        "new": [5, 5, 0, 5, 0, 1, 5, 5],
+        "old": [5, 5, 0, 0, 0, 1, 5, 0],
+    }[part]
     assert codes == want, [(o.argv[0], o.code, o.stderr) for o in outcomes]
     assert f"record {bad}: " in outcomes[0].stderr and "checksum mismatch" in outcomes[0].stderr
     for o in outcomes:
@@ -449,6 +467,9 @@ def test_record_with_a_flipped_byte(template, tmp_path, part):
     early = read_checkpoint(str(tmp_path / "early.npz"))
     for tensor, want_values in template.states[bad - 1].items():
         assert same(np.asarray(early[tensor].array), want_values), tensor
+    if outcomes[3].code == 0:
+        replayed = read_checkpoint(str(tmp_path / "late.npz"))
+        assert all(same(np.asarray(replayed[n].array), a) for n, a in template.states[HEAD].items())
     late = outcomes[5].json()
     assert {t["name"]: t["changed_rows"] for t in late["tensors"]} == expected_diff(template, bad, HEAD)
     if outcomes[1].code == 1:

@@ -44,8 +44,9 @@ def check_retained(replica: Replica, offset: int) -> None:
 def changed_rows(replica: Replica, since: int, upto: int | None = None) -> dict[str, np.ndarray]:
     """Per tensor: sorted unique rows written by records in (since, upto].
 
-    Reads each record in place (no copy), checks its checksum and decodes
-    only its row-index sections: the values stay compressed.
+    Reads each record in place (no copy) and decodes only its row-index (and
+    row-version) sections: the values stay compressed and, in a record of
+    encoding v2, unhashed (the header and the sections decoded are checked).
     """
     parts: dict[str, list[np.ndarray]] = {}
     for offset, view in replica.iter_record_views(since, upto):
@@ -125,9 +126,10 @@ def values_at(replica: Replica, offset: int, rows: dict[str, np.ndarray]) -> tup
     Reads the rows at the head (consistently), then walks the records after
     ``offset`` oldest first: a row's value at ``offset`` is the value the
     first record after it that wrote the row replaced. Each row is resolved
-    once, a record's values are decompressed only for tensors where it
-    resolves a row, and the walk stops when every row is resolved, so a
-    dense layer written by every record costs one record, not all of them.
+    once, a record's values are decompressed (and, in encoding v2, their
+    checksums checked) only for tensors where it resolves a row, and the walk
+    stops when every row is resolved, so a dense layer written by every
+    record costs one record, not all of them.
     """
     check_retained(replica, offset)
     head, values = head_values(replica, rows)
@@ -138,10 +140,9 @@ def values_at(replica: Replica, offset: int, rows: dict[str, np.ndarray]) -> tup
     for rec_offset, view in replica.iter_record_views(offset, head):
         if not left:
             break
-        what = f"{replica.path}: record {rec_offset}"
-        rec.check(view, what)
+        record = rec.RecordView(view, f"{replica.path}: record {rec_offset}")  # read twice below, checked once
         firsts = {}
-        for t in rec.decode(view, what, only=set(left), checked=True, rows_only=True).tensors:
+        for t in record.decode(only=set(left), rows_only=True).tensors:
             wanted = rows[t.name]
             pos = np.searchsorted(wanted, t.rows)
             hit = pos < len(wanted)
@@ -151,9 +152,9 @@ def values_at(replica: Replica, offset: int, rows: dict[str, np.ndarray]) -> tup
                 firsts[t.name] = (hit, pos[hit])
         if not firsts:
             continue
-        for t in rec.decode(view, what, only=set(firsts), checked=True).tensors:
+        for t in record.decode(only=set(firsts)).tensors:
             if t.old is None:
-                raise OffsetNotRetained(f"{what} carries no undo values; offset {offset} cannot be rebuilt")
+                raise OffsetNotRetained(f"{record.what} carries no undo values; offset {offset} cannot be rebuilt")
             hit, pos = firsts[t.name]
             values[t.name][pos] = t.old[hit]
             unresolved[t.name][pos] = False

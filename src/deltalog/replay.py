@@ -7,11 +7,12 @@ replay is what repairs damaged tensor files, exports an old model, and
 what compaction folds records with.
 
 Work goes one tensor at a time. A first pass over the records in
-(snapshot, h] checks each checksum and the base chain (a missing,
-duplicated or out-of-order record is an IntegrityError) and notes which
-records touch which tensor, from the headers alone; then each tensor is
-copied from the snapshot (its xxh3 checked on the way) and only the records
-touching it are decompressed, for that tensor only. A tensor whose snapshot
+(snapshot, h] checks each header (a v1 record's trailer: all of it) and the
+base chain (a missing, duplicated or out-of-order record is an
+IntegrityError) and notes which records touch which tensor, from the
+headers alone; then each tensor is copied from the snapshot (its xxh3
+checked on the way) and only the records touching it are decompressed, for
+that tensor only, each section checked as it is read (encoding v2). A tensor whose snapshot
 copy is damaged is rebuilt from the next older snapshot, if one is left.
 
 Three consumers:
@@ -70,6 +71,7 @@ class _Rebuilder:
                 hint="run 'deltalog verify' to see what is damaged",
             )
         self._plans: dict[int, dict[str, list[int]]] = {}
+        self._checked: dict[int, bool] = {}  # offset -> every byte checked by the plan (a v1 record)
         self.records_used: set[int] = set()
         self.bases_used: set[int] = set()
 
@@ -83,7 +85,7 @@ class _Rebuilder:
         path = self.replica.path
         for offset, blob in self.replica.iter_record_blobs(since=base, upto=self.offset):
             what = f"{path}: record {offset}"
-            rec.check(blob, what)
+            self._checked[offset] = rec.check_for_partial_decodes(blob, what)
             summary = rec.summarize(blob, what)
             if summary.offset != offset or summary.base != expected:
                 raise IntegrityError(
@@ -114,9 +116,8 @@ class _Rebuilder:
             plan = self._plan(manifest["offset"])
             for offset in plan.get(info.name, ()):
                 blob = self.replica.record_blob(offset)
-                record = rec.decode(
-                    blob, f"{self.replica.path}: record {offset}", only={info.name}, with_old=False, checked=True
-                )
+                record = rec.decode(blob, f"{self.replica.path}: record {offset}", only={info.name},
+                                    with_old=False, checked=self._checked[offset])
                 for t in record.tensors:
                     if t.new.shape[1:] != (info.row_elems,) or (len(t.rows) and int(t.rows[-1]) >= info.rows):
                         raise IntegrityError(

@@ -74,7 +74,8 @@ def _check_records(replica: Replica, report: VerifyReport, progress: Progress) -
         progress("records", min(offset - oldest, total), total)
         where = f"record {offset}"
         try:
-            record = rec.decode(blob, where)
+            rec.check(blob, where)  # every byte, whatever later readers of the record decode
+            record = rec.decode(blob, where, checked=True)
         except DeltalogError as exc:
             report.problems.append(str(exc))
             expected_base = offset
