@@ -273,6 +273,12 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     info["loadavg"] = os.getloadavg()
+    try:  # diff, row reads and digest checks run compiled loops when deltalog._kernels was built
+        from deltalog import kernels
+
+        info["row_loops"] = "compiled" if kernels.enabled() else "numpy"
+    except ImportError:
+        pass
     return info
 
 
@@ -1302,7 +1308,8 @@ def report_text(results: dict) -> str:
     lines.append(f"command: .venv/bin/python {results['argv']}")
     lines.append(f"machine: {m.get('cores')} cores ({m.get('cpu')}), {m.get('memory_gib')} GiB RAM, "
                  f"disk {results['disk'].get('device', '?')} {results['disk'].get('fstype', '')}; "
-                 f"load {m['loadavg'][0]:.2f} at start, {m.get('loadavg_end', (0,))[0]:.2f} at end (shared machine)")
+                 f"load {m['loadavg'][0]:.2f} at start, {m.get('loadavg_end', (0,))[0]:.2f} at end (shared machine); "
+                 f"row loops {m.get('row_loops', '?')}")
     lines.append(f"model: {fmt_bytes(results.get('model_bytes'))}; medians of {results['config']['repeat']} runs")
     if "commit" in sec:
         c = sec["commit"]

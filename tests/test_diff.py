@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deltalog import diff as dl
-from deltalog import dtypes
+from deltalog import dtypes, kernels
 from deltalog.checkpoint import write_checkpoint
 from deltalog.cli import cli
 from deltalog.diff import CheckpointSide, ReplicaSide, diff, open_side, parse_spec
@@ -32,6 +32,22 @@ HYPOTHESIS = settings(max_examples=12, deadline=None,
                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 DTYPES = ["float32", "bfloat16", "float16", "float64", "int32", "uint8", "bool"]
+
+
+@pytest.fixture(scope="module", autouse=True, params=["compiled", "numpy"])
+def row_loops(request):
+    """Every test here runs with diff's compiled row loops and with the numpy code they replace."""
+    if request.param == "compiled" and not kernels.available():
+        pytest.skip("deltalog._kernels was not built (no C compiler)")
+    before = kernels.set_enabled(request.param == "compiled")
+    env_before = os.environ.pop("DELTALOG_NO_KERNELS", None)
+    if request.param == "numpy":  # for the `deltalog diff` processes the tests start, too
+        os.environ["DELTALOG_NO_KERNELS"] = "1"
+    yield request.param
+    os.environ.pop("DELTALOG_NO_KERNELS", None)
+    if env_before is not None:
+        os.environ["DELTALOG_NO_KERNELS"] = env_before
+    kernels.set_enabled(before)
 SHAPES = [(), (7,), (40, 3), (23, 2, 2), (0, 3), (5, 0)]
 
 
@@ -217,7 +233,7 @@ def _chunks(tiny: bool):
     stack = ExitStack()
     if tiny:
         stack.enter_context(mock.patch.object(dl, "CHUNK_BYTES", 24))
-        stack.enter_context(mock.patch.object(dl, "LOG_CHUNK_BYTES", 40))
+        stack.enter_context(mock.patch.object(dl, "STEP_BYTES", 40))
     return stack
 
 

@@ -20,11 +20,15 @@ depends on what the two sides share:
      equal on both sides, or that no record after lo touched on a replica
      whose head reaches hi, is identical. Every row of the other buckets
      is a candidate.
-  4. The candidates' values at each side's offset (``history.values_at``)
-     are compared bitwise: a row rewritten to the same bytes is no change.
-     Both sides are gathered at once (two threads: the scattered reads
-     are bound by memory latency), then the statistics run over cache-sized
-     slices.
+  4. The candidates' values at each side's offset are compared bitwise: a
+     row rewritten to the same bytes is no change. Each side is read at a
+     head pinned when the diff starts; rows its writer wrote after the
+     side's own offset are put back from a patch built once from the log.
+     When neither side needs patching for a tensor (both at their heads:
+     the common case), the compiled loop (deltalog.kernels) compares the
+     rows straight from the two memory maps, a small block at a time,
+     checking each row's digest on the way, on two threads. Otherwise rows
+     are read a cache-sized step at a time, both sides at once.
 
   The cost follows the change (rows written since lo), never the model.
 
@@ -53,15 +57,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import kernels
 from .checkpoint import CheckpointTensor, read_checkpoint, read_checkpoint_metadata
 from .dtypes import as_float, bits_dtype, rows_differ
 from .errors import InvalidInput, LockHeld, ModelMismatch, NotAReplica
 from .history import changed_rows, check_retained, values_at
+from .pending import pending_marker
 from .replica import DEFAULT_BUCKET_ROWS, MARKER, Replica
 
 CHUNK_BYTES = 32 << 20  # per side, per step of a value comparison
-STATS_CHUNK_BYTES = 256 << 10  # float64 deltas per pass of the statistics: stays in cache
-LOG_CHUNK_BYTES = 64 << 20  # per side, per values_at call (each call re-reads the log after the offset)
+STATS_CHUNK_BYTES = 256 << 10  # float64 deltas per pass of the numpy statistics: stays in cache
+STEP_BYTES = 256 << 10  # per side, per step of a comparison through the log: stays in cache
+IN_PLACE_ROWS = 1 << 20  # rows per pass of an in-place comparison, at most (progress is reported between passes)
+MIN_PASS_ROWS = 4096  # ... and at least, unless a tensor has fewer: a pass costs a thread hand-off
 
 Progress = Callable[[str, int, int], None]
 
@@ -213,6 +221,10 @@ class TensorDiff:
 
     def compare(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         """Account for ``rows`` (ascending, after any rows seen before) holding ``a`` on A and ``b`` on B."""
+        fast = kernels.compare_rows(a, b, self.dtype) if len(rows) else None
+        if fast is not None:
+            self.account(np.asarray(rows, dtype=np.int64), fast, lambda pick: (a[pick], b[pick]))
+            return
         self.rows_compared += len(rows)
         if not len(rows):
             return
@@ -223,12 +235,47 @@ class TensorDiff:
             keep = np.flatnonzero(differs)
             self._changed(np.asarray(rows, dtype=np.int64)[keep], a[keep], b[keep])
 
-    def _changed(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    def account(self, rows: np.ndarray, fast: kernels.RowComparison,
+                values: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+        """Account for ``rows`` (ascending, after any rows seen before) as the compiled loop compared them.
+
+        The same numbers as :meth:`compare`'s numpy path. ``values(pick)``
+        gives (A, B) values of the rows at positions ``pick``: needed only
+        for rows the loop left to numpy (status 2: NaN, infinity, huge
+        deltas, or a dtype it has no loop for).
+        """
+        self.rows_compared += len(rows)
+        changed = np.flatnonzero(fast.status)
+        if not len(changed):
+            return
+        self._count_rows(rows[changed])
+        self.significance += fast.sum_abs
+        self.max_abs = max(self.max_abs, fast.max_abs)
+        self.sum_squares += float(fast.row_squares.sum())  # 0 for rows of status 0 and 2
+        row_l2 = np.sqrt(fast.row_squares[changed])
+        special = fast.status[changed] == 2
+        normal = row_l2
+        if special.any():  # numpy's element-wise path, for these rows only
+            pick = changed[special]
+            a, b = values(pick)
+            with np.errstate(invalid="ignore", over="ignore"):
+                delta = np.subtract(as_float(b, self.dtype), as_float(a, self.dtype), dtype=np.float64)
+            row_l2[special] = self._stats_nonfinite(delta.reshape(len(pick), -1))
+            normal = row_l2[~special]
+        self._count(normal[normal > 0], int(np.count_nonzero(normal == 0)))
+        if self.top_k:
+            self._keep_top(rows[changed], row_l2)
+
+    def _count_rows(self, rows: np.ndarray) -> None:
+        """Count changed rows and the buckets they fall in (rows ascending, after any counted before)."""
         self.changed_rows += len(rows)
         buckets = rows // self.bucket_rows
         distinct = buckets[np.r_[True, buckets[1:] != buckets[:-1]]]
         self.changed_buckets += len(distinct) - int(distinct[0] == self._last_bucket)
         self._last_bucket = int(distinct[-1])
+
+    def _changed(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+        self._count_rows(rows)
         # The statistics run over slices of ~256 KiB of float64 deltas, in two
         # buffers reused by every slice: the passes below then stay in cache.
         step = max(1, STATS_CHUNK_BYTES // (8 * max(1, a.shape[1])))
@@ -282,9 +329,11 @@ class TensorDiff:
     def _count(self, positive_l2: np.ndarray, zero_rows: int) -> None:
         self.zero_rows += zero_rows
         if positive_l2.size:
-            exps, counts = np.unique(np.floor(np.log10(positive_l2)).astype(np.int64), return_counts=True)
-            for e, c in zip(exps.tolist(), counts.tolist()):
-                self.histogram[e] = self.histogram.get(e, 0) + c
+            exps = np.floor(np.log10(positive_l2)).astype(np.int64)  # within [-324, 308]: a small bincount
+            low = int(exps.min())
+            counts = np.bincount(exps - low)
+            for e in np.flatnonzero(counts).tolist():
+                self.histogram[low + e] = self.histogram.get(low + e, 0) + int(counts[e])
 
     def _keep_top(self, rows: np.ndarray, rank: np.ndarray) -> None:
         """Keep the top_k rows by rank (ties: lower row first) among those kept so far and ``rows``."""
@@ -550,45 +599,82 @@ def _diff_by_log(a: ReplicaSide, b: ReplicaSide, results: list[TensorDiff], prog
         if cand.size:
             candidates.append((t, cand))
 
-    # As few values_at calls as fit the memory budget: each one re-reads the
-    # log after its offset, so small tensors share a call and big ones split.
-    total = sum(len(c) for _t, c in candidates)
-    done = 0
-    # The two sides' rows are gathered at once: scattered reads from two large
-    # maps are bound by memory latency, and numpy releases the GIL while it gathers.
-    with ThreadPoolExecutor(max_workers=1) as other:
-        for batch in _batches(candidates, LOG_CHUNK_BYTES):
-            wanted = {t.name: rows for t, rows in batch}
-            side_a = other.submit(values_at, a.replica, a.offset, wanted)
-            _, vb = values_at(b.replica, b.offset, wanted)
-            _, va = side_a.result()
-            for t, rows in batch:
-                t.compare(rows, va[t.name], vb[t.name])
-                done += len(rows)
-            progress("comparing changed rows", done, total)
+    sides = (_Rows(a, names := [t.name for t in results]), _Rows(b, names))
+    _compare_candidates(candidates, sides, progress)
+    for side in sides:
+        side.check_unmoved()
     return method
 
 
-def _batches(candidates: list[tuple[TensorDiff, np.ndarray]], budget: int) -> Iterator[list[tuple[TensorDiff, np.ndarray]]]:
-    """Group (tensor, rows) into batches of at most ``budget`` value bytes; a tensor appears once per batch."""
-    batch, used = [], 0
-    for t, rows in candidates:
-        row_bytes = max(1, _row_bytes(t))
-        start = 0
-        while start < len(rows):
-            room = (budget - used) // row_bytes
-            if room == 0:
-                if batch:
-                    yield batch
-                    batch, used = [], 0
+def _compare_candidates(candidates: list[tuple[TensorDiff, np.ndarray]], sides: tuple["_Rows", "_Rows"],
+                        progress: Progress) -> None:
+    """Compare each tensor's candidate rows between the two sides, tensors in order, rows ascending.
+
+    A tensor neither side has to patch (both read at heads that hold their
+    offsets: the common case) is compared in place by the compiled loop, in
+    passes that run ahead on two threads (scattered reads from two large
+    maps are bound by memory latency; the loop releases the GIL) while this
+    thread accounts for finished ones. Anything else is read a cache-sized
+    step at a time, both sides at once, and compared here.
+    """
+    first, second = sides
+    total = sum(len(rows) for _t, rows in candidates)
+    done = 0
+    in_place = kernels.enabled()
+    ahead = [len(rows) for t, rows in candidates if in_place and first.plain(t.name) and second.plain(t.name)]
+    part_rows = min(IN_PLACE_ROWS, max(MIN_PASS_ROWS, -(-sum(ahead) // 4)))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        passes: dict[int, list] = {}
+        for i, (t, rows) in enumerate(candidates):
+            if in_place and first.plain(t.name) and second.plain(t.name):
+                passes[i] = [(part, pool.submit(_in_place_pass, t, part, sides))
+                             for part in (rows[s : s + part_rows] for s in range(0, len(rows), part_rows))]
+        for i, (t, rows) in enumerate(candidates):
+            handled = 0
+            for part, future in passes.get(i, ()):
+                fast = future.result() if in_place else None
+                if fast is None:  # a writer moved a side past its pinned head: the patching path from here on
+                    in_place = False
+                    future.cancel()
                     continue
-                room = 1  # a single row larger than the budget
-            part = rows[start : start + room]
-            batch.append((t, part))
-            used += len(part) * row_bytes
-            start += len(part)
-    if batch:
-        yield batch
+                t.account(part.astype(np.int64), fast,
+                          lambda pick, part=part: (first.take(t.name, part[pick]), second.take(t.name, part[pick])))
+                handled += len(part)
+                done += len(part)
+                progress("comparing changed rows", done, total)
+            rows = rows[handled:]
+            step = max(1, STEP_BYTES // max(1, _row_bytes(t)))
+            for start in range(0, len(rows), step):
+                part = rows[start : start + step]
+                side_a = pool.submit(first.take, t.name, part)
+                vb = second.take(t.name, part)
+                t.compare(part, side_a.result(), vb)
+                done += len(part)
+                progress("comparing changed rows", done, total)
+
+
+def _in_place_pass(t: TensorDiff, rows: np.ndarray, sides: tuple["_Rows", "_Rows"]) -> kernels.RowComparison | None:
+    """Compare ``rows`` straight from both replicas' memory maps, nothing copied; None if a side moved on.
+
+    Each side's rows are checked against their digests in the same pass
+    (IntegrityError naming the first damaged row), and a pass a writer tore
+    runs again (Replica.read_in_place).
+    """
+    first, second = sides
+    ra, rb = first.side.replica, second.side.replica
+    idx = rows.astype(np.int64)
+
+    def on_a(view_a: np.ndarray, digests_a: np.ndarray | None):
+        return rb.read_in_place(t.name, lambda view_b, digests_b: kernels.compare_rows(
+            view_a, view_b, t.dtype, idx, digests_a, digests_b))
+
+    head_a, (head_b, fast) = ra.read_in_place(t.name, on_a)
+    if (head_a, head_b) != (first.pinned, second.pinned):
+        return None
+    for replica, bad in ((ra, fast.bad_a), (rb, fast.bad_b)):
+        if bad is not None:
+            raise replica.digest_error(t.name, int(idx[bad]))
+    return fast
 
 
 def _rows_of(t: TensorDiff) -> int:
@@ -629,44 +715,77 @@ def _dirty_buckets(a: ReplicaSide, b: ReplicaSide, name: str, lo: int, hi: int, 
 
 
 class _Rows:
-    """Reads row ranges of one side, in storage dtype, shaped (rows, row_elems)."""
+    """Reads rows of one side, in storage dtype, shaped (rows, row_elems).
+
+    A replica side is read at a head pinned on first use: rows its writer
+    wrote after the side's own offset are put back to their values at that
+    offset from a patch built once (O(rows written since the offset)).
+    """
 
     def __init__(self, side: Side, names: list[str]):
         self.side = side
         self.names = names
-        self._upto: int | None = None  # the offset chunks are read at; patched back to side.offset
+        self._upto: int | None = None  # the head rows are read at; patched back to side.offset
         self._patch: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._pending = None
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1."""
         if isinstance(self.side, CheckpointSide):
             array = self.side.tensors[name].array
             if array.ndim == 0:
                 return np.asarray(array).reshape(1, 1)
             chunk = np.asarray(array[start:stop])
             return chunk.reshape(stop - start, -1) if chunk.size else chunk.reshape(stop - start, 0)
+        return self.take(name, np.arange(start, stop, dtype=np.uint64))
+
+    def take(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (sorted, unique) of a replica side, as of its offset."""
+        replica = self.side.replica
         if self._upto is None:
             self._pin()
-        # At self._upto values_at reads the head and undoes nothing, unless a
-        # writer has moved on since; rows written after the side's own offset
-        # then get their values at that offset from the patch.
-        _, values = values_at(self.side.replica, self._upto, {name: np.arange(start, stop, dtype=np.uint64)})
-        values = values[name]
-        rows, old = self._patch.get(name, (np.empty(0, np.int64), None))
-        lo, hi = np.searchsorted(rows, [start, stop])
-        if hi > lo:
-            values[rows[lo:hi] - start] = old[lo:hi]
+        head, values = replica.read_rows(name, rows)
+        if head != self._upto:  # a writer moved on since the pin: undo its records for these rows
+            _, moved = values_at(replica, self._upto, {name: rows})
+            values = moved[name]
+        patch_rows, old = self._patch.get(name, (None, None))
+        if patch_rows is not None and len(rows):
+            lo, hi = np.searchsorted(patch_rows, [rows[0], rows[-1] + 1])
+            if hi > lo:  # rows written after the side's offset: their values at the offset
+                pos = np.searchsorted(rows, patch_rows[lo:hi])
+                hit = (pos < len(rows)) & (rows[np.minimum(pos, len(rows) - 1)] == patch_rows[lo:hi])
+                values[pos[hit]] = old[lo:hi][hit]
         return values
 
+    @property
+    def pinned(self) -> int:
+        """The head this side's rows are read at."""
+        if self._upto is None:
+            self._pin()
+        return self._upto
+
+    def plain(self, name: str) -> bool:
+        """True when a replica side's files at the pinned head hold ``name`` as of the side's offset."""
+        return isinstance(self.side, ReplicaSide) and self.pinned is not None and name not in self._patch
+
     def _pin(self) -> None:
-        """Rows written in (offset, head] with their values at offset: O(rows changed since offset)."""
+        """Pin the head and build the patch for rows written in (offset, head]."""
         replica, offset = self.side.replica, self.side.offset
+        self._pending = pending_marker(replica)
         upto = replica.head
         if upto != offset:
             touched = changed_rows(replica, offset, upto)
             touched = {n: r for n, r in touched.items() if n in self.names}
             _, old = values_at(replica, offset, touched)
-            self._patch = {n: (touched[n].astype(np.int64), old[n]) for n in touched}
+            self._patch = {n: (touched[n], old[n]) for n in touched}
         self._upto = upto
+
+    def check_unmoved(self) -> None:
+        """LockHeld if a partial sync began while the side was read: its rows run ahead of the head."""
+        if isinstance(self.side, ReplicaSide) and self._upto is not None:
+            if pending_marker(self.side.replica) != self._pending:
+                raise LockHeld(f"{self.side.spec}: a partial sync began while it was being compared",
+                               hint="let 'deltalog sync' finish it, then diff again")
 
 
 def _diff_by_value(a: Side, b: Side, results: list[TensorDiff], progress: Progress) -> None:
@@ -682,6 +801,8 @@ def _diff_by_value(a: Side, b: Side, results: list[TensorDiff], progress: Progre
             t.compare(np.arange(start, stop, dtype=np.int64), ra.read(t.name, start, stop), rb.read(t.name, start, stop))
             done += stop - start
             progress("comparing values", done, total)
+    ra.check_unmoved()
+    rb.check_unmoved()
 
 
 __all__ = [

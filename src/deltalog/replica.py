@@ -32,14 +32,15 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import record as rec
-from . import rowdigest, tensorfiles
+from . import kernels, tensorfiles
 from .dtypes import STORAGE, as_float, logical_name, rows_differ, to_storage
 from .errors import (
     DeltalogError,
@@ -62,6 +63,7 @@ READ_VERSION = 3  # the oldest code that can read what it writes; also the DELTA
 DIGEST_VERSION = 2  # the first write version with row digest files (tensors/NNNNN.digest)
 RECORD_V2_VERSION = 3  # the first write version whose log may hold records of encoding v2 (deltalog.record)
 DEFAULT_BUCKET_ROWS = 1024
+T = TypeVar("T")
 _COMPARE_CHUNK_BYTES = 32 << 20  # bounded memory when comparing a checkpoint
 # Tensor files are fsynced like a WAL checkpoint, not at every commit: the
 # log already makes each record durable, and a kill -9 loses nothing that
@@ -552,9 +554,9 @@ class Replica:
 
     def _check_digests(self, info: TensorInfo, idx: np.ndarray, values: np.ndarray, stored: np.ndarray) -> None:
         """IntegrityError naming the first row of ``values`` (rows ``idx``) whose digest is not ``stored``."""
-        bad = rowdigest.first_mismatch(values, stored)
-        if bad is not None:
-            raise self._digest_error(info, int(np.asarray(idx).reshape(-1)[bad]))
+        bad = np.flatnonzero(kernels.row_digests(values) != np.asarray(stored, dtype=np.uint64))
+        if len(bad):
+            raise self._digest_error(info, int(np.asarray(idx).reshape(-1)[bad[0]]))
 
     def _digest_error(self, info: TensorInfo, row: int) -> IntegrityError:
         return IntegrityError(
@@ -606,17 +608,39 @@ class Replica:
         against their digests (format v2): a damaged row is an IntegrityError.
         """
         idx = np.asarray(rows, dtype=np.intp)
+
+        def gather(view: np.ndarray, stored: np.ndarray | None) -> tuple:
+            # One pass: each row is copied and hashed while it is in cache.
+            values, digests = kernels.gather_rows(view, idx, digests=stored is not None)
+            return values, digests, None if stored is None else np.take(stored, idx)
+
+        head, (values, digests, stored) = self.read_in_place(name, gather, timeout)
+        if stored is not None:  # not torn by a writer: now the digests must match
+            bad = np.flatnonzero(digests != stored)
+            if len(bad):
+                raise self.digest_error(name, int(idx[bad[0]]))
+        return head, values
+
+    def read_in_place(self, name: str, read: Callable[[np.ndarray, np.ndarray | None], T],
+                      timeout: float = 30.0) -> tuple[int, T]:
+        """(head, ``read(rows, digests)``) where ``read`` ran while the files held that head untouched.
+
+        ``read`` gets the live read-only (rows, row_elems) view of the tensor
+        and its stored row digests (None on a v1 replica), reads what it needs
+        without copying, and must not keep either view. It runs again when a
+        writer touched the files meanwhile, and waits out (or repairs) a
+        writer that is mid-apply. Checking rows against the digests is the
+        caller's part: only a result returned here is free of torn reads.
+        """
+        info = self.info(name)
         deadline = time.monotonic() + timeout
         while True:
             before = self.state
             if before.settled:
-                values = np.take(self.rows_view(name), idx, axis=0)  # one gather, one copy
-                info = self.info(name)
-                stored = np.take(self._digest_map(info, writable=False), idx) if self._digests else None
-                if self.state == before:  # not torn by a writer: now the digests must match
-                    if stored is not None:
-                        self._check_digests(info, idx, values, stored)
-                    return before.head, values
+                stored = self._digest_map(info, writable=False) if self._digests else None
+                result = read(self.rows_view(name), stored)
+                if self.state == before:
+                    return before.head, result
             elif self._lock.try_acquire():  # the writer died mid-apply: repair
                 try:
                     self._recover()
@@ -630,6 +654,10 @@ class Replica:
             if time.monotonic() > deadline:
                 raise DeltalogError(f"{self.path}: a writer kept the tensors busy for {timeout:.0f} s")
             time.sleep(0.002)
+
+    def digest_error(self, name: str, row: int) -> IntegrityError:
+        """The error for row ``row`` of ``name`` not matching its digest (a damaged tensor file)."""
+        return self._digest_error(self.info(name), row)
 
     def snapshots(self) -> list[dict]:
         with self._store.read() as txn:
@@ -966,7 +994,7 @@ class Replica:
             digests = self._digest_map(info, writable=True) if self._digests else None  # a missing file fails before any write
             self._writable(info)[idx] = delta.new
             if digests is not None:
-                digests[idx] = rowdigest.row_digests(delta.new)
+                digests[idx] = kernels.row_digests(delta.new)
             self._dirty.add(info.id)
         if self._dirty_since is None:
             self._dirty_since = time.monotonic()

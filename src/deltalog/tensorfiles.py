@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from . import rowdigest
+from . import kernels
 from .dtypes import storage_dtype
 from .errors import IntegrityError, StorageError
 
@@ -138,7 +138,7 @@ def digest_blocks(rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     row_bytes = rows.shape[1] * rows.dtype.itemsize if rows.ndim == 2 else rows.dtype.itemsize
     step = max(1, _COPY_CHUNK // max(8, row_bytes))
     for start in range(0, n, step):
-        yield start, rowdigest.row_digests(rows[start : start + step])
+        yield start, kernels.row_digests(rows[start : start + step])
 
 
 def write_digest_file(path: str, rows: np.ndarray, fsync: bool = True) -> None:

@@ -26,8 +26,24 @@ Exit codes: 0 ok; 1 differences found / sync incomplete; 2 usage error;
 Pass --debug (or DELTALOG_DEBUG=1) for a traceback on errors."""
 
 
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from .. import kernels
+
+    if kernels.enabled():
+        loops = "compiled"
+    elif kernels.available():
+        loops = "numpy (DELTALOG_NO_KERNELS is set)"
+    else:
+        loops = "numpy (built without a C compiler: diff and digest checks are slower)"
+    click.echo(f"deltalog, version {__version__}; row loops: {loops}")
+    ctx.exit()
+
+
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="deltalog")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+              help="Show the version, and whether the compiled row loops are in use, and exit.")
 @click.option("--debug", is_flag=True, help="Show a traceback when a command fails.")
 def cli(debug: bool) -> None:
     """Keep model replicas fresh by moving only the rows that changed.

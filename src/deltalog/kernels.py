@@ -1,0 +1,134 @@
+"""The row-level hot loops, compiled when deltalog._kernels was built, numpy otherwise.
+
+``pip install`` compiles src/deltalog/_kernels.c when a C compiler is there
+(setup.py marks it optional). Without it every function here falls back to
+numpy and gives the same answers, only slower; ``deltalog --version`` tells
+which is in use. Set DELTALOG_NO_KERNELS=1 to force the numpy code (tests
+run both and compare them).
+
+What the compiled loops buy (bench/RESULTS.md): a diff gathers a few
+scattered rows from two large maps and then reduces them. numpy gathers,
+widens, subtracts, squares and reduces in separate passes over the rows;
+the compiled loops do it in one, with the next rows prefetched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import rowdigest
+
+try:
+    from . import _kernels
+except ImportError:  # built without a C compiler: numpy does everything
+    _kernels = None
+
+_enabled = _kernels is not None and not os.environ.get("DELTALOG_NO_KERNELS")
+
+# Element kinds compare_rows knows (the numbering is _kernels.c's).
+_KINDS = {"float32": 0, "float64": 1, "bfloat16": 2}
+
+
+def available() -> bool:
+    """True when the compiled loops were built (whether or not they are in use)."""
+    return _kernels is not None
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def set_enabled(on: bool) -> bool:
+    """Use the compiled loops (when built) or numpy; returns the previous setting. For tests."""
+    global _enabled
+    before = _enabled
+    _enabled = bool(on) and _kernels is not None
+    return before
+
+
+def _rows2d(array: np.ndarray) -> np.ndarray:
+    """``array`` as C-contiguous (rows, row elements)."""
+    array = np.ascontiguousarray(array)
+    if array.ndim == 0:
+        return array.reshape(1, 1)
+    return array.reshape(array.shape[0], int(np.prod(array.shape[1:], dtype=np.int64)))
+
+
+def gather_rows(table: np.ndarray, rows: np.ndarray, digests: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(copy of ``table[rows]``, their row digests or None): one pass over the rows when compiled.
+
+    ``table`` is a tensor's (rows, ...) array, usually a memory map; ``rows``
+    are in range (the caller checked them).
+    """
+    idx = np.asarray(rows, dtype=np.int64)
+    row_bytes = table.itemsize * int(np.prod(table.shape[1:], dtype=np.int64)) if table.ndim else 0
+    if not _enabled or not table.flags.c_contiguous or not row_bytes:
+        values = np.take(table, idx, axis=0)
+        return values, rowdigest.row_digests(values) if digests else None
+    values = np.empty((len(idx), *table.shape[1:]), dtype=table.dtype)
+    out = np.empty(len(idx), dtype=np.uint64) if digests else None
+    if len(idx):
+        _kernels.gather_rows(table.reshape(-1).view(np.uint8), row_bytes, idx, values.reshape(-1).view(np.uint8), out)
+    return values, out
+
+
+def row_digests(values: np.ndarray) -> np.ndarray:
+    """rowdigest.row_digests, compiled when available."""
+    if not _enabled:
+        return rowdigest.row_digests(values)
+    rows = _rows2d(values)
+    out = np.empty(rows.shape[0], dtype=np.uint64)
+    if rows.shape[0]:
+        _kernels.row_digests(rows.reshape(-1).view(np.uint8), rows.shape[1] * rows.dtype.itemsize, out)
+    return out
+
+
+@dataclass
+class RowComparison:
+    """compare_rows' answer for n rows of A and B."""
+
+    status: np.ndarray  # uint8 per row: 0 same bytes, 1 differ (numbers below), 2 differ (the caller computes)
+    row_squares: np.ndarray  # float64 per row: sum of squared deltas (status 1 rows; 0 elsewhere)
+    sum_abs: float  # sum of |delta| over status 1 rows
+    max_abs: float  # max |delta| over status 1 rows (0.0 if none)
+    bad_a: int | None = None  # first position whose row on A does not match its digest
+    bad_b: int | None = None
+
+
+_KIND_BITS = 3  # rows compared bitwise only: status 2 where they differ
+
+
+def compare_rows(a: np.ndarray, b: np.ndarray, dtype: str, rows: np.ndarray | None = None,
+                 a_digests: np.ndarray | None = None, b_digests: np.ndarray | None = None) -> RowComparison | None:
+    """Compare rows of A and B in one pass; None when the compiled loops are off.
+
+    Without ``rows``, ``a`` and ``b`` are the rows themselves (same shape).
+    With ``rows`` (sorted int64 row numbers), ``a`` and ``b`` are whole
+    tensors (memory maps: nothing is copied) and ``a_digests`` /
+    ``b_digests``, when given, are their stored row digests, checked for
+    every row visited. Deltas are B - A in float64, exact for float32,
+    float64 and bfloat16; rows of other dtypes that differ get status 2.
+    """
+    if not _enabled:
+        return None
+    kind = _KINDS.get(dtype, _KIND_BITS)
+    a2, b2 = _rows2d(a), _rows2d(b)
+    row_bytes = a2.shape[1] * a2.dtype.itemsize
+    n = a2.shape[0] if rows is None else len(rows)
+    status = np.zeros(n, dtype=np.uint8)
+    squares = np.zeros(n, dtype=np.float64)
+    if not n or not row_bytes:
+        return RowComparison(status, squares, 0.0, 0.0)
+    if kind == _KIND_BITS:
+        a2, b2 = a2.reshape(-1).view(np.uint8), b2.reshape(-1).view(np.uint8)
+    index = None if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
+
+    sum_abs, max_abs, bad_a, bad_b = _kernels.compare_rows(a2, b2, row_bytes, kind, index, a_digests, b_digests,
+                                                           status, squares)
+    return RowComparison(status, squares, sum_abs, max_abs, None if bad_a < 0 else bad_a, None if bad_b < 0 else bad_b)
+
+
+__all__ = ["RowComparison", "available", "compare_rows", "enabled", "gather_rows", "row_digests", "set_enabled"]
