@@ -63,6 +63,30 @@ def test_gather_rows_copies_and_hashes_like_numpy(seed, shape, dtype):
 
 
 @compiled
+@pytest.mark.parametrize("row_bytes", [4, 256, 4096, 40000])
+def test_block_boundaries_change_nothing(row_bytes):
+    """Rows are gathered and compared in blocks (32 KiB of scratch, at most 512 rows): many blocks, odd tails."""
+    rng = np.random.default_rng(row_bytes)
+    n_rows = max(3, (5 << 20) // row_bytes)  # several blocks' worth of rows at every row size
+    elems = row_bytes // 4
+    a = rng.standard_normal((n_rows, elems)).astype(np.float32)
+    b = a.copy()
+    changed = rng.random(n_rows) < 0.5
+    b[changed] += np.float32(0.25)
+    rows = np.sort(rng.choice(n_rows, size=n_rows * 2 // 3, replace=False)).astype(np.int64)
+    values, digests = kernels.gather_rows(a, rows, digests=True)
+    assert np.array_equal(values, a[rows]) and np.array_equal(digests, rowdigest.row_digests(a[rows]))
+    da, db = rowdigest.row_digests(a), rowdigest.row_digests(b)
+    fast = kernels.compare_rows(a, b, "float32", rows, da, db)
+    assert fast.status.tolist() == changed[rows].astype(int).tolist()
+    want = ((b[rows].astype(np.float64) - a[rows]) ** 2).sum(axis=1)
+    assert np.allclose(fast.row_squares, want, rtol=1e-12, atol=0)
+    assert (fast.bad_a, fast.bad_b) == (None, None)
+    db[rows[-1]] ^= 1  # the very last row of the last block
+    assert kernels.compare_rows(a, b, "float32", rows, da, db).bad_b == len(rows) - 1
+
+
+@compiled
 def test_gather_rows_refuses_rows_out_of_range():
     table = np.zeros((4, 3), np.float32)
     with pytest.raises(IndexError):

@@ -6,10 +6,12 @@ numpy and gives the same answers, only slower; ``deltalog --version`` tells
 which is in use. Set DELTALOG_NO_KERNELS=1 to force the numpy code (tests
 run both and compare them).
 
-What the compiled loops buy (bench/RESULTS.md): a diff gathers a few
-scattered rows from two large maps and then reduces them. numpy gathers,
-widens, subtracts, squares and reduces in separate passes over the rows;
-the compiled loops do it in one, with the next rows prefetched.
+What the compiled loops buy (bench/RESULTS.md): a diff reads a few
+scattered rows from two large maps and reduces them. numpy gathers them
+into fresh arrays, then widens, subtracts, squares and reduces in separate
+passes; the compiled loop reads a small block of rows of both sides into
+cache, checks their digests and compares them in one pass, fetching the
+next block's rows while it computes.
 """
 
 from __future__ import annotations
@@ -125,7 +127,6 @@ def compare_rows(a: np.ndarray, b: np.ndarray, dtype: str, rows: np.ndarray | No
     if kind == _KIND_BITS:
         a2, b2 = a2.reshape(-1).view(np.uint8), b2.reshape(-1).view(np.uint8)
     index = None if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
-
     sum_abs, max_abs, bad_a, bad_b = _kernels.compare_rows(a2, b2, row_bytes, kind, index, a_digests, b_digests,
                                                            status, squares)
     return RowComparison(status, squares, sum_abs, max_abs, None if bad_a < 0 else bad_a, None if bad_b < 0 else bad_b)
