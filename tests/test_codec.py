@@ -326,3 +326,17 @@ def test_kept_sections_move_between_encodings(rng, monkeypatch, received, stored
     want = chunk.tensors[0]
     assert np.array_equal(back.rows, want.rows) and np.array_equal(back.versions, want.versions)
     assert back.new.tobytes() == want.new.tobytes()
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 8])
+def test_index_codec_refuses_a_repeated_row_in_every_width(width):
+    rows = np.array([3, 3 + (1 << (8 * width - 1)), 2 * 3 + (1 << (8 * width - 1))], dtype=np.uint64)
+    payload, size = codec.encode_indices(rows)
+    assert codec.decompress(payload, size, "t")[0] == width
+    assert np.array_equal(codec.decode_indices(payload, size, len(rows), "t"), rows)
+    raw = bytearray(codec.decompress(payload, size, "t"))
+    raw[1 + 1] = raw[1 + 2] = 0  # the low byte plane: gaps 1 and 2 lose their low bytes
+    for j in range(1, width):
+        raw[1 + j * 3 + 1] = raw[1 + j * 3 + 2] = 0  # and every other plane: both gaps become 0
+    with pytest.raises(IntegrityError, match="not strictly increasing"):
+        codec.decode_indices(codec.compress(bytes(raw)), len(raw), len(rows), "t")

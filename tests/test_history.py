@@ -142,3 +142,19 @@ def test_a_v1_record_in_the_log_is_checked_whole_by_every_reader(replica):
             history.changed_rows(r, 0)
         assert history.changed_rows(r, 2)["emb"].tolist() == [3, 13, 43]  # record 2 is not read
         assert not verify(r).ok
+
+
+@pytest.mark.parametrize("chunks", [
+    [[0, 1, 2, 3], [2, 3, 4], [5, 6]],  # runs that overlap or touch: one run
+    [[0, 1, 2], [4, 5]],  # runs with a hole
+    [[5, 6, 7], [0, 1, 2, 3, 4]],
+    [[1, 3, 4], [2, 3, 9]],
+    [[7], [7], [7]],
+    [[], [4, 5], []],
+    [[], []],
+])
+def test_sorted_union_is_the_sorted_distinct_rows(chunks):
+    arrays = [np.array(c, dtype=np.uint64) for c in chunks]
+    got = history.sorted_union(arrays)
+    assert got.dtype == np.uint64
+    assert got.tolist() == sorted(set().union(*map(set, chunks)))

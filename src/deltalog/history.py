@@ -58,9 +58,20 @@ def changed_rows(replica: Replica, since: int, upto: int | None = None) -> dict[
 
 
 def sorted_union(chunks: list[np.ndarray]) -> np.ndarray:
-    """The sorted distinct values of some arrays (a sort and a mask: numpy's hash-based unique is slower here)."""
+    """The sorted distinct values of some sorted, strictly increasing arrays (the row indices of records).
+
+    Runs of consecutive rows (a dense layer, rewritten by every record) that
+    overlap or touch are one run: no sort. Otherwise a sort and a mask
+    (numpy's unique and its quicksort are slower here).
+    """
+    chunks = [c for c in chunks if len(c)]
     if len(chunks) == 1:
         return chunks[0]
+    if not chunks:
+        return np.empty(0, dtype=np.uint64)
+    run = _one_run(chunks)
+    if run is not None:
+        return np.arange(run[0], run[1] + 1, dtype=np.uint64)
     merged = np.sort(np.concatenate(chunks), kind="stable")  # timsort merges the sorted runs
     if len(merged) < 2:
         return merged
@@ -68,6 +79,23 @@ def sorted_union(chunks: list[np.ndarray]) -> np.ndarray:
     keep[0] = True
     np.not_equal(merged[1:], merged[:-1], out=keep[1:])
     return merged[keep]
+
+
+def _one_run(chunks: list[np.ndarray]) -> tuple[int, int] | None:
+    """(first, last) when every chunk is a run of consecutive rows and together they make one run, else None."""
+    spans = []
+    for c in chunks:
+        first, last = int(c[0]), int(c[-1])
+        if last - first + 1 != len(c):  # strictly increasing: only a run has no gap
+            return None
+        spans.append((first, last))
+    spans.sort()
+    first, last = spans[0]
+    for lo, hi in spans[1:]:
+        if lo > last + 1:
+            return None
+        last = max(last, hi)
+    return first, last
 
 
 def head_values(replica: Replica, rows: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from functools import partial
+from typing import NamedTuple
 
 import msgpack
 import numpy as np
@@ -199,8 +200,7 @@ def encode(record: Record, version: int = VERSION) -> bytes:
 # -- reading -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Section:
+class _Section(NamedTuple):  # a tuple: made for every section of every record read, so cheap to make
     codec: str
     payload: memoryview
     size: int  # decoded bytes
