@@ -50,8 +50,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -68,8 +69,7 @@ from .replica import DEFAULT_BUCKET_ROWS, MARKER, Replica
 CHUNK_BYTES = 32 << 20  # per side, per step of a value comparison
 STATS_CHUNK_BYTES = 256 << 10  # float64 deltas per pass of the numpy statistics: stays in cache
 STEP_BYTES = 256 << 10  # per side, per step of a comparison through the log: stays in cache
-IN_PLACE_ROWS = 1 << 20  # rows per pass of an in-place comparison, at most (progress is reported between passes)
-MIN_PASS_ROWS = 4096  # ... and at least, unless a tensor has fewer: a pass costs a thread hand-off
+PASS_ROWS = 4096  # rows per pass of an in-place comparison: small passes keep both threads busy to the end
 
 Progress = Callable[[str, int, int], None]
 
@@ -618,39 +618,67 @@ def _compare_candidates(candidates: list[tuple[TensorDiff, np.ndarray]], sides: 
     step at a time, both sides at once, and compared here.
     """
     first, second = sides
+    in_place = kernels.enabled()
+    pool = _comparison_pool()
+    passes: dict[int, list] = {}
+    for i, (t, rows) in enumerate(candidates):
+        if in_place and first.plain(t.name) and second.plain(t.name):
+            passes[i] = [(part, pool.submit(_in_place_pass, t, part, sides))
+                         for part in (rows[s : s + PASS_ROWS] for s in range(0, len(rows), PASS_ROWS))]
+    try:
+        _account_in_order(candidates, sides, passes, in_place, progress)
+    finally:  # nothing of this diff runs on after it returns or raises
+        futures = [f for tensor_passes in passes.values() for _part, f in tensor_passes]
+        for future in futures:
+            future.cancel()
+        wait(futures)
+
+
+def _account_in_order(candidates: list[tuple[TensorDiff, np.ndarray]], sides: tuple["_Rows", "_Rows"],
+                      passes: dict[int, list], in_place: bool, progress: Progress) -> None:
+    """Account for each tensor's in-place passes as they finish, and compare the rest here."""
+    first, second = sides
+    pool = _comparison_pool()
     total = sum(len(rows) for _t, rows in candidates)
     done = 0
-    in_place = kernels.enabled()
-    ahead = [len(rows) for t, rows in candidates if in_place and first.plain(t.name) and second.plain(t.name)]
-    part_rows = min(IN_PLACE_ROWS, max(MIN_PASS_ROWS, -(-sum(ahead) // 4)))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        passes: dict[int, list] = {}
-        for i, (t, rows) in enumerate(candidates):
-            if in_place and first.plain(t.name) and second.plain(t.name):
-                passes[i] = [(part, pool.submit(_in_place_pass, t, part, sides))
-                             for part in (rows[s : s + part_rows] for s in range(0, len(rows), part_rows))]
-        for i, (t, rows) in enumerate(candidates):
-            handled = 0
-            for part, future in passes.get(i, ()):
-                fast = future.result() if in_place else None
-                if fast is None:  # a writer moved a side past its pinned head: the patching path from here on
-                    in_place = False
-                    future.cancel()
-                    continue
-                t.account(part.astype(np.int64), fast,
-                          lambda pick, part=part: (first.take(t.name, part[pick]), second.take(t.name, part[pick])))
-                handled += len(part)
-                done += len(part)
-                progress("comparing changed rows", done, total)
+    for i, (t, rows) in enumerate(candidates):
+        finished = []
+        for part, future in passes.get(i, ()):
+            fast = future.result() if in_place else None
+            if fast is None:  # a writer moved a side past its pinned head: the patching path from here on
+                in_place = False
+                future.cancel()
+                continue
+            finished.append(fast)
+            done += len(part)
+            progress("comparing changed rows", done, total)
+        if finished:  # one account for the tensor: its numpy calls cost more per call than per row
+            handled = sum(len(f.status) for f in finished)
+            compared = rows[:handled]
+            t.account(compared.astype(np.int64), kernels.RowComparison.joined(finished),
+                      lambda pick: (first.take(t.name, compared[pick]), second.take(t.name, compared[pick])))
             rows = rows[handled:]
-            step = max(1, STEP_BYTES // max(1, _row_bytes(t)))
-            for start in range(0, len(rows), step):
-                part = rows[start : start + step]
-                side_a = pool.submit(first.take, t.name, part)
-                vb = second.take(t.name, part)
-                t.compare(part, side_a.result(), vb)
-                done += len(part)
-                progress("comparing changed rows", done, total)
+        step = max(1, STEP_BYTES // max(1, _row_bytes(t)))
+        for start in range(0, len(rows), step):
+            part = rows[start : start + step]
+            side_a = pool.submit(first.take, t.name, part)
+            vb = second.take(t.name, part)
+            t.compare(part, side_a.result(), vb)
+            done += len(part)
+            progress("comparing changed rows", done, total)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _comparison_pool() -> ThreadPoolExecutor:
+    """Two threads kept for every diff of the process: starting them per diff costs a thread start each."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltalog-diff")
+        return _pool
 
 
 def _in_place_pass(t: TensorDiff, rows: np.ndarray, sides: tuple["_Rows", "_Rows"]) -> kernels.RowComparison | None:

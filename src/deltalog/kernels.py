@@ -99,6 +99,14 @@ class RowComparison:
     bad_a: int | None = None  # first position whose row on A does not match its digest
     bad_b: int | None = None
 
+    @classmethod
+    def joined(cls, parts: list["RowComparison"]) -> "RowComparison":
+        """The comparison of consecutive runs of rows, as one (digest positions are not carried over)."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(np.concatenate([p.status for p in parts]), np.concatenate([p.row_squares for p in parts]),
+                   sum(p.sum_abs for p in parts), max(p.max_abs for p in parts))
+
 
 _KIND_BITS = 3  # rows compared bitwise only: status 2 where they differ
 
