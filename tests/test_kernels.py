@@ -87,6 +87,24 @@ def test_block_boundaries_change_nothing(row_bytes):
 
 
 @compiled
+def test_the_extension_refuses_misuse_instead_of_reading_astray():
+    from deltalog import _kernels
+
+    a = np.zeros((4, 2), np.float32)
+    status, squares = np.zeros(4, np.uint8), np.zeros(4)
+    digests = np.zeros(4, np.uint64)
+    with pytest.raises(ValueError, match="only with an index"):  # would otherwise go unchecked
+        _kernels.compare_rows(a, a, 8, 0, None, digests, None, status, squares)
+    with pytest.raises(ValueError):
+        _kernels.compare_rows(a, a[:3], 8, 0, None, None, None, status, squares)
+    with pytest.raises(IndexError):
+        _kernels.compare_rows(a, a, 8, 0, np.array([0, 4], np.int64), None, None, status[:2], squares[:2])
+    with pytest.raises(ValueError):  # a row size that is not a whole number of elements
+        _kernels.compare_rows(a, a, 6, 0, None, None, None, status, squares)
+    _kernels.gather_rows(np.zeros(0, np.uint8), 0, np.zeros(0, np.int64), np.zeros(0, np.uint8), None)  # no rows
+
+
+@compiled
 def test_gather_rows_refuses_rows_out_of_range():
     table = np.zeros((4, 3), np.float32)
     with pytest.raises(IndexError):

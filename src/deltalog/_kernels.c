@@ -9,7 +9,7 @@
  *
  * Plain C with the buffer protocol: no numpy headers, so it builds wherever
  * CPython's headers and a C compiler are. Every loop runs with the GIL
- * released, so two threads (the two sides of a diff) run in parallel.
+ * released, so diff's comparison passes run on two threads at once.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -127,7 +127,7 @@ static PyObject *gather_rows(PyObject *Py_UNUSED(self), PyObject *args) {
         /* A block of rows is copied, then hashed while the copies are still in
          * cache: copying alone keeps many misses in flight, which hashing each
          * row as it arrives would not. */
-        Py_ssize_t block = GATHER_BLOCK_BYTES / row_bytes;
+        Py_ssize_t block = row_bytes ? GATHER_BLOCK_BYTES / row_bytes : n;
         block = block < 1 ? 1 : block;
         for (Py_ssize_t first = 0; first < n; first += block) {
             Py_ssize_t end = first + block < n ? first + block : n;
@@ -515,6 +515,8 @@ static PyObject *compare_rows(PyObject *Py_UNUSED(self), PyObject *args) {
         problem = "index must be int64, one per row";
     else if (!index && (rows_a != c.n || rows_b != c.n))
         problem = "without an index, a and b must hold len(status) rows";
+    else if (!index && (a_dig || b_dig))
+        problem = "digests are checked only with an index (rows read in place)";
     else if ((a_dig && a_dig->len != rows_a * 8) || (b_dig && b_dig->len != rows_b * 8))
         problem = "digests must be uint64, one per row of their side";
     if (!problem && index) {
