@@ -14,6 +14,7 @@ from deltalog import codec
 from deltalog import record as rec
 from deltalog.dtypes import STORAGE
 from deltalog.errors import IntegrityError, UnsupportedVersion
+from record_layout import v2_spans
 
 
 def make_record(rng, dtype="float32", k=5, row_elems=3, with_old=True, versions=False) -> rec.Record:
@@ -39,20 +40,6 @@ def two_tensor_record(rng) -> rec.Record:
     r.tensors[0].name, b.name = "a", "b"
     r.tensors.append(b)
     return r
-
-
-def section_spans(blob) -> dict[tuple[str, str], tuple[int, int]]:
-    """(tensor, section) -> (start, stop) in a v2 blob, from its header."""
-    (hlen,) = struct.unpack_from(">I", blob, 8)
-    header = rec.unpack(blob[12 : 12 + hlen], "t")
-    pos, spans = 12 + hlen + 8, {}
-    for t in header["tensors"]:
-        for key in rec.SECTION_KEYS:
-            if key in t["sections"]:
-                spans[(t["name"], key)] = (pos, pos + t["sections"][key][1])
-                pos += t["sections"][key][1]
-    assert pos == len(blob)
-    return spans
 
 
 def flipped(blob: bytes, pos: int) -> bytes:
@@ -182,7 +169,7 @@ def test_a_v1_reader_refuses_a_v2_record(rng, monkeypatch):
 def test_v2_reader_checks_exactly_the_sections_it_decodes(rng):
     r = two_tensor_record(rng)
     blob = rec.encode(r, version=2)
-    spans = section_spans(blob)
+    spans = v2_spans(blob)[1]
     for (name, key), (start, stop) in spans.items():
         bad = flipped(blob, (start + stop) // 2)
         with pytest.raises(IntegrityError, match=f"checksum mismatch \\(tensor '{name}', section {key}\\)"):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from conftest import REPO, apply_update, bits, random_model, random_update, run_cli
+from record_layout import v2_spans
 
 from deltalog import Replica
 from deltalog import record as rec
@@ -390,19 +391,6 @@ def test_flipped_bytes_anywhere_in_the_log_never_give_wrong_data(template, tmp_p
 # -- one record, rewritten through the store API -------------------------------------------------------
 
 
-def _record_parts(blob: bytes) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, str], tuple[int, int]]]:
-    """({"header": span}, {(tensor, section): span}) of a record of encoding v2, spans as (start, stop)."""
-    (hlen,) = struct.unpack_from(">I", blob, 8)
-    header = rec.unpack(blob[12 : 12 + hlen], "test")
-    pos, sections = 12 + hlen + 8, {}
-    for t in header["tensors"]:
-        for key in rec.SECTION_KEYS:
-            if key in t["sections"]:
-                sections[(t["name"], key)] = (pos, pos + t["sections"][key][1])
-                pos += t["sections"][key][1]
-    return {"header": (12, 12 + hlen)}, sections
-
-
 def _first_writer_after(path: str, low: int, offset: int, name: str) -> bool:
     """Whether record ``offset`` is the first record after ``low`` to write some row of ``name``:
     then the values at ``low`` of that row are the undo values of that record."""
@@ -429,9 +417,9 @@ def test_record_with_a_flipped_byte(template, tmp_path, part):
     with Replica.open(path) as r:
         blob = bytearray(r.record_blob(bad))
         assert blob[4:6] == b"\x00\x02"
-        header, sections = _record_parts(bytes(blob))
+        header_span, sections = v2_spans(blob)
         name = max((n for n, key in sections if key == "new"), key=lambda n: sections[(n, "new")][1] - sections[(n, "new")][0])
-        start, stop = header["header"] if part == "header" else sections[(name, part)]
+        start, stop = header_span if part == "header" else sections[(name, part)]
         blob[(start + stop) // 2] ^= 0x10
 
         def rewrite(txn):

@@ -20,6 +20,7 @@ from deltalog import Replica, history
 from deltalog import record as rec
 from deltalog.errors import IntegrityError
 from deltalog.verify import verify
+from record_layout import v2_spans
 
 
 def _model() -> dict[str, np.ndarray]:
@@ -40,18 +41,6 @@ def replica(tmp_path):
     return tmp_path / "r"
 
 
-def _sections(blob: bytes) -> dict[tuple[str, str], tuple[int, int]]:
-    (hlen,) = struct.unpack_from(">I", blob, 8)
-    header = rec.unpack(blob[12 : 12 + hlen], "test")
-    pos, spans = 12 + hlen + 8, {}
-    for t in header["tensors"]:
-        for key in rec.SECTION_KEYS:
-            if key in t["sections"]:
-                spans[(t["name"], key)] = (pos, pos + t["sections"][key][1])
-                pos += t["sections"][key][1]
-    return spans
-
-
 def _damage(path, offset: int, where: str | tuple[str, str]) -> None:
     """Flip a byte of record ``offset`` in its header ("header") or in one (tensor, section)."""
     with Replica.open(path) as r:
@@ -59,7 +48,7 @@ def _damage(path, offset: int, where: str | tuple[str, str]) -> None:
         if where == "header":
             pos = 14
         else:
-            start, stop = _sections(bytes(blob))[where]
+            start, stop = v2_spans(blob)[1][where]
             pos = (start + stop) // 2
         blob[pos] ^= 0x20
         r.store.write(lambda txn: txn.put(struct.pack(">Q", offset), bytes(blob), db=r.store.dbs["records"]))
@@ -94,7 +83,7 @@ def test_changed_rows_never_hashes_the_values(replica, section, monkeypatch):
     with Replica.open(replica) as r:
         blobs = [r.record_blob(o) for o in (1, 2, 3)]
     index_sizes = sorted(
-        hi - lo for blob in blobs for (_n, key), (lo, hi) in _sections(blob).items() if key == "index"
+        hi - lo for blob in blobs for (_n, key), (lo, hi) in v2_spans(blob)[1].items() if key == "index"
     )
     assert sorted(n for n in hashed if n in index_sizes) == index_sizes  # every index section, once
     assert len(hashed) == 3 + 6  # and the 3 headers: no value section
