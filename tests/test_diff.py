@@ -275,18 +275,21 @@ def _rows_written(replica: Replica, since: int, upto: int) -> int:
     return sum(s.rows for s in replica.iter_summaries(since) if s.offset <= upto)
 
 
+def do_sync(src: str, dst: str, **budget):
+    """One local sync, in-process."""
+    from deltalog import sync, transport
+
+    source, sink = transport.open_source(src), transport.open_sink(dst)
+    try:
+        return sync.sync(source, sink, source_name=src, destination_name=dst, **budget)
+    finally:
+        source.close()
+        sink.close()
+
+
 def test_followers_fed_by_sync_match_bruteforce(tmp_path):
     """Followers made and fed by sync: coalesced sync records, per-row versions, a base snapshot."""
     sync = pytest.importorskip("deltalog.sync")
-    transport = pytest.importorskip("deltalog.transport")
-
-    def do_sync(src: str, dst: str, **budget):
-        source, sink = transport.open_source(src), transport.open_sink(dst)
-        try:
-            return sync.sync(source, sink, source_name=src, destination_name=dst, **budget)
-        finally:
-            source.close()
-            sink.close()
 
     rng = np.random.default_rng(5)
     model = {"emb": (random_values(rng, "float32", (60, 3)), "float32"),
@@ -417,6 +420,36 @@ def test_replica_in_the_middle_of_a_partial_sync_is_refused(tmp_path):
                                                                            "buckets": {}}))
         with pytest.raises(LockHeld, match="partial sync"):
             diff(ReplicaSide.at(r), ReplicaSide.at(r))
+
+
+def test_a_partial_sync_that_begins_mid_diff_is_refused_not_misreported(tmp_path, monkeypatch):
+    """A budgeted sync into B after diff pinned B's head writes rows ahead of that head (CI caught
+    diff reporting them): every read checks for the pending marker, before and after."""
+    rng = np.random.default_rng(11)
+    model = {"emb": (random_values(rng, "float32", (600, 4), special=False), "float32"),
+             "bias": (random_values(rng, "float64", (40,), special=False), "float64")}
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    Replica.init(a, as_checkpoint_tensors(model), bucket_rows=8).close()
+    states = {0: model}
+    assert do_sync(a, b).complete
+    grow(a, model, rng, 4, states)
+    pinned = dl._Rows._pin
+
+    def pin_then_sync_one_chunk(self):
+        pinned(self)
+        if self.side.replica.path == b:  # B is now read at its pinned head; a sync stops after one chunk
+            result = do_sync(a, b, max_bytes=64, chunk_bytes=64)
+            assert not result.complete
+
+    monkeypatch.setattr(dl._Rows, "_pin", pin_then_sync_one_chunk)
+    with Replica.open(a) as ra, Replica.open(b) as rb:
+        with pytest.raises(LockHeld, match="partial sync"):
+            diff(ReplicaSide.at(ra), ReplicaSide.at(rb))
+    monkeypatch.setattr(dl._Rows, "_pin", pinned)
+    assert do_sync(a, b).complete  # and once the sync is done, the numbers are exact again
+    grow(a, model, rng, 2, states)
+    with Replica.open(a) as ra, Replica.open(b) as rb:
+        assert_matches(diff(ReplicaSide.at(rb), ReplicaSide.at(ra)), brute(states[rb.head], states[ra.head], 8, 10))
 
 
 # -- what a change is ---------------------------------------------------------------------------

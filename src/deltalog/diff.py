@@ -601,8 +601,6 @@ def _diff_by_log(a: ReplicaSide, b: ReplicaSide, results: list[TensorDiff], prog
 
     sides = (_Rows(a, names := [t.name for t in results]), _Rows(b, names))
     _compare_candidates(candidates, sides, progress)
-    for side in sides:
-        side.check_unmoved()
     return method
 
 
@@ -691,12 +689,16 @@ def _in_place_pass(t: TensorDiff, rows: np.ndarray, sides: tuple["_Rows", "_Rows
     first, second = sides
     ra, rb = first.side.replica, second.side.replica
     idx = rows.astype(np.int64)
+    for side in sides:
+        side.check_unpending()
 
     def on_a(view_a: np.ndarray, digests_a: np.ndarray | None):
         return rb.read_in_place(t.name, lambda view_b, digests_b: kernels.compare_rows(
             view_a, view_b, t.dtype, idx, digests_a, digests_b))
 
     head_a, (head_b, fast) = ra.read_in_place(t.name, on_a)
+    for side in sides:  # a partial sync's chunk written meanwhile: its rows run ahead of the head read
+        side.check_unpending()
     if (head_a, head_b) != (first.pinned, second.pinned):
         return None
     for replica, bad in ((ra, fast.bad_a), (rb, fast.bad_b)):
@@ -755,7 +757,6 @@ class _Rows:
         self.names = names
         self._upto: int | None = None  # the head rows are read at; patched back to side.offset
         self._patch: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._pending = None
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start..stop-1."""
@@ -772,7 +773,9 @@ class _Rows:
         replica = self.side.replica
         if self._upto is None:
             self._pin()
+        self.check_unpending()
         head, values = replica.read_rows(name, rows)
+        self.check_unpending()  # a partial sync that wrote rows ahead of the head during the read shows here
         if head != self._upto:  # a writer moved on since the pin: undo its records for these rows
             _, moved = values_at(replica, self._upto, {name: rows})
             values = moved[name]
@@ -799,7 +802,7 @@ class _Rows:
     def _pin(self) -> None:
         """Pin the head and build the patch for rows written in (offset, head]."""
         replica, offset = self.side.replica, self.side.offset
-        self._pending = pending_marker(replica)
+        self.check_unpending()
         upto = replica.head
         if upto != offset:
             touched = changed_rows(replica, offset, upto)
@@ -808,12 +811,16 @@ class _Rows:
             self._patch = {n: (touched[n], old[n]) for n in touched}
         self._upto = upto
 
-    def check_unmoved(self) -> None:
-        """LockHeld if a partial sync began while the side was read: its rows run ahead of the head."""
-        if isinstance(self.side, ReplicaSide) and self._upto is not None:
-            if pending_marker(self.side.replica) != self._pending:
-                raise LockHeld(f"{self.side.spec}: a partial sync began while it was being compared",
-                               hint="let 'deltalog sync' finish it, then diff again")
+    def check_unpending(self) -> None:
+        """LockHeld while a partial sync is pending on a replica side: its files hold rows newer than its head.
+
+        Checked before and after every read: a chunk written during a read
+        leaves its marker set until the sync's last chunk moves the head,
+        and a moved head sends the read down the path that undoes it.
+        """
+        if isinstance(self.side, ReplicaSide) and pending_marker(self.side.replica) is not None:
+            raise LockHeld(f"{self.side.spec}: a partial sync began while it was being compared",
+                           hint="let 'deltalog sync' finish it, then diff again")
 
 
 def _diff_by_value(a: Side, b: Side, results: list[TensorDiff], progress: Progress) -> None:
@@ -829,8 +836,6 @@ def _diff_by_value(a: Side, b: Side, results: list[TensorDiff], progress: Progre
             t.compare(np.arange(start, stop, dtype=np.int64), ra.read(t.name, start, stop), rb.read(t.name, start, stop))
             done += stop - start
             progress("comparing values", done, total)
-    ra.check_unmoved()
-    rb.check_unmoved()
 
 
 __all__ = [
