@@ -452,6 +452,44 @@ def test_a_partial_sync_that_begins_mid_diff_is_refused_not_misreported(tmp_path
         assert_matches(diff(ReplicaSide.at(rb), ReplicaSide.at(ra)), brute(states[rb.head], states[ra.head], 8, 10))
 
 
+def test_a_sync_that_writes_a_chunk_under_a_read_and_finishes_after_it_is_not_misreported(tmp_path, monkeypatch):
+    """The chunk's rows are in what the read saw, and the marker that would say so is gone by the
+    time the read is checked: the moved head must send the rows down the path that undoes them."""
+    rng = np.random.default_rng(12)
+    model = {"emb": (random_values(rng, "float32", (600, 4), special=False), "float32")}
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    Replica.init(a, as_checkpoint_tensors(model), bucket_rows=8).close()
+    states = {0: model}
+    assert do_sync(a, b).complete
+    grow(a, model, rng, 3, states)
+    pinned_at = {}
+    real_read_rows, real_in_place = Replica.read_rows, Replica.read_in_place
+
+    def around(real):
+        def read(self, *args, **kwargs):
+            interfere = self.path == b and not pinned_at.get("done")
+            if interfere:  # a chunk lands in B's files just before the read, the rest of the sync just after
+                pinned_at["done"] = True
+                assert not do_sync(a, b, max_bytes=64, chunk_bytes=64).complete
+            result = real(self, *args, **kwargs)
+            if interfere:
+                assert do_sync(a, b).complete
+            return result
+        return read
+
+    monkeypatch.setattr(Replica, "read_rows", around(real_read_rows))
+    monkeypatch.setattr(Replica, "read_in_place", around(real_in_place))
+    with Replica.open(a) as ra, Replica.open(b) as rb:
+        side_b = ReplicaSide.at(rb)
+        try:
+            result = diff(ReplicaSide.at(ra), side_b)
+        except LockHeld:
+            return
+    assert pinned_at.get("done")
+    assert result.b_offset == 0
+    assert_matches(result, brute(states[max(states)], states[0], 8, 10))
+
+
 # -- what a change is ---------------------------------------------------------------------------
 
 

@@ -697,9 +697,10 @@ def _in_place_pass(t: TensorDiff, rows: np.ndarray, sides: tuple["_Rows", "_Rows
             view_a, view_b, t.dtype, idx, digests_a, digests_b))
 
     head_a, (head_b, fast) = ra.read_in_place(t.name, on_a)
-    for side in sides:  # a partial sync's chunk written meanwhile: its rows run ahead of the head read
+    for side in sides:  # a partial sync's chunk written meanwhile: its rows run ahead of the head read...
         side.check_unpending()
-    if (head_a, head_b) != (first.pinned, second.pinned):
+    pinned = (first.pinned, second.pinned)
+    if (head_a, head_b) != pinned or (ra.head, rb.head) != pinned:  # ... or it has finished: the head moved
         return None
     for replica, bad in ((ra, fast.bad_a), (rb, fast.bad_b)):
         if bad is not None:
@@ -775,8 +776,9 @@ class _Rows:
             self._pin()
         self.check_unpending()
         head, values = replica.read_rows(name, rows)
-        self.check_unpending()  # a partial sync that wrote rows ahead of the head during the read shows here
-        if head != self._upto:  # a writer moved on since the pin: undo its records for these rows
+        self.check_unpending()  # a partial sync that wrote rows ahead of the head during the read shows here...
+        if head != self._upto or replica.head != self._upto:  # ... or it has finished: the head moved
+            # A writer moved on since the pin: undo its records for these rows.
             _, moved = values_at(replica, self._upto, {name: rows})
             values = moved[name]
         patch_rows, old = self._patch.get(name, (None, None))
@@ -815,8 +817,9 @@ class _Rows:
         """LockHeld while a partial sync is pending on a replica side: its files hold rows newer than its head.
 
         Checked before and after every read: a chunk written during a read
-        leaves its marker set until the sync's last chunk moves the head,
-        and a moved head sends the read down the path that undoes it.
+        leaves its marker set until the sync's last chunk moves the head, so
+        after a read either the marker shows, or the head has moved (the
+        caller then reads again through values_at, which undoes it).
         """
         if isinstance(self.side, ReplicaSide) and pending_marker(self.side.replica) is not None:
             raise LockHeld(f"{self.side.spec}: a partial sync began while it was being compared",
