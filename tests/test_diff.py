@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from unittest import mock
 
@@ -747,3 +748,37 @@ def test_cli_errors_end_to_end(two_replicas, tmp_path):
     assert deltalog("diff", a, b, "--tensor", "nope").returncode == 11
     p = deltalog("diff", b, a)
     assert p.returncode == 1 and "rows changed" in p.stdout
+
+
+def test_diff_works_in_a_child_forked_after_a_diff(tmp_path):
+    """diff keeps two comparison threads per process; a forked child has none of them and must start its own."""
+    rng = np.random.default_rng(13)
+    model = {"emb": (random_values(rng, "float32", (300, 4), special=False), "float32")}
+    path = str(tmp_path / "r")
+    Replica.init(path, as_checkpoint_tensors(model), bucket_rows=8).close()
+    states = {0: model}
+    grow(path, model, rng, 2, states)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    shutil.copytree(path, a)
+    shutil.copytree(path, b)
+    grow(a, model, rng, 2, states)
+    with Replica.open(a) as ra, Replica.open(b) as rb:
+        want = diff(ReplicaSide.at(rb), ReplicaSide.at(ra)).changed_rows
+    assert want
+    child = os.fork()
+    if child == 0:  # the child: exit 0 only if its diff finishes with the same answer
+        code = 1
+        try:
+            with Replica.open(a) as ra, Replica.open(b) as rb:
+                code = 0 if diff(ReplicaSide.at(rb), ReplicaSide.at(ra)).changed_rows == want else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(child, 9)
+    pytest.fail("diff hung in a forked child")

@@ -679,6 +679,15 @@ def _comparison_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the pool's threads: it must start its own, not queue work for ghosts."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _in_place_pass(t: TensorDiff, rows: np.ndarray, sides: tuple["_Rows", "_Rows"]) -> kernels.RowComparison | None:
     """Compare ``rows`` straight from both replicas' memory maps, nothing copied; None if a side moved on.
 
