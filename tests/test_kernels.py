@@ -196,6 +196,17 @@ def test_compare_in_place_reports_the_first_bad_digest_of_each_side():
     assert fast.status.tolist() == [int(r >= 40) for r in rows]  # the comparison itself went on
 
 
+@compiled
+def test_compare_leaves_anything_but_little_endian_storage_to_numpy():
+    a = np.arange(6, dtype=">f4").reshape(3, 2)  # big-endian: the loop would read the bytes wrongly
+    assert kernels.compare_rows(a, a + 1, "float32") is None
+    assert kernels.compare_rows(a.astype("<f4"), a.astype("<f8"), "float32") is None  # the sides disagree
+    assert kernels.compare_rows(a.astype("<f4"), a.astype("<f4") + 1, "float32").status.tolist() == [1, 1, 1]
+    t = TensorDiff("t", "float32", (3, 2), 2)
+    t.compare(np.arange(3), a, a + 1)  # numpy's path then gives the numbers
+    assert t.changed_rows == 3 and t.max_abs == 1.0
+
+
 def test_loops_can_be_turned_off(loops_off):
     assert not kernels.enabled()
     assert kernels.compare_rows(np.zeros((2, 2)), np.ones((2, 2)), "float64") is None

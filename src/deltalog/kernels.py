@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import rowdigest
+from .dtypes import STORAGE
 
 try:
     from . import _kernels
@@ -126,6 +127,8 @@ def compare_rows(a: np.ndarray, b: np.ndarray, dtype: str, rows: np.ndarray | No
         return None
     kind = _KINDS.get(dtype, _KIND_BITS)
     a2, b2 = _rows2d(a), _rows2d(b)
+    if a2.dtype != STORAGE.get(dtype) or b2.dtype != a2.dtype:  # the loops read little-endian storage bytes
+        return None
     row_bytes = a2.shape[1] * a2.dtype.itemsize
     n = a2.shape[0] if rows is None else len(rows)
     status = np.zeros(n, dtype=np.uint8)
