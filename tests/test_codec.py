@@ -327,3 +327,31 @@ def test_index_codec_refuses_a_repeated_row_in_every_width(width):
         raw[1 + j * 3 + 1] = raw[1 + j * 3 + 2] = 0  # and every other plane: both gaps become 0
     with pytest.raises(IntegrityError, match="not strictly increasing"):
         codec.decode_indices(codec.compress(bytes(raw)), len(raw), len(rows), "t")
+
+
+def test_a_child_forked_after_a_parallel_encode_encodes_too():
+    """run_jobs keeps a thread pool, and zstd contexts keep threads too; a forked child has none of them."""
+    import os
+    import time
+
+    big = np.random.default_rng(0).standard_normal((4, 1 << 18)).astype(np.float32)  # 4 MiB: the parallel path
+    codec.encode_values(np.tile(big, 2))  # 8 MiB: zstd's own worker threads, whose context the child must not free
+    jobs = [lambda row=row: codec.encode_values(row) for row in big]
+    want = [payload for payload, _size in codec.run_jobs(jobs, big.nbytes)]
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            got = [payload for payload, _size in codec.run_jobs(jobs, big.nbytes)]
+            code = 0 if got == want else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(child, 9)
+    pytest.fail("run_jobs hung in a forked child")

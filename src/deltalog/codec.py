@@ -80,6 +80,23 @@ def run_jobs(jobs: list[Callable[[], T]], nbytes: int) -> list[T]:
     return list(_pool.map(lambda job: job(), jobs))
 
 
+_inherited: list = []  # what a forked child must never free (see below)
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the parent's threads: it starts its own pool and zstd contexts.
+
+    The parent's are kept, never freed: freeing a multithreaded zstd context
+    joins its worker threads, which do not exist in the child (it would hang).
+    """
+    global _pool, _pool_lock, _local
+    _inherited.append((_pool, _local))
+    _pool, _pool_lock, _local = None, threading.Lock(), threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def compress(data) -> bytes:
     return _compressor(memoryview(data).nbytes).compress(data)
 
