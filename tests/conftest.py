@@ -68,6 +68,29 @@ def assert_same(replica, model: dict[str, np.ndarray]) -> None:
         assert np.array_equal(bits(got), bits(expected)), f"tensor {name} differs"
 
 
+def in_forked_child(body, timeout: float = 60.0) -> None:
+    """Fork, run ``body()`` in the child, and fail unless it returns True within ``timeout`` (a hang fails too)."""
+    import time
+
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            code = 0 if body() else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            assert os.waitstatus_to_exitcode(status) == 0, "the forked child got a different answer"
+            return
+        time.sleep(0.05)
+    os.kill(child, 9)
+    os.waitpid(child, 0)
+    pytest.fail(f"the forked child hung for {timeout:.0f} s")
+
+
 def run_cli(*args: str, cwd: str | None = None, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `deltalog` command (as a user would) and capture its output."""
     proc = subprocess.run(

@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 import xxhash
+from conftest import in_forked_child
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -331,27 +332,8 @@ def test_index_codec_refuses_a_repeated_row_in_every_width(width):
 
 def test_a_child_forked_after_a_parallel_encode_encodes_too():
     """run_jobs keeps a thread pool, and zstd contexts keep threads too; a forked child has none of them."""
-    import os
-    import time
-
     big = np.random.default_rng(0).standard_normal((4, 1 << 18)).astype(np.float32)  # 4 MiB: the parallel path
     codec.encode_values(np.tile(big, 2))  # 8 MiB: zstd's own worker threads, whose context the child must not free
     jobs = [lambda row=row: codec.encode_values(row) for row in big]
     want = [payload for payload, _size in codec.run_jobs(jobs, big.nbytes)]
-    child = os.fork()
-    if child == 0:
-        code = 1
-        try:
-            got = [payload for payload, _size in codec.run_jobs(jobs, big.nbytes)]
-            code = 0 if got == want else 1
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        pid, status = os.waitpid(child, os.WNOHANG)
-        if pid:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        time.sleep(0.05)
-    os.kill(child, 9)
-    pytest.fail("run_jobs hung in a forked child")
+    in_forked_child(lambda: [payload for payload, _size in codec.run_jobs(jobs, big.nbytes)] == want)

@@ -10,13 +10,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from unittest import mock
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import in_forked_child
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -331,10 +331,15 @@ def test_followers_fed_by_sync_match_bruteforce(tmp_path):
             assert result.complete
 
 
+def emb_and_bias(rng: np.random.Generator, emb_rows: int, bias_rows: int) -> dict:
+    """A float32 table of 4 columns and a float64 vector, without NaN or infinity."""
+    return {"emb": (random_values(rng, "float32", (emb_rows, 4), special=False), "float32"),
+            "bias": (random_values(rng, "float64", (bias_rows,), special=False), "float64")}
+
+
 def test_compacted_log_falls_back_to_the_rows_of_dirty_buckets(tmp_path):
     rng = np.random.default_rng(7)
-    model = {"emb": (random_values(rng, "float32", (400, 4), special=False), "float32"),
-             "bias": (random_values(rng, "float64", (50,), special=False), "float64")}
+    model = emb_and_bias(rng, 400, 50)
     a_path, b_path = str(tmp_path / "a"), str(tmp_path / "b")
     Replica.init(a_path, as_checkpoint_tensors(model), bucket_rows=16).close()
     states = {0: model}
@@ -427,8 +432,7 @@ def test_a_partial_sync_that_begins_mid_diff_is_refused_not_misreported(tmp_path
     """A budgeted sync into B after diff pinned B's head writes rows ahead of that head (CI caught
     diff reporting them): every read checks for the pending marker, before and after."""
     rng = np.random.default_rng(11)
-    model = {"emb": (random_values(rng, "float32", (600, 4), special=False), "float32"),
-             "bias": (random_values(rng, "float64", (40,), special=False), "float64")}
+    model = emb_and_bias(rng, 600, 40)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     Replica.init(a, as_checkpoint_tensors(model), bucket_rows=8).close()
     states = {0: model}
@@ -765,20 +769,9 @@ def test_diff_works_in_a_child_forked_after_a_diff(tmp_path):
     with Replica.open(a) as ra, Replica.open(b) as rb:
         want = diff(ReplicaSide.at(rb), ReplicaSide.at(ra)).changed_rows
     assert want
-    child = os.fork()
-    if child == 0:  # the child: exit 0 only if its diff finishes with the same answer
-        code = 1
-        try:
-            with Replica.open(a) as ra, Replica.open(b) as rb:
-                code = 0 if diff(ReplicaSide.at(rb), ReplicaSide.at(ra)).changed_rows == want else 1
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        pid, status = os.waitpid(child, os.WNOHANG)
-        if pid:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        time.sleep(0.05)
-    os.kill(child, 9)
-    pytest.fail("diff hung in a forked child")
+
+    def same_answer_in_child() -> bool:
+        with Replica.open(a) as ra, Replica.open(b) as rb:
+            return diff(ReplicaSide.at(rb), ReplicaSide.at(ra)).changed_rows == want
+
+    in_forked_child(same_answer_in_child)
