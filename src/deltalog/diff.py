@@ -42,8 +42,9 @@ whose delta is not finite (NaN, infinity) count towards ``nonfinite_rows``
 and are left out of l2, max_abs and significance.
 
 A replica in the middle of a partial sync holds rows newer than its head in
-its files, which ``history.values_at`` does not account for yet; diff
-refuses it (LockHeld) rather than report wrong numbers.
+its files, which the in-place comparison cannot see past; diff refuses it
+(LockHeld) rather than report wrong numbers, also when the sync begins
+while diff is reading (every read checks for it before and after).
 """
 
 from __future__ import annotations
