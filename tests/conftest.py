@@ -15,6 +15,52 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DELTALOG = [sys.executable, "-m", "deltalog"]
 
 
+class Crash(BaseException):
+    """Stands for the process dying: nothing after it runs."""
+
+
+def crash_writer(replica) -> None:
+    """What the kernel does when a process dies: its lock goes, its memory maps are dropped."""
+    replica._lock.release()
+    replica._write_maps.clear()
+    replica._read_maps.clear()
+
+
+CRASH_POINTS = ("before-rows", "half-rows", "rows-not-digests", "before-applied")
+
+
+def crash_next_apply(monkeypatch, point: str) -> None:
+    """Make the next commit die (raise Crash) after its log commit, at ``point`` of applying it:
+    before any row is written, half of the first tensor's rows written, every row written but no
+    row digest, or everything written but the 'applied' mark. Undo with ``monkeypatch.undo()``."""
+    from deltalog import Replica
+
+    assert point in CRASH_POINTS, point
+    real_apply, real_set_applied = Replica._apply, Replica._set_applied
+
+    def apply(self, record):
+        if point == "before-rows":
+            raise Crash
+        if point == "half-rows":
+            delta = record.tensors[0]
+            half = len(delta.rows) // 2
+            self._writable(self.info(delta.name))[delta.rows[:half].astype(np.intp)] = delta.new[:half]
+            raise Crash
+        if point == "rows-not-digests":
+            for delta in record.tensors:
+                self._writable(self.info(delta.name))[delta.rows.astype(np.intp)] = delta.new
+            raise Crash
+        real_apply(self, record)
+
+    def set_applied(self, offset):
+        if point == "before-applied":
+            raise Crash
+        real_set_applied(self, offset)
+
+    monkeypatch.setattr(Replica, "_apply", apply)
+    monkeypatch.setattr(Replica, "_set_applied", set_applied)
+
+
 def random_model(rng: np.random.Generator, rows: int = 300, dim: int = 8) -> dict[str, np.ndarray]:
     """A small model with embedding tables, a dense layer, a bias and a scalar of mixed dtypes."""
     return {

@@ -17,7 +17,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import REPO, bits
+from conftest import REPO, Crash, bits
 
 from deltalog import Replica, rowdigest
 from deltalog import record as rec
@@ -214,10 +214,6 @@ def test_golden_v2_is_upgraded_to_v3_by_its_first_write(tmp_path):
     assert {n: d for n, d in after.items() if n != "counts"} == {n: d for n, d in digests_before.items() if n != "counts"}
     with Replica.open(path) as r:
         assert r.read_tensor("counts")[0] == 42  # checked against its rewritten digest
-
-
-class Crash(BaseException):
-    pass
 
 
 def _crash(*_args, **_kw):

@@ -15,21 +15,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, apply_update, assert_same, random_model, random_update
+from conftest import REPO, Crash, apply_update, assert_same, crash_next_apply, crash_writer, random_model, random_update
 
 from deltalog import Replica
 from deltalog.verify import verify
-
-
-class Crash(BaseException):
-    """Stands for the process dying: nothing after it runs."""
-
-
-def crash_writer(replica: Replica) -> None:
-    """What the kernel does when a process dies: its lock goes, its memory maps are dropped."""
-    replica._lock.release()
-    replica._write_maps.clear()
-    replica._read_maps.clear()
 
 
 @pytest.mark.parametrize("point", ["before-rows", "half-rows", "before-applied"])
@@ -42,30 +31,11 @@ def test_crash_between_log_commit_and_tensor_write_recovers_to_new_head(tmp_path
     apply_update(model, first)
     update = {"item_emb": (np.arange(0, 300, 7), rng.standard_normal((43, 8)).astype(np.float32))}
 
-    real_apply, real_set_applied = Replica._apply, Replica._set_applied
-
-    def apply(self, record):
-        if point == "before-rows":
-            raise Crash
-        if point == "half-rows":
-            delta = record.tensors[0]
-            half = len(delta.rows) // 2
-            self._writable(self.info(delta.name))[delta.rows[:half].astype(np.intp)] = delta.new[:half]
-            raise Crash
-        real_apply(self, record)
-
-    def set_applied(self, offset):
-        if point == "before-applied":
-            raise Crash
-        real_set_applied(self, offset)
-
-    monkeypatch.setattr(Replica, "_apply", apply)
-    monkeypatch.setattr(Replica, "_set_applied", set_applied)
+    crash_next_apply(monkeypatch, point)
     with pytest.raises(Crash):
         r.commit(update)
     crash_writer(r)
-    monkeypatch.setattr(Replica, "_apply", real_apply)
-    monkeypatch.setattr(Replica, "_set_applied", real_set_applied)
+    monkeypatch.undo()
 
     with Replica.open(path) as reopened:  # open finds the abandoned write and finishes it
         apply_update(model, update)

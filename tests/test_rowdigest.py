@@ -17,7 +17,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, apply_update, assert_same, bits, cli_json, random_model, random_update, run_cli
+from conftest import (REPO, Crash, apply_update, assert_same, bits, cli_json, crash_next_apply, crash_writer,
+                      random_model, random_update, run_cli)
 
 from deltalog import Replica, rowdigest, tensorfiles
 from deltalog.errors import IntegrityError
@@ -186,34 +187,12 @@ def test_recovery_after_a_crash_between_log_and_apply_rewrites_the_digests(tmp_p
     src, model = _source(tmp_path, rng, commits=1)
     update = {"item_emb": (np.arange(0, 300, 7), rng.standard_normal((43, 8)).astype(np.float32))}
 
-    class Crash(BaseException):
-        pass
-
-    real_apply, real_set_applied = Replica._apply, Replica._set_applied
-
-    def apply(self, record):
-        if point == "before-rows":
-            raise Crash
-        if point == "rows-not-digests":  # the rows reached the file, their digests did not
-            for delta in record.tensors:
-                self._writable(self.info(delta.name))[delta.rows.astype(np.intp)] = delta.new
-            raise Crash
-        real_apply(self, record)
-
-    def set_applied(self, offset):
-        if point == "before-applied":
-            raise Crash
-        real_set_applied(self, offset)
-
     r = Replica.open(src)
-    monkeypatch.setattr(Replica, "_apply", apply)
-    monkeypatch.setattr(Replica, "_set_applied", set_applied)
+    crash_next_apply(monkeypatch, point)
     with pytest.raises(Crash):
         r.commit(update)
     monkeypatch.undo()
-    r._lock.release()  # what the kernel does when the process dies
-    r._write_maps.clear()
-    r._read_maps.clear()
+    crash_writer(r)
     r._store.close()
     with Replica.open(src) as reopened:  # the open finishes the abandoned write, rows and digests
         apply_update(model, update)

@@ -98,49 +98,44 @@ class _FakeLmdbError(lmdb.Error):
         self.code = code
 
 
+@pytest.fixture
+def replica_store(tmp_path):
+    """The LogStore of a new one-tensor replica, closed afterwards."""
+    Replica.init(tmp_path / "r", {"a": np.zeros(4, np.float32)}).close()
+    store = LogStore(str(tmp_path / "r" / "log"))
+    yield store
+    store.close()
+
+
+def _raise_lmdb_error(code: int):
+    def fail(txn):
+        raise _FakeLmdbError(code)
+
+    return fail
+
+
 @pytest.mark.parametrize("code, free, words", [
     (errno.ENOSPC, 1 << 40, "disk full"),
     (errno.EIO, 0, "disk full"),  # LMDB's short write on a full disk
     (errno.EIO, 1 << 40, "I/O error"),  # space left: the device failed
     (errno.EACCES, 1 << 40, "cannot write"),
 ])
-def test_os_level_lmdb_failures_are_storage_errors(tmp_path, monkeypatch, code, free, words):
-    Replica.init(tmp_path / "r", {"a": np.zeros(4, np.float32)}).close()
-    store = LogStore(str(tmp_path / "r" / "log"))
-    try:
-        monkeypatch.setattr(store, "_free_bytes", lambda: free)
-
-        def fail(txn):
-            raise _FakeLmdbError(code)
-
-        with pytest.raises(StorageError, match=words):
-            store.write(fail)
-    finally:
-        store.close()
+def test_os_level_lmdb_failures_are_storage_errors(replica_store, monkeypatch, code, free, words):
+    monkeypatch.setattr(replica_store, "_free_bytes", lambda: free)
+    with pytest.raises(StorageError, match=words):
+        replica_store.write(_raise_lmdb_error(code))
 
 
-def test_other_lmdb_failures_stay_internal_errors(tmp_path):
-    Replica.init(tmp_path / "r", {"a": np.zeros(4, np.float32)}).close()
-    store = LogStore(str(tmp_path / "r" / "log"))
-    try:
-        def fail(txn):
-            raise _FakeLmdbError(errno.EINVAL)
-
-        with pytest.raises(lmdb.Error):
-            store.write(fail)
-    finally:
-        store.close()
+def test_other_lmdb_failures_stay_internal_errors(replica_store):
+    with pytest.raises(lmdb.Error):
+        replica_store.write(_raise_lmdb_error(errno.EINVAL))
 
 
-def test_a_bucket_key_of_the_wrong_length_is_an_integrity_error(tmp_path):
-    Replica.init(tmp_path / "r", {"a": np.zeros(4, np.float32)}).close()
-    store = LogStore(str(tmp_path / "r" / "log"))
-    try:
-        store.write(lambda txn: txn.put(b"\0" * 8 + b"\1", b"x" * 16, db=store.dbs["buckets"]))
-        with pytest.raises(IntegrityError, match="bucket key of 9 bytes"), store.read() as txn:
-            list(store.get_buckets(txn, 0))
-    finally:
-        store.close()
+def test_a_bucket_key_of_the_wrong_length_is_an_integrity_error(replica_store):
+    store = replica_store
+    store.write(lambda txn: txn.put(b"\0" * 8 + b"\1", b"x" * 16, db=store.dbs["buckets"]))
+    with pytest.raises(IntegrityError, match="bucket key of 9 bytes"), store.read() as txn:
+        list(store.get_buckets(txn, 0))
 
 
 # -- metadata a replica is opened with -------------------------------------------------------------
