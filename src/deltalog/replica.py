@@ -552,24 +552,17 @@ class Replica:
             self._note_mapped(self._digest_path(info))
         return view
 
-    def _check_digests(self, info: TensorInfo, idx: np.ndarray, values: np.ndarray, stored: np.ndarray) -> None:
-        """IntegrityError naming the first row of ``values`` (rows ``idx``) whose digest is not ``stored``."""
-        bad = np.flatnonzero(kernels.row_digests(values) != np.asarray(stored, dtype=np.uint64))
+    def _check_digests(self, name: str, idx: np.ndarray, digests: np.ndarray, stored: np.ndarray) -> None:
+        """IntegrityError naming the first of rows ``idx`` whose computed digest is not the ``stored`` one."""
+        bad = np.flatnonzero(digests != stored)
         if len(bad):
-            raise self._digest_error(info, int(np.asarray(idx).reshape(-1)[bad[0]]))
-
-    def _digest_error(self, info: TensorInfo, row: int) -> IntegrityError:
-        return IntegrityError(
-            f"{self.path}: tensor {info.name!r} row {row}: its bytes in {tensorfiles.TENSOR_DIR}/{info.file} "
-            "do not match the row's digest (damaged tensor file)",
-            hint=tensorfiles.REPAIR_HINT.format(path=self.path),
-        )
+            raise self.digest_error(name, int(idx[bad[0]]))
 
     def _gather_old(self, info: TensorInfo, idx: np.ndarray) -> np.ndarray:
         """A checked copy of rows ``idx`` of the tensor file (lock held): values a record will keep as undo values."""
-        values = self._writable(info)[idx]
+        values, digests = kernels.gather_rows(self._writable(info), idx, digests=self._digests)
         if self._digests:
-            self._check_digests(info, idx, values, self._digest_map(info, writable=True)[idx])
+            self._check_digests(info.name, idx, digests, self._digest_map(info, writable=True)[idx])
         return values
 
     def rows_view(self, name: str) -> np.ndarray:
@@ -616,9 +609,7 @@ class Replica:
 
         head, (values, digests, stored) = self.read_in_place(name, gather, timeout)
         if stored is not None:  # not torn by a writer: now the digests must match
-            bad = np.flatnonzero(digests != stored)
-            if len(bad):
-                raise self.digest_error(name, int(idx[bad[0]]))
+            self._check_digests(name, idx, digests, stored)
         return head, values
 
     def read_in_place(self, name: str, read: Callable[[np.ndarray, np.ndarray | None], T],
@@ -657,7 +648,11 @@ class Replica:
 
     def digest_error(self, name: str, row: int) -> IntegrityError:
         """The error for row ``row`` of ``name`` not matching its digest (a damaged tensor file)."""
-        return self._digest_error(self.info(name), row)
+        return IntegrityError(
+            f"{self.path}: tensor {name!r} row {row}: its bytes in {tensorfiles.TENSOR_DIR}/{self.info(name).file} "
+            "do not match the row's digest (damaged tensor file)",
+            hint=tensorfiles.REPAIR_HINT.format(path=self.path),
+        )
 
     def snapshots(self) -> list[dict]:
         with self._store.read() as txn:
@@ -1141,7 +1136,7 @@ class Replica:
                 for start, digests in tensorfiles.digest_blocks(self._writable(t)):
                     bad = np.flatnonzero(digests != stored[start : start + len(digests)])
                     if len(bad):
-                        raise self._digest_error(t, start + int(bad[0]))
+                        raise self.digest_error(t.name, start + int(bad[0]))
         manifest = tensorfiles.write_snapshot(
             self.path, head, self.model_id, [(t, self._writable(t)) for t in self._tensors]
         )
