@@ -334,18 +334,22 @@ class RecordView:
                 tensors.append(
                     TensorDelta(name, dtype_name, rows, new, old, versions, float(th["significance"]), encoded)
                 )
-            return Record(
-                offset=int(header["offset"]),
-                base=int(header["base"]),
-                kind=str(header["kind"]),
-                time=float(header["time"]),
-                model_id=str(header["model_id"]),
-                tensors=tensors,
-                reason=header.get("reason"),
-                target=header.get("target"),
-            )
+            return Record(tensors=tensors, **_identity(header))
         except (KeyError, TypeError, ValueError):
             raise IntegrityError(f"{what}: malformed record header") from None
+
+
+def _identity(header: dict) -> dict:
+    """The fields every reading of a header gives (KeyError, TypeError or ValueError when malformed)."""
+    return {
+        "offset": int(header["offset"]),
+        "base": int(header["base"]),
+        "kind": str(header["kind"]),
+        "time": float(header["time"]),
+        "model_id": str(header["model_id"]),
+        "reason": header.get("reason"),
+        "target": header.get("target"),
+    }
 
 
 def check(blob, what: str = "record") -> None:
@@ -374,13 +378,7 @@ def summarize(blob, what: str = "record") -> RecordSummary:
             for t in header["tensors"]
         ]
         return RecordSummary(
-            offset=int(header["offset"]),
-            base=int(header["base"]),
-            kind=str(header["kind"]),
-            time=float(header["time"]),
-            model_id=str(header["model_id"]),
-            reason=header.get("reason"),
-            target=header.get("target"),
+            **_identity(header),
             rows=sum(t["rows"] for t in tensors),
             significance=sum(t["significance"] for t in tensors),
             nbytes=len(memoryview(blob)),
