@@ -21,9 +21,8 @@ class Crash(BaseException):
 
 def crash_writer(replica) -> None:
     """What the kernel does when a process dies: its lock goes, its memory maps are dropped."""
-    replica._lock.release()
-    replica._write_maps.clear()
-    replica._read_maps.clear()
+    replica.writer.lock.release()
+    replica.maps.forget()
 
 
 CRASH_POINTS = ("before-rows", "half-rows", "rows-not-digests", "before-applied")
@@ -33,32 +32,32 @@ def crash_next_apply(monkeypatch, point: str) -> None:
     """Make the next commit die (raise Crash) after its log commit, at ``point`` of applying it:
     before any row is written, half of the first tensor's rows written, every row written but no
     row digest, or everything written but the 'applied' mark. Undo with ``monkeypatch.undo()``."""
-    from deltalog import Replica
+    from deltalog.writer import Writer
 
     assert point in CRASH_POINTS, point
-    real_apply, real_set_applied = Replica._apply, Replica._set_applied
+    real_write_rows, real_settle = Writer.write_rows, Writer.settle
 
-    def apply(self, record):
+    def write_rows(self, writes):
         if point == "before-rows":
             raise Crash
         if point == "half-rows":
-            delta = record.tensors[0]
-            half = len(delta.rows) // 2
-            self._writable(self.info(delta.name))[delta.rows[:half].astype(np.intp)] = delta.new[:half]
+            w = writes[0]
+            half = len(w.rows) // 2
+            self.rows(w.info)[w.rows[:half].astype(np.intp)] = w.values[:half]
             raise Crash
         if point == "rows-not-digests":
-            for delta in record.tensors:
-                self._writable(self.info(delta.name))[delta.rows.astype(np.intp)] = delta.new
+            for w in writes:
+                self.rows(w.info)[w.rows.astype(np.intp)] = w.values
             raise Crash
-        real_apply(self, record)
+        real_write_rows(self, writes)
 
-    def set_applied(self, offset):
+    def settle(self, change):
         if point == "before-applied":
             raise Crash
-        real_set_applied(self, offset)
+        real_settle(self, change)
 
-    monkeypatch.setattr(Replica, "_apply", apply)
-    monkeypatch.setattr(Replica, "_set_applied", set_applied)
+    monkeypatch.setattr(Writer, "write_rows", write_rows)
+    monkeypatch.setattr(Writer, "settle", settle)
 
 
 def random_model(rng: np.random.Generator, rows: int = 300, dim: int = 8) -> dict[str, np.ndarray]:

@@ -290,7 +290,8 @@ def do_sync(src: str, dst: str, **budget):
 
 def test_followers_fed_by_sync_match_bruteforce(tmp_path):
     """Followers made and fed by sync: coalesced sync records, per-row versions, a base snapshot."""
-    sync = pytest.importorskip("deltalog.sync")
+    pytest.importorskip("deltalog.sync")
+    from deltalog.pending import pending_state
 
     rng = np.random.default_rng(5)
     model = {"emb": (random_values(rng, "float32", (60, 3)), "float32"),
@@ -324,7 +325,7 @@ def test_followers_fed_by_sync_match_bruteforce(tmp_path):
     # a sync stopped by its budget leaves rows newer than the head in b's files: refused
     result = do_sync(a, b, max_bytes=64, chunk_bytes=64)
     with Replica.open(b) as rb, Replica.open(a) as ra:
-        if sync.pending_state(rb) is not None:
+        if pending_state(rb) is not None:
             with pytest.raises(LockHeld):
                 diff(ReplicaSide.at(rb), ReplicaSide.at(ra))
         else:
@@ -417,12 +418,12 @@ def test_replica_pinned_while_a_writer_moves_on(tmp_path, monkeypatch):
 
 def test_replica_in_the_middle_of_a_partial_sync_is_refused(tmp_path):
     """Its files hold rows newer than its head, which values_at does not see: no wrong numbers."""
-    from deltalog import sync
+    from deltalog import pending
 
     path = str(tmp_path / "r")
     Replica.init(path, {"emb": np.zeros((8, 2), np.float32)}).close()
     with Replica.open(path) as r:
-        r.store.write(lambda txn: r.store.put_meta(txn, sync.PENDING_KEY, {"base": 0, "target": 5, "chunks": 0,
+        r.store.write(lambda txn: r.store.put_meta(txn, pending.PENDING_KEY, {"base": 0, "target": 5, "chunks": 0,
                                                                            "buckets": {}}))
         with pytest.raises(LockHeld, match="partial sync"):
             diff(ReplicaSide.at(r), ReplicaSide.at(r))

@@ -32,7 +32,7 @@ from deltalog import Replica
 from deltalog.errors import TransportError
 from deltalog.follow import Backoff, Stopper, StopRequested, TokenBucket, follow
 from deltalog.history import values_at
-from deltalog.replica import MARKER
+from deltalog.layout import MARKER
 from deltalog.transport import TransportOptions, open_sink, open_source, parse_spec
 from deltalog.verify import verify as verify_replica
 from http_fixture import running_server

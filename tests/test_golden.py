@@ -1,12 +1,14 @@
-"""Golden samples of formats v1, v2 and v3: what an old replica looks like must keep opening.
+"""Golden samples of formats v1 to v4: what an old replica looks like must keep opening.
 
 formats/golden/vN was written once by formats/golden/make_golden.py (v1 by
 the code of version 1) and is never regenerated; if these tests fail, the
 format changed (see FORMAT.md). v2 adds a row digest file per tensor; a v1
 replica opens and reads unchecked. v3 stores records of encoding v2 (a
 checksum per section) and says so in its marker, which v1 and v2 readers
-refuse. The first writer of a v1 or v2 replica upgrades it to v3; its old
-records stay as they are, in encoding v1.
+refuse. v4 adds state digests (in meta/state, every record and every
+snapshot manifest) and a sync record's history, keys a v3 reader ignores:
+it opens v4 read-only. The first writer of a v1, v2 or v3 replica upgrades
+it to v4; its old records stay as they are.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import numpy as np
 import pytest
 from conftest import REPO, Crash, bits
 
-from deltalog import Replica, rowdigest
+from deltalog import Replica, lineage, rowdigest
 from deltalog import record as rec
-from deltalog import replica as replica_mod
+from deltalog import layout
+from deltalog import store as store_mod
 from deltalog.checkpoint import read_checkpoint
 from deltalog.errors import UnsupportedVersion
 from deltalog.verify import verify
@@ -124,7 +127,7 @@ def test_golden_digest_files_hold_the_defined_digests(tmp_path, version):
 def test_golden_v2_opens_read_only_for_a_v1_reader(tmp_path, monkeypatch):
     """A v1 reader (FORMAT_VERSION 1) accepts the marker and read_version 1, and refuses to write."""
     path, expected = _golden("v2", tmp_path)
-    monkeypatch.setattr(replica_mod, "FORMAT_VERSION", 1)
+    monkeypatch.setattr(layout, "FORMAT_VERSION", 1)
     with Replica.open(path) as r:
         assert r.head == expected["head"] and r.read_tensor("counts").shape == (7,)
         with pytest.raises(UnsupportedVersion):
@@ -135,7 +138,7 @@ def test_golden_v3_is_refused_by_v1_and_v2_readers(tmp_path, monkeypatch):
     """Its records are of an encoding they cannot decode: the marker turns them away, and meta/format too."""
     path, _expected = _golden("v3", tmp_path)
     for old in (1, 2):
-        monkeypatch.setattr(replica_mod, "FORMAT_VERSION", old)
+        monkeypatch.setattr(layout, "FORMAT_VERSION", old)
         with pytest.raises(UnsupportedVersion, match="needs format v3"):
             Replica.open(path)
         with open(os.path.join(path, "DELTALOG"), "w") as f:  # were the marker lost, meta/format still says 3
@@ -144,7 +147,7 @@ def test_golden_v3_is_refused_by_v1_and_v2_readers(tmp_path, monkeypatch):
             Replica.open(path)
         _write_v3_marker(path)
     monkeypatch.setattr(rec, "VERSION", 1)  # and a v1 record reader refuses each record
-    monkeypatch.setattr(replica_mod, "FORMAT_VERSION", 3)
+    monkeypatch.setattr(layout, "FORMAT_VERSION", 3)
     with Replica.open(path) as r, pytest.raises(UnsupportedVersion, match="record format v2"):
         list(r.iter_summaries())
 
@@ -159,21 +162,29 @@ def _stored_records(path) -> dict[int, bytes]:
         return dict(r.iter_record_blobs())
 
 
-def _assert_upgraded_to_v3(path, old_records: dict[int, bytes], new_offset: int) -> None:
-    """Marker and meta/format say 3; the old records are the same bytes (encoding v1), the new one is v2."""
+def _assert_upgraded(path, old_records: dict[int, bytes], new_offset: int) -> None:
+    """Marker 3, meta/format {4, 3}, the state digest of the tensors by the definition's plain-Python
+    form; the old records are the same bytes, the new one is of encoding v2 and carries the digests."""
     with open(os.path.join(path, "DELTALOG")) as f:
         assert f.read() == "deltalog replica\nformat 3\n"
     with Replica.open(path) as r:
-        assert r.format_version == 3 and r.status()["format_version"] == 3 and r.has_row_digests
+        assert r.format_version == 4 and r.status()["format_version"] == 4 and r.has_row_digests
         with r.store.read() as txn:
-            assert r.store.get_meta(txn, "format") == {"write_version": 3, "read_version": 3}
+            assert r.store.get_meta(txn, "format") == {"write_version": 4, "read_version": 3}
+        assert r.state_digest == _reference_state_digest(r)
         assert verify(r).ok
     stored = _stored_records(path)
     assert sorted(stored) == sorted([*old_records, new_offset])
     for offset, blob in old_records.items():
-        assert stored[offset] == blob and _encoding(blob) == 1, offset  # read as v1, never rewritten
+        assert stored[offset] == blob, offset  # never rewritten
     assert _encoding(stored[new_offset]) == 2
     rec.check(stored[new_offset])
+    new = rec.summarize(stored[new_offset])
+    assert new.pre_digest is not None and new.post_digest is not None
+
+
+def _reference_state_digest(r: Replica) -> int:
+    return lineage.reference_digest((t.id, [row.tobytes() for row in r.rows_view(t.name)]) for t in r.tensors)
 
 
 def test_golden_v1_reads_unchecked_and_is_upgraded_by_its_first_write(tmp_path):
@@ -187,12 +198,12 @@ def test_golden_v1_reads_unchecked_and_is_upgraded_by_its_first_write(tmp_path):
     old_records = _stored_records(path)
     with Replica.open(path) as r:
         offset = r.commit({"counts": ([0], np.array([42], np.int64))})
-        assert (r.format_version, r.has_row_digests) == (3, True)  # straight to 3: digests, then records v2
+        assert (r.format_version, r.has_row_digests) == (4, True)  # straight to 4: digests, records v2, state digest
         assert offset == expected["head"] + 1
         counts[0] = 42
         assert np.array_equal(r.read_tensor("counts"), counts)
         assert verify(r).ok
-    _assert_upgraded_to_v3(path, old_records, offset)
+    _assert_upgraded(path, old_records, offset)
     files = _digest_files(path)
     with Replica.open(path) as r:
         for name in r.tensor_names:
@@ -201,15 +212,17 @@ def test_golden_v1_reads_unchecked_and_is_upgraded_by_its_first_write(tmp_path):
         assert verify(r).ok
 
 
-def test_golden_v2_is_upgraded_to_v3_by_its_first_write(tmp_path):
-    path, expected = _golden("v2", tmp_path)
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_golden_v2_and_v3_are_upgraded_by_their_first_write(tmp_path, version):
+    path, expected = _golden(version, tmp_path)
     old_records = _stored_records(path)
     digests_before = _digest_files(path)
     with Replica.open(path) as r:
-        assert verify(r).ok and r.format_version == 2  # verify only reads: no upgrade
+        assert verify(r).ok and r.format_version == int(version[1])  # verify only reads: no upgrade
+        assert r.state_digest is None
         offset = r.commit({"counts": ([0], np.array([42], np.int64))})
-        assert offset == expected["head"] + 1 and r.format_version == 3
-    _assert_upgraded_to_v3(path, old_records, offset)
+        assert offset == expected["head"] + 1 and r.format_version == 4
+    _assert_upgraded(path, old_records, offset)
     after = _digest_files(path)
     assert {n: d for n, d in after.items() if n != "counts"} == {n: d for n, d in digests_before.items() if n != "counts"}
     with Replica.open(path) as r:
@@ -226,19 +239,19 @@ def test_upgrade_interrupted_before_the_marker_leaves_the_old_format(tmp_path, m
     old = int(version[1])
     old_records = _stored_records(path)
     with Replica.open(path) as r:
-        monkeypatch.setattr(replica_mod, "_write_marker", _crash)  # after the digest files (from v1)
+        monkeypatch.setattr(layout, "write_marker", _crash)  # after the digest files (from v1)
         with pytest.raises(Crash):
             r.commit({"counts": ([0], np.array([42], np.int64))})
         monkeypatch.undo()
         assert r.format_version == old
     assert _stored_records(path) == old_records
-    monkeypatch.setattr(replica_mod, "FORMAT_VERSION", old)  # the old version's code still opens it, as it was
+    monkeypatch.setattr(layout, "FORMAT_VERSION", old)  # the old version's code still opens it, as it was
     with Replica.open(path) as r:
         assert r.head == expected["head"] and verify(r).ok
     monkeypatch.undo()
     with Replica.open(path) as r:
         offset = r.commit({"counts": ([0], np.array([42], np.int64))})
-    _assert_upgraded_to_v3(path, old_records, offset)
+    _assert_upgraded(path, old_records, offset)
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -249,7 +262,7 @@ def test_upgrade_interrupted_between_marker_and_meta_is_redone(tmp_path, monkeyp
     old = int(version[1])
     old_records = _stored_records(path)
     with Replica.open(path) as r:
-        monkeypatch.setattr(replica_mod.LogStore, "write", _crash)  # the marker is written, meta/format not yet
+        monkeypatch.setattr(store_mod.LogStore, "write", _crash)  # the marker is written, meta/format not yet
         with pytest.raises(Crash):
             r.commit({"counts": ([0], np.array([42], np.int64))})
         monkeypatch.undo()
@@ -260,17 +273,17 @@ def test_upgrade_interrupted_between_marker_and_meta_is_redone(tmp_path, monkeyp
     if version == "v1":
         with open(os.path.join(path, "tensors", "00001.digest"), "r+b") as f:
             f.write(b"\xff" * 8)  # a v1 replica's digest files are ignored, whatever they hold
-    monkeypatch.setattr(replica_mod, "FORMAT_VERSION", old)
+    monkeypatch.setattr(layout, "FORMAT_VERSION", old)
     with pytest.raises(UnsupportedVersion):
         Replica.open(path)
     monkeypatch.undo()
     with Replica.open(path) as r:
         assert r.format_version == old and r.head == expected["head"] and verify(r).ok
         offset = r.commit({"counts": ([0], np.array([42], np.int64))})
-        assert r.format_version == 3
+        assert r.format_version == 4
         for name in r.tensor_names:
             r.read_tensor(name)  # every row checked against the (rewritten) digests
-    _assert_upgraded_to_v3(path, old_records, offset)
+    _assert_upgraded(path, old_records, offset)
 
 
 def test_a_writer_that_opened_before_another_process_upgraded_writes_v2_records(tmp_path):
@@ -281,7 +294,7 @@ def test_a_writer_that_opened_before_another_process_upgraded_writes_v2_records(
             r.commit({"counts": ([0], np.array([42], np.int64))})
         assert early.record_encoding == 1
         offset = early.commit({"counts": ([1], np.array([43], np.int64))})  # re-reads meta/format under the lock
-        assert early.format_version == 3 and _encoding(early.record_blob(offset)) == 2
+        assert early.format_version == 4 and _encoding(early.record_blob(offset)) == 2
         assert verify(early).ok
     finally:
         early.close()
@@ -303,23 +316,24 @@ def _sync(src, dst) -> None:
 
 
 def test_sync_between_formats(tmp_path):
-    """A format 2 source (only read, so not upgraded) feeds a new destination; then, upgraded by a
-    commit, it feeds a format 2 destination, which its first write upgrades. Both store encoding v2."""
+    """A format 2 source feeds a new destination: being a source upgrades it (its state digest is
+    computed once, under its lock); then it feeds a format 2 destination, which its first write
+    upgrades. Both store encoding v2 and agree on the state digest."""
     a, _ = _golden("v2", tmp_path / "a")
     b, expected = _golden("v2", tmp_path / "b")
     c = tmp_path / "c"
     _sync(a, c)
     with Replica.open(a) as r:
-        assert r.format_version == 2
+        assert r.format_version == 4 and r.state_digest == _reference_state_digest(r)
     with Replica.open(c) as r:
-        assert r.format_version == 3 and verify(r).ok
+        assert r.format_version == 4 and verify(r).ok
         assert {_encoding(blob) for _o, blob in r.iter_record_blobs()} == {2}
     b_records = _stored_records(b)
     with Replica.open(a) as r:
         offset = r.commit({"counts": ([3], np.array([-3], np.int64))})
-        assert r.format_version == 3
     _sync(a, b)
-    _assert_upgraded_to_v3(b, b_records, offset)
+    _assert_upgraded(b, b_records, offset)
     with Replica.open(a) as ra, Replica.open(b) as rb:
+        assert ra.state_digest == rb.state_digest
         for name in ra.tensor_names:
             assert np.array_equal(bits(ra.read_tensor(name)), bits(rb.read_tensor(name))), name

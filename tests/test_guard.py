@@ -7,7 +7,7 @@ import json
 import numpy as np
 from conftest import assert_same, bits, cli_json, random_model, random_update, run_cli
 
-from deltalog import Replica, guard
+from deltalog import Replica, receive
 from deltalog.verify import verify
 
 
@@ -41,7 +41,7 @@ def test_rejected_sync_is_undone_exactly_and_exits_10(tmp_path, rng):
     assert run_cli("sync", src, dst, "--check", "false").returncode == 10
     assert run_cli("sync", src, dst, "--check", "true").returncode == 0
     with Replica.open(dst) as b, Replica.open(src) as a:
-        assert b.head == 4 and guard.unconfirmed(b) is None
+        assert b.head == 4 and receive.unconfirmed(b) is None
         for name in a.tensor_names:
             assert np.array_equal(bits(b.read_tensor(name)), bits(a.read_tensor(name)))
 
@@ -52,11 +52,11 @@ def test_a_crash_during_the_check_is_judged_by_the_next_guarded_run(tmp_path, rn
     proc = run_cli("sync", src, dst, "--check", "kill -9 $PPID; sleep 5")
     assert proc.returncode != 0
     with Replica.open(dst) as b:
-        assert b.head == 4 and guard.unconfirmed(b) is not None  # applied, not yet accepted
+        assert b.head == 4 and receive.unconfirmed(b) is not None  # applied, not yet accepted
     proc = run_cli("sync", src, dst, "--check", "false", "--json")
     assert proc.returncode == 10
     with Replica.open(dst) as b:
-        assert b.head == 1 and guard.unconfirmed(b) is None
+        assert b.head == 1 and receive.unconfirmed(b) is None
         assert_same(b, before)
         assert verify(b).ok
 
@@ -67,12 +67,12 @@ def test_an_interrupted_revert_is_finished_by_recovery(tmp_path, rng, monkeypatc
     with Replica.open(dst) as b, b.writing():
         marker = {"target": b.head, "base": 1, "buckets": {}}  # what a guarded finish leaves (no bucket entries here)
 
-        def intend(txn):
-            b.store.put_meta(txn, guard.REVERT_KEY, marker)
-            b._put_state(txn, applying=1)
+        def intend(txn):  # what revert_sync's first transaction writes
+            b.store.put_meta(txn, receive.REVERT_KEY, marker)
+            b.store.put_meta(txn, "state", {**b.store.get_meta(txn, "state"), "applying": 1})
 
         b.store.write(intend)  # the process dies right after recording its intent
-        b._lock.release()
+        b.writer.lock.release()
     with Replica.open(dst) as b:  # open finds the intent and finishes the revert
         assert b.head == 1 and b.state.settled
         assert_same(b, before)

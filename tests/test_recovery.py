@@ -118,9 +118,9 @@ def test_sigkill_during_commits_never_loses_a_returned_commit(tmp_path):
 
 def test_after_a_reboot_unflushed_records_are_reapplied(tmp_path, rng, monkeypatch):
     """A machine crash loses page-cache writes; the boot id changes and recovery starts at 'flushed'."""
-    from deltalog import replica as replica_mod
+    from deltalog import writer as writer_mod
 
-    monkeypatch.setattr(replica_mod, "FLUSH_SECONDS", 1e9)  # no periodic flush during the test
+    monkeypatch.setattr(writer_mod, "FLUSH_SECONDS", 1e9)  # no periodic flush during the test
     model = random_model(rng)
     path = tmp_path / "r"
     with Replica.init(path, model, bucket_rows=16) as r:
@@ -130,7 +130,7 @@ def test_after_a_reboot_unflushed_records_are_reapplied(tmp_path, rng, monkeypat
             u = random_update(rng, model)
             r.commit(u)
             apply_update(model, u)
-        r._dirty.clear()  # leave the last commits unflushed, as a crash would
+        r.writer.defer_flush()  # leave the last commits unflushed, as a crash would
     assert Replica.open(path).state.flushed == flushed  # close() could not flush: nothing dirty was known
     # Simulate lost pages: put the snapshot's bytes back into the tensor files.
     with Replica.open(path) as r:
@@ -138,7 +138,7 @@ def test_after_a_reboot_unflushed_records_are_reapplied(tmp_path, rng, monkeypat
             src = path / "snapshots" / f"{0:020d}" / info.file
             (path / "tensors" / info.file).write_bytes(src.read_bytes())
         assert r.state.settled  # same boot: nothing looks wrong, as expected
-    monkeypatch.setattr(replica_mod, "_BOOT_ID", "another-boot")
+    monkeypatch.setattr(writer_mod, "_BOOT_ID", "another-boot")
     with Replica.open(path) as r:  # reboot detected: records after 'flushed' re-applied
         assert r.state.settled and r.state.flushed == r.head
         assert_same(r, model)

@@ -193,7 +193,7 @@ def test_recovery_after_a_crash_between_log_and_apply_rewrites_the_digests(tmp_p
         r.commit(update)
     monkeypatch.undo()
     crash_writer(r)
-    r._store.close()
+    r.store.close()
     with Replica.open(src) as reopened:  # the open finishes the abandoned write, rows and digests
         apply_update(model, update)
         assert reopened.state.settled

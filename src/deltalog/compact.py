@@ -44,12 +44,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import record as rec
-from . import tensorfiles
+from . import lineage, tensorfiles
 from .errors import IntegrityError, InvalidInput, OffsetNotRetained, StorageError
 from .replay import tensors_at
 from .replica import Replica
-from .store import key_offset, offset_key
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -125,46 +123,34 @@ def choose_horizon(
     """
     if sum(x is not None for x in (keep_after, keep_records, keep_age)) > 1:
         raise InvalidInput("give at most one of --keep-after, --keep-records, --keep-age")
-    store = replica.store
-    with store.read() as txn:
-        oldest = store.get_meta(txn, "oldest", 0)
-        head = store.get_meta(txn, "state")["head"]
-        cursor = txn.cursor(db=store.dbs["records"])
-        if keep_after is not None:
-            if keep_after < 0:
-                raise InvalidInput(f"--keep-after must be an offset >= 0, got {keep_after}")
-            if keep_after > head:
-                raise OffsetNotRetained(
-                    f"{replica.path}: offset {keep_after} is after the head {head}",
-                    hint=f"the oldest offset still available is {oldest}, the head is {head}",
-                )
-            # newest record <= keep_after
-            if cursor.set_range(offset_key(keep_after + 1)):
-                found = cursor.prev()
-            else:
-                found = cursor.last()
-            horizon = key_offset(cursor.key()) if found else oldest
-            return max(horizon, oldest)
-        if keep_records is not None:
-            if keep_records < 0:
-                raise InvalidInput(f"--keep-records must be >= 0, got {keep_records}")
-            if not cursor.last():
-                return oldest
-            for _ in range(keep_records):
-                if not cursor.prev():
-                    return oldest  # fewer records than asked to keep
-            return key_offset(cursor.key())
-        if keep_age is not None:
-            if keep_age < 0:
-                raise InvalidInput(f"--keep-age must not be negative, got {keep_age}")
-            cutoff = (time.time() if now is None else now) - keep_age
-            horizon = oldest
-            for offset, blob in store.iter_records(txn):
-                if rec.summarize(blob, f"{replica.path}: record {offset}").time > cutoff:
-                    break
-                horizon = offset
-            return horizon
-        return head
+    state = replica.state
+    oldest, head = replica.oldest_offset, state.head
+    if keep_after is not None:
+        if keep_after < 0:
+            raise InvalidInput(f"--keep-after must be an offset >= 0, got {keep_after}")
+        if keep_after > head:
+            raise OffsetNotRetained(
+                f"{replica.path}: offset {keep_after} is after the head {head}",
+                hint=f"the oldest offset still available is {oldest}, the head is {head}",
+            )
+        horizon = replica.record_offset_at_or_before(keep_after)  # a follower may never have held keep_after
+        return max(oldest if horizon is None else horizon, oldest)
+    if keep_records is not None:
+        if keep_records < 0:
+            raise InvalidInput(f"--keep-records must be >= 0, got {keep_records}")
+        horizon = replica.record_offset_from_end(keep_records)
+        return oldest if horizon is None else horizon  # fewer records than asked to keep: nothing to fold
+    if keep_age is not None:
+        if keep_age < 0:
+            raise InvalidInput(f"--keep-age must not be negative, got {keep_age}")
+        cutoff = (time.time() if now is None else now) - keep_age
+        horizon = oldest
+        for summary in replica.iter_summaries():
+            if summary.time > cutoff:
+                break
+            horizon = summary.offset
+        return horizon
+    return head
 
 
 def compact(
@@ -202,6 +188,12 @@ def compact(
                     raise StorageError(
                         f"{root}: cannot write the snapshot: {exc.strerror}", hint="free disk space and retry"
                     ) from None
+                expected, written = replica.state_digest_at(horizon), lineage.from_hex(manifest["state_digest"])
+                if expected is not None and written != expected:  # the replay and the log disagree: keep both
+                    raise IntegrityError(
+                        f"{replica.path}: the model replayed at offset {horizon} has state digest "
+                        f"{lineage.to_hex(written)}, the log says {lineage.to_hex(expected)}; nothing was compacted"
+                    )
         progress("committing", 0, 1)
         with replica.writing(wait):
             result = CompactResult(oldest_offset=replica.oldest_offset, previous_oldest=previous_oldest, head=replica.head)
@@ -222,15 +214,13 @@ def _registered(replica: Replica, offset: int) -> dict | None:
 
 def _fold(replica: Replica, horizon: int, manifest: dict, staging: str | None, result: CompactResult) -> None:
     """Steps 2 of the module docstring: install the snapshot, one LMDB transaction. Lock held."""
-    store = replica.store
-    with store.read() as txn:
-        # records only disappear under the lock: another compaction (then horizon <= oldest and
-        # we are not called) or a sync that rebased the replica on a snapshot
-        if store.get_record(txn, horizon) is None:
-            raise OffsetNotRetained(
-                f"{replica.path}: offset {horizon} left the log while compacting (a sync rebased the replica?)",
-                hint="run 'deltalog compact' again",
-            )
+    # records only disappear under the lock: another compaction (then horizon <= oldest and
+    # we are not called) or a sync that rebased the replica on a snapshot
+    if not replica.has_record(horizon):
+        raise OffsetNotRetained(
+            f"{replica.path}: offset {horizon} left the log while compacting (a sync rebased the replica?)",
+            hint="run 'deltalog compact' again",
+        )
     registered = _registered(replica, horizon)
     if registered is not None:
         manifest = registered  # reused, or registered meanwhile by make_snapshot: ours is discarded
@@ -249,18 +239,7 @@ def _fold(replica: Replica, horizon: int, manifest: dict, staging: str | None, r
         result.snapshot_bytes_written = sum(t["nbytes"] for t in manifest["tensors"])
 
     replica.flush()  # recovery after a machine crash replays records after 'flushed': keep them until synced
-
-    def fold(txn):
-        store.put_snapshot(txn, manifest)
-        store.put_meta(txn, "oldest", horizon)
-        removed = sum(1 for _ in store.iter_records(txn, upto=horizon))
-        freed = store.delete_records(txn, upto=horizon)
-        dropped = [m["offset"] for m in store.get_snapshots(txn) if m["offset"] < horizon]
-        for offset in dropped:
-            store.delete_snapshot(txn, offset)
-        return removed, freed, dropped
-
-    result.records_removed, result.log_bytes_freed, result.snapshots_removed = store.write(fold)
+    result.records_removed, result.log_bytes_freed, result.snapshots_removed = replica.writer.fold(horizon, manifest)
     result.oldest_offset = horizon
 
 

@@ -65,7 +65,8 @@ from .dtypes import as_float, bits_dtype, rows_differ
 from .errors import InvalidInput, LockHeld, ModelMismatch, NotAReplica
 from .history import changed_rows, check_retained, values_at
 from .pending import pending_marker
-from .replica import DEFAULT_BUCKET_ROWS, MARKER, Replica
+from .layout import MARKER
+from .replica import DEFAULT_BUCKET_ROWS, Replica
 
 CHUNK_BYTES = 32 << 20  # per side, per step of a value comparison
 STATS_CHUNK_BYTES = 256 << 10  # float64 deltas per pass of the numpy statistics: stays in cache

@@ -103,3 +103,20 @@ def rows_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)
     words = np.dtype(f"<u{word}")
     return np.any(a.reshape(len(a), -1).view(words) != b.reshape(len(b), -1).view(words), axis=1)
+
+
+def row_significance(old: np.ndarray, new: np.ndarray, dtype: str) -> np.ndarray:
+    """Per row: sum |new - old|, accumulated in float64; NaN counts 0, infinities are capped."""
+    if dtype == "bool":
+        return np.count_nonzero(old != new, axis=1).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf payloads are legal values
+        # Narrow floats subtract in float32 (exact for float16/bfloat16 inputs, and
+        # what float32 training sees); float64 and integers in float64.
+        delta = np.abs(as_float(new, dtype) - as_float(old, dtype))
+        sums = delta.sum(axis=1, dtype=np.float64)
+    bad = ~np.isfinite(sums)
+    if bad.any():  # rare: redo only the rows that hold NaN or inf
+        cap = 1e300 if delta.dtype == np.float64 else np.finfo(np.float32).max  # sums of caps stay finite
+        fixed = np.nan_to_num(delta[bad], nan=0.0, posinf=cap, neginf=0.0)
+        sums[bad] = fixed.sum(axis=1, dtype=np.float64)
+    return sums

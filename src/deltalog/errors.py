@@ -90,6 +90,14 @@ class StorageError(DeltalogError):
     exit_code = 12
 
 
+class Diverged(DeltalogError):
+    """Two replicas of one model hold different models at one offset: their histories split."""
+
+    exit_code = 13
+    hint = ("the destination's history is not the source's; 'deltalog sync SRC DST --reseed' "
+            "replaces it with the source's snapshot and log (its own records are dropped)")
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success (diff: no differences; sync: complete)",
     1: "diff found differences, or sync stopped incomplete under --max-bytes/--deadline",
@@ -104,5 +112,6 @@ EXIT_CODES: dict[int, str] = {
     CheckFailed.exit_code: "check failed: the --check command rejected the update",
     InvalidInput.exit_code: "invalid input: unknown tensor, wrong shape or dtype, bad checkpoint",
     StorageError.exit_code: "storage failure: disk full or permission denied",
+    Diverged.exit_code: "diverged: the replicas hold different models at one offset (another history)",
     DeltalogError.exit_code: "internal error (a bug: please report it with --debug output)",
 }

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import record as rec
-from .errors import DeltalogError, OffsetNotRetained
-from .pending import merged_pending_at, pending_marker
+from .errors import OffsetNotRetained
+from .pending import head_values
 from .replica import Replica
 
 
@@ -32,9 +32,7 @@ def check_retained(replica: Replica, offset: int) -> None:
             f"{replica.path}: offset {offset} is not retained",
             hint=f"the oldest offset still available is {oldest}, the head is {head}",
         )
-    with replica.store.read() as txn:
-        present = replica.store.get_record(txn, offset) is not None
-    if not present:
+    if not replica.has_record(offset):
         raise OffsetNotRetained(
             f"{replica.path}: offset {offset} was never held here (a sync jumped over it)",
             hint=f"offsets between {oldest} and {head} that are records in 'deltalog log' are available",
@@ -96,56 +94,6 @@ def _one_run(chunks: list[np.ndarray]) -> tuple[int, int] | None:
             return None
         last = max(last, hi)
     return first, last
-
-
-def head_values(replica: Replica, rows: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
-    """(head, {name: values of ``rows[name]`` at the head}), read consistently across tensors.
-
-    The tensor files hold the head, except for rows a pending partial sync
-    already wrote (deltalog.pending): for those the value at the head is the
-    one the first pending chunk replaced, and it is put back here.
-    """
-    for _attempt in range(100):
-        marker = pending_marker(replica)
-        head, values, torn = None, {}, False
-        for name, wanted in rows.items():
-            h, current = replica.read_rows(name, wanted)
-            if head is not None and h != head:  # a writer moved between tensors
-                torn = True
-                break
-            head, values[name] = h, current
-        if torn or pending_marker(replica) != marker:
-            continue
-        if marker is not None and not _put_back_pending(replica, marker, values, rows):
-            continue  # the partial sync moved on before its chunks were read: read the rows again
-        return (replica.head if head is None else head), values
-    raise DeltalogError(f"{replica.path}: the replica kept changing under the read", hint="retry")
-
-
-_pending_cache: dict = {}  # (path, marker) -> {name: (rows, old)}: one entry, for repeated reads
-
-
-def _put_back_pending(replica: Replica, marker, values: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> bool:
-    """Put back the head values of rows the pending partial sync ``marker`` wrote; False if it moved on."""
-    key = (replica.path, marker)
-    held = _pending_cache.get(key)
-    if held is None:
-        merged = merged_pending_at(replica, marker)
-        if merged is None:
-            return False
-        held = {name: (d.rows, d.old) for name, d in merged.items()}
-        _pending_cache.clear()
-        _pending_cache[key] = held
-    for name, (prows, pold) in held.items():
-        if name not in rows or not len(prows):
-            continue
-        wanted = rows[name]
-        pos = np.searchsorted(prows, wanted)
-        posc = np.minimum(pos, len(prows) - 1)
-        hit = (pos < len(prows)) & (prows[posc] == wanted)
-        if hit.any():
-            values[name][hit] = pold[posc[hit]]
-    return True
 
 
 def values_at(replica: Replica, offset: int, rows: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
@@ -211,3 +159,4 @@ def _check_not_compacted_meanwhile(replica: Replica, offset: int) -> None:
             f"{replica.path}: offset {offset} was compacted away while it was being read",
             hint=f"the oldest offset still available is {oldest}, the head is {replica.head}",
         )
+

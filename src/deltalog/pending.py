@@ -8,6 +8,9 @@ their new values and the values they replaced. Everything that reads the
 model "at the head" (history, verify, replay, diff) must put those old
 values back; this module is what they share, without depending on the
 sync engine.
+
+It also reads rows "at the head" for every such reader (:func:`head_values`),
+which is what Replica.read_tensor stands on.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import record as rec
-from .errors import IntegrityError
+from .errors import DeltalogError, IntegrityError
 
 if TYPE_CHECKING:
     from .replica import Replica
@@ -103,3 +106,53 @@ def merged_pending_at(replica: "Replica", marker) -> dict[str, rec.TensorDelta] 
     under ``marker`` must then read them again."""
     pending, blobs = read_pending(replica)
     return _merge_pending(replica, blobs) if _marker(pending) == marker else None
+
+
+def head_values(replica: "Replica", rows: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+    """(head, {name: values of ``rows[name]`` at the head}), read consistently across tensors.
+
+    The tensor files hold the head, except for rows a pending partial sync
+    already wrote: for those the value at the head is the
+    one the first pending chunk replaced, and it is put back here.
+    """
+    for _attempt in range(100):
+        marker = pending_marker(replica)
+        head, values, torn = None, {}, False
+        for name, wanted in rows.items():
+            h, current = replica.read_rows(name, wanted)
+            if head is not None and h != head:  # a writer moved between tensors
+                torn = True
+                break
+            head, values[name] = h, current
+        if torn or pending_marker(replica) != marker:
+            continue
+        if marker is not None and not _put_back_pending(replica, marker, values, rows):
+            continue  # the partial sync moved on before its chunks were read: read the rows again
+        return (replica.head if head is None else head), values
+    raise DeltalogError(f"{replica.path}: the replica kept changing under the read", hint="retry")
+
+
+_pending_cache: dict = {}  # (path, marker) -> {name: (rows, old)}: one entry, for repeated reads
+
+
+def _put_back_pending(replica: "Replica", marker, values: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> bool:
+    """Put back the head values of rows the pending partial sync ``marker`` wrote; False if it moved on."""
+    key = (replica.path, marker)
+    held = _pending_cache.get(key)
+    if held is None:
+        merged = merged_pending_at(replica, marker)
+        if merged is None:
+            return False
+        held = {name: (d.rows, d.old) for name, d in merged.items()}
+        _pending_cache.clear()
+        _pending_cache[key] = held
+    for name, (prows, pold) in held.items():
+        if name not in rows or not len(prows):
+            continue
+        wanted = rows[name]
+        pos = np.searchsorted(prows, wanted)
+        posc = np.minimum(pos, len(prows) - 1)
+        hit = (pos < len(prows)) & (prows[posc] == wanted)
+        if hit.any():
+            values[name][hit] = pold[posc[hit]]
+    return True

@@ -87,6 +87,9 @@ class Record:
     tensors: list[TensorDelta] = field(default_factory=list)
     reason: str | None = None
     target: int | None = None  # rollback: the offset restored; sync: the source's head
+    pre_digest: int | None = None  # the state digest at ``base`` (deltalog.lineage); None before format 4
+    post_digest: int | None = None  # the state digest at ``offset``
+    history: list | None = None  # sync: the source's records it stands for (see HISTORY_FIELDS)
 
     @property
     def rows(self) -> int:
@@ -112,6 +115,9 @@ class RecordSummary:
     significance: float
     nbytes: int
     tensors: list[dict]
+    pre_digest: int | None = None
+    post_digest: int | None = None
+    history: list | None = None
 
 
 # -- encoding ------------------------------------------------------------------
@@ -171,18 +177,23 @@ def encode(record: Record, version: int = VERSION) -> bytes:
                 "sections": layout,
             }
         )
-    header = pack(
-        {
-            "offset": int(record.offset),
-            "base": int(record.base),
-            "kind": record.kind,
-            "time": float(record.time),
-            "model_id": record.model_id,
-            "reason": record.reason,
-            "target": None if record.target is None else int(record.target),
-            "tensors": tensor_headers,
-        }
-    )
+    fields = {
+        "offset": int(record.offset),
+        "base": int(record.base),
+        "kind": record.kind,
+        "time": float(record.time),
+        "model_id": record.model_id,
+        "reason": record.reason,
+        "target": None if record.target is None else int(record.target),
+        "tensors": tensor_headers,
+    }
+    # Format 4 additions: keys a reader that does not know them ignores.
+    for key in ("pre_digest", "post_digest"):
+        if getattr(record, key) is not None:
+            fields[key] = int(getattr(record, key))
+    if record.history is not None:
+        fields["history"] = record.history
+    header = pack(fields)
     fixed = _FIXED.pack(MAGIC, version, 0, len(header))
     if version == 1:
         parts = [fixed, header, *sections]
@@ -349,7 +360,36 @@ def _identity(header: dict) -> dict:
         "model_id": str(header["model_id"]),
         "reason": header.get("reason"),
         "target": header.get("target"),
+        "pre_digest": _digest_field(header.get("pre_digest")),
+        "post_digest": _digest_field(header.get("post_digest")),
+        "history": _history_field(header.get("history")),
     }
+
+
+def _digest_field(value) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+        raise ValueError("a state digest is not a u64")
+    return value
+
+
+# A sync record's ``history``: one list per source record it stands for, oldest
+# first, ``[offset, kind, time, rows, significance, target, reason]``.
+HISTORY_FIELDS = ("offset", "kind", "time", "rows", "significance", "target", "reason")
+
+
+def _history_field(value) -> list | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(e, list) and len(e) == len(HISTORY_FIELDS) for e in value):
+        raise ValueError("malformed record history")
+    return value
+
+
+def history_entries(history: list | None) -> list[dict]:
+    """A record's ``history`` as maps with the HISTORY_FIELDS keys."""
+    return [dict(zip(HISTORY_FIELDS, e)) for e in history or ()]
 
 
 def check(blob, what: str = "record") -> None:

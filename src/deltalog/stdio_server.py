@@ -12,7 +12,9 @@ role:
   frames and an ``end`` frame), ``snapshot_manifest``, ``read_snapshot_file``;
 - ``sink`` (the client pushes into PATH, this process applies): requests
   ``begin``, ``apply_chunk``, ``apply_final`` (the only chunk of a sync,
-  applied as its record; header {target, follow}), ``finish``,
+  applied as its record; header {target, follow}), ``finish`` ({target,
+  follow, digest}: the source's state digest at the target), ``digest_at``
+  ({offset}: answered ``digest`` {digest}, this replica's state digest there),
   ``abort_pending``, ``note_follow``, ``end`` (a round of ``sync --follow``
   is over: the lock is released, the session stays for the next ``begin``),
   ``snapshot_begin``, ``snapshot_write``, ``snapshot_commit``.
@@ -201,7 +203,11 @@ class _SinkHandler:
 
     def do_finish(self, header, payload, out) -> None:
         a = _args(header, payload)
-        _answer(out, "state", self.sink.finish(a["target"], a["follow"]))
+        _answer(out, "state", self.sink.finish(a["target"], a["follow"], a.get("digest")))
+
+    def do_digest_at(self, header, payload, out) -> None:
+        a = _args(header, payload)
+        _answer(out, "digest", {"digest": self.sink.state_digest_at(int(a["offset"]))})
 
     def do_abort_pending(self, header, payload, out) -> None:
         _answer(out, "state", self.sink.abort_pending())

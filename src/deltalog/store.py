@@ -232,6 +232,9 @@ class LogStore:
     def put_meta(self, txn, key: str, value) -> None:
         txn.put(key.encode(), pack(value), db=self.dbs["meta"])
 
+    def delete_meta(self, txn, key: str) -> None:
+        txn.delete(key.encode(), db=self.dbs["meta"])
+
     def get_record(self, txn, offset: int):
         """The encoded record at ``offset`` as a buffer valid inside ``txn``, or None."""
         return txn.get(offset_key(offset), db=self.dbs["records"])
@@ -239,6 +242,25 @@ class LogStore:
     def put_record(self, txn, offset: int, blob: bytes) -> None:
         if not txn.put(offset_key(offset), blob, db=self.dbs["records"], overwrite=False):
             raise IntegrityError(f"{self.path}: a record already exists at offset {offset}")
+
+    def delete_record(self, txn, offset: int) -> None:
+        txn.delete(offset_key(offset), db=self.dbs["records"])
+
+    def offset_at_or_before(self, txn, offset: int) -> int | None:
+        """The newest record offset <= ``offset``, or None."""
+        cursor = txn.cursor(db=self.dbs["records"])
+        found = cursor.prev() if cursor.set_range(offset_key(offset + 1)) else cursor.last()
+        return key_offset(cursor.key()) if found else None
+
+    def offset_from_end(self, txn, back: int) -> int | None:
+        """The offset of the record ``back`` records before the newest (0: the newest), or None."""
+        cursor = txn.cursor(db=self.dbs["records"])
+        if not cursor.last():
+            return None
+        for _ in range(back):
+            if not cursor.prev():
+                return None
+        return key_offset(cursor.key())
 
     def last_offset(self, txn) -> int | None:
         """The offset of the newest record, or None when the log holds none."""
@@ -285,6 +307,13 @@ class LogStore:
 
     def put_bucket(self, txn, tensor_id: int, bucket: int, version: int, significance: float) -> None:
         txn.put(bucket_key(tensor_id, bucket), _BUCKET_VALUE.pack(version, significance), db=self.dbs["buckets"])
+
+    def delete_bucket(self, txn, tensor_id: int, bucket: int) -> None:
+        txn.delete(bucket_key(tensor_id, bucket), db=self.dbs["buckets"])
+
+    def clear_buckets(self, txn) -> None:
+        """Empty the bucket index (a replica rebased onto a snapshot starts it again)."""
+        txn.drop(self.dbs["buckets"], delete=False)
 
     def bump_buckets(self, txn, tensor_id: int, buckets: np.ndarray, versions: np.ndarray, added: np.ndarray) -> None:
         """Set the versions of many buckets of one tensor and add to their significance.

@@ -1,6 +1,7 @@
 """Sync: bring a destination replica up to a source's head, moving only changed rows.
 
-Three parts, none of which prints:
+Two parts, neither of which prints (the destination side, which applies
+what arrives, is deltalog.receive):
 
 Source side (what every server calls: local, ``serve --stdio``, HTTP)
     :func:`source_hello`, :func:`source_plan`, :func:`source_chunks`,
@@ -10,38 +11,22 @@ Source side (what every server calls: local, ``serve --stdio``, HTTP)
     found from the log (per-row versions of coalesced sync records included),
     coalesced to one value per row read at exactly ``target``, grouped in
     whole buckets ordered by significance and encoded as "sync" records.
-
-Destination side (partial-sync state on a replica; the writer lock held)
-    :func:`apply_chunk` applies one chunk atomically and durably as *pending*
-    state: in one LMDB transaction the chunk (with the destination's own old
-    values, for undo) is logged under meta ``sync.chunk.N``, meta
-    ``sync.pending`` records the buckets it brought and their original index
-    entries, the bucket versions move to the source's, and state.applying is
-    set; then the rows are written and flushed; then applying is cleared. A
-    crash in between is repaired by Replica._recover (re-applies the pending
-    chunks; values are absolute). The head does not move: it stays the last
-    complete offset. :func:`finish_sync` replaces all pending chunks by ONE
-    "sync" record at the target (new = newest chunk's value, old = the first
-    chunk's old value, per-row versions) in one transaction; the rows are
-    already in the files, so only the log and the state move.
-    :func:`apply_whole` is the fast path of a sync that is a single chunk
-    (every round of ``sync --follow``): the chunk becomes that record at once,
-    logged then applied exactly as a commit is, with no pending state and the
-    tensor files fsynced on the commit schedule (the log is the write-ahead
-    log). :func:`abort_pending` undoes pending chunks. :func:`restore_snapshot`
-    rebases a replica that fell behind the source's retention.
+    Each says the source's state digest at ``since`` and at ``target``
+    (deltalog.lineage), and the first one the records it stands for
+    (:func:`source_history`), so a follower's log shows them as they were.
 
 The engine
     :func:`sync` drives a Source and a Sink (deltalog.transport.base) under
     a byte budget and a deadline and returns a :class:`SyncResult`; it can
     be paced (``throttle``, for --bwlimit) and asked to stop between two
-    chunks (``should_stop``, for signals). deltalog.follow runs it in rounds.
+    chunks (``should_stop``, for signals). It refuses (Diverged) a
+    destination that holds another model than the source at an offset they
+    share, unless told to ``reseed`` it. deltalog.follow runs it in rounds.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -49,39 +34,26 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import record as rec
-from . import tensorfiles
+from . import lineage, tensorfiles
+from .dtypes import row_significance
 from .errors import (
+    Diverged,
     IntegrityError,
     InvalidInput,
+    LockHeld,
     ModelMismatch,
     OffsetNotRetained,
+    StorageError,
     TransportError,
+    UnsupportedVersion,
 )
 from .history import values_at
-from .pending import CHUNK_KEY, PENDING_KEY, merged_pending, pending_buckets, pending_state
-from .replica import Replica, _row_significance, boot_id
-from .store import bucket_key
+from .replica import Replica
 from .transport.base import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, RECORD_VERSION, SNAPSHOT_PIECE_BYTES
 
-RESTORE_KEY = "sync.restore"
-FOLLOW_KEY = "follow"
 ROW_OVERHEAD = 8  # bytes per row for its index and version, in size estimates
 
 Progress = Callable[[str, int, int], None]
-
-
-def _put_state(store, txn, **changes) -> None:
-    """Update fields of meta "state", keeping the ones this module does not know."""
-    state = store.get_meta(txn, "state")
-    state.update(changes)
-    store.put_meta(txn, "state", state)
-
-
-def _durable(replica: Replica) -> None:
-    """fsync the tensor files a sync step wrote (Replica.flush where the replica has it)."""
-    flush = getattr(replica, "flush", None)
-    if flush is not None:
-        flush()
 
 
 # =============================================================================
@@ -91,10 +63,12 @@ def _durable(replica: Replica) -> None:
 
 def source_hello(replica: Replica) -> dict:
     """What a source tells a destination first (see deltalog.transport.base)."""
+    state = _lineage_ready(replica)
     return {
         "protocol": PROTOCOL_VERSION,
         "model_id": replica.model_id,
-        "head": replica.head,
+        "head": state.head,
+        "state_digest": lineage.to_hex(state.digest),
         "oldest_offset": replica.oldest_offset,
         "bucket_rows": replica.bucket_rows,
         "format_version": replica.format_version,
@@ -102,6 +76,25 @@ def source_hello(replica: Replica) -> dict:
         "snapshots": sorted(s["offset"] for s in replica.snapshots()),
         "time": time.time(),
     }
+
+
+def _lineage_ready(replica: Replica):
+    """The replica's state, with its state digest computed first if it has none yet.
+
+    A replica made by an older deltalog gets its digest from its first
+    writer (the format 4 upgrade). A source that nobody has written since
+    (an idle primary) takes the lock for that one upgrade when it is free;
+    when a writer holds it, that writer upgrades it.
+    """
+    state = replica.state
+    if state.digest is None and replica.writable_format:
+        try:
+            with replica.writing():
+                pass
+        except (LockHeld, StorageError):
+            pass  # no digest: destinations refuse what they cannot check (UnsupportedVersion)
+        state = replica.state
+    return state
 
 
 HEAD_POLL_SECONDS = 0.002  # how often a waiting source re-reads its head (one LMDB read, ~10 us)
@@ -161,10 +154,7 @@ def _check_range(replica: Replica, since: int, target: int) -> None:
         )
     if target > head:
         raise OffsetNotRetained(f"{replica.path}: target {target} is past the head {head}")
-    if target != head and target != oldest:
-        with replica.store.read() as txn:
-            present = replica.store.get_record(txn, target) is not None
-        if not present:
+    if target != head and target != oldest and not replica.has_record(target):
             raise OffsetNotRetained(f"{replica.path}: offset {target} is not retained")
 
 
@@ -195,7 +185,7 @@ def _collect_changes(replica: Replica, since: int, target: int, advanced: dict[s
                 if not exact_significance:
                     sig = np.full(int(keep.sum()), t.significance / max(1, len(t.rows)))
                 elif t.old is not None:
-                    sig = _row_significance(t.old[keep], t.new[keep], t.dtype)
+                    sig = row_significance(t.old[keep], t.new[keep], t.dtype)
                 else:
                     sig = np.zeros(int(keep.sum()), dtype=np.float64)
                 parts.setdefault(t.name, []).append((t.rows[keep], versions[keep], sig))
@@ -257,11 +247,37 @@ def source_plan(replica: Replica, since: int, advanced, target: int) -> dict:
     return {
         "since": since,
         "target": target,
+        "pre_digest": lineage.to_hex(replica.state_digest_at(since)),
+        "post_digest": lineage.to_hex(replica.state_digest_at(target)),
         "rows": sum(t["rows"] for t in tensors),
         "buckets": sum(t["buckets"] for t in tensors),
         "bytes": sum(t["bytes"] for t in tensors),
         "tensors": tensors,
     }
+
+
+HISTORY_LIMIT = 10_000  # source records one sync record names at most (every rollback is kept)
+
+
+def source_history(replica: Replica, since: int, target: int) -> list:
+    """The records in (since, target] as a sync record's ``history`` (record.HISTORY_FIELDS), oldest first.
+
+    A sync record of this replica stands for its own source's records, so
+    its history is taken instead of itself: however many hops away, a
+    follower's log names the records the model's writer made. Past
+    HISTORY_LIMIT entries the oldest commits are left out; rollbacks never are.
+    """
+    out: list = []
+    for s in replica.iter_summaries(since, target):
+        if s.history is not None:
+            out.extend(e for e in s.history if e[0] > since)
+        else:
+            out.append([s.offset, s.kind, s.time, s.rows, s.significance, s.target, s.reason])
+    if len(out) > HISTORY_LIMIT:
+        rollbacks = {i for i, e in enumerate(out) if e[1] == "rollback"}
+        newest = set(range(len(out) - max(0, HISTORY_LIMIT - len(rollbacks)), len(out)))
+        out = [e for i, e in enumerate(out) if i in rollbacks or i in newest]
+    return out
 
 
 def source_chunks(replica: Replica, since: int, advanced, target: int, max_chunk_bytes: int) -> Iterator[bytes]:
@@ -279,19 +295,23 @@ def source_chunks(replica: Replica, since: int, advanced, target: int, max_chunk
         changes = _collect_changes(replica, since, target, advanced, exact_significance=True)
     order = _bucket_order(changes, replica.bucket_rows)
     row_cost = [ch.info.row_bytes + ROW_OVERHEAD for ch in changes]  # a property: not once per bucket
+    # Every chunk says the state digests at both ends; the first also carries the history.
+    claims = {"pre_digest": replica.state_digest_at(since), "post_digest": replica.state_digest_at(target),
+              "history": source_history(replica, since, target)}
     batch: list[tuple[int, int, int]] = []
     size = 0
     for sig, ti, _bucket, start, stop in order:
         batch.append((ti, start, stop))
         size += (stop - start) * row_cost[ti]
         if size >= max_chunk_bytes:
-            yield _encode_chunk(replica, changes, batch, since, target)
+            yield _encode_chunk(replica, changes, batch, since, target, claims)
+            claims["history"] = None
             batch, size = [], 0
     if batch:
-        yield _encode_chunk(replica, changes, batch, since, target)
+        yield _encode_chunk(replica, changes, batch, since, target, claims)
 
 
-def _encode_chunk(replica, changes, batch, since, target) -> bytes:
+def _encode_chunk(replica, changes, batch, since, target, claims: dict) -> bytes:
     picked: dict[int, list[np.ndarray]] = {}
     for ti, start, stop in batch:
         picked.setdefault(ti, []).append(np.arange(start, stop))
@@ -311,7 +331,7 @@ def _encode_chunk(replica, changes, batch, since, target) -> bytes:
             )
         )
     record = rec.Record(offset=target, base=since, kind="sync", time=time.time(), model_id=replica.model_id,
-                        tensors=tensors, target=target)
+                        tensors=tensors, target=target, **claims)
     return rec.encode(record, RECORD_VERSION)  # for a peer: the wire's encoding, whatever the log stores
 
 
@@ -361,378 +381,6 @@ def source_read_snapshot_file(replica: Replica, offset: int, file: str, start: i
     if len(data) != length:
         raise IntegrityError(f"{path}: snapshot file is truncated")
     return data
-
-
-# =============================================================================
-# destination side: partial-sync state on a replica (writer lock held)
-# =============================================================================
-
-
-def _bucket_maxima(rows: np.ndarray, versions: np.ndarray, bucket_rows: int) -> tuple[list[int], list[int]]:
-    buckets = (rows // np.uint64(bucket_rows)).astype(np.int64)
-    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
-    return buckets[starts].tolist(), np.maximum.reduceat(versions, starts).tolist()
-
-
-def _checked_chunk(replica: Replica, blob, target: int, head: int):
-    """Decode a chunk from a source and check it fits ``replica`` at ``head``: (record, [(info, delta)])."""
-    record = rec.decode(blob, "chunk from the source", with_old=False, keep_encoded=True)
-    if record.model_id != replica.model_id:
-        raise ModelMismatch(f"the source's deltas belong to model {record.model_id}, "
-                            f"{replica.path} holds {replica.model_id}")
-    if record.kind != "sync" or record.offset != target or record.base != head or target <= head:
-        raise TransportError(
-            f"the source sent a chunk for {record.base}->{record.offset} ({record.kind}); "
-            f"expected {head}->{target}")
-    out = []
-    for t in record.tensors:
-        try:
-            info = replica.info(t.name)
-        except InvalidInput:
-            raise ModelMismatch(f"the source sent tensor {t.name!r}, unknown to {replica.path}") from None
-        if t.dtype != info.dtype or t.new.shape[1:] != (info.row_elems,):
-            raise ModelMismatch(f"tensor {t.name!r}: the source sends {t.dtype} rows of {t.new.shape[1]} values, "
-                                f"{replica.path} holds {info.dtype} rows of {info.row_elems}")
-        if len(t.rows) and int(t.rows[-1]) >= info.rows:
-            raise ModelMismatch(f"tensor {t.name!r}: the source sends row {int(t.rows[-1])}, "
-                                f"{replica.path} has {info.rows} rows")
-        if t.versions is None or (len(t.rows) and (int(t.versions.min()) <= head or int(t.versions.max()) > target)):
-            raise TransportError(f"tensor {t.name!r}: chunk row versions missing or outside ({head}, {target}]")
-        if len(t.rows) > 1 and not bool(np.all(t.rows[1:] > t.rows[:-1])):
-            raise TransportError(f"tensor {t.name!r}: chunk rows are not sorted and unique")
-        if len(t.rows):
-            out.append((info, t))
-    return record, out
-
-
-def apply_whole(replica: Replica, blob, target: int, follow: dict | None) -> int:
-    """Apply the ONLY chunk of a sync as its final record, the way a commit is applied; returns its rows.
-
-    The fast path of small syncs (every round of ``sync --follow``): no
-    pending partial-sync state, no fsync of the tensor files. One
-    transaction logs the record (new values, this replica's old values,
-    per-row versions), the bucket versions, the follower metadata and
-    head = applying = target; then the rows are written; then a second
-    transaction marks them applied. A crash in between is repaired by
-    Replica._recover (it re-applies the record), and the tensor files are
-    fsynced later (LocalSink's schedule): after a machine crash the log
-    re-applies what the page cache lost, as for commits.
-    """
-    head = replica.state.head
-    if pending_state(replica) is not None:
-        raise IntegrityError(f"{replica.path}: a partial sync is pending; its chunks must be finished, not bypassed")
-    _record, parts = _checked_chunk(replica, blob, target, head)
-    deltas, sigs = [], []
-    for info, t in parts:
-        old = replica._gather_old(info, t.rows.astype(np.intp))  # checked against the row digests
-        row_sig = _row_significance(old, t.new, info.dtype)
-        deltas.append((info, rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, float(row_sig.sum()),
-                                             encoded=t.encoded)))  # the received sections are stored as they came
-        sigs.append(row_sig)
-    record = rec.Record(offset=target, base=head, kind="sync", time=time.time(), model_id=replica.model_id,
-                        tensors=[d for _i, d in deltas], target=target)
-    blob_out = rec.encode(record, replica.record_encoding)  # kept sections get their v2 checksums here
-    store = replica.store
-
-    def log_it(txn):
-        store.put_record(txn, target, blob_out)
-        for (info, d), row_sig in zip(deltas, sigs):
-            replica._bump_buckets(txn, info, d.rows, row_sig, target, d.versions)
-        if follow is not None:
-            store.put_meta(txn, FOLLOW_KEY, follow)
-        _put_state(store, txn, head=target, applying=target)
-
-    store.write(log_it)
-    replica._apply(record)
-    replica._set_applied(target)
-    return sum(len(d.rows) for _i, d in deltas)
-
-
-def apply_chunk(replica: Replica, blob, target: int, source: str) -> dict:
-    """Apply one chunk from a source as pending partial-sync state (atomic, durable)."""
-    state = replica.state
-    head = state.head
-    _record, parts = _checked_chunk(replica, blob, target, head)
-    pending = pending_state(replica)
-    if pending is not None and (pending["base"] != head or pending["target"] > target):
-        raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
-    deltas, bucket_updates = [], []
-    for info, t in parts:
-        old = replica._gather_old(info, t.rows.astype(np.intp))  # checked against the row digests
-        deltas.append(rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, t.significance,
-                                      encoded=t.encoded))
-        bucket_updates.append((info, *_bucket_maxima(t.rows, t.versions, replica.bucket_rows)))
-    stored = rec.encode(rec.Record(offset=target, base=head, kind="sync", time=time.time(),
-                                   model_id=replica.model_id, tensors=deltas, target=target), replica.record_encoding)
-    store = replica.store
-    result = {}
-
-    def log_it(txn):
-        p = store.get_meta(txn, PENDING_KEY) or {"base": head, "target": target, "source": source,
-                                                  "chunks": 0, "buckets": {}}
-        n = p["chunks"]
-        store.put_meta(txn, CHUNK_KEY.format(n), stored)
-        for info, buckets, versions in bucket_updates:
-            entry = p["buckets"].setdefault(info.name, {"b": [], "v": [], "ov": [], "os": []})
-            where = {b: i for i, b in enumerate(entry["b"])}
-            for b, v in zip(buckets, versions):
-                prior = store.get_bucket(txn, info.id, b)
-                i = where.get(b)
-                if i is None:
-                    entry["b"].append(b)
-                    entry["v"].append(v)
-                    entry["ov"].append(-1 if prior is None else prior[0])
-                    entry["os"].append(0.0 if prior is None else prior[1])
-                else:
-                    entry["v"][i] = v
-                store.put_bucket(txn, info.id, b, v, 0.0 if prior is None else prior[1])
-        p.update(chunks=n + 1, target=target, source=source)
-        store.put_meta(txn, PENDING_KEY, p)
-        _put_state(store, txn, applying=target)
-        result["pending_buckets"] = sum(len(e["b"]) for e in p["buckets"].values())
-
-    store.write(log_it)
-    replica._apply(rec.Record(offset=target, base=head, kind="sync", time=0.0, model_id=replica.model_id,
-                              tensors=deltas))
-    # fsync before clearing applying: the head does not move, so nothing else would tell a
-    # machine crash that these rows were lost with the page cache.
-    _durable(replica)
-    replica._set_applied(head)
-    return {"rows": sum(len(d.rows) for d in deltas), "pending_buckets": result["pending_buckets"]}
-
-
-def finish_sync(replica: Replica, target: int, follow: dict | None) -> int:
-    """Replace the pending chunks by one "sync" record at ``target`` (one transaction); returns the head."""
-    state = replica.state
-    head = state.head
-    pending = pending_state(replica)
-    if target <= head:
-        raise InvalidInput(f"{replica.path}: sync target {target} is not after the head {head}")
-    if pending is not None and (pending["base"] != head or pending["target"] > target):
-        raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
-    merged = merged_pending(replica) if pending else {}
-    tensors, sigs = [], []
-    for info in replica.tensors:
-        d = merged.get(info.name)
-        if d is None or not len(d.rows):
-            continue
-        row_sig = _row_significance(d.old, d.new, info.dtype)
-        d.significance = float(row_sig.sum())
-        tensors.append((info, d))
-        sigs.append(row_sig)
-    record = rec.Record(offset=target, base=head, kind="sync", time=time.time(), model_id=replica.model_id,
-                        tensors=[d for _i, d in tensors], target=target)
-    blob = rec.encode(record, replica.record_encoding)
-    store = replica.store
-
-    def log_it(txn):
-        store.put_record(txn, target, blob)
-        for (info, d), row_sig in zip(tensors, sigs):
-            replica._bump_buckets(txn, info, d.rows, row_sig, target, d.versions)
-        if pending is not None:
-            for n in range(pending["chunks"]):
-                txn.delete(CHUNK_KEY.format(n).encode(), db=store.dbs["meta"])
-            txn.delete(PENDING_KEY.encode(), db=store.dbs["meta"])
-        if follow is not None:
-            store.put_meta(txn, FOLLOW_KEY, follow)
-        # The pending chunks' rows are already in the tensor files, fsynced by
-        # apply_chunk (or re-applied by recovery): the record only has to be
-        # logged. `flushed` stays where it is, so after a machine crash the
-        # log re-applies this record too, which is harmless (absolute values).
-        gen = store.get_meta(txn, "state").get("gen", 0) + 1
-        _put_state(store, txn, head=target, applied=target, applying=None, boot=boot_id(), gen=gen)
-
-    store.write(log_it)
-    return target
-
-
-def abort_pending(replica: Replica) -> None:
-    """Undo a pending partial sync: rows back to their values at the head, bucket index restored."""
-    pending = pending_state(replica)
-    if pending is None:
-        return
-    head = replica.head
-    merged = merged_pending(replica)
-    store = replica.store
-    store.write(lambda txn: _put_state(store, txn, applying=head))
-    undo = [rec.TensorDelta(d.name, d.dtype, d.rows, d.old) for d in merged.values()]
-    replica._apply(rec.Record(offset=head, base=head, kind="sync", time=0.0, model_id=replica.model_id, tensors=undo))
-    _durable(replica)
-
-    def drop(txn):
-        for name, entry in pending["buckets"].items():
-            tid = replica.info(name).id
-            for b, ov, os_ in zip(entry["b"], entry["ov"], entry["os"]):
-                if ov < 0:
-                    txn.delete(bucket_key(tid, b), db=store.dbs["buckets"])
-                else:
-                    store.put_bucket(txn, tid, b, ov, os_)
-        for n in range(pending["chunks"]):
-            txn.delete(CHUNK_KEY.format(n).encode(), db=store.dbs["meta"])
-        txn.delete(PENDING_KEY.encode(), db=store.dbs["meta"])
-        _put_state(store, txn, applying=None)
-
-    store.write(drop)
-
-
-def sink_state(replica: Replica) -> dict:
-    """The Sink.begin description of an existing replica."""
-    pending = pending_state(replica)
-    return {
-        "exists": True,
-        "model_id": replica.model_id,
-        "head": replica.head,
-        "oldest_offset": replica.oldest_offset,
-        "bucket_rows": replica.bucket_rows,
-        "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in replica.tensors],
-        "advanced": pending_buckets(pending),
-        "pending_target": None if pending is None else pending["target"],
-        "pending_buckets": 0 if pending is None else sum(len(b["b"]) for b in pending["buckets"].values()),
-    }
-
-
-def note_follow(replica: Replica, follow: dict) -> None:
-    replica.store.write(lambda txn: replica.store.put_meta(txn, FOLLOW_KEY, follow))
-
-
-def follow_state(replica: Replica) -> dict | None:
-    with replica.store.read() as txn:
-        return replica.store.get_meta(txn, FOLLOW_KEY)
-
-
-def copy_snapshot_into_tensors(replica_dir: str, manifest: dict) -> None:
-    """Overwrite the tensor files with the snapshot's files, in place, fsynced (bounded memory);
-    then write each one's row digest file (snapshots carry none: their files are checksummed whole)."""
-    snap = tensorfiles.snapshot_path(replica_dir, manifest["offset"])
-    for n, entry in enumerate(manifest["tensors"]):
-        src = os.path.join(snap, entry["file"])
-        dst = os.path.join(replica_dir, tensorfiles.TENSOR_DIR, entry["file"])
-        with open(src, "rb") as fin, open(dst, "r+b" if os.path.exists(dst) else "wb") as fout:
-            while piece := fin.read(16 << 20):
-                fout.write(piece)
-            fout.truncate()
-            fout.flush()
-            os.fsync(fout.fileno())
-        info = tensorfiles.TensorInfo(n, entry["name"], entry["dtype"], tuple(entry["shape"]))
-        tensorfiles.write_digests_of_file(dst, info)
-
-
-def _bucket_version_items(replica: Replica, manifest: dict):
-    """(tensor id, bucket, version) from a source manifest's bucket_versions, capped at its offset."""
-    cap = manifest["offset"]
-    for name, entry in (manifest.get("bucket_versions") or {}).items():
-        try:
-            info = replica.info(name)
-        except InvalidInput:
-            continue
-        nb = info.buckets(replica.bucket_rows)
-        for b, v in zip(entry.get("buckets", []), entry.get("versions", [])):
-            if 0 <= int(b) < nb:
-                yield info.id, int(b), min(int(v), cap)
-
-
-def init_from_snapshot(staging: str, path: str, hello: dict, manifest: dict) -> None:
-    """Turn ``staging`` (holding a verified snapshots/<offset>/) into a replica, then rename it to ``path``.
-
-    The lower-level twin of Replica.init for bounded memory: tensor files are
-    copied from the snapshot file by file, never loaded whole. The new
-    replica has the source's model id, bucket size and tensor layout, and
-    starts at the snapshot's offset (oldest = head = offset).
-    """
-    from . import replica as replica_mod
-    from .store import LogStore
-
-    offset = manifest["offset"]
-    os.makedirs(os.path.join(staging, tensorfiles.TENSOR_DIR), exist_ok=True)
-    local_manifest = {k: manifest[k] for k in ("offset", "model_id", "tensors")}
-    snap = tensorfiles.snapshot_path(staging, offset)
-    for n, entry in enumerate(local_manifest["tensors"]):
-        dst = os.path.join(staging, tensorfiles.TENSOR_DIR, entry["file"])
-        shutil.copyfile(os.path.join(snap, entry["file"]), dst)
-        with open(dst, "rb+") as f:
-            os.fsync(f.fileno())
-        info = tensorfiles.TensorInfo(n, entry["name"], entry["dtype"], tuple(entry["shape"]))
-        tensorfiles.write_digests_of_file(dst, info)  # format v2: the follower's rows are checked too
-    tensorfiles.fsync_dir(os.path.join(staging, tensorfiles.TENSOR_DIR))
-    log_dir = os.path.join(staging, replica_mod.LOG_DIR)
-    shutil.rmtree(log_dir, ignore_errors=True)  # a half-made log from a crashed attempt
-    store = LogStore.create(log_dir)
-    try:
-        infos = [tensorfiles.TensorInfo(i, t["name"], t["dtype"], tuple(t["shape"])) for i, t in enumerate(hello["tensors"])]
-
-        def setup(txn):
-            store.put_meta(txn, "format", {"write_version": replica_mod.FORMAT_VERSION,
-                                           "read_version": replica_mod.READ_VERSION})
-            store.put_meta(txn, "model", {"model_id": hello["model_id"], "bucket_rows": int(hello["bucket_rows"]),
-                                          "tensors": [i.to_meta() for i in infos], "created": time.time()})
-            store.put_meta(txn, "state", {"head": offset, "applied": offset, "applying": None, "flushed": offset})
-            store.put_meta(txn, "oldest", offset)
-            store.put_snapshot(txn, local_manifest)
-            names = {i.name: i for i in infos}
-            for name, entry in (manifest.get("bucket_versions") or {}).items():
-                info = names.get(name)
-                if info is None:
-                    continue
-                for b, v in zip(entry.get("buckets", []), entry.get("versions", [])):
-                    if 0 <= int(b) < info.buckets(int(hello["bucket_rows"])):
-                        store.put_bucket(txn, info.id, int(b), min(int(v), offset), 0.0)
-
-        store.write(setup)
-    finally:
-        store.close()
-    with open(os.path.join(staging, replica_mod.MARKER), "w") as f:
-        f.write(replica_mod._marker_text())
-        f.flush()
-        os.fsync(f.fileno())
-    tensorfiles.fsync_dir(staging)
-    if os.path.isdir(path):
-        os.rmdir(path)  # an empty directory the user made for it
-    os.rename(staging, path)
-    tensorfiles.fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def restore_snapshot(replica: Replica, manifest: dict) -> None:
-    """Rebase a replica on a snapshot already complete under snapshots/ (lock held).
-
-    One transaction drops the old log, pending state and bucket index, registers
-    the snapshot, sets oldest = head = its offset and marks ``sync.restore``;
-    then the snapshot's files are copied over the tensor files; then the mark
-    goes. A crash in between is finished by Replica._recover.
-    """
-    offset = manifest["offset"]
-    store = replica.store
-    local_manifest = {k: manifest[k] for k in ("offset", "model_id", "tensors")}
-    old_snaps = [m["offset"] for m in replica.snapshots() if m["offset"] != offset]
-
-    def rebase(txn):
-        store.delete_records(txn, upto=(1 << 64) - 1)
-        pending = store.get_meta(txn, PENDING_KEY)
-        if pending is not None:
-            for n in range(pending["chunks"]):
-                txn.delete(CHUNK_KEY.format(n).encode(), db=store.dbs["meta"])
-            txn.delete(PENDING_KEY.encode(), db=store.dbs["meta"])
-        txn.drop(store.dbs["buckets"], delete=False)
-        for tid, b, v in _bucket_version_items(replica, manifest):
-            store.put_bucket(txn, tid, b, v, 0.0)
-        for o in old_snaps:
-            store.delete_snapshot(txn, o)
-        store.put_snapshot(txn, local_manifest)
-        store.put_meta(txn, "oldest", offset)
-        store.put_meta(txn, RESTORE_KEY, offset)
-        _put_state(store, txn, head=offset, applied=offset, applying=offset, flushed=offset)
-
-    store.write(rebase)
-    replica._write_maps.clear()
-    replica._read_maps.clear()
-    copy_snapshot_into_tensors(replica.path, local_manifest)
-
-    def done(txn):
-        txn.delete(RESTORE_KEY.encode(), db=store.dbs["meta"])
-        _put_state(store, txn, applying=None)
-
-    store.write(done)
-    for o in old_snaps:
-        shutil.rmtree(tensorfiles.snapshot_path(replica.path, o), ignore_errors=True)
 
 
 # =============================================================================
@@ -825,6 +473,7 @@ def sync(
     progress: Progress | None = None,
     throttle: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    reseed: bool = False,
 ) -> SyncResult:
     """Bring ``sink`` up to ``source``'s head (or as far as the budget allows).
 
@@ -833,6 +482,14 @@ def sync(
     ``should_stop()`` is asked before each one is applied: True stops the
     run there (``stopped_by="signal"``), every chunk applied so far kept as
     resumable partial-sync state, exactly as a budget stops it.
+
+    Lineage: the destination must hold the source's model at the offsets
+    they share (deltalog.lineage). Equal heads with different state digests,
+    a destination ahead of the source that held another model at the
+    source's head, and (checked by the sink, chunk by chunk) rows that do
+    not turn the destination into the source's model all raise Diverged
+    before anything moves. ``reseed`` replaces the destination by the
+    source's newest snapshot and the log after it instead, whatever it held.
     """
     report = progress is not None
     throttle = throttle or (lambda n: None)
@@ -842,6 +499,12 @@ def sync(
     hello = source.hello()
     if hello.get("protocol") != PROTOCOL_VERSION:
         raise TransportError(f"{source_name}: speaks sync protocol v{hello.get('protocol')}, we speak v{PROTOCOL_VERSION}")
+    if lineage.from_hex(hello.get("state_digest")) is None:
+        raise UnsupportedVersion(
+            f"{source_name}: the source sends no state digest, so what it sends cannot be proven to fit "
+            f"{destination_name}",
+            hint="upgrade deltalog on the source, or run any write there once (state digests came with format 4)",
+        )
     state = sink.begin(wait, dry_run)
     target = int(hello["head"])
     result = SyncResult(source_name, destination_name, from_offset=state["head"], to_offset=target,
@@ -856,14 +519,18 @@ def sync(
         result.seconds = round(time.monotonic() - budget.started, 6)
         return result
 
-    # --- snapshot transfer: a new destination, or one older than the source keeps
-    need_snapshot = not state["exists"] or state["head"] < hello["oldest_offset"]
+    # --- snapshot transfer: a new destination, one older than the source keeps, or a reseed
+    need_snapshot = not state["exists"] or state["head"] < hello["oldest_offset"] or reseed
+    if not need_snapshot:
+        unchecked = _check_lineage(hello, state, sink, source_name, destination_name)
     if not need_snapshot and state["head"] >= target:
         # Nothing this source can add (a partial sync from a newer source, if any, stays pending).
         result.complete = True
         result.to_offset = state["head"]
         if state["head"] > target:
             result.note = f"the destination (head {state['head']}) is ahead of the source (head {target})"
+            if unchecked:
+                result.note += f"; {unchecked}"
         elif not dry_run:
             sink.note_follow({**follow, "in_sync_at": follow["synced_at"]})
         return finish_result()
@@ -932,6 +599,9 @@ def sync(
     advanced = state.get("advanced") or {}
     if dry_run:
         result.plan = _dry_plan(source, since, advanced, target)
+        pre = lineage.from_hex(result.plan.get("pre_digest"))
+        if pre is not None and lineage.from_hex(state.get("state_digest")) not in (None, pre):
+            raise _diverged(destination_name, source_name, since, state.get("state_digest"), result.plan["pre_digest"])
         return finish_result()
     plan_total = None
     if report and hasattr(source, "plan"):  # a progress bar wants a total; costs a second pass at the source
@@ -983,13 +653,43 @@ def sync(
         result.pending_buckets = 0
         result.head = state["head"]
     elif finished:
-        state = sink.finish(target, {**follow, "in_sync_at": follow["synced_at"]})
+        state = sink.finish(target, {**follow, "in_sync_at": follow["synced_at"]}, hello["state_digest"])
         result.complete = True
         result.pending_buckets = 0
         result.head = state["head"]
     else:
         sink.note_follow(follow)
     return finish_result()
+
+
+def _diverged(destination: str, source: str, offset: int, mine, theirs) -> Diverged:
+    return Diverged(f"{destination} and {source} hold different models at offset {offset}: "
+                    f"state digest {mine} there, {theirs} at the source")
+
+
+def _check_lineage(hello: dict, state: dict, sink, source_name: str, destination_name: str) -> str | None:
+    """Diverged unless the destination held the source's model wherever the two can be compared now.
+
+    Equal heads compare the digests at once. A destination ahead of the
+    source compares its digest at the source's head, when it holds that
+    offset; when it does not, what it is cannot be checked here (the answer
+    says so: nothing moves either way). A destination behind is checked by
+    the sink with every chunk (receive.py). Returns a note when unchecked.
+    """
+    theirs, mine, head, target = hello["state_digest"], state.get("state_digest"), state["head"], int(hello["head"])
+    if lineage.from_hex(mine) is None:
+        raise UnsupportedVersion(f"{destination_name}: the destination reports no state digest, so a sync into it "
+                                 "cannot be proven exact", hint="upgrade deltalog on the destination (format 4)")
+    if head == target and mine != theirs:
+        raise _diverged(destination_name, source_name, head, mine, theirs)
+    if head > target:
+        probe = getattr(sink, "state_digest_at", None)
+        at = probe(target) if probe is not None else None
+        if at is None:
+            return f"it does not hold offset {target}, so whether it shares the source's history is not known"
+        if at != theirs:
+            raise _diverged(destination_name, source_name, target, at, theirs)
+    return None
 
 
 def _mark_only(stream, peek: bool):

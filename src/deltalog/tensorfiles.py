@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,6 +132,67 @@ def map_digests(path: str, info: TensorInfo, writable: bool) -> np.ndarray:
     return mapped.view(np.ndarray)
 
 
+class TensorMaps:
+    """The memory maps of one replica's tensor and row digest files, made once and shared.
+
+    The reader (deltalog.replica) and the writer (deltalog.writer) of one
+    handle use the same maps. Each file's identity (device, inode) is noted
+    when it is mapped: ``replay --in-place`` in another process renames
+    rebuilt files over damaged ones, and a long-lived handle must then map
+    the new files, not go on reading or writing the old inodes.
+    """
+
+    def __init__(self, replica_dir: str):
+        self.dir = os.path.join(replica_dir, TENSOR_DIR)
+        self._maps: dict[tuple[str, bool], np.ndarray] = {}
+        self._identity: dict[str, tuple[int, int]] = {}
+
+    def path(self, info: TensorInfo) -> str:
+        return os.path.join(self.dir, info.file)
+
+    def digest_path(self, info: TensorInfo) -> str:
+        return os.path.join(self.dir, info.digest_file)
+
+    def rows(self, info: TensorInfo, writable: bool = False) -> np.ndarray:
+        """The (rows, row_elems) map of a tensor file."""
+        view = self._maps.get((info.file, writable))
+        if view is None:
+            view = self._maps[info.file, writable] = map_rows(self.path(info), info, writable)
+            self._note(self.path(info))
+        return view
+
+    def digests(self, info: TensorInfo, writable: bool = False) -> np.ndarray:
+        """The (rows,) u64 map of a tensor's row digests."""
+        view = self._maps.get((info.digest_file, writable))
+        if view is None:
+            view = self._maps[info.digest_file, writable] = map_digests(self.digest_path(info), info, writable)
+            self._note(self.digest_path(info))
+        return view
+
+    def forget(self) -> None:
+        """Drop every map (files were replaced, or the process is about to lose them)."""
+        self._maps.clear()
+        self._identity.clear()
+
+    def forget_if_replaced(self) -> None:
+        """Drop every map if a mapped file was renamed over since it was mapped (a stat per file)."""
+        for path, ident in self._identity.items():
+            try:
+                st = os.stat(path)
+            except OSError:
+                st = None
+            if st is None or (st.st_dev, st.st_ino) != ident:
+                self.forget()
+                return
+
+    def _note(self, path: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        self._identity[path] = (st.st_dev, st.st_ino)
+
+
 def digest_blocks(rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, digests) of ``rows`` ((n, row_elems)) in blocks of about _COPY_CHUNK bytes: bounded memory."""
     n = rows.shape[0]
@@ -161,6 +222,21 @@ def write_digest_file(path: str, rows: np.ndarray, fsync: bool = True) -> None:
             os.close(fd)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc.strerror}", hint="check free space and permissions") from None
+
+
+def rows_state_sum(info: TensorInfo, rows: np.ndarray) -> int:
+    """The state digest terms (deltalog.lineage) of every row of a tensor, from its bytes, in bounded memory."""
+    from . import lineage
+
+    total = 0
+    for start, digests in digest_blocks(rows):
+        total += lineage.rows_sum(info.id, np.arange(start, start + len(digests), dtype=np.uint64), digests)
+    return total & lineage.MASK
+
+
+def file_state_sum(path: str, info: TensorInfo) -> int:
+    """:func:`rows_state_sum` of a tensor file (a snapshot's: it has no digest file)."""
+    return rows_state_sum(info, map_rows(path, info, writable=False))
 
 
 def write_digests_of_file(tensor_path: str, info: TensorInfo) -> None:
@@ -193,21 +269,27 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_snapshot(replica_dir: str, offset: int, model_id: str, tensors: list[tuple[TensorInfo, np.ndarray]]) -> dict:
+def write_snapshot(replica_dir: str, offset: int, model_id: str, tensors: Iterable[tuple[TensorInfo, np.ndarray]]) -> dict:
     """Write an immutable snapshot of ``tensors`` (arrays in storage dtype) at ``offset``.
 
-    Returns the manifest. Any partial directory from an earlier crash is replaced.
+    Returns the manifest, with the state digest of what it holds (computed
+    from the arrays as they are written: deltalog.lineage). Any partial
+    directory from an earlier crash is replaced.
     """
+    from . import lineage
+
     root = os.path.join(replica_dir, SNAPSHOT_DIR)
     final = os.path.join(root, snapshot_dirname(offset))
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     files = []
+    state = 0
     for info, array in tensors:
         digest = write_array_file(os.path.join(tmp, info.file), array)
         files.append({**info.to_meta(), "nbytes": info.nbytes, "xxh3": digest})
-    manifest = {"offset": offset, "model_id": model_id, "tensors": files}
+        state += rows_state_sum(info, array.reshape(info.rows, info.row_elems))
+    manifest = {"offset": offset, "model_id": model_id, "tensors": files, "state_digest": lineage.to_hex(state)}
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
@@ -241,3 +323,20 @@ def verify_snapshot(replica_dir: str, manifest: dict) -> list[str]:
         elif file_digest(path) != entry["xxh3"]:
             problems.append(f"{where}: checksum mismatch")
     return problems
+
+
+def copy_snapshot_into_tensors(replica_dir: str, manifest: dict) -> None:
+    """Overwrite the tensor files with a snapshot's files, in place, fsynced (bounded memory);
+    then write each one's row digest file (snapshots carry none: their files are checksummed whole)."""
+    snap = snapshot_path(replica_dir, manifest["offset"])
+    for n, entry in enumerate(manifest["tensors"]):
+        src = os.path.join(snap, entry["file"])
+        dst = os.path.join(replica_dir, TENSOR_DIR, entry["file"])
+        with open(src, "rb") as fin, open(dst, "r+b" if os.path.exists(dst) else "wb") as fout:
+            while piece := fin.read(_COPY_CHUNK):
+                fout.write(piece)
+            fout.truncate()
+            fout.flush()
+            os.fsync(fout.fileno())
+        info = TensorInfo(n, entry["name"], entry["dtype"], tuple(entry["shape"]))
+        write_digests_of_file(dst, info)

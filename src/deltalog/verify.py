@@ -176,7 +176,7 @@ def _check_row_digests(replica: Replica, report: VerifyReport, progress: Progres
                 report.problems.append(str(exc))
             continue
         try:
-            stored = tensorfiles.map_digests(replica._digest_path(info), info, writable=False)
+            stored = tensorfiles.map_digests(replica.digest_path(info), info, writable=False)
         except DeltalogError as exc:
             report.problems.append(f"{exc}; {hint}")
             continue

@@ -73,13 +73,17 @@ def _name(text: str) -> str:
 @click.option("--bwlimit", type=ByteSize(), metavar="BYTES_PER_S",
               help="Receive at most this many bytes per second on average (e.g. 10M), one token bucket "
                    "across all rounds of --follow; most significant buckets still go first.")
+@click.option("--reseed", is_flag=True,
+              help="Replace DST by SRC's newest snapshot and the log after it, whatever DST held: the way "
+                   "past a refusal for diverged histories (exit 13). DST's own records are dropped; copy "
+                   "DST aside first if its history matters.")
 @click.option("--chunk-bytes", type=ByteSize(), default=None, hidden=True,
               help="Uncompressed row bytes per chunk (tuning and tests).")
 @wait_option
 @json_option
 @quiet_option
 def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog, timeout, token_file, check,
-            follow, interval, bwlimit, chunk_bytes, wait, as_json, quiet):
+            follow, interval, bwlimit, reseed, chunk_bytes, wait, as_json, quiet):
     """Bring DST up to SRC's head by moving only the rows that changed.
 
     \b
@@ -96,6 +100,13 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
     buckets go first; 'status' then shows pending_buckets and the head
     stays the last complete offset. Exit 0 when DST reached SRC's head,
     1 when a budget stopped it first.
+
+    \b
+    Exactness: replicas keep a state digest of their model at every offset.
+    A DST that holds another model than SRC at an offset they share (a
+    stray commit on a follower, a primary restored from an old state after
+    a failover) is refused with exit 13, naming the offset and both
+    digests; nothing is written. --reseed replaces DST with SRC's history.
 
     \b
     With --follow, one line per round on stderr (none with --quiet), or
@@ -115,8 +126,9 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
         raise InvalidInput(f"{src}: SRC and DST are the same replica")
     if check and d_spec.scheme != "local":
         raise InvalidInput("--check needs a local DST", hint="run the guarded sync on the destination host")
-    if follow and (dry_run or check):
-        raise click.UsageError(f"--follow cannot be combined with {'--dry-run' if dry_run else '--check'}")
+    if follow and (dry_run or check or reseed):
+        other = "--dry-run" if dry_run else "--check" if check else "--reseed"
+        raise click.UsageError(f"--follow cannot be combined with {other}")
     if interval is not None and not follow:
         raise click.UsageError("--interval needs --follow")
     token = None
@@ -144,7 +156,7 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
                 extra.update(throttle=TokenBucket(bwlimit).take, piece_bytes=piece_bytes_for(bwlimit))
             with out.progress(f"sync {src} -> {dst}") as update:
                 result = sync(source, sink, source_name=_name(src), destination_name=_name(dst),
-                              max_bytes=max_bytes, deadline=deadline, dry_run=dry_run, wait=wait,
+                              max_bytes=max_bytes, deadline=deadline, dry_run=dry_run, wait=wait, reseed=reseed,
                               progress=update if out.interactive else None, **extra)
             verdict = _run_check(sink, result, check, _name(src)) if check and not dry_run else None
         finally:
@@ -215,7 +227,8 @@ def _round_line(e: dict, src: str, dst: str) -> str:
 
 def _run_check(sink, result, check: str, source: str) -> dict | None:
     """Judge what this sync (or a crashed earlier one) applied; undo it if the check fails."""
-    from ..guard import confirm, revert, run_check, unconfirmed
+    from ..guard import confirm, run_check, unconfirmed
+    from ..receive import revert_sync
 
     replica = sink.replica
     marker = unconfirmed(replica) if replica is not None else None
@@ -224,7 +237,7 @@ def _run_check(sink, result, check: str, source: str) -> dict | None:
         if code == 0:
             confirm(replica)
             return {"command": check, "offset": marker["target"], "exit_code": 0, "accepted": True}
-        revert(replica, marker)
+        revert_sync(replica, marker)
         result.head = replica.head
         return {"command": check, "offset": marker["target"], "exit_code": code, "accepted": False,
                 "reverted_to": marker["base"]}

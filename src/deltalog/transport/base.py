@@ -17,7 +17,8 @@ Data shapes (all plain msgpack/JSON-able values):
 
 hello (Source.hello)::
 
-    {"protocol": 1, "model_id": str, "head": int, "oldest_offset": int,
+    {"protocol": 1, "model_id": str, "head": int, "state_digest": str,     # 16 hex digits (deltalog.lineage)
+     "oldest_offset": int,
      "bucket_rows": int, "format_version": int,
      "tensors": [{"name": str, "dtype": str, "shape": [int, ...]}, ...],   # model order
      "snapshots": [offset, ...],                                          # ascending
@@ -35,7 +36,7 @@ manifest (Source.snapshot_manifest): the snapshot's manifest.json content::
 
 sink state (Sink.begin)::
 
-    {"exists": bool, "model_id": str|None, "head": int, "oldest_offset": int,
+    {"exists": bool, "model_id": str|None, "head": int, "state_digest": str|None, "oldest_offset": int,
      "bucket_rows": int, "tensors": [...], "advanced": {...}, "pending_target": int|None,
      "pending_buckets": int}
 """
@@ -75,7 +76,10 @@ class Source(Protocol):
 
         Each blob is ``record.encode(..., RECORD_VERSION)`` of a Record with kind="sync",
         offset=target, base=since, target=target, per-row ``versions`` (the
-        offset that last wrote each row) and no ``old`` values. Values are
+        offset that last wrote each row), no ``old`` values, and the
+        source's state digests at ``since`` (when it holds that offset) and
+        at ``target``; the first blob also carries the ``history`` of the
+        source records it stands for. Values are
         the source's values at exactly ``target`` (coalesced: a row updated
         many times is sent once). A blob holds whole buckets only, at most
         about ``max_chunk_bytes`` of uncompressed rows unless one bucket is
@@ -164,12 +168,18 @@ class Sink(Protocol):
         """
         ...
 
-    def finish(self, target: int, follow: dict) -> dict:
+    def finish(self, target: int, follow: dict, digest: str | None = None) -> dict:
         """Replace the pending chunks by one "sync" record at ``target`` (one transaction).
 
         ``follow`` is the follower metadata to record (source, source_head,
-        source_time). Returns the sink state after it.
+        source_time); ``digest`` the source's state digest at ``target``,
+        which the destination's must equal after it (else Diverged, and the
+        pending chunks are undone). Returns the sink state after it.
         """
+        ...
+
+    def state_digest_at(self, offset: int) -> str | None:
+        """The destination's state digest at ``offset`` (hex), or None when it does not hold that offset."""
         ...
 
     def abort_pending(self) -> dict:

@@ -1,8 +1,8 @@
 """The local transport: a replica directory on this machine, as a Source or a Sink.
 
 LocalSink is also what ``deltalog serve --stdio`` runs on the far side of
-an ssh pipe when pushing, so every write path of a sync lives here (over
-deltalog.sync's partial-sync functions), whatever the transport.
+an ssh pipe when pushing, so every write of a sync goes through here (to
+deltalog.receive, which applies it), whatever the transport.
 
 A destination that does not exist yet is staged beside its final name, in
 ``.<name>.deltalog-sync/`` (locked with the same flock as a replica's
@@ -18,12 +18,14 @@ import shutil
 import time
 from contextlib import ExitStack
 
+from .. import lineage, receive, tensorfiles
 from .. import sync as sync_mod
-from .. import tensorfiles
 from ..dtypes import STORAGE
 from ..errors import IntegrityError, InvalidInput, NotAReplica, StorageError, TransportError
+from ..layout import LOG_DIR, is_replica
 from ..lock import WriterLock
-from ..replica import LOG_DIR, MARKER, Replica, boot_id
+from ..replica import Replica
+from ..writer import boot_id
 
 TRANSFER = "transfer.json"  # the manifest being fetched, beside the partial files
 FOLLOW_FLUSH_SECONDS = 30.0  # a destination's tensor files are fsynced at least this often (see LocalSink)
@@ -65,7 +67,7 @@ class LocalSource:
         return sync_mod.source_hello(self.replica)
 
     def _refresh(self) -> None:
-        if not _is_replica(self.path):
+        if not is_replica(self.path):
             raise TransportError(f"{self.path}: the source replica went away",
                                  hint="it was there when this sync started")
         if self._log_identity() == self._log_id:
@@ -112,10 +114,6 @@ class LocalSource:
         if self.replica is not None:
             self.replica.close()
             self.replica = None
-
-
-def _is_replica(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MARKER))
 
 
 def _log_identity(path: str):
@@ -211,15 +209,15 @@ class LocalSink:
             if not dry_run and self._identity == self._current_identity():
                 self._stack.enter_context(self.replica.writing(wait))
                 if self._identity == self._current_identity():  # nothing replaced it while we waited
-                    return sync_mod.sink_state(self.replica)
+                    return receive.sink_state(self.replica)
                 self._release()
             self._drop_replica()
         while True:
-            if _is_replica(self.path):
+            if is_replica(self.path):
                 self._open_replica()
                 if not dry_run:
                     self._stack.enter_context(self.replica.writing(wait))
-                return sync_mod.sink_state(self.replica)
+                return receive.sink_state(self.replica)
             if os.path.exists(self.path) and (not os.path.isdir(self.path) or os.listdir(self.path)):
                 raise NotAReplica(f"{self.path}: exists and is not a deltalog replica",
                                   hint="sync into a replica of the same model, a new path or an empty directory")
@@ -235,7 +233,7 @@ class LocalSink:
                 raise StorageError(f"{staging}: cannot create ({exc.strerror})") from None
             lock = WriterLock(staging)
             lock.acquire(wait)
-            if _is_replica(self.path):  # another sync created it while we waited
+            if is_replica(self.path):  # another sync created it while we waited
                 lock.release()
                 continue
             self._staging, self._staging_lock = staging, lock
@@ -266,31 +264,36 @@ class LocalSink:
 
     def apply_chunk(self, blob, target: int, source: str) -> dict:
         self._applied = True
-        return sync_mod.apply_chunk(self._need_replica(), blob, target, source)
+        return receive.apply_chunk(self._need_replica(), blob, target, source)
 
     def apply_final(self, blob, target: int, follow: dict) -> dict:
         self._applied = True
         replica = self._need_replica()
-        rows = sync_mod.apply_whole(replica, blob, target, self._merged_follow(follow))
-        return {**sync_mod.sink_state(replica), "rows": rows}
+        rows = receive.apply_whole(replica, blob, target, self._merged_follow(follow))
+        return {**receive.sink_state(replica), "rows": rows}
 
-    def finish(self, target: int, follow: dict) -> dict:
+    def finish(self, target: int, follow: dict, digest: str | None = None) -> dict:
         replica = self._need_replica()
-        sync_mod.finish_sync(replica, target, self._merged_follow(follow))
-        return sync_mod.sink_state(replica)
+        receive.finish_sync(replica, target, self._merged_follow(follow), lineage.from_hex(digest))
+        return receive.sink_state(replica)
 
     def abort_pending(self) -> dict:
         replica = self._need_replica()
-        sync_mod.abort_pending(replica)
-        return sync_mod.sink_state(replica)
+        receive.abort_pending(replica)
+        return receive.sink_state(replica)
+
+    def state_digest_at(self, offset: int) -> str | None:
+        """The destination's state digest at ``offset`` (hex), or None when it cannot tell."""
+        replica = self._need_replica()
+        return lineage.to_hex(replica.state_digest_at(int(offset)))
 
     def note_follow(self, follow: dict) -> None:
         if self.replica is not None:
-            sync_mod.note_follow(self.replica, self._merged_follow(follow))
+            receive.note_follow(self.replica, self._merged_follow(follow))
             self._idle_round = "in_sync_at" in follow and not self._applied
 
     def _merged_follow(self, follow: dict) -> dict:
-        previous = sync_mod.follow_state(self.replica) or {}
+        previous = receive.follow_state(self.replica) or {}
         merged = {**follow}
         if "in_sync_at" not in merged and previous.get("in_sync_at") is not None:
             merged["in_sync_at"] = previous["in_sync_at"]
@@ -307,7 +310,7 @@ class LocalSink:
         check_manifest_matches_model(hello, manifest)  # before anything is created from them
         names = [t["name"] for t in hello["tensors"]]
         if self.replica is not None:
-            sync_mod.check_same_model(hello, sync_mod.sink_state(self.replica), self.path)
+            sync_mod.check_same_model(hello, receive.sink_state(self.replica), self.path)
         self._hello, self._manifest = hello, manifest
         offset = int(manifest["offset"])
         partial = os.path.join(self._snapshot_root(), tensorfiles.SNAPSHOT_DIR,
@@ -385,20 +388,25 @@ class LocalSink:
             f.flush()
             os.fsync(f.fileno())
         tensorfiles.fsync_dir(partial)
+        if self.replica is not None and any(m["offset"] == offset for m in self.replica.snapshots()):
+            # A snapshot of this replica's own sits at that offset (a reseed of another
+            # history): it is swapped for the received one under the restore's intent.
+            receive.restore_snapshot(self.replica, local_manifest, staged=partial)
+            return receive.sink_state(self.replica)
         final = partial[: -len(".partial")]
-        if os.path.exists(final):
+        if os.path.exists(final):  # unregistered: left by a crashed run
             shutil.rmtree(final)
         os.rename(partial, final)
         tensorfiles.fsync_dir(os.path.dirname(final))
         if self.replica is not None:
-            sync_mod.restore_snapshot(self.replica, local_manifest)
-            return sync_mod.sink_state(self.replica)
-        sync_mod.init_from_snapshot(self._staging, self.path, hello, local_manifest)
+            receive.restore_snapshot(self.replica, local_manifest)
+            return receive.sink_state(self.replica)
+        receive.init_from_snapshot(self._staging, self.path, hello, local_manifest)
         self._staging_lock.release()  # the lock file moved in with the rename; take it as the replica's
         self._staging_lock = self._staging = None
         self._open_replica()
         self._stack.enter_context(self.replica.writing(max(self._wait, 30.0)))
-        return sync_mod.sink_state(self.replica)
+        return receive.sink_state(self.replica)
 
     def _flush_on_schedule(self) -> None:
         """Fsync the tensor files every FOLLOW_FLUSH_SECONDS, or in an idle round, not at every close.
@@ -415,19 +423,17 @@ class LocalSink:
         sync of a process (a one-shot ``deltalog sync`` leaves files durable).
         """
         replica = self.replica
-        if not replica._dirty:
-            if self._idle_round and replica.state.flushed < replica.state.applied and replica._lock.try_acquire():
-                try:
-                    replica.flush()  # an idle moment: make the follower's files durable now
-                finally:
-                    replica._lock.release()
+        if not replica.writer.unflushed:
+            state = replica.state
+            # an idle moment: make the follower's files durable now
+            if self._idle_round and state.flushed < state.applied and replica.writer.flush_if_free():
                 _flushed_at[self.path] = time.monotonic()
             return
         state = replica.state
         now = time.monotonic()
         last = _flushed_at.get(self.path)  # None: the first sync of this process (a cron run) flushes at close
         if last is not None and now - last < FOLLOW_FLUSH_SECONDS and boot_id() and state.applying is None:
-            replica._dirty.clear()  # Replica.close would fsync; the schedule says not yet
+            replica.writer.defer_flush()  # Replica.close would fsync; the schedule says not yet
         else:
             _flushed_at[self.path] = now
 
@@ -451,11 +457,8 @@ class LocalSink:
         self._release()
         self._flush_on_schedule()
         replica = self.replica
-        if replica._dirty and replica._lock.try_acquire():  # due now: what Replica.close would have done
-            try:
-                replica.flush()
-            finally:
-                replica._lock.release()
+        if replica.writer.unflushed:  # due now: what Replica.close would have done
+            replica.writer.flush_if_free()
         self._applied = False
         self._idle_round = False
 

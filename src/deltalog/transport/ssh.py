@@ -280,8 +280,14 @@ class SshSink:
         _h, data = self.conn.request("apply_final", expect="state", payload=blob, target=target, follow=follow)
         return wire.unpack(data, "state")
 
-    def finish(self, target: int, follow: dict) -> dict:
-        return self._state("finish", {"target": target, "follow": follow})
+    def finish(self, target: int, follow: dict, digest: str | None = None) -> dict:
+        return self._state("finish", {"target": target, "follow": follow, "digest": digest})
+
+    def state_digest_at(self, offset: int) -> str | None:
+        """The remote destination's state digest at ``offset`` (hex), or None when it cannot tell."""
+        _h, data = self.conn.request("digest_at", {"offset": int(offset)}, expect="digest")
+        answer = wire.unpack(data, "digest")
+        return answer.get("digest") if isinstance(answer, dict) else None
 
     def abort_pending(self) -> dict:
         return self._state("abort_pending")

@@ -1,0 +1,553 @@
+"""The destination side of a sync: how what a source sends changes a replica.
+
+Every function here runs under the destination's writer lock and changes it
+through deltalog.writer, so each is crash-safe in the same way:
+
+- :func:`apply_whole`: the only chunk of a sync becomes its "sync" record at
+  once, logged then applied like a commit (every round of ``sync --follow``);
+- :func:`apply_chunk`: one chunk of a budgeted sync, applied ahead of the head
+  as *pending* state (meta ``sync.pending`` + ``sync.chunk.N``, with this
+  replica's own old values for undo); the head stays the last complete offset;
+- :func:`finish_sync`: the pending chunks become ONE "sync" record (their rows
+  are already in the files, so only the log moves);
+- :func:`abort_pending`: pending chunks undone (intent ``sync.abort``);
+- :func:`revert_sync`: a sync that ``sync --check`` rejected is undone as if it
+  never happened (intent ``sync.revert``; deltalog.guard decides when);
+- :func:`restore_snapshot`: a replica rebased onto a snapshot its source sent
+  (intent ``sync.restore``); :func:`init_from_snapshot`: a new replica made from one.
+
+Lineage (deltalog.lineage): a source's chunk says its state digest at the
+destination's head (``pre_digest``, when the source holds that offset) and at
+the target (``post_digest``). The destination refuses a chunk whose
+``pre_digest`` is not its own digest, and a sync whose rows, applied here,
+do not give the source's ``post_digest``: both raise Diverged before the
+head moves, so a replica never claims an offset whose model it does not hold.
+
+:data:`INTENTS` is the registry of this module's intents and their finishers,
+which the replica hands to its writer for recovery.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import kernels, layout, lineage, tensorfiles
+from . import record as rec
+from .dtypes import row_significance
+from .errors import Diverged, IntegrityError, InvalidInput, ModelMismatch, TransportError, UnsupportedVersion
+from .pending import CHUNK_KEY, PENDING_KEY, merged_pending, pending_buckets, pending_state, read_pending
+from .writer import Change, RowChange, RowWrite, Writer, create_replica
+
+if TYPE_CHECKING:
+    from .replica import Replica
+
+RESTORE_KEY = "sync.restore"
+REVERT_KEY = "sync.revert"
+ABORT_KEY = "sync.abort"
+UNCONFIRMED_KEY = "sync.unconfirmed"
+FOLLOW_KEY = "follow"
+
+
+# =============================================================================
+# what the destination is, for the sync engine
+# =============================================================================
+
+
+def sink_state(replica: "Replica") -> dict:
+    """The Sink.begin description of an existing replica (deltalog.transport.base)."""
+    pending = pending_state(replica)
+    state = replica.state
+    return {
+        "exists": True,
+        "model_id": replica.model_id,
+        "head": state.head,
+        "state_digest": lineage.to_hex(state.digest),
+        "oldest_offset": replica.oldest_offset,
+        "bucket_rows": replica.bucket_rows,
+        "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in replica.tensors],
+        "advanced": pending_buckets(pending),
+        "pending_target": None if pending is None else pending["target"],
+        "pending_buckets": 0 if pending is None else sum(len(b["b"]) for b in pending["buckets"].values()),
+    }
+
+
+def note_follow(replica: "Replica", follow: dict) -> None:
+    replica.writer.put_meta(FOLLOW_KEY, follow)
+
+
+def follow_state(replica: "Replica") -> dict | None:
+    return replica.meta(FOLLOW_KEY)
+
+
+def diverged(replica: "Replica", offset: int, mine: int | None, theirs: int | None, what: str) -> Diverged:
+    """The error for a destination whose model at ``offset`` is not its source's."""
+    return Diverged(
+        f"{replica.path} and its source hold different models at offset {offset} ({what}): "
+        f"state digest {lineage.to_hex(mine)} here, {lineage.to_hex(theirs)} at the source"
+    )
+
+
+def unprovable(replica: "Replica", target: int) -> UnsupportedVersion:
+    return UnsupportedVersion(
+        f"{replica.path}: the source sent no state digest for offset {target}, so this sync cannot be "
+        "proven to give its model",
+        hint="upgrade deltalog on the source (state digests came with format 4)",
+    )
+
+
+# =============================================================================
+# chunks
+# =============================================================================
+
+
+def _checked_chunk(replica: "Replica", blob, target: int, head: int):
+    """Decode a chunk from a source and check it fits ``replica`` at ``head``: (record, [(info, delta)])."""
+    record = rec.decode(blob, "chunk from the source", with_old=False, keep_encoded=True)
+    if record.model_id != replica.model_id:
+        raise ModelMismatch(f"the source's deltas belong to model {record.model_id}, "
+                            f"{replica.path} holds {replica.model_id}")
+    if record.kind != "sync" or record.offset != target or record.base != head or target <= head:
+        raise TransportError(
+            f"the source sent a chunk for {record.base}->{record.offset} ({record.kind}); "
+            f"expected {head}->{target}")
+    out = []
+    for t in record.tensors:
+        try:
+            info = replica.info(t.name)
+        except InvalidInput:
+            raise ModelMismatch(f"the source sent tensor {t.name!r}, unknown to {replica.path}") from None
+        if t.dtype != info.dtype or t.new.shape[1:] != (info.row_elems,):
+            raise ModelMismatch(f"tensor {t.name!r}: the source sends {t.dtype} rows of {t.new.shape[1]} values, "
+                                f"{replica.path} holds {info.dtype} rows of {info.row_elems}")
+        if len(t.rows) and int(t.rows[-1]) >= info.rows:
+            raise ModelMismatch(f"tensor {t.name!r}: the source sends row {int(t.rows[-1])}, "
+                                f"{replica.path} has {info.rows} rows")
+        if t.versions is None or (len(t.rows) and (int(t.versions.min()) <= head or int(t.versions.max()) > target)):
+            raise TransportError(f"tensor {t.name!r}: chunk row versions missing or outside ({head}, {target}]")
+        if len(t.rows) > 1 and not bool(np.all(t.rows[1:] > t.rows[:-1])):
+            raise TransportError(f"tensor {t.name!r}: chunk rows are not sorted and unique")
+        if len(t.rows):
+            out.append((info, t))
+    _check_pre(replica, record, head)
+    return record, out
+
+
+def _check_pre(replica: "Replica", record: rec.Record, head: int) -> None:
+    """Diverged unless the source's digest at our head (when it sent one) is ours."""
+    mine = replica.state.digest
+    if record.pre_digest is not None and mine is not None and record.pre_digest != mine:
+        raise diverged(replica, head, mine, record.pre_digest, "before this sync")
+
+
+def _check_post(replica: "Replica", head: int, target: int, claimed: int | None):
+    """A check for Writer.append: Diverged unless our digest after the sync is the source's at ``target``."""
+
+    def check(computed: int | None) -> None:
+        if claimed is None:
+            raise unprovable(replica, target)
+        if computed != claimed:
+            raise Diverged(
+                f"{replica.path} and its source hold different models at offset {head}: the source's rows "
+                f"for {head}->{target} give state digest {lineage.to_hex(computed)} here, "
+                f"{lineage.to_hex(claimed)} at the source"
+            )
+
+    return check
+
+
+def _row_change(info, delta: rec.TensorDelta, old: np.ndarray, old_digests: np.ndarray | None) -> RowChange:
+    row_sig = row_significance(old, delta.new, info.dtype)
+    delta.old = old
+    delta.significance = float(row_sig.sum())
+    return RowChange(info, delta, row_sig, kernels.row_digests(old) if old_digests is None else old_digests)
+
+
+def apply_whole(replica: "Replica", blob, target: int, follow: dict | None) -> int:
+    """Apply the ONLY chunk of a sync as its final record, the way a commit is applied; returns its rows.
+
+    The fast path of small syncs (every round of ``sync --follow``): no
+    pending partial-sync state, no fsync of the tensor files. One
+    transaction logs the record (new values, this replica's old values,
+    per-row versions, the source's history), the bucket versions, the
+    follower metadata and head = target; then the rows are written; then a
+    second transaction marks them applied. The tensor files are fsynced later
+    (LocalSink's schedule): after a machine crash the log re-applies what the
+    page cache lost, as for commits.
+    """
+    head = replica.head
+    if pending_state(replica) is not None:
+        raise IntegrityError(f"{replica.path}: a partial sync is pending; its chunks must be finished, not bypassed")
+    record, parts = _checked_chunk(replica, blob, target, head)
+    changes = []
+    for info, t in parts:
+        old, old_digests = replica.writer.old_rows(info, t.rows.astype(np.intp))  # checked against the row digests
+        changes.append(_row_change(info, t, old, old_digests))  # the received sections are stored as they came
+    replica.writer.append(
+        "sync", changes, offset=target, target=target, history=record.history,
+        log=None if follow is None else (lambda txn: replica.store.put_meta(txn, FOLLOW_KEY, follow)),
+        expect_digest=_check_post(replica, head, target, record.post_digest),
+    )
+    return sum(len(c.delta.rows) for c in changes)
+
+
+def apply_chunk(replica: "Replica", blob, target: int, source: str) -> dict:
+    """Apply one chunk from a source as pending partial-sync state (atomic, durable)."""
+    head = replica.head
+    record, parts = _checked_chunk(replica, blob, target, head)
+    pending = pending_state(replica)
+    if pending is not None and (pending["base"] != head or pending["target"] > target):
+        raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
+    deltas, bucket_updates, writes = [], [], []
+    for info, t in parts:
+        old, _digests = replica.writer.old_rows(info, t.rows.astype(np.intp))  # checked against the row digests
+        deltas.append(rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, t.significance,
+                                      encoded=t.encoded))
+        bucket_updates.append((info, *_bucket_maxima(t.rows, t.versions, replica.bucket_rows)))
+        writes.append(RowWrite(info, t.rows, t.new))
+    # The stored chunk keeps the source's claims: its digest at the target, and its history.
+    stored = rec.encode(rec.Record(offset=target, base=head, kind="sync", time=time.time(), model_id=replica.model_id,
+                                   tensors=deltas, target=target, pre_digest=record.pre_digest,
+                                   post_digest=record.post_digest, history=record.history),
+                        replica.record_encoding)
+    store = replica.store
+    result = {}
+
+    def log_it(txn):
+        p = store.get_meta(txn, PENDING_KEY) or {"base": head, "target": target, "source": source,
+                                                  "chunks": 0, "buckets": {}}
+        n = p["chunks"]
+        store.put_meta(txn, CHUNK_KEY.format(n), stored)
+        for info, buckets, versions in bucket_updates:
+            entry = p["buckets"].setdefault(info.name, {"b": [], "v": [], "ov": [], "os": []})
+            where = {b: i for i, b in enumerate(entry["b"])}
+            for b, v in zip(buckets, versions):
+                prior = store.get_bucket(txn, info.id, b)
+                i = where.get(b)
+                if i is None:
+                    entry["b"].append(b)
+                    entry["v"].append(v)
+                    entry["ov"].append(-1 if prior is None else prior[0])
+                    entry["os"].append(0.0 if prior is None else prior[1])
+                else:
+                    entry["v"][i] = v
+                store.put_bucket(txn, info.id, b, v, 0.0 if prior is None else prior[1])
+        p.update(chunks=n + 1, target=target, source=source)
+        store.put_meta(txn, PENDING_KEY, p)
+        result["pending_buckets"] = sum(len(e["b"]) for e in p["buckets"].values())
+
+    # Durable: the head does not move, so nothing else would tell a machine crash
+    # that these rows were lost with the page cache.
+    replica.writer.transition(Change(log=log_it, state={"applying": target}, rows=writes, durable=True))
+    return {"rows": sum(len(d.rows) for d in deltas), "pending_buckets": result["pending_buckets"]}
+
+
+def _bucket_maxima(rows: np.ndarray, versions: np.ndarray, bucket_rows: int) -> tuple[list[int], list[int]]:
+    buckets = (rows // np.uint64(bucket_rows)).astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+    return buckets[starts].tolist(), np.maximum.reduceat(versions, starts).tolist()
+
+
+def finish_sync(replica: "Replica", target: int, follow: dict | None, expected: int | None = None) -> int:
+    """Replace the pending chunks by one "sync" record at ``target`` (one transaction); returns the head.
+
+    The rows are already in the tensor files (fsynced by apply_chunk, or
+    re-applied by recovery), so only the log moves. When the rows, taken as
+    a change of the model at the head, do not give the source's digest at
+    the target (its chunks' claim, or ``expected`` from its hello), the
+    pending chunks are undone and Diverged raised.
+    """
+    head = replica.head
+    pending, blobs = read_pending(replica)
+    if target <= head:
+        raise InvalidInput(f"{replica.path}: sync target {target} is not after the head {head}")
+    if pending is not None and (pending["base"] != head or pending["target"] > target):
+        raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
+    newest = rec.summarize(blobs[-1], f"{replica.path}: pending sync chunk {len(blobs) - 1}") if blobs else None
+    merged = merged_pending(replica) if pending else {}
+    changes = []
+    for info in replica.tensors:
+        d = merged.get(info.name)
+        if d is not None and len(d.rows):
+            changes.append(_row_change(info, d, d.old, None))
+    ours = newest is not None and newest.offset == target and newest.post_digest is not None
+    claimed = newest.post_digest if ours else expected
+    if expected is not None and claimed != expected:
+        raise TransportError(f"the source's chunks say state digest {lineage.to_hex(claimed)} at offset {target}, "
+                             f"its hello {lineage.to_hex(expected)}")
+    check = _check_post(replica, head, target, claimed)
+
+    def check_or_undo(computed):
+        try:
+            check(computed)
+        except Diverged:
+            abort_pending(replica)
+            raise
+
+    def log_it(txn):
+        if pending is not None:
+            _drop_pending(replica.store, txn, pending)
+        if follow is not None:
+            replica.store.put_meta(txn, FOLLOW_KEY, follow)
+
+    # `flushed` stays where it is: after a machine crash the log re-applies this
+    # record too, which is harmless (absolute values).
+    replica.writer.append("sync", changes, offset=target, target=target, history=newest.history if newest else None,
+                          log=log_it, rows_written=True, expect_digest=check_or_undo)
+    return target
+
+
+def _drop_pending(store, txn, pending: dict) -> None:
+    for n in range(pending["chunks"]):
+        store.delete_meta(txn, CHUNK_KEY.format(n))
+    store.delete_meta(txn, PENDING_KEY)
+
+
+def _restore_bucket_entries(replica: "Replica", txn, buckets: dict) -> None:
+    """Put back bucket index entries as a partial sync found them (ov -1: the bucket had none)."""
+    for name, entry in buckets.items():
+        tid = replica.info(name).id
+        for b, ov, os_ in zip(entry["b"], entry["ov"], entry["os"]):
+            if ov < 0:
+                replica.store.delete_bucket(txn, tid, b)
+            else:
+                replica.store.put_bucket(txn, tid, b, ov, os_)
+
+
+def abort_pending(replica: "Replica") -> None:
+    """Undo a pending partial sync: rows back to their values at the head, bucket index restored."""
+    if pending_state(replica) is None:
+        return
+    replica.writer.run_intent(ABORT_KEY, {"head": replica.head}, applying=replica.head)
+
+
+def _finish_abort(writer: Writer, _value) -> None:
+    replica = writer.replica
+    pending = pending_state(replica)
+    undo = [RowWrite(replica.info(d.name), d.rows, d.old) for d in merged_pending(replica).values()] if pending else []
+
+    def drop(txn):
+        current = replica.store.get_meta(txn, PENDING_KEY)
+        if current is not None:
+            _restore_bucket_entries(replica, txn, current["buckets"])
+            _drop_pending(replica.store, txn, current)
+        replica.store.delete_meta(txn, ABORT_KEY)
+
+    writer.transition(Change(rows=undo, durable=True, settle=drop))
+
+
+def _reapply_pending(writer: Writer, pending: dict) -> None:
+    """Recovery: write the rows of every pending chunk again (absolute values; the head is not theirs)."""
+    replica = writer.replica
+    _p, blobs = read_pending(replica)
+    for n, blob in enumerate(blobs):
+        record = rec.decode(blob, f"{replica.path}: pending sync chunk {n}", with_old=False)
+        writer.write_rows([RowWrite(replica.info(t.name), t.rows, t.new) for t in record.tensors])
+
+
+# =============================================================================
+# a sync that its check rejected (deltalog.guard)
+# =============================================================================
+
+
+def unconfirmed(replica: "Replica") -> dict | None:
+    """The marker of a sync not yet accepted by its check, if it still describes the head."""
+    marker = replica.meta(UNCONFIRMED_KEY)
+    return marker if marker is not None and marker["target"] == replica.head else None
+
+
+def mark_unconfirmed(replica: "Replica", target: int) -> None:
+    """Before a guarded sync finishes: remember how to undo it (lock held)."""
+    pending = pending_state(replica)
+    state = replica.state
+    replica.writer.put_meta(UNCONFIRMED_KEY, {"target": target, "base": state.head, "digest": state.digest,
+                                              "buckets": pending["buckets"] if pending else {}})
+
+
+def confirm(replica: "Replica") -> None:
+    replica.writer.delete_meta(UNCONFIRMED_KEY)
+
+
+def revert_sync(replica: "Replica", marker: dict) -> None:
+    """Undo the sync record at the head that ``marker`` describes, as if it never happened (lock held).
+
+    Not a rollback record: a follower keeps its source's offsets, and a local
+    record would take an offset that belongs to the source.
+    """
+    replica.writer.run_intent(REVERT_KEY, marker, applying=marker["base"])
+
+
+def _finish_revert(writer: Writer, marker: dict) -> None:
+    """Write the undo values, fsync, then drop the record in one transaction (idempotent)."""
+    replica = writer.replica
+    target, base = marker["target"], marker["base"]
+    undo, digest = [], marker.get("digest")
+    if replica.has_record(target):  # else the final transaction already ran
+        record = rec.decode(replica.record_blob(target), f"{replica.path}: record {target}")
+        undo = [RowWrite(replica.info(t.name), t.rows, t.old) for t in record.tensors if t.old is not None]
+        digest = record.pre_digest if record.pre_digest is not None else digest
+
+    def drop(txn):
+        store = replica.store
+        if store.get_record(txn, target) is not None:
+            store.delete_record(txn, target)
+        for name, entry in marker["buckets"].items():
+            info = replica.info(name)
+            for bucket, version, significance in zip(entry["b"], entry["ov"], entry["os"]):
+                if version < 0:  # the bucket had no entry before the sync
+                    store.delete_bucket(txn, info.id, bucket)
+                else:
+                    store.put_bucket(txn, info.id, bucket, version, significance)
+        store.delete_meta(txn, REVERT_KEY)
+        store.delete_meta(txn, UNCONFIRMED_KEY)
+
+    writer.transition(Change(rows=undo, durable=True, settle=drop, settled={"head": base, "digest": digest}))
+
+
+# =============================================================================
+# snapshots
+# =============================================================================
+
+
+def snapshot_digest(directory: str, manifest: dict) -> int:
+    """The state digest of a snapshot's files in ``directory`` (reads every byte)."""
+    total = 0
+    for n, entry in enumerate(manifest["tensors"]):
+        info = tensorfiles.TensorInfo(n, entry["name"], entry["dtype"], tuple(entry["shape"]))
+        total += tensorfiles.file_state_sum(os.path.join(directory, entry["file"]), info)
+    return total & lineage.MASK
+
+
+def _check_claim(where: str, manifest: dict, digest: int) -> None:
+    claimed = lineage.from_hex(manifest.get("state_digest"))
+    if claimed is not None and claimed != digest:
+        raise IntegrityError(f"{where}: the snapshot's files give state digest {lineage.to_hex(digest)}, "
+                             f"its manifest says {lineage.to_hex(claimed)}", hint="run the sync again to refetch it")
+
+
+def _bucket_entries(replica_tensors, bucket_rows: int, manifest: dict):
+    """(tensor id, bucket, version) from a source manifest's bucket_versions, capped at its offset."""
+    cap = manifest["offset"]
+    by_name = {t.name: t for t in replica_tensors}
+    for name, entry in (manifest.get("bucket_versions") or {}).items():
+        info = by_name.get(name)
+        if info is None:
+            continue
+        nb = info.buckets(bucket_rows)
+        for b, v in zip(entry.get("buckets", []), entry.get("versions", [])):
+            if 0 <= int(b) < nb:
+                yield info.id, int(b), min(int(v), cap)
+
+
+def _local_manifest(manifest: dict, digest: int) -> dict:
+    return {**{k: manifest[k] for k in ("offset", "model_id", "tensors")}, "state_digest": lineage.to_hex(digest)}
+
+
+def restore_snapshot(replica: "Replica", manifest: dict, staged: str | None = None) -> None:
+    """Rebase a replica on a snapshot its source sent (lock held).
+
+    The snapshot's files are complete under ``snapshots/OFFSET/``, or, when
+    a snapshot of this replica's own is registered at that offset (a reseed
+    of another history), complete in ``staged`` and swapped in by the
+    finisher. One transaction drops the old log, pending state and bucket
+    index, registers the snapshot, sets oldest = head = its offset and its
+    state digest, and records the intent ``sync.restore``; then the files are
+    copied over the tensor files; then the intent goes.
+    """
+    offset = manifest["offset"]
+    where = staged or tensorfiles.snapshot_path(replica.path, offset)
+    digest = snapshot_digest(where, manifest)
+    _check_claim(f"{replica.path}: snapshot {offset}", manifest, digest)
+    local = _local_manifest(manifest, digest)
+    old_snaps = [m["offset"] for m in replica.snapshots() if m["offset"] != offset]
+    store = replica.store
+    entries = list(_bucket_entries(replica.tensors, replica.bucket_rows, manifest))
+
+    def rebase(txn):
+        store.delete_records(txn, upto=(1 << 64) - 1)
+        pending = store.get_meta(txn, PENDING_KEY)
+        if pending is not None:
+            _drop_pending(store, txn, pending)
+        store.clear_buckets(txn)
+        for tid, b, v in entries:
+            store.put_bucket(txn, tid, b, v, 0.0)
+        for o in old_snaps:
+            store.delete_snapshot(txn, o)
+        store.put_snapshot(txn, local)
+        store.put_meta(txn, "oldest", offset)
+        store.delete_meta(txn, UNCONFIRMED_KEY)  # it described a head this replica no longer has
+
+    intent = {"offset": offset, "staged": None if staged is None else os.path.basename(staged)}
+    replica.writer.run_intent(RESTORE_KEY, intent, log=rebase, head=offset, applied=offset, applying=offset,
+                              flushed=offset, digest=digest)
+    for o in old_snaps:
+        shutil.rmtree(tensorfiles.snapshot_path(replica.path, o), ignore_errors=True)
+
+
+def _finish_restore(writer: Writer, intent) -> None:
+    """Swap a staged snapshot in (if any), copy it over the tensor files, drop the intent (idempotent)."""
+    replica = writer.replica
+    if not isinstance(intent, dict):  # format 3 wrote the offset alone
+        intent = {"offset": intent, "staged": None}
+    offset = intent["offset"]
+    final = tensorfiles.snapshot_path(replica.path, offset)
+    if intent.get("staged"):
+        staged = os.path.join(os.path.dirname(final), intent["staged"])
+        if os.path.isdir(staged):  # not swapped in yet
+            if os.path.lexists(final):
+                shutil.rmtree(final)
+            os.rename(staged, final)
+            tensorfiles.fsync_dir(os.path.dirname(final))
+    manifest = next(m for m in replica.snapshots() if m["offset"] == offset)
+    writer.maps.forget()
+
+    def copy() -> None:
+        tensorfiles.copy_snapshot_into_tensors(replica.path, manifest)
+
+    writer.transition(Change(apply=copy, settle=lambda txn: replica.store.delete_meta(txn, RESTORE_KEY)))
+
+
+def init_from_snapshot(staging: str, path: str, hello: dict, manifest: dict) -> None:
+    """Turn ``staging`` (holding a verified snapshots/<offset>/) into a replica, then rename it to ``path``.
+
+    The lower-level twin of Replica.init for bounded memory: tensor files are
+    copied from the snapshot file by file, never loaded whole. The new
+    replica has the source's model id, bucket size and tensor layout, and
+    starts at the snapshot's offset (oldest = head = offset).
+    """
+    offset = manifest["offset"]
+    os.makedirs(os.path.join(staging, tensorfiles.TENSOR_DIR), exist_ok=True)
+    snap = tensorfiles.snapshot_path(staging, offset)
+    infos = [tensorfiles.TensorInfo(i, t["name"], t["dtype"], tuple(t["shape"])) for i, t in enumerate(hello["tensors"])]
+    digest = 0
+    for info, entry in zip(infos, manifest["tensors"]):
+        dst = os.path.join(staging, tensorfiles.TENSOR_DIR, entry["file"])
+        shutil.copyfile(os.path.join(snap, entry["file"]), dst)
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+        tensorfiles.write_digests_of_file(dst, info)  # the follower's rows are checked too
+        digest += lineage.tensor_sum(info.id, tensorfiles.map_digests(tensorfiles.digest_path(dst), info, False))
+    digest &= lineage.MASK
+    _check_claim(f"{path}: snapshot {offset}", manifest, digest)
+    tensorfiles.fsync_dir(os.path.join(staging, tensorfiles.TENSOR_DIR))
+    log_dir = os.path.join(staging, layout.LOG_DIR)
+    shutil.rmtree(log_dir, ignore_errors=True)  # a half-made log from a crashed attempt
+    model = {"model_id": hello["model_id"], "bucket_rows": int(hello["bucket_rows"]),
+             "tensors": [i.to_meta() for i in infos], "created": time.time()}
+    create_replica(staging, path, model=model, offset=offset, manifest=_local_manifest(manifest, digest),
+                   bucket_entries=list(_bucket_entries(infos, int(hello["bucket_rows"]), manifest)), digest=digest)
+
+
+# The intents of this module and their finishers, in the order recovery runs them
+# (after the records past `applied` are re-applied): a rebase first, then undoing a
+# rejected sync or a partial one, then re-writing the rows of a partial sync that stays.
+INTENTS = [
+    (RESTORE_KEY, _finish_restore),
+    (REVERT_KEY, _finish_revert),
+    (ABORT_KEY, _finish_abort),
+    (PENDING_KEY, _reapply_pending),
+]
