@@ -222,7 +222,7 @@ def test_replica_at_two_offsets_matches_bruteforce(seed, bucket_rows, tiny, data
         with Replica.open(path) as r:
             result = diff(ReplicaSide.at(r, x), ReplicaSide.at(r, y), top=top)
             assert (result.a_offset, result.b_offset) == (x, y)
-            assert result.method in ("same-offset", "log")
+            assert result.method in ("digest", "same-offset", "log")
             assert_matches(result, brute(states[x], states[y], bucket_rows, top))
             at_head = diff(ReplicaSide.at(r, x), ReplicaSide.at(r), top=top)
             assert at_head.b_offset == offsets[-1]
@@ -312,7 +312,7 @@ def test_followers_fed_by_sync_match_bruteforce(tmp_path):
         for left in sides:
             for right in sides:
                 result = diff(ReplicaSide.at(left), ReplicaSide.at(right), top=3)
-                assert result.method in ("log", "same-offset")
+                assert result.method in ("digest", "log", "same-offset")
                 assert_matches(result, brute(states[left.head], states[right.head], 4, 3))
         for x in sorted(states):
             try:
@@ -338,7 +338,9 @@ def emb_and_bias(rng: np.random.Generator, emb_rows: int, bias_rows: int) -> dic
             "bias": (random_values(rng, "float64", (bias_rows,), special=False), "float64")}
 
 
-def test_compacted_log_falls_back_to_the_rows_of_dirty_buckets(tmp_path):
+def test_a_log_compacted_past_every_shared_offset_is_compared_by_value(tmp_path):
+    """No offset both replicas still hold: nothing proves they share a history, so every row is
+    compared (bucket versions would assume it); from A's own oldest offset on, its log is enough."""
     rng = np.random.default_rng(7)
     model = emb_and_bias(rng, 400, 50)
     a_path, b_path = str(tmp_path / "a"), str(tmp_path / "b")
@@ -350,18 +352,52 @@ def test_compacted_log_falls_back_to_the_rows_of_dirty_buckets(tmp_path):
     head = max(states)
     with Replica.open(a_path) as ra:  # what compact does to the log: records up to 4 are gone
         ra.store.write(lambda txn: (ra.store.delete_records(txn, 4), ra.store.put_meta(txn, "oldest", 4)))
-        dirty_rows = 16 * sum(len([b for b, (v, _s) in ra.bucket_index(n).items() if v > 2]) for n in ra.tensor_names)
     with Replica.open(a_path) as ra, Replica.open(b_path) as rb:
         result = diff(ReplicaSide.at(rb), ReplicaSide.at(ra), top=3)
-        assert result.method == "buckets"
+        assert result.method == "values" and result.anchor is None
         assert_matches(result, brute(states[2], states[head], 16, 3))
-        assert 0 < result.rows_compared <= dirty_rows < 450
+        assert result.rows_compared == 450
         with pytest.raises(OffsetNotRetained):
             ReplicaSide.at(ra, 3)
-        # from the oldest retained offset on, A's own log is enough again
         result = diff(ReplicaSide.at(ra, 4), ReplicaSide.at(ra), top=3)
         assert result.method == "log"
         assert_matches(result, brute(states[4], states[head], 16, 3))
+
+
+def test_a_follower_that_took_a_stray_commit_is_never_called_identical(tmp_path):
+    """The same offset on both sides, different models: the state digests tell them apart, and the
+    rows come from the logs since the last offset both held alike (the anchor)."""
+    pytest.importorskip("deltalog.sync")
+    rng = np.random.default_rng(11)
+    model = emb_and_bias(rng, 300, 40)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    Replica.init(a, as_checkpoint_tensors(model), bucket_rows=8).close()
+    states = {0: model}
+    grow(a, model, rng, 1, states)
+    _sync_local(a, b)
+    with Replica.open(b) as rb:  # a mistake on the serving replica: offset 2 here is not A's offset 2
+        rb.commit({"emb": (np.arange(20), np.full((20, 4), 7.0, np.float32))})
+    grow(a, model, rng, 1, states)
+    with Replica.open(a) as ra, Replica.open(b) as rb:
+        assert ra.head == rb.head == 2 and ra.state_digest != rb.state_digest
+        result = diff(ReplicaSide.at(ra), ReplicaSide.at(rb), top=3)
+        assert not result.identical and result.method == "log" and result.anchor == 1
+        b_model = {k: (v.copy(), d) for k, (v, d) in states[1].items()}
+        b_model["emb"][0][:20] = 7.0
+        assert_matches(result, brute(states[2], b_model, 8, 3))
+        assert diff(ReplicaSide.at(ra, 1), ReplicaSide.at(rb, 1)).method == "digest"
+
+
+def _sync_local(src: str, dst: str) -> None:
+    from deltalog import sync, transport
+
+    source = transport.open_source(src, transport.TransportOptions())
+    sink = transport.open_sink(dst, transport.TransportOptions())
+    try:
+        assert sync.sync(source, sink, source_name=src, destination_name=dst).complete
+    finally:
+        sink.close()
+        source.close()
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -511,7 +547,10 @@ def test_row_rewritten_to_the_same_value_is_no_change(tmp_path):
         assert r.head == 3 and r.bucket_index("emb")[1][0] == 3
         result = diff(ReplicaSide.at(r, 0), ReplicaSide.at(r))
         assert result.identical and result.changed_rows == 0 and result.changed_buckets == 0
-        assert result.rows_compared == 3  # rows 3, 5, 6: found by the log, equal by value
+        assert result.method == "digest" and result.rows_compared == 0  # the same model: nothing read
+        result = diff(ReplicaSide.at(r, 1), ReplicaSide.at(r))
+        assert result.method == "log" and result.changed_rows == 1  # row 3
+        assert result.rows_compared == 3  # rows 3, 5, 6: found by the log, 5 and 6 equal by value
         assert diff(ReplicaSide.at(r, 0), ReplicaSide.at(r, 1)).changed_rows == 1
 
 
@@ -617,11 +656,11 @@ def test_different_models_need_force(tmp_path):
         assert diff(a, c, force=True, tensors=["emb"]).identical
         with pytest.raises(InvalidInput, match="unknown tensor"):
             diff(a, c, tensors=["nope"])
-    # same --model-id given to two inits: not one history, whatever the id says
+    # same --model-id given to two inits: not one history, whatever the id says: compared by value
     with open_side(str(tmp_path / "c")) as c, open_side(str(tmp_path / "d")) as d:
-        with pytest.raises(ModelMismatch, match="not its history"):
-            diff(c, d)
-        assert diff(c, d, force=True).tensor("emb").changed_rows == 10
+        result = diff(c, d)
+        assert result.method == "values" and result.tensor("emb").changed_rows == 10
+        assert result.a["state_digest"] != result.b["state_digest"]
 
 
 def test_checkpoint_shape_or_dtype_mismatch(tmp_path):

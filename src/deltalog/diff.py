@@ -5,22 +5,19 @@ retained ``REPLICA@OFFSET``) or a checkpoint. What the comparison costs
 depends on what the two sides share:
 
 * Two replicas of one model (same model id, same layout), or one replica
-  at two offsets. Every replica of a model keeps the writer's offsets, so
-  the model at offset h is the same everywhere. With sides at lo <= hi:
+  at two offsets. What proves they share a history is the state digest
+  (deltalog.lineage), a fingerprint of the whole model at each offset:
 
-  1. lo == hi: identical, nothing is read.
-  2. The log: when a replica's log reaches back to lo, the candidates are
-     the rows records in (lo, hi] wrote (``history.changed_rows``; only
-     their row-index sections are decoded, checksums checked): exactly
-     the rows that can differ. Bucket versions are not consulted then:
-     they could only prune this set, by trusting an index that carries
-     no checksum.
-  3. Bucket versions, O(#buckets touched), when no log reaches back to lo
-     (compacted): a bucket whose version is known at both offsets and
-     equal on both sides, or that no record after lo touched on a replica
-     whose head reaches hi, is identical. Every row of the other buckets
-     is a candidate.
-  4. The candidates' values at each side's offset are compared bitwise: a
+  1. Equal state digests at the two sides' offsets: identical, nothing is
+     read (``digest``). One replica at one offset likewise (``same-offset``).
+  2. An *anchor*: an offset m where both sides are proven to hold one model
+     (one replica: either offset; two replicas: an offset both retain with
+     equal digests, their own offsets first, then A's records newest
+     first). The candidates are the rows records wrote between m and each
+     side's offset, on that side (``history.changed_rows``; only their
+     row-index sections are decoded, checksums checked): exactly the rows
+     that can differ (``log``).
+  3. The candidates' values at each side's offset are compared bitwise: a
      row rewritten to the same bytes is no change. Each side is read at a
      head pinned when the diff starts; rows its writer wrote after the
      side's own offset are put back from a patch built once from the log.
@@ -30,7 +27,10 @@ depends on what the two sides share:
      checking each row's digest on the way, on two threads. Otherwise rows
      are read a cache-sized step at a time, both sides at once.
 
-  The cost follows the change (rows written since lo), never the model.
+  The cost follows the change (rows written since the anchor), never the
+  model. Two replicas with no anchor (another history under the same model
+  id, or a log compacted past every offset they shared) are compared by
+  value, as checkpoints are: slower, never wrong.
 
 * A plain checkpoint on either side, or replicas of different models with
   ``force``: every row is compared by value, a chunk of about 32 MiB per
@@ -59,11 +59,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import kernels
+from . import kernels, lineage
 from .checkpoint import CheckpointTensor, read_checkpoint, read_checkpoint_metadata
 from .dtypes import as_float, bits_dtype, rows_differ
-from .errors import InvalidInput, LockHeld, ModelMismatch, NotAReplica
-from .history import changed_rows, check_retained, values_at
+from .errors import InvalidInput, LockHeld, ModelMismatch, NotAReplica, OffsetNotRetained
+from .history import changed_rows, check_retained, sorted_union, values_at
 from .pending import pending_marker
 from .layout import MARKER
 from .replica import DEFAULT_BUCKET_ROWS, Replica
@@ -86,17 +86,20 @@ class ReplicaSide:
     replica: Replica
     offset: int
     spec: str
+    state_digest: int | None = None  # of the model at ``offset`` (None: the log cannot tell)
     kind = "replica"
 
     @classmethod
     def at(cls, replica: Replica, offset: int | None = None, spec: str | None = None) -> "ReplicaSide":
         """The replica at ``offset`` (default: its head now). OffsetNotRetained if it cannot be rebuilt."""
         if offset is None:
-            offset = replica.head
+            state = replica.state
+            offset, digest = state.head, state.digest
         else:
             offset = int(offset)
             check_retained(replica, offset)
-        return cls(replica, offset, spec or replica.path)
+            digest = replica.state_digest_at(offset)
+        return cls(replica, offset, spec or replica.path, digest)
 
     @property
     def model_id(self) -> str:
@@ -111,7 +114,7 @@ class ReplicaSide:
 
     def describe(self) -> dict:
         return {"spec": self.spec, "kind": self.kind, "path": os.path.abspath(self.replica.path),
-                "model_id": self.model_id, "offset": self.offset}
+                "model_id": self.model_id, "offset": self.offset, "state_digest": lineage.to_hex(self.state_digest)}
 
 
 @dataclass
@@ -138,7 +141,7 @@ class CheckpointSide:
 
     def describe(self) -> dict:
         return {"spec": self.spec, "kind": self.kind, "path": os.path.abspath(self.spec),
-                "model_id": self.model_id, "offset": None}
+                "model_id": self.model_id, "offset": None, "state_digest": None}
 
 
 Side = ReplicaSide | CheckpointSide
@@ -376,10 +379,11 @@ def _number(x: float) -> float | None:
 class DiffResult:
     a: dict  # describe() of each side
     b: dict
-    method: str  # "same-offset" | "log" | "buckets" | "values"
+    method: str  # "digest" | "same-offset" | "log" | "values"
     bucket_rows: int
     tensors: list[TensorDiff]
     incomparable: list[dict]  # {name, reason, a: {dtype, shape} | None, b: ...}
+    anchor: int | None = None  # "log": an offset where both sides were proven to hold one model
 
     @property
     def a_offset(self) -> int | None:
@@ -421,6 +425,7 @@ class DiffResult:
             "a": self.a,
             "b": self.b,
             "method": self.method,
+            "anchor": self.anchor,
             "bucket_rows": self.bucket_rows,
             "rows_compared": self.rows_compared,
             "tensors": [t.to_json() for t in self.tensors],
@@ -456,19 +461,25 @@ def diff(
     for side in (a, b):
         if isinstance(side, ReplicaSide):
             _refuse_pending_sync(side)
-    lineage = _same_lineage(a, b)
-    if not lineage:
+    one_model = _one_model(a, b)
+    if not one_model:
         _check_model_ids(a, b, force)
     names, incomparable = _match_tensors(a, b, wanted, force)
     bucket_rows = next((s.bucket_rows for s in (a, b) if s.bucket_rows), DEFAULT_BUCKET_ROWS)
     layout = a.layout()
     results = [TensorDiff(n, layout[n][0], layout[n][1], bucket_rows, top) for n in names]
-    if lineage:
-        method = _diff_by_log(a, b, results, progress)
+    anchor = None
+    if one_model and a.state_digest is not None and a.state_digest == b.state_digest:
+        method = "digest"  # the same model at both offsets: nothing to read
+    elif one_model and _same_replica(a, b) and a.offset == b.offset:
+        method = "same-offset"
+    elif one_model and (anchor := _anchor(a, b)) is not None:
+        method = "log"
+        _diff_by_log(a, b, anchor, results, progress)
     else:
         method = "values"
         _diff_by_value(a, b, results, progress)
-    return DiffResult(a.describe(), b.describe(), method, bucket_rows, results, incomparable)
+    return DiffResult(a.describe(), b.describe(), method, bucket_rows, results, incomparable, anchor)
 
 
 def _refuse_pending_sync(side: ReplicaSide) -> None:
@@ -498,23 +509,61 @@ def _check_names(a: Side, b: Side, wanted: list[str]) -> None:
                            hint="known: " + ", ".join(known[:10]) + (", ..." if len(known) > 10 else ""))
 
 
-def _same_lineage(a: Side, b: Side) -> bool:
-    """True when both sides are replicas of one model's history (same id, layout, and snapshots)."""
+def _one_model(a: Side, b: Side) -> bool:
+    """True when both sides are replicas of one model id with one tensor layout and bucket size.
+
+    That alone proves nothing about their histories (two inits given one
+    --model-id, a follower that took a stray commit): :func:`_anchor` does.
+    """
     if not (isinstance(a, ReplicaSide) and isinstance(b, ReplicaSide)):
         return False
     ra, rb = a.replica, b.replica
-    if ra.model_id != rb.model_id or ra.bucket_rows != rb.bucket_rows or a.layout() != b.layout():
-        return False
-    if os.path.realpath(ra.path) == os.path.realpath(rb.path):
-        return True
-    # Two inits given the same --model-id are different histories that share
-    # offsets; a snapshot both hold at one offset tells them apart cheaply.
-    snaps_a = {s["offset"]: _digests(s) for s in ra.snapshots()}
-    return all(snaps_a.get(s["offset"], _digests(s)) == _digests(s) for s in rb.snapshots())
+    return ra.model_id == rb.model_id and ra.bucket_rows == rb.bucket_rows and a.layout() == b.layout()
 
 
-def _digests(manifest: dict) -> list[tuple[str, str]]:
-    return sorted((t["name"], t["xxh3"]) for t in manifest["tensors"])
+def _same_replica(a: ReplicaSide, b: ReplicaSide) -> bool:
+    return os.path.realpath(a.replica.path) == os.path.realpath(b.replica.path)
+
+
+ANCHOR_SEARCH = 1000  # records looked at, newest first, for an offset both sides held alike
+
+
+def _anchor(a: ReplicaSide, b: ReplicaSide) -> int | None:
+    """An offset at which both sides are proven to hold the same model, or None.
+
+    One replica shares its own history: either side's offset. Two replicas
+    need an offset both retain with equal, known state digests
+    (deltalog.lineage): the sides' own offsets first, then the records of A
+    at or before both, newest first. From such an offset m the rows that can
+    differ are those A's log wrote between m and A's offset and those B's log
+    wrote between m and B's: the cost follows the change again.
+    """
+    if _same_replica(a, b):
+        return a.offset
+    for m in (a.offset, b.offset):
+        if _same_state_at(a, b, m):
+            return m
+    m = min(a.offset, b.offset)
+    for _ in range(ANCHOR_SEARCH):
+        m = a.replica.record_offset_at_or_before(m - 1) if m > 0 else None
+        if m is None or m < a.replica.oldest_offset:
+            m = a.replica.oldest_offset
+            return m if _same_state_at(a, b, m) else None
+        if _same_state_at(a, b, m):
+            return m
+    return None
+
+
+def _same_state_at(a: ReplicaSide, b: ReplicaSide, offset: int) -> bool:
+    """Both replicas retain ``offset`` and say the same state digest there."""
+    digests = []
+    for side in (a, b):
+        try:
+            check_retained(side.replica, offset)
+        except OffsetNotRetained:
+            return False
+        digests.append(side.replica.state_digest_at(offset))
+    return digests[0] is not None and digests[0] == digests[1]
 
 
 def _check_model_ids(a: Side, b: Side, force: bool) -> None:
@@ -527,8 +576,8 @@ def _check_model_ids(a: Side, b: Side, force: bool) -> None:
         )
     if isinstance(a, ReplicaSide) and isinstance(b, ReplicaSide):
         raise ModelMismatch(
-            f"{a.spec} and {b.spec} share model id {a.model_id} but not its history "
-            "(different bucket layout, tensors or snapshots)",
+            f"{a.spec} and {b.spec} share model id {a.model_id} but not its layout "
+            "(different tensors or bucket size)",
             hint="pass --force to compare their values anyway",
         )
 
@@ -568,42 +617,30 @@ def _match_tensors(a: Side, b: Side, wanted: list[str] | None, force: bool) -> t
 # -- two replicas of one model: bucket versions, then the log --------------------------
 
 
-def _diff_by_log(a: ReplicaSide, b: ReplicaSide, results: list[TensorDiff], progress: Progress) -> str:
-    x, y = a.offset, b.offset
-    if x == y:  # every replica keeps the writer's offsets: same offset, same model
-        return "same-offset"
-    lo, hi = min(x, y), max(x, y)
-    upper, lower = (a, b) if x > y else (b, a)
-    # Heads are read before the bucket indexes: a version <= lo then means no
-    # record in (lo, head] wrote the bucket, whatever a writer does meanwhile.
-    head_a, head_b = a.replica.head, b.replica.head
-    head_lower = head_a if lower is a else head_b
+def _diff_by_log(a: ReplicaSide, b: ReplicaSide, anchor: int, results: list[TensorDiff], progress: Progress) -> None:
+    """Compare the rows either log wrote between the anchor and its side's offset.
 
-    touched, method = None, "buckets"
-    if upper.replica.oldest_offset <= lo:
-        touched, method = changed_rows(upper.replica, lo, hi), "log"
-    elif lower.replica.oldest_offset <= lo and head_lower >= hi:
-        touched, method = changed_rows(lower.replica, lo, head_lower), "log"
-
-    candidates: list[tuple[TensorDiff, np.ndarray]] = []
+    Both sides held one model at ``anchor``, so a row can differ only if a
+    record between the anchor and a side's offset wrote it, on that side:
+    exactly the rows compared (their row-index sections only are decoded,
+    checksums checked). A row rewritten to the same bytes is no change.
+    """
+    if _same_replica(a, b):
+        spans = [(a.replica, a.offset, b.offset)]
+    else:
+        spans = [(a.replica, anchor, a.offset), (b.replica, anchor, b.offset)]
+    touched: dict[str, list[np.ndarray]] = {}
+    for replica, x, y in spans:
+        if x != y:
+            for name, rows in changed_rows(replica, min(x, y), max(x, y)).items():
+                touched.setdefault(name, []).append(rows)
+    candidates = []
     for t in results:
-        if touched is not None:
-            # The log names every row a record in (lo, hi] wrote: exactly the rows
-            # that can differ. Bucket versions could only prune this set by trusting
-            # a second structure that is not checksummed, so they are not read.
-            cand = touched.get(t.name, np.empty(0, np.uint64))
-        else:  # the log does not reach back to lo: every row of the buckets whose versions differ
-            dirty = _dirty_buckets(a, b, t.name, lo, hi, head_a, head_b)
-            starts = dirty.astype(np.int64) * t.bucket_rows
-            lengths = np.minimum(starts + t.bucket_rows, _rows_of(t)) - starts
-            firsts = np.cumsum(lengths) - lengths
-            cand = (np.repeat(starts - firsts, lengths) + np.arange(int(lengths.sum()))).astype(np.uint64)
+        cand = sorted_union(touched.get(t.name, []))
         if cand.size:
             candidates.append((t, cand))
-
     sides = (_Rows(a, names := [t.name for t in results]), _Rows(b, names))
     _compare_candidates(candidates, sides, progress)
-    return method
 
 
 def _compare_candidates(candidates: list[tuple[TensorDiff, np.ndarray]], sides: tuple["_Rows", "_Rows"],
@@ -726,31 +763,6 @@ def _rows_of(t: TensorDiff) -> int:
 def _row_bytes(t: TensorDiff) -> int:
     elems = math.prod(t.shape[1:]) if len(t.shape) > 1 else 1
     return elems * np.dtype(bits_dtype(t.dtype)).itemsize
-
-
-def _versions(index: dict[int, tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
-    buckets = np.fromiter(index.keys(), dtype=np.int64, count=len(index))
-    versions = np.fromiter((v for v, _s in index.values()), dtype=np.int64, count=len(index))
-    return buckets, versions
-
-
-def _dirty_buckets(a: ReplicaSide, b: ReplicaSide, name: str, lo: int, hi: int, head_a: int, head_b: int) -> np.ndarray:
-    """Sorted uint64 buckets of ``name`` that may differ between the sides: O(#buckets ever written)."""
-    ba, va = _versions(a.replica.bucket_index(name))
-    if os.path.realpath(a.replica.path) == os.path.realpath(b.replica.path):
-        bb, vb = ba, va
-    else:
-        bb, vb = _versions(b.replica.bucket_index(name))
-    buckets = np.union1d(ba, bb)  # a bucket in neither index is version 0 (init) on both sides
-    at_a = np.zeros(len(buckets), np.int64)
-    at_a[np.searchsorted(buckets, ba)] = va
-    at_b = np.zeros(len(buckets), np.int64)
-    at_b[np.searchsorted(buckets, bb)] = vb
-    # A side's version at its offset is known when nothing wrote the bucket since.
-    same = (at_a <= a.offset) & (at_b <= b.offset) & (at_a == at_b)
-    # On a side whose head reaches hi, version <= lo means no record in (lo, hi] wrote it.
-    untouched = ((head_a >= hi) & (at_a <= lo)) | ((head_b >= hi) & (at_b <= lo))
-    return buckets[~(same | untouched)].astype(np.uint64)
 
 
 # -- anything else: values, chunk by chunk -------------------------------------------

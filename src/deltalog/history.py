@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import lineage
 from . import record as rec
 from .errors import OffsetNotRetained
 from .pending import head_values
@@ -160,3 +161,32 @@ def _check_not_compacted_meanwhile(replica: Replica, offset: int) -> None:
             hint=f"the oldest offset still available is {oldest}, the head is {replica.head}",
         )
 
+
+def log_entries(replica: Replica, since: int = -1, stored: bool = False) -> list[dict]:
+    """What ``deltalog log`` lists: the log's records after ``since``, oldest first, as maps.
+
+    A sync record stands for its source's records: unless ``stored``, it is
+    listed as them (its ``history``, offsets after ``since``), each with
+    ``synced_in`` = the local record that brought it and ``retained`` = whether
+    this replica can rebuild that offset (only the last one, the sync
+    record's own offset); their ``base``, ``bytes`` and ``tensors`` are not
+    known here (null). So a rollback made upstream shows as a rollback, with its
+    reason, however many hops away.
+    """
+    out = []
+    for s in replica.iter_summaries(since):
+        entry = {"offset": s.offset, "base": s.base, "time": s.time, "kind": s.kind, "rows": s.rows,
+                 "bytes": s.nbytes, "significance": s.significance, "reason": s.reason, "target": s.target,
+                 "tensors": s.tensors, "post_digest": lineage.to_hex(s.post_digest), "synced_in": None,
+                 "retained": True}
+        if stored or not s.history:
+            out.append(entry)
+            continue
+        for e in rec.history_entries(s.history):
+            if e["offset"] <= since:
+                continue
+            out.append({"offset": e["offset"], "base": None, "time": e["time"], "kind": e["kind"], "rows": e["rows"],
+                        "bytes": None, "significance": e["significance"], "reason": e["reason"], "target": e["target"],
+                        "tensors": None, "post_digest": lineage.to_hex(s.post_digest) if e["offset"] == s.offset else None,
+                        "synced_in": s.offset, "retained": e["offset"] == s.offset})
+    return out

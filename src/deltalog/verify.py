@@ -1,11 +1,18 @@
 """verify: check every checksum of a replica and its tensors against its log.
 
 Checks, in order: the log's records (checksum, offset chain, model id,
-tensor names and shapes), each snapshot's files (size and xxh3), every row
-of the tensor files against its row digest (format v2), the tensor files
-against the model rebuilt from the newest snapshot plus the log, and the
-bucket index against the records. Problems are collected, not raised,
+tensor names and shapes) and their state digest chain, each snapshot's
+files (size, xxh3 and state digest), every row of the tensor files against
+its row digest (format v2), the tensor files against the model rebuilt from
+the newest snapshot plus the log and against the head's state digest, and
+the bucket index against the records. Problems are collected, not raised,
 so one run names everything that is damaged.
+
+The state digest chain (format 4, deltalog.lineage): each record's digest
+before it must be the one after the record before it (the first: the
+oldest snapshot's); the digest after it must be what its rows make of the
+one before (its new values' row digests against its old values'); the last
+must be the head's; and the tensor files must give the head's.
 """
 
 from __future__ import annotations
@@ -16,10 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import kernels, lineage, tensorfiles
 from . import record as rec
-from . import tensorfiles
 from .dtypes import rows_differ
 from .errors import DeltalogError
+from .receive import snapshot_digest
 from .replica import Replica
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -55,10 +63,12 @@ def verify(replica: Replica, wait: float = 0.0, progress: Progress | None = None
         report = VerifyReport(head=replica.head)
         good_records = _check_records(replica, report, progress)
         base = _check_snapshots(replica, report, progress)
-        if replica.has_row_digests:
-            _check_row_digests(replica, report, progress, name_unreadable=base is None)
+        digests_ok = replica.has_row_digests and _check_row_digests(replica, report, progress,
+                                                                    name_unreadable=base is None)
         if base is not None:
             _check_tensors(replica, base, good_records, report, progress)
+        if digests_ok:
+            _check_state_digest(replica, report)
         _check_buckets(replica, good_records, report)
     return report
 
@@ -70,6 +80,7 @@ def _check_records(replica: Replica, report: VerifyReport, progress: Progress) -
     expected_base = oldest
     known = {t.name: t for t in replica.tensors}
     total = max(0, head - oldest)
+    chain = _DigestChain(replica)
     for offset, blob in replica.iter_record_blobs():
         progress("records", min(offset - oldest, total), total)
         where = f"record {offset}"
@@ -79,6 +90,7 @@ def _check_records(replica: Replica, report: VerifyReport, progress: Progress) -
         except DeltalogError as exc:
             report.problems.append(str(exc))
             expected_base = offset
+            chain.running = None  # unknown after a record that cannot be read
             continue
         report.records += 1
         bad = []
@@ -95,12 +107,67 @@ def _check_records(replica: Replica, report: VerifyReport, progress: Progress) -
             elif len(t.rows) and int(t.rows[-1]) >= info.rows:
                 bad.append(f"tensor {t.name!r}: row {int(t.rows[-1])} out of range")
         report.problems.extend(f"{where}: {b}" for b in bad)
-        if not bad:
+        if bad:
+            chain.running = None
+        else:
             good.add(offset)
+            report.problems.extend(f"{where}: {b}" for b in chain.step(record, known))
         expected_base = offset
     if expected_base != head:
         report.problems.append(f"log ends at offset {expected_base} but the head is {head}")
+    report.problems.extend(chain.end())
     return good
+
+
+class _DigestChain:
+    """Follows the state digest from the oldest snapshot through every record to the head."""
+
+    def __init__(self, replica: Replica):
+        self.replica = replica
+        manifest = next((m for m in replica.snapshots() if m["offset"] == replica.oldest_offset), None)
+        self.running = None if manifest is None else lineage.from_hex(manifest.get("state_digest"))
+
+    def step(self, record: rec.Record, known: dict) -> list[str]:
+        bad = []
+        if record.pre_digest is not None:
+            if self.running is not None and record.pre_digest != self.running:
+                bad.append(f"its state digest before is {lineage.to_hex(record.pre_digest)}, "
+                           f"the model it applies on has {lineage.to_hex(self.running)}")
+            self.running = record.pre_digest
+        if self.running is not None and all(t.old is not None for t in record.tensors):
+            self.running = lineage.advance(self.running, (
+                (known[t.name].id, t.rows, kernels.row_digests(t.old), kernels.row_digests(t.new))
+                for t in record.tensors))
+            if record.post_digest is not None and record.post_digest != self.running:
+                bad.append(f"its rows make state digest {lineage.to_hex(self.running)}, "
+                           f"it says {lineage.to_hex(record.post_digest)}")
+        if record.post_digest is not None or record.pre_digest is not None:
+            self.running = record.post_digest
+        return bad
+
+    def end(self) -> list[str]:
+        head = self.replica.state_digest
+        if head is not None and self.running is not None and head != self.running:
+            return [f"the head's state digest is {lineage.to_hex(head)}, "
+                    f"the log's last record ends at {lineage.to_hex(self.running)}"]
+        return []
+
+
+def _check_state_digest(replica: Replica, report: VerifyReport) -> None:
+    """The tensor files (their row digests, which matched their rows) must give the head's state digest."""
+    want = replica.state_digest
+    if want is None:
+        return
+    try:
+        got = replica.digest_of_files()
+    except DeltalogError as exc:
+        report.problems.append(str(exc))
+        return
+    if got != want:
+        report.problems.append(
+            f"the tensor files give state digest {lineage.to_hex(got)}, the head {replica.head} has "
+            f"{lineage.to_hex(want)}; {tensorfiles.REPAIR_HINT.format(path=replica.path)}"
+        )
 
 
 def _check_snapshots(replica: Replica, report: VerifyReport, progress: Progress) -> dict | None:
@@ -113,6 +180,12 @@ def _check_snapshots(replica: Replica, report: VerifyReport, progress: Progress)
     for n, manifest in enumerate(manifests):
         progress("snapshots", n, len(manifests))
         problems = tensorfiles.verify_snapshot(replica.path, manifest)
+        claimed = lineage.from_hex(manifest.get("state_digest"))
+        if not problems and claimed is not None:
+            got = snapshot_digest(tensorfiles.snapshot_path(replica.path, manifest["offset"]), manifest)
+            if got != claimed:
+                problems.append(f"snapshot {manifest['offset']}: its files give state digest {lineage.to_hex(got)}, "
+                                f"its manifest says {lineage.to_hex(claimed)}")
         report.snapshots += 1
         report.problems.extend(problems)
         if not problems and manifest["offset"] <= head:
@@ -160,12 +233,13 @@ def _check_tensors(
 MAX_ROWS_NAMED = 10  # rows named per tensor in a problem line
 
 
-def _check_row_digests(replica: Replica, report: VerifyReport, progress: Progress, name_unreadable: bool) -> None:
+def _check_row_digests(replica: Replica, report: VerifyReport, progress: Progress, name_unreadable: bool) -> bool:
     """Every row of every tensor file against its row digest: one problem line per tensor, naming its first bad rows.
 
     An unreadable tensor file is named here only when no snapshot lets
-    _check_tensors name it.
+    _check_tensors name it. True when every row matched.
     """
+    found = len(report.problems)
     hint = tensorfiles.REPAIR_HINT.format(path=replica.path)
     for n, info in enumerate(replica.tensors):
         progress("row digests", n, len(replica.tensors))
@@ -192,6 +266,7 @@ def _check_row_digests(replica: Replica, report: VerifyReport, progress: Progres
                 f"tensor {info.name!r}: {count} rows differ from their row digests "
                 f"(rows {', '.join(map(str, bad_rows))}{more}); {hint}"
             )
+    return len(report.problems) == found
 
 
 def _check_buckets(replica: Replica, good: set[int], report: VerifyReport) -> None:

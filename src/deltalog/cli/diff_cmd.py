@@ -2,10 +2,12 @@
 
 Each side is a replica directory (at its head), ``REPLICA@OFFSET`` (the
 replica as it was at a retained offset), or a checkpoint (.npz,
-.safetensors, a directory of .npy files). Two replicas of one model are
-compared through bucket versions and the log, so the cost follows the
-change; anything involving a checkpoint is compared value by value in
-bounded chunks. See deltalog.diff for the algorithm.
+.safetensors, a directory of .npy files). Two replicas of one model with
+equal state digests are identical at once; with an offset where both held
+the same model (an anchor), only the rows their logs wrote since are
+compared, so the cost follows the change; anything else (a checkpoint, or
+replicas whose histories cannot be tied together) is compared value by
+value in bounded chunks. See deltalog.diff for the algorithm.
 
 Exit status: 0 identical, 1 different (like diff(1)), 3 not a replica or
 checkpoint, 6 different models (without --force), 7 offset not retained,
@@ -21,13 +23,15 @@ float64; a value that is not finite is written as null):
       "a_offset": int | null,         # offset of side A, null for a checkpoint
       "b_offset": int | null,
       "a": {"spec": str, "kind": "replica" | "checkpoint", "path": str,
-            "model_id": str | null, "offset": int | null},
+            "model_id": str | null, "offset": int | null,
+            "state_digest": str | null},  # 16 hex digits, the model at offset
       "b": {...same as "a"...},
-      "method": "same-offset" | "log" | "buckets" | "values",
-                                      # how rows were found: nothing to read,
-                                      # the log's changed rows, every row of the
-                                      # buckets whose versions differ (log
-                                      # compacted), or every row by value
+      "method": "digest" | "same-offset" | "log" | "values",
+                                      # how rows were found: equal state digests
+                                      # or one offset of one replica (nothing to
+                                      # read), the rows the logs wrote since the
+                                      # anchor, or every row by value
+      "anchor": int | null,           # "log": the offset both held alike
       "bucket_rows": int,             # rows per bucket used for changed_buckets
       "rows_compared": int,           # rows read and compared (the cost)
       "tensors": [                    # every tensor compared, by name
@@ -100,6 +104,15 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
+def _how(result) -> str:
+    if result.method == "log":
+        return f"by the logs since offset {result.anchor}, where both held the same model"
+    if result.method == "values" and result.a["kind"] == result.b["kind"] == "replica" \
+            and result.a["model_id"] == result.b["model_id"]:
+        return "by value: no offset where both are known to have held the same model"
+    return f"by {result.method}"
+
+
 def _num(x) -> str:
     return "nan/inf" if x is None else f"{x:.4g}"
 
@@ -108,14 +121,15 @@ def _render(c, result) -> None:
     from rich.markup import escape
 
     if result.identical:
-        c.print(f"[green]identical[/green]: {_side(result.a)} and {_side(result.b)}")
+        how = f" (state digest {result.a['state_digest']} on both)" if result.method == "digest" else ""
+        c.print(f"[green]identical[/green]: {_side(result.a)} and {_side(result.b)}{how}")
         return
     changed = [t for t in result.tensors if t.changed_rows]
     c.print(f"A  {_side(result.a)}")
     c.print(f"B  {_side(result.b)}")
     c.print(f"[yellow]{_count(result.changed_rows, 'row')} changed[/yellow] in "
             f"{_count(result.changed_buckets, 'bucket')} of {len(changed)} of {_count(len(result.tensors), 'tensor')} "
-            f"({_count(result.rows_compared, 'row')} compared, by {result.method})")
+            f"({_count(result.rows_compared, 'row')} compared, {_how(result)})")
     if changed:
         t = table("tensor", "dtype", "shape", "rows", "buckets", "l2", "max |Δ|", "significance")
         for col in t.columns[3:]:

@@ -12,33 +12,45 @@ from .console import Output, human_bytes, json_option, table
 @click.option("--since", type=click.IntRange(min=0), default=None, metavar="OFFSET",
               help="Only records after OFFSET.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many records (the newest).")
+@click.option("--stored", is_flag=True,
+              help="List the records as this replica stores them: a sync record as one line, not as the "
+                   "source records it brought.")
 @json_option
-def command(replica, since, limit, as_json):
-    """List REPLICA's records: offset, time, kind, rows, bytes, significance, reason."""
-    import collections
+def command(replica, since, limit, stored, as_json):
+    """List REPLICA's records: offset, time, kind, rows, bytes, significance, reason.
+
+    \b
+    On a follower, a sync record is listed as the records of the model's
+    writer it brought (kind commit or rollback, with the rollback's target
+    and reason), however many hops away; "via" names the local sync record,
+    and only its own offset is retained here. --stored shows the sync
+    records themselves. JSON: {"records": [{offset, base, time, kind, rows,
+    bytes, significance, reason, target, tensors, post_digest, synced_in,
+    retained}]} (base, bytes and tensors are null for records known only
+    from a sync record's history).
+    """
     import datetime
 
+    from ..history import log_entries
     from ..replica import Replica
 
     out = Output(as_json)
     with Replica.open(replica) as r:
-        summaries = r.iter_summaries(since=-1 if since is None else since)
-        kept = list(collections.deque(summaries, maxlen=limit) if limit else summaries)
-    records = [
-        {"offset": s.offset, "base": s.base, "time": s.time, "kind": s.kind, "rows": s.rows, "bytes": s.nbytes,
-         "significance": s.significance, "reason": s.reason, "target": s.target, "tensors": s.tensors}
-        for s in kept
-    ]
+        records = log_entries(r, since=-1 if since is None else since, stored=stored)
+    if limit:
+        records = records[-limit:]
 
     def render(c):
         if not records:
             c.print("no records" + (f" after offset {since}" if since is not None else ""))
             return
-        t = table("offset", "time (UTC)", "kind", "rows", "bytes", "significance", "target", "reason")
+        t = table("offset", "time (UTC)", "kind", "rows", "bytes", "significance", "target", "reason", "via")
         for rec in records:
             when = datetime.datetime.fromtimestamp(rec["time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-            t.add_row(str(rec["offset"]), when, rec["kind"], f"{rec['rows']:,}", human_bytes(rec["bytes"]),
-                      f"{rec['significance']:.4g}", "" if rec["target"] is None else str(rec["target"]), rec["reason"] or "")
+            t.add_row(str(rec["offset"]), when, rec["kind"], f"{rec['rows']:,}",
+                      "" if rec["bytes"] is None else human_bytes(rec["bytes"]), f"{rec['significance']:.4g}",
+                      "" if rec["target"] is None else str(rec["target"]), rec["reason"] or "",
+                      "" if rec["synced_in"] is None else f"sync {rec['synced_in']}")
         c.print(t)
 
     out.result({"records": records}, render)
