@@ -57,7 +57,7 @@ _ZYGOTE = r"""
 import json, sys
 import numpy, lmdb, zstandard, xxhash, msgpack, click, rich.console
 import deltalog.cli
-from deltalog import replica, sync, compact, replay, rollback, history, checkpoint, verify
+from deltalog import replica, writer, receive, sync, compact, replay, rollback, history, checkpoint, verify
 from deltalog.transport import local, ssh
 from deltalog.cli import main
 sys.stdout.write("ready\n")
@@ -519,6 +519,57 @@ def test_kill_9_during_ssh_push(history, tmp_path, sshd):
         victims=("remote", "cli", "ssh"), remote=True,
     )
     crash_campaign(crashable, tmp_path, attempts=6, seed=3)
+
+
+def reseed_crashable(h: History) -> Crashable:
+    """`sync --reseed` into a follower that took a stray commit (its offset 3 is not the source's)."""
+    diverged = str(Path(h.src).parent / "diverged")
+    stray = {k: v.copy() for k, v in h.states[FOLLOWER_AT].items()}
+    rows = np.arange(0, 40_000, 7)
+    stray["item_emb"][rows] = 7.0
+    if not os.path.exists(diverged):
+        shutil.copytree(h.follower, diverged)
+        with Replica.open(diverged) as r:
+            assert r.commit({"item_emb": (rows, stray["item_emb"][rows])}) == FOLLOWER_AT + 1
+    states = {**h.states, FOLLOWER_AT + 1: stray}  # this replica's own offset 3
+
+    def prepare(d: Path) -> Workspace:
+        d.mkdir()
+        path = copy_replica(diverged, d / "dst")
+        return Workspace(d, ["sync", h.src, path, "--reseed", "--chunk-bytes", "96K", "--json"], {"path": path})
+
+    def observe(ws: Workspace) -> tuple[str, str]:
+        state, _pending = raw_state(ws.info["path"])
+        head, pending = assert_exact(ws.info["path"], states, target=HEAD)
+        outcome = {FOLLOWER_AT + 1: "old", 0: "partial" if pending else "rebased", HEAD: "new"}.get(head)
+        assert outcome is not None, f"head {head}: neither the old head, the source's snapshot nor its head"
+        with Replica.open(ws.info["path"]) as r:
+            if outcome != "old":  # once rebased, this replica's own history is gone, never mixed in
+                assert r.oldest_offset == 0 and r.state_digest_at(0) == _digest_of(h.src, 0)
+        return outcome, "(recovered)" if unsettled(state) else ""
+
+    def rerun(ws: Workspace) -> None:
+        code, out, err = cli_inprocess(*ws.argv, "--wait", "30")
+        assert code == 0, err
+        assert json.loads(out)["complete"] is True
+        assert assert_exact(ws.info["path"], h.states, check=False)[0] == HEAD
+        with Replica.open(ws.info["path"]) as r:
+            assert r.state_digest == _digest_of(h.src, HEAD)
+        code, _out, err = cli_inprocess("sync", h.src, ws.info["path"], "--json")  # no longer diverged
+        assert code == 0, err
+
+    return Crashable("sync --reseed", prepare, observe, rerun, min_outcomes=2)
+
+
+def _digest_of(path: str, offset: int) -> int:
+    with Replica.open(path) as r:
+        return r.state_digest_at(offset)
+
+
+def test_kill_9_during_reseed(history, tmp_path):
+    """A reseed drops the destination's log and rebuilds it from the source's snapshot: a kill at any
+    point leaves either the old replica, exactly, or the source's model at an offset of the source."""
+    crash_campaign(reseed_crashable(history), tmp_path, attempts=8, seed=7)
 
 
 # -- rollback ------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from deltalog.errors import UnsupportedVersion
 from deltalog.verify import verify
 
 GOLDEN_ROOT = os.path.join(REPO, "formats", "golden")
-VERSIONS = ["v1", "v2", "v3"]
+VERSIONS = ["v1", "v2", "v3", "v4"]
 
 
 @pytest.fixture(params=VERSIONS)
@@ -74,7 +74,8 @@ def test_golden_log_lists_the_expected_records(golden):
     with Replica.open(path) as r:
         got = [{"offset": s.offset, "base": s.base, "kind": s.kind, "rows": s.rows, "reason": s.reason, "target": s.target}
                for s in r.iter_summaries()]
-    assert got == [{k: v for k, v in e.items() if k != "encoding"} for e in expected["records"]]
+    listed = ("offset", "base", "kind", "rows", "reason", "target")
+    assert got == [{k: e[k] for k in listed} for e in expected["records"]]
 
 
 def _encoding(blob: bytes) -> int:
@@ -104,7 +105,7 @@ def test_golden_replica_accepts_new_commits(golden):
         assert verify(r).ok
 
 
-@pytest.mark.parametrize("version", ["v2", "v3"])
+@pytest.mark.parametrize("version", ["v2", "v3", "v4"])
 def test_golden_digest_files_hold_the_defined_digests(tmp_path, version):
     path, expected = _golden(version, tmp_path)
     fmt = expected["format"]
@@ -122,6 +123,60 @@ def test_golden_digest_files_hold_the_defined_digests(tmp_path, version):
             assert rowdigest.row_digests(rows).tolist() == want, name
         assert r.info("empty").rows == 0 and files["empty"] == b""
         assert verify(r).ok
+
+
+def test_golden_v4_state_digests_are_the_definition(tmp_path):
+    """The head's digest is the tensors' by the plain-Python definition, and every record carries the
+    digests before and after it, each the one after the record before (the first: the snapshot's)."""
+    path, expected = _golden("v4", tmp_path)
+    with Replica.open(path) as r:
+        assert lineage.to_hex(r.state_digest) == expected["state_digest"]
+        assert r.state_digest == _reference_state_digest(r)
+        got = [(lineage.to_hex(s.pre_digest), lineage.to_hex(s.post_digest)) for s in r.iter_summaries()]
+        assert got == [(e["pre_digest"], e["post_digest"]) for e in expected["records"]]
+        snapshot = r.snapshots()[0]
+        assert snapshot["state_digest"] == got[0][0]
+        assert all(got[i][1] == got[i + 1][0] for i in range(len(got) - 1)) and got[-1][1] == expected["state_digest"]
+        for e in expected["records"]:
+            assert lineage.to_hex(r.state_digest_at(e["offset"])) == e["post_digest"]
+
+
+def test_golden_v4_follower_keeps_its_sources_digests_and_history(tmp_path):
+    """A follower made by two syncs: its sync records say the source's digests, its log the source's
+    records (a rollback with its reason), and diff proves it the same model without reading a row."""
+    from deltalog.diff import ReplicaSide, diff
+    from deltalog.history import log_entries
+
+    path, expected = _golden("v4", tmp_path)
+    follower = tmp_path / "follower"
+    shutil.copytree(os.path.join(expected["dir"], "follower"), follower)
+    want = expected["follower"]
+    with Replica.open(follower) as f, Replica.open(path) as p:
+        assert (f.head, lineage.to_hex(f.state_digest)) == (want["head"], want["state_digest"])
+        assert verify(f).ok
+        records = [{"offset": s.offset, "base": s.base, "kind": s.kind, "rows": s.rows, "target": s.target,
+                    "pre_digest": lineage.to_hex(s.pre_digest), "post_digest": lineage.to_hex(s.post_digest)}
+                   for s in f.iter_summaries()]
+        assert records == want["records"]
+        keys = ("offset", "kind", "rows", "target", "reason", "synced_in", "retained")
+        assert [{k: e[k] for k in keys} for e in log_entries(f)] == want["log"]
+        for offset in (0, 2, 5):
+            assert f.state_digest_at(offset) == p.state_digest_at(offset) is not None
+        result = diff(ReplicaSide.at(p), ReplicaSide.at(f))
+        assert result.identical and result.method == "digest" and result.rows_compared == 0
+
+
+def test_golden_v4_opens_read_only_for_a_v3_reader(tmp_path, monkeypatch):
+    """Format 4 only adds keys a v3 reader ignores (read version 3), but its writers would not keep
+    the state digests: v3 code reads it and refuses to write."""
+    path, expected = _golden("v4", tmp_path)
+    monkeypatch.setattr(layout, "FORMAT_VERSION", 3)
+    with Replica.open(path) as r:
+        assert r.head == expected["head"] and not r.writable_format
+        assert r.read_tensor("counts")[2] == 20
+        assert [s.offset for s in r.iter_summaries()] == [e["offset"] for e in expected["records"]]
+        with pytest.raises(UnsupportedVersion):
+            r.commit({"counts": ([0], np.array([5], np.int64))})
 
 
 def test_golden_v2_opens_read_only_for_a_v1_reader(tmp_path, monkeypatch):

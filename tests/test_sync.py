@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -26,7 +27,7 @@ from deltalog import Replica
 from deltalog import pending as pending_mod
 from deltalog import record as rec
 from deltalog import sync as sync_mod
-from deltalog.errors import LockHeld, ModelMismatch, TransportError
+from deltalog.errors import Diverged, LockHeld, ModelMismatch, TransportError
 from deltalog.transport import TransportOptions, open_sink, open_source, parse_spec
 from deltalog.verify import verify
 from sshd_fixture import sshd  # noqa: F401  (fixture)
@@ -366,6 +367,70 @@ def test_another_models_deltas_are_refused(way, tmp_path, rng):
     assert "model" in proc.stderr and "Traceback" not in proc.stderr
     assert record_count(other) == before
     assert_valid(other)
+
+
+def _stray_commit(path) -> None:
+    """A write on a serving replica that its source never made."""
+    with Replica.open(path) as r:
+        r.commit({"item_emb": (np.arange(20), np.full((20, 8), 7.0, np.float32))})
+
+
+def _log_of(path) -> tuple:
+    with Replica.open(path) as r:
+        return r.head, r.state_digest, dict(r.iter_record_blobs())
+
+
+def test_a_diverged_destination_is_refused_until_reseeded(way, tmp_path, rng):
+    """A follower that took a stray commit: the next sync refuses (exit 13) and writes nothing,
+    whether the budget is whole or small; --reseed makes it the source's model again."""
+    src, model = new_source(tmp_path, rng, commits=3)
+    dst = tmp_path / "dst"
+    assert do_sync(way, src, dst).complete
+    _stray_commit(dst)
+    advance(src, rng, model, commits=2)
+    before = _log_of(dst)
+    for budget in ((), ("--max-bytes", "2K", "--chunk-bytes", "512")):
+        proc = sync_cli(way, src, dst, "--json", *budget)
+        assert proc.returncode == 13, proc.stderr
+        err = json.loads(proc.stdout)["error"]
+        assert err["type"] == "Diverged" and "--reseed" in err["hint"] and "Traceback" not in proc.stderr
+        assert _log_of(dst) == before
+    with pytest.raises(Diverged):
+        do_sync(way, src, dst)
+    assert _log_of(dst) == before
+    proc = sync_cli(way, src, dst, "--reseed", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["snapshot_offset"] == 0
+    assert_synced(src, dst)
+    with Replica.open(src) as a, Replica.open(dst) as b:
+        assert a.state_digest == b.state_digest
+    advance(src, rng, model, commits=2)
+    assert do_sync(way, src, dst).complete  # and it follows again
+    assert_synced(src, dst)
+
+
+def test_a_failover_primary_on_another_history_is_refused(way, tmp_path, rng):
+    """The primary fails over to a copy restored from offset 2, which then commits other updates:
+    its followers refuse it, ahead of them or behind, and stay as they were."""
+    src, model = new_source(tmp_path, rng, commits=2)
+    restored = tmp_path / "restored"
+    shutil.copytree(src, restored)  # the backup the new primary starts from
+    dst = tmp_path / "dst"
+    assert do_sync(way, src, dst).complete
+    for _ in range(3):  # the follower holds every offset of the old primary: 3, 4, 5
+        advance(src, rng, model, commits=1)
+        assert do_sync(way, src, dst).complete
+    other = make_model(np.random.default_rng(7))
+    advance(restored, rng, other, commits=1)  # 3, on another history: behind the follower
+    before = _log_of(dst)
+    with pytest.raises(Diverged, match="offset 3"):
+        do_sync(way, restored, dst)
+    advance(restored, rng, other, commits=3)  # 6: ahead of it
+    with pytest.raises(Diverged):
+        do_sync(way, restored, dst)
+    assert _log_of(dst) == before
+    assert_valid(dst)
+    assert do_sync(way, src, dst).complete  # the old primary still feeds it
 
 
 def test_cli_json_budget_exit_codes_and_follower_status(way, tmp_path, rng):

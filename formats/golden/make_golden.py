@@ -1,6 +1,6 @@
 """Regenerate a golden sample directory: run ONLY when deliberately adding a format version.
 
-    python formats/golden/make_golden.py formats/golden/v3
+    python formats/golden/make_golden.py formats/golden/v4
 
 Writes, from a fixed seed:
   replica/           a tiny replica (every dtype kind, 0-d to 3-d, commit + rollback records)
@@ -8,11 +8,17 @@ Writes, from a fixed seed:
   expected.safetensors  the tensors at the head
   expected.json      head, model id, and per record: kind, base, rows, reason, target;
                      from v2 on also the row digests of each tensor at the head (hex);
-                     from v3 on also each record's encoding (the u16 after the magic)
+                     from v3 on also each record's encoding (the u16 after the magic);
+                     from v4 on also the state digest at the head and each record's
+                     pre and post digests (hex), and the follower's (below)
+  follower/          (v4 on) a replica made and fed by two syncs of replica/: sync
+                     records whose history names the source's records
 Golden files are committed; tests/test_golden.py reads them with the current code.
 The directory's name (vN) must be the format version the current code writes:
 v1 was written by the code of version 1, v2 adds a tensor of 0 rows, v3 (records
-of encoding v2) adds a sync record with per-row versions after a gap in the offsets.
+of encoding v2) adds a sync record with per-row versions after a gap in the offsets
+(written with a writer API that no longer exists), v4 (state digests) the follower.
+This script writes the current version only.
 """
 
 import json
@@ -22,9 +28,21 @@ import sys
 
 import numpy as np
 
-from deltalog import rowdigest
+from deltalog import lineage, rowdigest
 from deltalog.checkpoint import write_checkpoint
-from deltalog.replica import FORMAT_VERSION, READ_VERSION, Replica
+from deltalog.layout import FORMAT_VERSION, READ_VERSION
+from deltalog.replica import Replica
+from deltalog.sync import sync
+from deltalog.transport import TransportOptions, open_sink, open_source
+
+
+def _sync(src: str, dst: str) -> None:
+    source, sink = open_source(src, TransportOptions()), open_sink(dst, TransportOptions())
+    try:
+        assert sync(source, sink, source_name="golden-primary", destination_name="golden-follower").complete
+    finally:
+        sink.close()
+        source.close()
 
 
 def main(out: str) -> None:
@@ -47,6 +65,7 @@ def main(out: str) -> None:
         tensors["empty"] = (np.zeros((0, 4), np.float32), "float32")  # 0 rows: an empty digest file
     replica_dir = os.path.join(out, "replica")
     os.makedirs(out)
+    follower_dir = os.path.join(out, "follower")
     r = Replica.init(replica_dir, tensors, bucket_rows=4, model_id=f"golden-{version}")
     r.commit({"item_emb": ([0, 5, 11], rng.standard_normal((3, 4)).astype(np.float32)),
               "step": ([0], np.array([1], np.int32))})
@@ -54,15 +73,14 @@ def main(out: str) -> None:
               "bias": ([1, 2, 3], rng.standard_normal(3).astype(np.float16)),
               "counts": ([6], np.array([-1], np.int64)),
               "step": ([0], np.array([2], np.int32))})
+    _sync(replica_dir, follower_dir)  # the follower: snapshot 0, then a sync record at 2 naming 1 and 2
     r.commit({"user_emb": ([4], (rng.standard_normal((1, 2, 2)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)),
               "mask": ([1], np.array([True])),
               "item_emb": ([5], np.full((1, 4), np.nan, np.float32))})
     with r.writing():
         r.append_record("rollback", {"item_emb": ([5], np.zeros((1, 4), np.float32))}, reason="golden rollback", target=2)
-        if FORMAT_VERSION >= 3:  # as a follower logs a coalesced sync of 5..6: a gap, and a version per row
-            r.append_record("sync", {"bias": ([0, 4], rng.standard_normal(2).astype(np.float16)),
-                                     "counts": ([2, 3], np.array([20, 30], np.int64))},
-                            offset=6, target=6, row_versions={"bias": [5, 6], "counts": [6, 6]})
+    r.commit({"counts": ([2, 3], np.array([20, 30], np.int64)), "step": ([0], np.array([5], np.int32))})
+    _sync(replica_dir, follower_dir)  # a sync record at 5 naming 3, the rollback 4, and 5
     os.makedirs(os.path.join(out, "records"))
     records = []
     for offset, blob in r.iter_record_blobs():
@@ -81,10 +99,26 @@ def main(out: str) -> None:
             name: [f"{rowdigest.reference_digest(row.tobytes()):016x}" for row in r.rows_view(name)]
             for name in r.tensor_names
         }
+    expected["state_digest"] = lineage.to_hex(r.state_digest)
+    for entry, s in zip(records, r.iter_summaries()):
+        entry.update(pre_digest=lineage.to_hex(s.pre_digest), post_digest=lineage.to_hex(s.post_digest))
+    with Replica.open(follower_dir) as f:
+        from deltalog.history import log_entries
+
+        expected["follower"] = {
+            "head": f.head,
+            "state_digest": lineage.to_hex(f.state_digest),
+            "records": [{"offset": s.offset, "base": s.base, "kind": s.kind, "rows": s.rows, "target": s.target,
+                         "pre_digest": lineage.to_hex(s.pre_digest), "post_digest": lineage.to_hex(s.post_digest)}
+                        for s in f.iter_summaries()],
+            "log": [{k: e[k] for k in ("offset", "kind", "rows", "target", "reason", "synced_in", "retained")}
+                    for e in log_entries(f)],
+        }
     with open(os.path.join(out, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1)
     r.close()
-    os.remove(os.path.join(replica_dir, "log", "lock.mdb"))  # runtime state, recreated on open
+    for d in (replica_dir, follower_dir):
+        os.remove(os.path.join(d, "log", "lock.mdb"))  # runtime state, recreated on open
 
 
 if __name__ == "__main__":
