@@ -384,3 +384,19 @@ def test_equal_digests_make_diff_o1_and_status_shows_them(tmp_path, rng):
     with Replica.open(a) as ra, Replica.open(b) as rb:
         result = diff(ReplicaSide.at(ra, 1), ReplicaSide.at(rb))  # b never held 1; a's log ties them at 3
         assert result.method == "log" and result.anchor == 3 and not result.identical
+
+
+def test_follow_stops_on_a_diverged_destination_and_reseed_is_not_for_follow(tmp_path, rng):
+    model = random_model(rng, rows=60)
+    a, b = tmp_path / "a", tmp_path / "b"
+    with Replica.init(a, model, bucket_rows=8) as r:
+        r.commit(random_update(rng, model))
+    do_sync(a, b)
+    stray_commit(b)  # b is ahead of a, on a branch: still the same model at a's head, so nothing to refuse yet
+    with Replica.open(a) as r:
+        r.commit(random_update(rng, model))
+        r.commit(random_update(rng, model))
+    proc = run_cli("sync", a, b, "--follow", "--interval", "0.2")  # not retried: it would never heal
+    assert proc.returncode == 13 and "Diverged" not in proc.stderr and "--reseed" in proc.stderr, proc.stderr
+    proc = run_cli("sync", a, b, "--follow", "--reseed")
+    assert proc.returncode == 2 and "--reseed" in proc.stderr
