@@ -341,12 +341,7 @@ def emb_and_bias(rng: np.random.Generator, emb_rows: int, bias_rows: int) -> dic
 def test_a_log_compacted_past_every_shared_offset_is_compared_by_value(tmp_path):
     """No offset both replicas still hold: nothing proves they share a history, so every row is
     compared (bucket versions would assume it); from A's own oldest offset on, its log is enough."""
-    rng = np.random.default_rng(7)
-    model = emb_and_bias(rng, 400, 50)
-    a_path, b_path = str(tmp_path / "a"), str(tmp_path / "b")
-    Replica.init(a_path, as_checkpoint_tensors(model), bucket_rows=16).close()
-    states = {0: model}
-    grow(a_path, model, rng, 2, states)
+    rng, model, a_path, b_path, states = _grown(tmp_path, seed=7, rows=(400, 50), bucket_rows=16, commits=2)
     shutil.copytree(a_path, b_path)
     grow(a_path, model, rng, 6, states)
     head = max(states)
@@ -368,12 +363,7 @@ def test_a_follower_that_took_a_stray_commit_is_never_called_identical(tmp_path)
     """The same offset on both sides, different models: the state digests tell them apart, and the
     rows come from the logs since the last offset both held alike (the anchor)."""
     pytest.importorskip("deltalog.sync")
-    rng = np.random.default_rng(11)
-    model = emb_and_bias(rng, 300, 40)
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    Replica.init(a, as_checkpoint_tensors(model), bucket_rows=8).close()
-    states = {0: model}
-    grow(a, model, rng, 1, states)
+    rng, model, a, b, states = _grown(tmp_path, seed=11, rows=(300, 40), bucket_rows=8, commits=1)
     _sync_local(a, b)
     with Replica.open(b) as rb:  # a mistake on the serving replica: offset 2 here is not A's offset 2
         rb.commit({"emb": (np.arange(20), np.full((20, 4), 7.0, np.float32))})
@@ -386,6 +376,17 @@ def test_a_follower_that_took_a_stray_commit_is_never_called_identical(tmp_path)
         b_model["emb"][0][:20] = 7.0
         assert_matches(result, brute(states[2], b_model, 8, 3))
         assert diff(ReplicaSide.at(ra, 1), ReplicaSide.at(rb, 1)).method == "digest"
+
+
+def _grown(tmp_path, seed: int, rows: tuple[int, int], bucket_rows: int, commits: int):
+    """(rng, model, path of A, path for B, states): A made from emb_and_bias and grown by ``commits``."""
+    rng = np.random.default_rng(seed)
+    model = emb_and_bias(rng, *rows)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    Replica.init(a, as_checkpoint_tensors(model), bucket_rows=bucket_rows).close()
+    states = {0: model}
+    grow(a, model, rng, commits, states)
+    return rng, model, a, b, states
 
 
 def _sync_local(src: str, dst: str) -> None:

@@ -52,6 +52,17 @@ def do_sync(src, dst, **kw):
         source.close()
 
 
+def synced_pair(tmp_path, rng, rows: int, bucket_rows: int = 8, commits: int = 1):
+    """(model, a, b): a primary with ``commits`` random commits, and b, a follower synced to it."""
+    model = random_model(rng, rows=rows)
+    a, b = tmp_path / "a", tmp_path / "b"
+    with Replica.init(a, model, bucket_rows=bucket_rows) as r:
+        for _ in range(commits):
+            r.commit(random_update(rng, model))
+    do_sync(a, b)
+    return model, a, b
+
+
 def stray_commit(path, rows=20) -> None:
     """A write on a serving replica that its source never made."""
     with Replica.open(path) as r:
@@ -169,11 +180,7 @@ def test_incremental_digests_equal_from_scratch_after_every_kind_of_change(tmp_p
 
 def test_abort_of_a_partial_sync_bumps_the_generation(tmp_path, rng):
     """Lock-free readers compare gen before and after a copy: undoing pending rows must show."""
-    model = random_model(rng, rows=200)
-    a, b = tmp_path / "a", tmp_path / "b"
-    with Replica.init(a, model, bucket_rows=4) as r:
-        r.commit(random_update(rng, model))
-    do_sync(a, b)
+    model, a, b = synced_pair(tmp_path, rng, rows=200, bucket_rows=4)
     with Replica.open(a) as r:
         for _ in range(4):
             r.commit(random_update(rng, model, max_rows=60))
@@ -225,11 +232,7 @@ def test_a_follower_with_a_stray_commit_is_refused_until_reseeded(tmp_path, rng)
 
 def test_equal_heads_with_different_models_are_refused(tmp_path, rng):
     """The bug this guards: both at offset 2, 20 rows apart, and sync said 'up to date'."""
-    model = random_model(rng, rows=100)
-    a, b = tmp_path / "a", tmp_path / "b"
-    with Replica.init(a, model, bucket_rows=8) as r:
-        r.commit(random_update(rng, model))
-    assert run_cli("sync", a, b).returncode == 0
+    model, a, b = synced_pair(tmp_path, rng, rows=100)
     stray_commit(b)
     with Replica.open(a) as r:
         r.commit(random_update(rng, model))
@@ -369,12 +372,7 @@ def test_verify_checks_snapshot_digests(tmp_path, rng):
 
 
 def test_equal_digests_make_diff_o1_and_status_shows_them(tmp_path, rng):
-    model = random_model(rng, rows=80)
-    a, b = tmp_path / "a", tmp_path / "b"
-    with Replica.init(a, model, bucket_rows=8) as r:
-        for _ in range(3):
-            r.commit(random_update(rng, model))
-    do_sync(a, b)
+    _model, a, b = synced_pair(tmp_path, rng, rows=80, commits=3)
     sa = json.loads(run_cli("status", a, "--json").stdout)
     sb = json.loads(run_cli("status", b, "--json").stdout)
     assert sa["state_digest"] == sb["state_digest"] and len(sa["state_digest"]) == 16
@@ -387,11 +385,7 @@ def test_equal_digests_make_diff_o1_and_status_shows_them(tmp_path, rng):
 
 
 def test_follow_stops_on_a_diverged_destination_and_reseed_is_not_for_follow(tmp_path, rng):
-    model = random_model(rng, rows=60)
-    a, b = tmp_path / "a", tmp_path / "b"
-    with Replica.init(a, model, bucket_rows=8) as r:
-        r.commit(random_update(rng, model))
-    do_sync(a, b)
+    model, a, b = synced_pair(tmp_path, rng, rows=60)
     stray_commit(b)  # b is ahead of a, on a branch: still the same model at a's head, so nothing to refuse yet
     with Replica.open(a) as r:
         r.commit(random_update(rng, model))
@@ -400,3 +394,25 @@ def test_follow_stops_on_a_diverged_destination_and_reseed_is_not_for_follow(tmp
     assert proc.returncode == 13 and "Diverged" not in proc.stderr and "--reseed" in proc.stderr, proc.stderr
     proc = run_cli("sync", a, b, "--follow", "--reseed")
     assert proc.returncode == 2 and "--reseed" in proc.stderr
+
+
+def test_a_dry_run_into_an_older_format_replica_reports_instead_of_refusing(tmp_path):
+    """Only a writer computes a replica's first state digest; a dry run writes nothing, so it goes on."""
+    import shutil
+
+    from conftest import REPO
+
+    v3 = os.path.join(REPO, "formats", "golden", "v3", "replica")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    shutil.copytree(v3, src)
+    shutil.copytree(v3, dst)
+    with Replica.open(src) as r:
+        r.commit({"counts": ([0], np.array([42], np.int64))})  # upgrades the source: it has a digest now
+    proc = run_cli("sync", src, dst, "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    with Replica.open(dst) as r:
+        assert r.format_version == 3 and r.state_digest is None  # the dry run wrote nothing
+    proc = run_cli("sync", src, dst, "--json")
+    assert proc.returncode == 0, proc.stderr
+    with Replica.open(dst) as r, Replica.open(src) as s:
+        assert r.format_version == 4 and r.state_digest == s.state_digest

@@ -29,31 +29,21 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from .rowdigest import fmix64, reference_fmix64
+from .rowdigest import reference_digest as reference_row_digest
+
 MASK = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
 ROW_BITS = 40  # rows of one tensor below 2^40 get keys no other row of the model has
-_FMIX_1 = np.uint64(0xFF51AFD7ED558CCD)
-_FMIX_2 = np.uint64(0xC4CEB93E53CA34D1)
-_SHIFT = np.uint64(33)
 _BLOCK = 1 << 20  # rows per pass of a from-scratch digest: bounded scratch memory
-
-
-def _fmix64(h: np.ndarray) -> np.ndarray:
-    """murmur3's 64-bit finaliser, in place on a u64 array (uint64 arithmetic wraps mod 2^64)."""
-    h ^= h >> _SHIFT
-    h *= _FMIX_1
-    h ^= h >> _SHIFT
-    h *= _FMIX_2
-    h ^= h >> _SHIFT
-    return h
 
 
 def terms(tensor_id: int, rows: np.ndarray, row_digests: np.ndarray) -> np.ndarray:
     """term(t, r, d) for each row of one tensor, as a u64 array."""
     keys = np.asarray(rows, dtype=np.uint64) + np.uint64(((tensor_id << ROW_BITS) + GOLDEN) & MASK)
-    mixed = _fmix64(keys)
+    mixed = fmix64(keys)
     mixed ^= np.asarray(row_digests, dtype=np.uint64)
-    return _fmix64(mixed)
+    return fmix64(mixed)
 
 
 def _sum(values: np.ndarray) -> int:
@@ -100,20 +90,11 @@ def from_hex(text) -> int | None:
 
 def reference_digest(tensors: Iterable[tuple[int, list[bytes]]]) -> int:
     """The definition in plain Python, for tests and other implementations: (tensor id, row bytes) -> D."""
-    from .rowdigest import reference_digest as row_digest
-
-    def fmix(h: int) -> int:
-        h ^= h >> 33
-        h = (h * 0xFF51AFD7ED558CCD) & MASK
-        h ^= h >> 33
-        h = (h * 0xC4CEB93E53CA34D1) & MASK
-        return h ^ (h >> 33)
-
     total = 0
     for tensor_id, rows in tensors:
         for r, row in enumerate(rows):
-            key = fmix(((tensor_id << ROW_BITS) + r + GOLDEN) & MASK)
-            total += fmix(row_digest(row) ^ key)
+            key = reference_fmix64(((tensor_id << ROW_BITS) + r + GOLDEN) & MASK)
+            total += reference_fmix64(reference_row_digest(row) ^ key)
     return total & MASK
 
 

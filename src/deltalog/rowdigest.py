@@ -62,7 +62,7 @@ def _as_rows(values: np.ndarray) -> np.ndarray:
     return values.reshape(values.shape[0], int(np.prod(values.shape[1:], dtype=np.int64)))
 
 
-def _fmix64(h: np.ndarray) -> np.ndarray:
+def fmix64(h: np.ndarray) -> np.ndarray:
     """murmur3's 64-bit finaliser, in place on a u64 array."""
     h ^= h >> _SHIFT
     h *= _FMIX_1
@@ -99,7 +99,7 @@ def row_digests(values: np.ndarray) -> np.ndarray:
         np.right_shift(w, _HALF, out=v)
         np.bitwise_xor(v, w, out=v)  # v = w ^ (w >> 32)
         np.einsum("ij,j->i", v, k, out=out[start : start + m])
-    return _fmix64(out)
+    return fmix64(out)
 
 
 def mismatches(values: np.ndarray, stored: np.ndarray) -> np.ndarray:
@@ -120,12 +120,16 @@ def reference_digest(row: bytes) -> int:
         word = int.from_bytes(row[j : j + 8].ljust(8, b"\0"), "little")
         word ^= word >> 32
         h = (h + word * ((((j // 8 + 1) * _GOLDEN) & _MASK) | 1)) & _MASK
+    return reference_fmix64(h)
+
+
+def reference_fmix64(h: int) -> int:
+    """murmur3's fmix64 of one u64, in plain Python."""
     h ^= h >> 33
     h = (h * 0xFF51AFD7ED558CCD) & _MASK
     h ^= h >> 33
     h = (h * 0xC4CEB93E53CA34D1) & _MASK
-    h ^= h >> 33
-    return h
+    return h ^ (h >> 33)
 
 
-__all__ = ["first_mismatch", "keys", "mismatches", "reference_digest", "row_digests"]
+__all__ = ["first_mismatch", "fmix64", "keys", "mismatches", "reference_digest", "reference_fmix64", "row_digests"]

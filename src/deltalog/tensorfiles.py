@@ -155,18 +155,18 @@ class TensorMaps:
 
     def rows(self, info: TensorInfo, writable: bool = False) -> np.ndarray:
         """The (rows, row_elems) map of a tensor file."""
-        view = self._maps.get((info.file, writable))
-        if view is None:
-            view = self._maps[info.file, writable] = map_rows(self.path(info), info, writable)
-            self._note(self.path(info))
-        return view
+        return self._map(info, info.file, map_rows, writable)
 
     def digests(self, info: TensorInfo, writable: bool = False) -> np.ndarray:
         """The (rows,) u64 map of a tensor's row digests."""
-        view = self._maps.get((info.digest_file, writable))
+        return self._map(info, info.digest_file, map_digests, writable)
+
+    def _map(self, info: TensorInfo, name: str, mapper, writable: bool) -> np.ndarray:
+        view = self._maps.get((name, writable))
         if view is None:
-            view = self._maps[info.digest_file, writable] = map_digests(self.digest_path(info), info, writable)
-            self._note(self.digest_path(info))
+            path = os.path.join(self.dir, name)
+            view = self._maps[name, writable] = mapper(path, info, writable)
+            self._note(path)
         return view
 
     def forget(self) -> None:
