@@ -11,6 +11,9 @@ rm -rf "$W" && mkdir -p "$W"
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 # diff exits 1 when states differ and sync exits 1 when a budget stopped it: expected here.
 say1() { printf '\n\033[1m$ %s\033[0m\n' "$*"; local rc=0; "$@" || rc=$?; [ "$rc" -le 1 ] || exit "$rc"; echo "(exit $rc)"; }
+# A refusal the demo provokes on purpose: the command must exit with exactly this code.
+refused() { local want=$1; shift; printf '\n\033[1m$ %s\033[0m\n' "$*"; local rc=0; "$@" || rc=$?
+    [ "$rc" = "$want" ] || { echo "expected exit $want, got $rc"; exit 1; }; echo "(exit $rc, as expected)"; }
 
 say python samples/make_model.py $W/model.safetensors
 say deltalog init $W/primary --from $W/model.safetensors --bucket-rows 256 --model-id sample-recsys
@@ -22,7 +25,7 @@ say deltalog commit $W/primary --from $W/next.safetensors
 say deltalog status $W/primary
 say deltalog log $W/primary --limit 5
 
-# What did the last ten updates change? (bucket versions first, then only changed rows)
+# What did the last ten updates change? (only the rows the log says were written since)
 say1 deltalog diff $W/primary@11 $W/primary --top 3
 
 # A serving replica: created from a snapshot plus the log, then kept fresh with deltas.
@@ -36,7 +39,15 @@ say deltalog diff $W/primary $W/serving
 # Incident: offset 31 hurt the model. Roll back (a record too) and carry it downstream.
 say deltalog rollback $W/primary --to 30 --reason "CTR dropped after offset 31"
 say deltalog sync $W/primary $W/serving
-say deltalog log $W/serving --limit 2
+say deltalog log $W/serving --limit 2   # the rollback shows as a rollback, with its reason
+
+# A stray write on the serving replica makes it another model at offsets the primary
+# will write next: sync refuses it (exit 13) instead of mixing histories.
+say python samples/update_stream.py $W/serving --steps 1 --seed 9
+say python samples/update_stream.py $W/primary --steps 2 --seed 4
+refused 13 deltalog sync $W/primary $W/serving
+say deltalog sync $W/primary $W/serving --reseed
+say deltalog diff $W/primary $W/serving   # equal state digests: identical, nothing read
 say deltalog replay $W/primary --to 25 --out $W/model-at-25.safetensors
 
 # Bounded storage: fold all but the last 5 records into a snapshot.

@@ -94,8 +94,8 @@ class Diverged(DeltalogError):
     """Two replicas of one model hold different models at one offset: their histories split."""
 
     exit_code = 13
-    hint = ("the destination's history is not the source's; 'deltalog sync SRC DST --reseed' "
-            "replaces it with the source's snapshot and log (its own records are dropped)")
+    hint = ("its history is not the source's: 'deltalog sync SRC DST --reseed' replaces it with the "
+            "source's snapshot and log, dropping its own records")
 
 
 EXIT_CODES: dict[int, str] = {

@@ -84,10 +84,10 @@ def follow_state(replica: "Replica") -> dict | None:
     return replica.meta(FOLLOW_KEY)
 
 
-def diverged(replica: "Replica", offset: int, mine: int | None, theirs: int | None, what: str) -> Diverged:
+def diverged(replica: "Replica", offset: int, mine: int | None, theirs: int | None) -> Diverged:
     """The error for a destination whose model at ``offset`` is not its source's."""
     return Diverged(
-        f"{replica.path} and its source hold different models at offset {offset} ({what}): "
+        f"{replica.path} holds another model than its source at offset {offset}: "
         f"state digest {lineage.to_hex(mine)} here, {lineage.to_hex(theirs)} at the source"
     )
 
@@ -141,7 +141,7 @@ def _check_pre(replica: "Replica", record: rec.Record, head: int) -> None:
     """Diverged unless the source's digest at our head (when it sent one) is ours."""
     mine = replica.state.digest
     if record.pre_digest is not None and mine is not None and record.pre_digest != mine:
-        raise diverged(replica, head, mine, record.pre_digest, "before this sync")
+        raise diverged(replica, head, mine, record.pre_digest)
 
 
 def _check_post(replica: "Replica", head: int, target: int, claimed: int | None):
@@ -152,7 +152,7 @@ def _check_post(replica: "Replica", head: int, target: int, claimed: int | None)
             raise unprovable(replica, target)
         if computed != claimed:
             raise Diverged(
-                f"{replica.path} and its source hold different models at offset {head}: the source's rows "
+                f"{replica.path} holds another model than its source at offset {head}: the source's rows "
                 f"for {head}->{target} give state digest {lineage.to_hex(computed)} here, "
                 f"{lineage.to_hex(claimed)} at the source"
             )

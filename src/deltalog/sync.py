@@ -663,7 +663,7 @@ def sync(
 
 
 def _diverged(destination: str, source: str, offset: int, mine, theirs) -> Diverged:
-    return Diverged(f"{destination} and {source} hold different models at offset {offset}: "
+    return Diverged(f"{destination} holds another model than {source} at offset {offset}: "
                     f"state digest {mine} there, {theirs} at the source")
 
 
