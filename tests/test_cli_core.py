@@ -125,7 +125,7 @@ def test_verify_names_damage_and_exits_5(checkpoints):
     emb_file.write_bytes(bytes(data))
     proc = run_cli("verify", tmp / "r")
     assert proc.returncode == 5
-    assert "item_emb" in proc.stderr and "replay --in-place" in proc.stderr
+    assert "item_emb" in proc.stderr and f"replay {tmp / 'r'} --in-place" in proc.stderr
     report = json.loads(run_cli("verify", tmp / "r", "--json").stdout)
     assert report["ok"] is False and any("item_emb" in p for p in report["problems"])
 

@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import lineage, tensorfiles
-from .errors import IntegrityError, InvalidInput, OffsetNotRetained, StorageError
+from .errors import IntegrityError, InvalidInput, OffsetNotRetained, StorageError, UnsupportedVersion
 from .replay import tensors_at
 from .replica import Replica
 
@@ -77,6 +77,7 @@ class CompactResult:
     snapshots_removed: list[int] = field(default_factory=list)
     garbage_removed: list[str] = field(default_factory=list)  # leftovers of crashed runs
     seconds: float = 0.0
+    built_from: str = "log"  # what the new snapshot was made from: "log" (a replay) or "tensors"
 
     @property
     def changed(self) -> bool:
@@ -99,6 +100,7 @@ class CompactResult:
             "snapshot_bytes_written": self.snapshot_bytes_written,
             "snapshots_removed": self.snapshots_removed,
             "garbage_removed": self.garbage_removed,
+            "built_from": self.built_from,
             "seconds": round(self.seconds, 3),
         }
 
@@ -208,6 +210,70 @@ def compact(
     return result
 
 
+def compact_from_tensors(replica: Replica, wait: float = 0.0) -> CompactResult:
+    """Make the live tensor files the new base: a snapshot at the head written from them, nothing before it.
+
+    The repair for a damaged log, snapshot or bucket index when the tensor
+    files are intact (compact otherwise replays, which needs the log). They
+    must be proven to hold the model at the head: the snapshot's state digest,
+    computed from their bytes as they are copied, must be the head's (so a
+    replica with no state digest yet cannot be proven, and is refused).
+    Under the writer lock throughout: the files must not move while they are
+    copied. Drops every record, every other snapshot and the bucket index.
+    """
+    started = time.monotonic()
+    previous_oldest = replica.oldest_offset
+    if replica.state_digest is None:  # before writing(): its upgrade would compute one from these very files
+        raise UnsupportedVersion(
+            f"{replica.path}: has no state digest yet, so its tensor files cannot be proven to hold its head",
+            hint=tensorfiles.RESEED_HINT.format(path=replica.path),
+        )
+    root = os.path.join(replica.path, tensorfiles.SNAPSHOT_DIR)
+    staging = os.path.join(root, f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with replica.writing(wait):
+            pending = replica.pending_sync()
+            if pending is not None:
+                raise InvalidInput(f"{replica.path}: a partial sync to offset {pending['target']} is pending",
+                                   hint="finish it with 'deltalog sync' from its source first")
+            state = replica.state
+            try:
+                os.makedirs(staging)
+                manifest = tensorfiles.write_snapshot(
+                    staging, state.head, replica.model_id, [(t, replica.rows_view(t.name)) for t in replica.tensors]
+                )
+            except OSError as exc:
+                raise StorageError(f"{root}: cannot write the snapshot: {exc.strerror}",
+                                   hint="free disk space and retry") from None
+            written = lineage.from_hex(manifest["state_digest"])
+            if written != state.digest:
+                raise IntegrityError(
+                    f"{replica.path}: the tensor files give state digest {lineage.to_hex(written)}, the head "
+                    f"{state.head} has {lineage.to_hex(state.digest)}: they do not hold its model",
+                    hint=tensorfiles.RESEED_HINT.format(path=replica.path),
+                )
+            result = CompactResult(oldest_offset=previous_oldest, previous_oldest=previous_oldest, head=state.head,
+                                   built_from="tensors")
+            final = tensorfiles.snapshot_path(replica.path, state.head)
+            try:
+                if os.path.lexists(final):  # registered or not, ours replaces it in the fold below
+                    shutil.rmtree(final)
+                os.rename(tensorfiles.snapshot_path(staging, state.head), final)
+                tensorfiles.fsync_dir(root)
+            except OSError as exc:
+                raise StorageError(f"{final}: cannot install the snapshot: {exc.strerror}") from None
+            result.snapshot_bytes_written = sum(t["nbytes"] for t in manifest["tensors"])
+            replica.flush()
+            result.records_removed, result.log_bytes_freed, result.snapshots_removed = replica.writer.fold(
+                state.head, manifest, clear_buckets=True)
+            result.oldest_offset = state.head
+            _remove_garbage(replica, result)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.seconds = time.monotonic() - started
+    return result
+
+
 def _registered(replica: Replica, offset: int) -> dict | None:
     return next((m for m in replica.snapshots() if m["offset"] == offset), None)
 
@@ -307,4 +373,4 @@ def _tree_bytes(path: str) -> int:
     return total
 
 
-__all__ = ["CompactResult", "choose_horizon", "compact", "parse_duration"]
+__all__ = ["CompactResult", "choose_horizon", "compact", "compact_from_tensors", "parse_duration"]

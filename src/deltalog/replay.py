@@ -80,7 +80,15 @@ class _Rebuilder:
         plan = self._plans.get(base)
         if plan is not None:
             return plan
-        plan = {}
+        try:
+            plan = self._read_plan(base)
+        except IntegrityError as exc:
+            raise _log_damaged(self.replica, exc) from None
+        self._plans[base] = plan
+        return plan
+
+    def _read_plan(self, base: int) -> dict[str, list[int]]:
+        plan: dict[str, list[int]] = {}
         expected = base
         path = self.replica.path
         for offset, blob in self.replica.iter_record_blobs(since=base, upto=self.offset):
@@ -98,7 +106,6 @@ class _Rebuilder:
             expected = offset
         if expected != self.offset:
             raise IntegrityError(f"{path}: the log ends at offset {expected} before offset {self.offset}")
-        self._plans[base] = plan
         return plan
 
     def fill(self, info: TensorInfo, dest: np.ndarray) -> int:
@@ -116,8 +123,11 @@ class _Rebuilder:
             plan = self._plan(manifest["offset"])
             for offset in plan.get(info.name, ()):
                 blob = self.replica.record_blob(offset)
-                record = rec.decode(blob, f"{self.replica.path}: record {offset}", only={info.name},
-                                    with_old=False, checked=self._checked[offset])
+                try:
+                    record = rec.decode(blob, f"{self.replica.path}: record {offset}", only={info.name},
+                                        with_old=False, checked=self._checked[offset])
+                except IntegrityError as exc:
+                    raise _log_damaged(self.replica, exc) from None
                 for t in record.tensors:
                     if t.new.shape[1:] != (info.row_elems,) or (len(t.rows) and int(t.rows[-1]) >= info.rows):
                         raise IntegrityError(
@@ -131,6 +141,14 @@ class _Rebuilder:
             f"{self.replica.path}: tensor {info.name!r}: no intact snapshot at or before offset {self.offset} "
             f"({problems[0]})"
         )
+
+
+def _log_damaged(replica: Replica, exc: IntegrityError) -> IntegrityError:
+    """``exc`` with the hint for a damaged log: the tensor files are not what to rebuild."""
+    path = replica.path
+    return IntegrityError(str(exc), hint=(
+        f"the log is damaged, not the tensor files: if 'deltalog verify {path}' finds them intact, "
+        f"{tensorfiles.FROM_TENSORS_HINT.format(path=path)}; else {tensorfiles.RESEED_HINT.format(path=path)}"))
 
 
 def _copy_from_snapshot(replica: Replica, manifest: dict, info: TensorInfo, dest: np.ndarray) -> None:

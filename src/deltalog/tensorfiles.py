@@ -34,7 +34,11 @@ SNAPSHOT_DIR = "snapshots"
 MANIFEST = "manifest.json"
 DIGEST_SUFFIX = ".digest"  # tensors/NNNNN.digest: rows x u64 little-endian, one row digest each
 DIGEST_DTYPE = np.dtype("<u8")
+# The fixes users are told about, by what is damaged (verify picks one).
 REPAIR_HINT = "repair the tensor files with 'deltalog replay {path} --in-place'"
+FROM_TENSORS_HINT = ("'deltalog compact {path} --from-tensors' makes them the new base and drops the damaged log, "
+                     "and with it every offset before the head")
+RESEED_HINT = "'deltalog sync HEALTHY_REPLICA {path} --reseed' replaces it with a healthy replica's snapshot and log"
 _COPY_CHUNK = 16 << 20
 
 

@@ -33,6 +33,9 @@ from .replica import Replica
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
+DAMAGE_KINDS = ("log", "snapshots", "tensors", "buckets")  # what a problem can be in, in report order
+
+
 @dataclass
 class VerifyReport:
     head: int
@@ -40,10 +43,21 @@ class VerifyReport:
     snapshots: int = 0
     tensors: int = 0
     problems: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # DAMAGE_KINDS that have problems
+    repair: str | None = None  # what to run, given what is damaged
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def add(self, kind: str, problem: str) -> None:
+        self.problems.append(problem)
+        if kind not in self.damaged:
+            self.damaged = [k for k in DAMAGE_KINDS if k in self.damaged or k == kind]
+
+    def extend(self, kind: str, problems) -> None:
+        for problem in problems:
+            self.add(kind, problem)
 
     def to_json(self) -> dict:
         return {
@@ -53,6 +67,8 @@ class VerifyReport:
             "snapshots_checked": self.snapshots,
             "tensors_checked": self.tensors,
             "problems": self.problems,
+            "damaged": self.damaged,
+            "repair": self.repair,
         }
 
 
@@ -62,15 +78,35 @@ def verify(replica: Replica, wait: float = 0.0, progress: Progress | None = None
     with replica.writing(wait, upgrade=False):  # verify only reads: a v1 replica stays v1
         report = VerifyReport(head=replica.head)
         good_records = _check_records(replica, report, progress)
+        log_ok = "log" not in report.damaged
         base = _check_snapshots(replica, report, progress)
         digests_ok = replica.has_row_digests and _check_row_digests(replica, report, progress,
-                                                                    name_unreadable=base is None)
-        if base is not None:
+                                                                    name_unreadable=base is None or not log_ok)
+        # A damaged log cannot say what the tensors or the bucket index should be: rebuilding
+        # without its damaged records would blame them for what the log lost. The tensors are
+        # then judged by their row digests and the head's state digest alone.
+        if base is not None and log_ok:
             _check_tensors(replica, base, good_records, report, progress)
         if digests_ok:
             _check_state_digest(replica, report)
-        _check_buckets(replica, good_records, report)
+        if log_ok:
+            _check_buckets(replica, good_records, report)
+        report.repair = _repair(replica, report, tensors_proven=digests_ok and replica.state_digest is not None)
     return report
+
+
+def _repair(replica: Replica, report: VerifyReport, tensors_proven: bool) -> str | None:
+    """The fix for what is damaged: never a command that would fail on the same damage."""
+    damaged, path = set(report.damaged), replica.path
+    if not damaged:
+        return None
+    if damaged & {"log", "snapshots", "buckets"}:
+        if "tensors" not in damaged and tensors_proven:
+            return (f"the tensor files hold the model at the head (their state digest matches): "
+                    f"{tensorfiles.FROM_TENSORS_HINT.format(path=path)}; or "
+                    f"{tensorfiles.RESEED_HINT.format(path=path)}")
+        return f"{tensorfiles.RESEED_HINT.format(path=path)}, or restore the replica from a copy"
+    return tensorfiles.REPAIR_HINT.format(path=path)
 
 
 def _check_records(replica: Replica, report: VerifyReport, progress: Progress) -> set[int]:
@@ -88,7 +124,7 @@ def _check_records(replica: Replica, report: VerifyReport, progress: Progress) -
             rec.check(blob, where)  # every byte, whatever later readers of the record decode
             record = rec.decode(blob, where, checked=True)
         except DeltalogError as exc:
-            report.problems.append(str(exc))
+            report.add("log", str(exc))
             expected_base = offset
             chain.running = None  # unknown after a record that cannot be read
             continue
@@ -106,16 +142,16 @@ def _check_records(replica: Replica, report: VerifyReport, progress: Progress) -
                 bad.append(f"tensor {t.name!r} does not match the model")
             elif len(t.rows) and int(t.rows[-1]) >= info.rows:
                 bad.append(f"tensor {t.name!r}: row {int(t.rows[-1])} out of range")
-        report.problems.extend(f"{where}: {b}" for b in bad)
+        report.extend("log", (f"{where}: {b}" for b in bad))
         if bad:
             chain.running = None
         else:
             good.add(offset)
-            report.problems.extend(f"{where}: {b}" for b in chain.step(record, known))
+            report.extend("log", (f"{where}: {b}" for b in chain.step(record, known)))
         expected_base = offset
     if expected_base != head:
-        report.problems.append(f"log ends at offset {expected_base} but the head is {head}")
-    report.problems.extend(chain.end())
+        report.add("log", f"log ends at offset {expected_base} but the head is {head}")
+    report.extend("log", chain.end())
     return good
 
 
@@ -161,12 +197,12 @@ def _check_state_digest(replica: Replica, report: VerifyReport) -> None:
     try:
         got = replica.digest_of_files()
     except DeltalogError as exc:
-        report.problems.append(str(exc))
+        report.add("tensors", str(exc))
         return
     if got != want:
-        report.problems.append(
+        report.add("tensors",
             f"the tensor files give state digest {lineage.to_hex(got)}, the head {replica.head} has "
-            f"{lineage.to_hex(want)}; {tensorfiles.REPAIR_HINT.format(path=replica.path)}"
+            f"{lineage.to_hex(want)}"
         )
 
 
@@ -175,7 +211,7 @@ def _check_snapshots(replica: Replica, report: VerifyReport, progress: Progress)
     head = replica.head
     manifests = sorted(replica.snapshots(), key=lambda m: m["offset"])
     if not manifests or manifests[0]["offset"] != replica.oldest_offset:
-        report.problems.append(f"no snapshot at the oldest retained offset {replica.oldest_offset}")
+        report.add("snapshots", f"no snapshot at the oldest retained offset {replica.oldest_offset}")
     base = None
     for n, manifest in enumerate(manifests):
         progress("snapshots", n, len(manifests))
@@ -187,11 +223,11 @@ def _check_snapshots(replica: Replica, report: VerifyReport, progress: Progress)
                 problems.append(f"snapshot {manifest['offset']}: its files give state digest {lineage.to_hex(got)}, "
                                 f"its manifest says {lineage.to_hex(claimed)}")
         report.snapshots += 1
-        report.problems.extend(problems)
+        report.extend("snapshots", problems)
         if not problems and manifest["offset"] <= head:
             base = manifest
     if base is None:
-        report.problems.append("no intact snapshot to rebuild the tensors from")
+        report.add("snapshots", "no intact snapshot to rebuild the tensors from")
     return base
 
 
@@ -217,15 +253,14 @@ def _check_tensors(
         try:
             actual = replica.rows_view(info.name)
         except DeltalogError as exc:
-            report.problems.append(str(exc))
+            report.add("tensors", str(exc))
             continue
         differs = rows_differ(expected, np.asarray(actual)) if info.nbytes else []
         bad = int(np.count_nonzero(differs))
         if bad:
             first = int(np.flatnonzero(differs)[0])
-            report.problems.append(
-                f"tensor {info.name!r}: {bad} rows differ from the log's head (first: row {first}); "
-                "repair with 'deltalog replay --in-place'"
+            report.add("tensors",
+                f"tensor {info.name!r}: {bad} rows differ from the log's head (first: row {first})"
             )
         report.tensors += 1
 
@@ -239,20 +274,19 @@ def _check_row_digests(replica: Replica, report: VerifyReport, progress: Progres
     An unreadable tensor file is named here only when no snapshot lets
     _check_tensors name it. True when every row matched.
     """
-    found = len(report.problems)
-    hint = tensorfiles.REPAIR_HINT.format(path=replica.path)
+    found = len(report.problems)  # to tell whether this check added any
     for n, info in enumerate(replica.tensors):
         progress("row digests", n, len(replica.tensors))
         try:
             actual = replica.rows_view(info.name)
         except DeltalogError as exc:
             if name_unreadable:
-                report.problems.append(str(exc))
+                report.add("tensors", str(exc))
             continue
         try:
             stored = tensorfiles.map_digests(replica.digest_path(info), info, writable=False)
         except DeltalogError as exc:
-            report.problems.append(f"{exc}; {hint}")
+            report.add("tensors", str(exc))
             continue
         bad_rows: list[int] = []
         count = 0
@@ -262,9 +296,9 @@ def _check_row_digests(replica: Replica, report: VerifyReport, progress: Progres
             bad_rows.extend(int(start + b) for b in bad[: MAX_ROWS_NAMED - len(bad_rows)])
         if count:
             more = f" and {count - len(bad_rows)} more" if count > len(bad_rows) else ""
-            report.problems.append(
+            report.add("tensors",
                 f"tensor {info.name!r}: {count} rows differ from their row digests "
-                f"(rows {', '.join(map(str, bad_rows))}{more}); {hint}"
+                f"(rows {', '.join(map(str, bad_rows))}{more})"
             )
     return len(report.problems) == found
 
@@ -294,10 +328,10 @@ def _check_buckets(replica: Replica, good: set[int], report: VerifyReport) -> No
         for bucket, (version, _sig) in index.items():
             want = want_by_bucket.get(bucket)
             if (want is not None and version != want) or (want is None and version > oldest):
-                report.problems.append(
+                report.add("buckets",
                     f"bucket index: tensor {info.name!r} bucket {bucket} has version {version}, "
                     f"the log says {want if want is not None else f'<= {oldest}'}"
                 )
         for bucket, want in want_by_bucket.items():
             if bucket not in index:
-                report.problems.append(f"bucket index: tensor {info.name!r} bucket {bucket} missing (log says {want})")
+                report.add("buckets", f"bucket index: tensor {info.name!r} bucket {bucket} missing (log says {want})")

@@ -323,15 +323,19 @@ class Writer:
         self.transition(Change(log=log_it, state=new_state, rows=() if rows_written else [c.write for c in changes]))
         return record
 
-    def fold(self, horizon: int, manifest: dict) -> tuple[int, int, list[int]]:
+    def fold(self, horizon: int, manifest: dict, clear_buckets: bool = False) -> tuple[int, int, list[int]]:
         """Compaction's switch (lock held): register the snapshot at ``horizon``, make it the oldest
         offset and drop the records up to it and the older snapshots, in one transaction.
+        ``clear_buckets`` empties the bucket index too (every bucket then counts as written at or
+        before the oldest offset, which is true once nothing before the head is kept).
 
         Returns (records removed, their bytes, the snapshot offsets dropped).
         """
         folded: dict = {}
 
         def fold(txn):
+            if clear_buckets:
+                self.store.clear_buckets(txn)
             self.store.put_snapshot(txn, manifest)
             self.store.put_meta(txn, "oldest", horizon)
             folded["removed"] = sum(1 for _ in self.store.iter_records(txn, upto=horizon))

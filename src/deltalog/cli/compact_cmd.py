@@ -30,10 +30,14 @@ class _Duration(click.ParamType):
               help="Keep the newest N records.")
 @click.option("--keep-age", type=_Duration(), default=None,
               help="Keep records written in the last DURATION (e.g. 90m, 12h, 7d).")
+@click.option("--from-tensors", is_flag=True,
+              help="Repair: make the live tensor files the new base (a snapshot at the head, checked against "
+                   "the head's state digest) and drop every record, snapshot and the bucket index. For a "
+                   "damaged log or snapshot whose tensors are intact (what 'deltalog verify' suggests).")
 @wait_option
 @json_option
 @quiet_option
-def command(replica, keep_after, keep_records, keep_age, wait, as_json, quiet):
+def command(replica, keep_after, keep_records, keep_age, from_tensors, wait, as_json, quiet):
     """Fold REPLICA's records older than a horizon into a snapshot and drop them.
 
     Without an option, every record is folded (the oldest offset becomes the
@@ -43,18 +47,24 @@ def command(replica, keep_after, keep_records, keep_age, wait, as_json, quiet):
     go on while it is written and wait for the writer lock only for the
     final switch (pass --wait). Safe to interrupt: re-run it to finish.
     """
-    if sum(x is not None for x in (keep_after, keep_records, keep_age)) > 1:
-        raise click.UsageError("give at most one of --keep-after, --keep-records, --keep-age")
-    from ..compact import compact
+    if sum(x is not None for x in (keep_after, keep_records, keep_age)) + from_tensors > 1:
+        raise click.UsageError("give at most one of --keep-after, --keep-records, --keep-age, --from-tensors")
+    from ..compact import compact, compact_from_tensors
     from ..replica import Replica
 
     out = Output(as_json, quiet)
     with Replica.open(replica) as r, out.progress("compacting") as update:
-        result = compact(r, keep_after=keep_after, keep_records=keep_records, keep_age=keep_age,
-                         wait=wait, progress=update)
+        if from_tensors:
+            result = compact_from_tensors(r, wait=wait)
+        else:
+            result = compact(r, keep_after=keep_after, keep_records=keep_records, keep_age=keep_age,
+                             wait=wait, progress=update)
 
     def render(c):
-        if result.changed:
+        if result.built_from == "tensors":
+            c.print(f"rebased {replica} on its tensor files at offset {result.head}: {result.records_removed} "
+                    f"records and {len(result.snapshots_removed)} older snapshots dropped")
+        elif result.changed:
             c.print(f"compacted {replica}: oldest offset {result.previous_oldest} -> {result.oldest_offset} "
                     f"(head {result.head}), {result.records_removed} records and "
                     f"{len(result.snapshots_removed)} snapshots dropped")

@@ -14,9 +14,12 @@ from .console import Output, json_option, quiet_option, wait_option
 @json_option
 @quiet_option
 def command(ctx, replica, wait, as_json, quiet):
-    """Check REPLICA: record checksums and their order, snapshot checksums, the
-    tensor files against the model rebuilt from snapshot + log, and the bucket
-    index. Exits 5 and names each problem if anything is damaged.
+    """Check REPLICA: record checksums, their order and state digests, snapshot
+    checksums, the tensor files against the model rebuilt from snapshot + log
+    and against the head's state digest, and the bucket index. Exits 5, names
+    each problem, and says how to repair what is damaged (JSON: "damaged",
+    "repair"): 'replay --in-place' for tensor files, 'compact --from-tensors'
+    or 'sync HEALTHY --reseed' for the log or snapshots.
     """
     from ..errors import IntegrityError
     from ..replica import Replica
@@ -34,6 +37,6 @@ def command(ctx, replica, wait, as_json, quiet):
         if not as_json:
             for problem in report.problems:
                 click.echo(f"damaged: {problem}", err=True)
-            click.echo(f"deltalog: error: {replica}: {len(report.problems)} problem(s) found "
-                       "('deltalog replay --in-place' rebuilds damaged tensor files)", err=True)
+            click.echo(f"deltalog: error: {replica}: {len(report.problems)} problem(s) found in the "
+                       f"{', '.join(report.damaged)}; {report.repair}", err=True)
         ctx.exit(IntegrityError.exit_code)
