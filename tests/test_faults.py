@@ -847,6 +847,29 @@ def test_first_sync_into_a_full_disk_fails_cleanly(small_fs, tmp_path):
     assert_unchanged(small_fs / "dst", model, 0)
 
 
+def test_first_sync_with_room_for_the_snapshot_but_not_the_replica(small_fs, tmp_path):
+    """The snapshot arrives, its copy into the tensor files does not fit: exit 12 (not an internal error),
+    the copies are removed so the disk is not left fuller, the message names what stays, and the next
+    run, with space back, completes from the snapshot already received without fetching it again."""
+    model = small_model(7)
+    src = tmp_path / "src"
+    Replica.init(src, model, bucket_rows=256).close()
+    nbytes = sum(v.nbytes for v in model.values())
+    fill(small_fs, int(nbytes * 1.6))
+    proc = run_cli("sync", src, small_fs / "dst", "--json")
+    assert_clean_storage_error(proc)
+    staging = small_fs / ".dst.deltalog-sync"
+    assert str(staging) in proc.stderr and "run the sync again" in proc.stderr
+    assert not (small_fs / "dst").exists() and not (staging / "tensors").exists()
+    os.unlink(small_fs / "filler")
+    proc = run_cli("sync", src, small_fs / "dst", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["created"] and out["bytes_sent"] < nbytes / 10  # resumed: the snapshot was not sent again
+    assert_unchanged(small_fs / "dst", model, 0)
+    assert not staging.exists()
+
+
 def test_compact_on_a_full_disk_fails_cleanly_and_changes_nothing(small_fs):
     model = small_model(5)
     path = small_fs / "r"

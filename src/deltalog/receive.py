@@ -39,7 +39,15 @@ import numpy as np
 from . import kernels, layout, lineage, tensorfiles
 from . import record as rec
 from .dtypes import row_significance
-from .errors import Diverged, IntegrityError, InvalidInput, ModelMismatch, TransportError, UnsupportedVersion
+from .errors import (
+    Diverged,
+    IntegrityError,
+    InvalidInput,
+    ModelMismatch,
+    StorageError,
+    TransportError,
+    UnsupportedVersion,
+)
 from .pending import CHUNK_KEY, PENDING_KEY, merged_pending, pending_buckets, pending_state, read_pending
 from .writer import Change, RowChange, RowWrite, Writer, create_replica
 
@@ -519,6 +527,22 @@ def init_from_snapshot(staging: str, path: str, hello: dict, manifest: dict) -> 
     replica has the source's model id, bucket size and tensor layout, and
     starts at the snapshot's offset (oldest = head = offset).
     """
+    try:
+        _build_from_snapshot(staging, path, hello, manifest)
+    except (OSError, StorageError) as exc:
+        # What is only a copy goes, so a full disk is not left fuller; the received
+        # snapshot stays, for the next run to resume from.
+        for name in (tensorfiles.TENSOR_DIR, layout.LOG_DIR):
+            shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise StorageError(
+            f"{path}: cannot create the replica from the received snapshot: {reason or exc}",
+            hint=f"free disk space (it needs about twice the model's size) and run the sync again: it "
+                 f"resumes from the snapshot kept in {staging} (delete that directory to give up)",
+        ) from None
+
+
+def _build_from_snapshot(staging: str, path: str, hello: dict, manifest: dict) -> None:
     offset = manifest["offset"]
     os.makedirs(os.path.join(staging, tensorfiles.TENSOR_DIR), exist_ok=True)
     snap = tensorfiles.snapshot_path(staging, offset)

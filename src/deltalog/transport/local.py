@@ -194,6 +194,7 @@ class LocalSink:
         self._staging_lock: WriterLock | None = None
         self._hello: dict | None = None
         self._manifest: dict | None = None  # the source's snapshot manifest
+        self._wanted: dict | None = None  # what a snapshot transfer fetches (transfer.json)
         self._files: dict[str, str] = {}  # source file name -> local path
         self._handles: dict[str, object] = {}
         self._wait = 0.0
@@ -315,8 +316,9 @@ class LocalSink:
         offset = int(manifest["offset"])
         partial = os.path.join(self._snapshot_root(), tensorfiles.SNAPSHOT_DIR,
                                tensorfiles.snapshot_dirname(offset) + ".partial")
-        wanted = {"offset": offset, "model_id": manifest["model_id"],
-                  "tensors": [{k: t[k] for k in ("name", "file", "nbytes", "xxh3")} for t in manifest["tensors"]]}
+        wanted = self._wanted = {
+            "offset": offset, "model_id": manifest["model_id"],
+            "tensors": [{k: t[k] for k in ("name", "file", "nbytes", "xxh3")} for t in manifest["tensors"]]}
         try:
             with open(os.path.join(partial, TRANSFER)) as f:
                 have = json.load(f)
@@ -401,7 +403,13 @@ class LocalSink:
         if self.replica is not None:
             receive.restore_snapshot(self.replica, local_manifest)
             return receive.sink_state(self.replica)
-        receive.init_from_snapshot(self._staging, self.path, hello, local_manifest)
+        try:
+            receive.init_from_snapshot(self._staging, self.path, hello, local_manifest)
+        except StorageError:  # a full disk: keep what arrived as a transfer the next run resumes
+            os.rename(final, partial)
+            with open(os.path.join(partial, TRANSFER), "w") as f:
+                json.dump(self._wanted, f)
+            raise
         self._staging_lock.release()  # the lock file moved in with the rename; take it as the replica's
         self._staging_lock = self._staging = None
         self._open_replica()
