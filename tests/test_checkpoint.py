@@ -144,7 +144,9 @@ def test_npy_dir_nested_names(tmp_path):
     write_checkpoint(path, tensors)
     assert (path / "layer1" / "weight.npy").is_file()
     assert (path / "emb" / "user" / "table.npy").is_file()
-    got = read_checkpoint(path)
+    with pytest.raises(InvalidInput, match="holds .npy files too"):  # a subdirectory is read only when asked
+        read_checkpoint(path)
+    got = read_checkpoint(path, recursive=True)
     assert list(got) == sorted(tensors)
     for name, (array, logical) in tensors.items():
         assert_same(got[name], array, logical)
@@ -155,7 +157,8 @@ def test_npy_dir_written_by_numpy_is_read(tmp_path):
     np.save(tmp_path / "a" / "b" / "w.npy", np.arange(6, dtype=">f4").reshape(2, 3))  # big-endian
     np.save(tmp_path / "f.npy", np.asfortranarray(np.arange(6, dtype="<i2").reshape(2, 3)))
     (tmp_path / "README.txt").write_text("not a tensor")
-    got = read_checkpoint(tmp_path)
+    assert list(read_checkpoint(tmp_path / "a" / "b")) == ["w"]
+    got = read_checkpoint(tmp_path, recursive=True)
     assert list(got) == ["a/b/w", "f"]
     assert got["a/b/w"].array.dtype == np.dtype("<f4")
     assert got["a/b/w"].array.tolist() == np.arange(6, dtype="<f4").reshape(2, 3).tolist()
@@ -374,7 +377,7 @@ def entry(dtype="F32", shape=(2,), offsets=(0, 8)):
 @pytest.mark.parametrize(
     "header, data, length, problem",
     [
-        (b"{}", b"", 1 << 40, "larger than the file"),
+        (b"{}", b"", 1 << 40, "announce a 1099511627776-byte header, but only 2 bytes follow"),
         (b"{not json", b"", None, "bad header JSON"),
         (b"\xff\xfe{}", b"", None, "not UTF-8"),
         (b"[1, 2]", b"", None, "not a JSON object"),

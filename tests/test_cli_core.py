@@ -82,7 +82,8 @@ def test_human_output_goes_to_stdout_and_quiet_silences_it(checkpoints):
         (("init", "{tmp}/r", "--from", "{tmp}/base.npz", "--bucket-rows", "0"), 2, "bucket-rows"),
         (("commit", "{tmp}/r", "--from", "{tmp}/other.npz"), 6, "does not match"),
         (("commit", "{tmp}/r", "--from", "{tmp}/reshaped.npz"), 6, "bias"),
-        (("log", "{tmp}/r", "--since", "-1"), 2, "since"),
+        (("log", "{tmp}/r", "--since", "+1"), 2, "since"),
+        (("log", "{tmp}/r", "--since", "-1"), 7, "fewer than 1 offsets"),
         (("frobnicate",), 2, "No such command"),
     ],
 )

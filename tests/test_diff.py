@@ -692,7 +692,8 @@ def test_parse_spec(tmp_path):
     assert parse_spec(r + "@0") == ("replica", r, 0)
     assert parse_spec(r + "@17") == ("replica", r, 17)
     assert parse_spec(ck) == ("checkpoint", ck, None)
-    for bad in (r + "@", r + "@-1", r + "@x", r + "@ 1", ck + "@1", ""):
+    assert parse_spec(r + "@-1") == ("replica", r, "-1") and parse_spec(r + "@head~2")[2] == "head~2"
+    for bad in (r + "@", r + "@-", r + "@x", r + "@ 1", r + "@head~", r + "@+1", ck + "@1", ""):
         with pytest.raises(InvalidInput):
             parse_spec(bad)
     for missing in (str(tmp_path / "nope"), str(tmp_path / "nope@3"), str(tmp_path / "empty")):

@@ -315,12 +315,14 @@ def test_verify_names_the_rotted_rows_boundedly(tmp_path, rng):
     for row in rotted:
         _flip(os.path.join(src, "tensors", info.file), row * info.row_bytes + 2)
     with Replica.open(src) as r:
-        problems = verify(r).problems
+        report = verify(r)
+    problems = report.problems
     digest_lines = [p for p in problems if "row digests" in p]
     assert len(digest_lines) == 1, problems
     line = digest_lines[0]
     assert line.startswith("tensor 'item_emb': 15 rows differ from their row digests (rows 100, 101,")
-    assert "109 and 5 more" in line and "110" not in line and "--in-place" in line
+    assert "109 and 5 more" in line and "110" not in line
+    assert report.damaged == ["tensors"] and "--in-place" in report.repair
     proc = run_cli("verify", src, "--json")
     assert proc.returncode == 5 and any("row digests" in p for p in json.loads(proc.stdout)["problems"])
 

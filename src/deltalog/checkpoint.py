@@ -121,8 +121,15 @@ def _name_problem(name: object) -> str | None:
 # reading
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, CheckpointTensor]:
-    """All tensors of the checkpoint at ``path``, sorted by name."""
+def read_checkpoint(path: str | os.PathLike, recursive: bool = False) -> dict[str, CheckpointTensor]:
+    """All tensors of the checkpoint at ``path``, sorted by name.
+
+    A directory checkpoint is the .npy files directly in it. ``recursive``
+    also reads those of its subdirectories, as tensors named ``sub/NAME``
+    (what writing a tensor whose name holds '/' makes); without it, a
+    subdirectory holding .npy files is refused rather than silently left
+    out or silently read (a backup folder inside is not the model).
+    """
     path = _existing(path)
     kind = checkpoint_kind(path)
     if kind == "safetensors":
@@ -130,7 +137,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, CheckpointTensor]:
     elif kind == "npz":
         tensors = _read_npz(path)
     else:
-        tensors = _read_npy_dir(path)
+        tensors = _read_npy_dir(path, recursive)
     return {name: tensors[name] for name in sorted(tensors)}
 
 
@@ -172,7 +179,10 @@ def _read_safetensors_header(path: str) -> tuple[dict[str, dict], dict[str, str]
                 raise InvalidInput(f"{path}: too short to be a safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", f.read(8))
             if n > size - 8:
-                raise InvalidInput(f"{path}: safetensors header length {n} is larger than the file ({size} bytes)")
+                raise InvalidInput(
+                    f"{path}: not a complete safetensors file: its first 8 bytes announce a {n}-byte header, "
+                    f"but only {size - 8} bytes follow them",
+                    hint="check that the file is a .safetensors checkpoint and was copied whole")
             if n > _MAX_ST_HEADER:
                 raise InvalidInput(f"{path}: safetensors header length {n} exceeds the {_MAX_ST_HEADER}-byte limit")
             raw = f.read(n)
@@ -319,15 +329,19 @@ def _read_npz(path: str) -> dict[str, CheckpointTensor]:
     return tensors
 
 
-def _read_npy_dir(path: str) -> dict[str, CheckpointTensor]:
+def _read_npy_dir(path: str, recursive: bool) -> dict[str, CheckpointTensor]:
     if not os.path.isdir(path):
         raise InvalidInput(f"{path}: not a directory (an npy-dir checkpoint is a directory of .npy files)")
     tensors = {}
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
-        for filename in sorted(filenames):
-            if not filename.endswith(".npy"):
-                continue
+        found = sorted(f for f in filenames if f.endswith(".npy"))
+        if found and dirpath != path and not recursive:
+            raise InvalidInput(
+                f"{path}: its subdirectory {os.path.relpath(dirpath, path)} holds .npy files too "
+                f"({found[0]}, ...), which are not read",
+                hint="pass --recursive to read them as tensors named 'SUBDIR/NAME', or move them out")
+        for filename in found:
             file = os.path.join(dirpath, filename)
             name = os.path.relpath(file, path)[: -len(".npy")].replace(os.sep, "/")
             tensors[name] = _tensor(file, name, _load_npy(file))
@@ -426,6 +440,7 @@ def _atomic_file(path: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file what open() would
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -435,6 +450,20 @@ def _atomic_file(path: str, write) -> None:
         _remove_quietly(tmp)
         raise
     fsync_dir(directory)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux 4.7+ shows it in /proc), else by setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere reading it means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _remove_quietly(file: str) -> None:
@@ -488,6 +517,7 @@ def _write_npy_dir(path: str, prepared: list[tuple[str, np.ndarray, str]]) -> No
     parent = os.path.dirname(target)
     tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(target) + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: give the directory what mkdir would
         for name, array, _ in prepared:
             file = os.path.join(tmp, *name.split("/")) + ".npy"
             os.makedirs(os.path.dirname(file), exist_ok=True)

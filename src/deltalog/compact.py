@@ -78,6 +78,7 @@ class CompactResult:
     garbage_removed: list[str] = field(default_factory=list)  # leftovers of crashed runs
     seconds: float = 0.0
     built_from: str = "log"  # what the new snapshot was made from: "log" (a replay) or "tensors"
+    dry_run: bool = False  # nothing changed: the fields say what would
 
     @property
     def changed(self) -> bool:
@@ -101,6 +102,7 @@ class CompactResult:
             "snapshots_removed": self.snapshots_removed,
             "garbage_removed": self.garbage_removed,
             "built_from": self.built_from,
+            "dry_run": self.dry_run,
             "seconds": round(self.seconds, 3),
         }
 
@@ -207,6 +209,28 @@ def compact(
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     result.seconds = time.monotonic() - started
+    return result
+
+
+def plan(replica: Replica, keep_after: int | None = None, keep_records: int | None = None,
+         keep_age: float | None = None, from_tensors: bool = False) -> CompactResult:
+    """What :func:`compact` (or :func:`compact_from_tensors`) would do now, without the lock or a write."""
+    previous_oldest, head = replica.oldest_offset, replica.head
+    horizon = head if from_tensors else choose_horizon(replica, keep_after, keep_records, keep_age)
+    result = CompactResult(oldest_offset=previous_oldest, previous_oldest=previous_oldest, head=head,
+                           built_from="tensors" if from_tensors else "log", dry_run=True)
+    if horizon <= previous_oldest and not from_tensors:
+        return result
+    result.oldest_offset = horizon
+    for summary in replica.iter_summaries(upto=horizon):
+        result.records_removed += 1
+        result.log_bytes_freed += summary.nbytes
+    for manifest in replica.snapshots():
+        if manifest["offset"] < horizon:
+            result.snapshots_removed.append(manifest["offset"])
+            result.snapshot_bytes_removed += _tree_bytes(tensorfiles.snapshot_path(replica.path, manifest["offset"]))
+    if from_tensors or _registered(replica, horizon) is None:
+        result.snapshot_bytes_written = sum(t.nbytes for t in replica.tensors)
     return result
 
 
@@ -373,4 +397,4 @@ def _tree_bytes(path: str) -> int:
     return total
 
 
-__all__ = ["CompactResult", "choose_horizon", "compact", "compact_from_tensors", "parse_duration"]
+__all__ = ["CompactResult", "choose_horizon", "compact", "compact_from_tensors", "parse_duration", "plan"]

@@ -63,7 +63,7 @@ from . import kernels, lineage
 from .checkpoint import CheckpointTensor, read_checkpoint, read_checkpoint_metadata
 from .dtypes import as_float, bits_dtype, rows_differ
 from .errors import InvalidInput, LockHeld, ModelMismatch, NotAReplica, OffsetNotRetained
-from .history import changed_rows, check_retained, sorted_union, values_at
+from .history import changed_rows, check_retained, parse_offset, resolve_offset, sorted_union, values_at
 from .pending import pending_marker
 from .layout import MARKER
 from .replica import DEFAULT_BUCKET_ROWS, Replica
@@ -129,8 +129,8 @@ class CheckpointSide:
     bucket_rows = None
 
     @classmethod
-    def read(cls, path: str, spec: str | None = None) -> "CheckpointSide":
-        return cls(read_checkpoint(path), spec or path, read_checkpoint_metadata(path))
+    def read(cls, path: str, spec: str | None = None, recursive: bool = False) -> "CheckpointSide":
+        return cls(read_checkpoint(path, recursive), spec or path, read_checkpoint_metadata(path))
 
     @property
     def model_id(self) -> str | None:
@@ -155,12 +155,14 @@ def _holds_npy(path: str) -> bool:
     return any(f.endswith(".npy") for _d, _s, files in os.walk(path) for f in files)
 
 
-def parse_spec(spec: str) -> tuple[str, str, int | None]:
+def parse_spec(spec: str) -> tuple[str, str, int | str | None]:
     """("replica", path, offset or None) or ("checkpoint", path, None) for a command-line side.
 
     A replica directory (it has a DELTALOG file) is a replica at its head;
-    ``PATH@N`` with PATH a replica is that replica at offset N; any other
-    existing path is a checkpoint.
+    ``PATH@N`` with PATH a replica is that replica at offset N, and
+    ``PATH@head~N`` or ``PATH@-N`` N retained offsets before its head (the
+    text is kept, for history.resolve_offset); any other existing path is a
+    checkpoint.
     """
     if not spec:
         raise InvalidInput("empty model path")
@@ -168,10 +170,11 @@ def parse_spec(spec: str) -> tuple[str, str, int | None]:
         return "replica", spec, None
     path, at, offset = spec.rpartition("@")
     if at and path and _is_replica_dir(path):
-        if not offset.isdigit():  # digits only: no sign, no spaces
-            raise InvalidInput(f"{spec}: offset {offset!r} is not a non-negative integer",
-                               hint="write REPLICA@OFFSET, e.g. models/a@42")
-        return "replica", path, int(offset)
+        try:
+            return "replica", path, parse_offset(offset)
+        except InvalidInput:
+            raise InvalidInput(f"{spec}: {offset!r} is not an offset",
+                               hint="write REPLICA@OFFSET, REPLICA@head~N or REPLICA@-N, e.g. models/a@42") from None
     if os.path.exists(spec):
         if os.path.isdir(spec) and not _holds_npy(spec):
             raise NotAReplica(f"{spec}: neither a replica (no {MARKER} file) nor a checkpoint (no .npy files)",
@@ -185,14 +188,15 @@ def parse_spec(spec: str) -> tuple[str, str, int | None]:
 
 
 @contextmanager
-def open_side(spec: str) -> Iterator[Side]:
-    """Open one side of a diff from its command-line spelling; closes what it opened."""
+def open_side(spec: str, recursive: bool = False) -> Iterator[Side]:
+    """Open one side of a diff from its command-line spelling; closes what it opened.
+    ``recursive``: a directory checkpoint's subdirectories are read too (checkpoint.read_checkpoint)."""
     kind, path, offset = parse_spec(spec)
     if kind == "checkpoint":
-        yield CheckpointSide.read(path, spec)
+        yield CheckpointSide.read(path, spec, recursive)
         return
     with Replica.open(path) as replica:
-        yield ReplicaSide.at(replica, offset, spec)
+        yield ReplicaSide.at(replica, None if offset is None else resolve_offset(replica, offset), spec)
 
 
 # -- results ----------------------------------------------------------------------

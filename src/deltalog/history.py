@@ -13,14 +13,52 @@ sync from 3 to 9 never held 4..8, so those are not retained.
 
 from __future__ import annotations
 
+import re
 
 import numpy as np
 
 from . import lineage
 from . import record as rec
-from .errors import OffsetNotRetained
+from .errors import InvalidInput, OffsetNotRetained
 from .pending import head_values
 from .replica import Replica
+
+
+OFFSET_HINT = "write an offset N or 'head', or 'head~N' or '-N' for the N-th retained offset before the head"
+_BACK = re.compile(r"(?:head~|-)(\d+)")
+
+
+def parse_offset(text: str) -> int | str:
+    """An offset as written on the command line: N (an int), or 'head', 'head~N', '-N' (returned
+    as given, for :func:`resolve_offset`). InvalidInput for anything else."""
+    if text.isdigit():  # digits only: no sign, no spaces
+        return int(text)
+    if text == "head" or _BACK.fullmatch(text):
+        return text
+    raise InvalidInput(f"{text!r} is not an offset", hint=OFFSET_HINT)
+
+
+def resolve_offset(replica: Replica, text: int | str) -> int:
+    """The offset ``text`` names on ``replica``: N itself, or counted back over its retained offsets.
+
+    'head~N' and '-N' are the N-th retained offset before the head, as git
+    counts commits: on a follower whose log has gaps, the N-th of its own
+    records back (then its oldest offset), not head - N.
+    """
+    value = parse_offset(text) if isinstance(text, str) else int(text)
+    if isinstance(value, int):
+        return value
+    match = _BACK.fullmatch(value)
+    back = int(match.group(1)) if match else 0
+    if back == 0:
+        return replica.head
+    found = replica.record_offset_from_end(back)
+    if found is not None:
+        return found
+    if replica.record_offset_from_end(back - 1) is not None:  # exactly `back` records: then the oldest offset
+        return replica.oldest_offset
+    raise OffsetNotRetained(f"{replica.path}: {text}: it holds fewer than {back} offsets before its head",
+                            hint=f"'deltalog log {replica.path}' lists them")
 
 
 def check_retained(replica: Replica, offset: int) -> None:
@@ -178,7 +216,7 @@ def log_entries(replica: Replica, since: int = -1, stored: bool = False) -> list
         entry = {"offset": s.offset, "base": s.base, "time": s.time, "kind": s.kind, "rows": s.rows,
                  "bytes": s.nbytes, "significance": s.significance, "reason": s.reason, "target": s.target,
                  "tensors": s.tensors, "post_digest": lineage.to_hex(s.post_digest), "synced_in": None,
-                 "retained": True}
+                 "retained": True, "user": s.user, "host": s.host}
         if stored or not s.history:
             out.append(entry)
             continue
@@ -188,5 +226,6 @@ def log_entries(replica: Replica, since: int = -1, stored: bool = False) -> list
             out.append({"offset": e["offset"], "base": None, "time": e["time"], "kind": e["kind"], "rows": e["rows"],
                         "bytes": None, "significance": e["significance"], "reason": e["reason"], "target": e["target"],
                         "tensors": None, "post_digest": lineage.to_hex(s.post_digest) if e["offset"] == s.offset else None,
-                        "synced_in": s.offset, "retained": e["offset"] == s.offset})
+                        "synced_in": s.offset, "retained": e["offset"] == s.offset,
+                        "user": e["user"], "host": e["host"]})
     return out

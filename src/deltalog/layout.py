@@ -50,6 +50,12 @@ def write_marker(path: str, fsync_parent: bool = True) -> None:
         raise StorageError(f"{path}: cannot write the {MARKER} marker: {exc.strerror or exc}") from None
 
 
+def sync_staging_path(path: str) -> str:
+    """Where a first sync builds the replica ``path`` before renaming it into place (resumable)."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.deltalog-sync")
+
+
 def is_replica(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
@@ -57,8 +63,12 @@ def is_replica(path: str) -> bool:
 def check_marker(path: str) -> None:
     """NotAReplica / UnsupportedVersion unless ``path`` holds a replica we can read."""
     marker = os.path.join(path, MARKER)
-    if not os.path.isdir(path):
-        raise NotAReplica(f"{path}: no such replica directory", hint="create one with 'deltalog init'")
+    if not os.path.isdir(path) or not os.listdir(path):
+        if os.path.isdir(sync_staging_path(path)):
+            raise NotAReplica(f"{path}: not a replica yet: a first sync into it has not completed (running or stopped)",
+                              hint="run the same 'deltalog sync SRC DST' again: it resumes")
+        if not os.path.isdir(path):
+            raise NotAReplica(f"{path}: no such replica directory", hint="create one with 'deltalog init'")
     try:
         with open(marker) as f:
             lines = f.read(256).splitlines()

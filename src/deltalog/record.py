@@ -40,6 +40,7 @@ from .errors import IntegrityError, UnsupportedVersion
 MAGIC = b"DLRC"
 VERSION = 2  # the newest record encoding this code reads, and what encode() writes unless told otherwise
 KINDS = ("commit", "sync", "rollback")
+MAX_REASON = 4096  # characters of a record's reason (a rollback's --reason, a commit's --message)
 SECTION_KEYS = ("index", "new", "old", "versions")  # the order of one tensor's sections
 
 _FIXED = struct.Struct(">4sHHI")
@@ -90,6 +91,8 @@ class Record:
     pre_digest: int | None = None  # the state digest at ``base`` (deltalog.lineage); None before format 4
     post_digest: int | None = None  # the state digest at ``offset``
     history: list | None = None  # sync: the source's records it stands for (see HISTORY_FIELDS)
+    user: str | None = None  # who wrote it, and on which host (format 4)
+    host: str | None = None
 
     @property
     def rows(self) -> int:
@@ -118,6 +121,8 @@ class RecordSummary:
     pre_digest: int | None = None
     post_digest: int | None = None
     history: list | None = None
+    user: str | None = None
+    host: str | None = None
 
 
 # -- encoding ------------------------------------------------------------------
@@ -193,6 +198,9 @@ def encode(record: Record, version: int = VERSION) -> bytes:
             fields[key] = int(getattr(record, key))
     if record.history is not None:
         fields["history"] = record.history
+    for key in ("user", "host"):
+        if getattr(record, key) is not None:
+            fields[key] = getattr(record, key)
     header = pack(fields)
     fixed = _FIXED.pack(MAGIC, version, 0, len(header))
     if version == 1:
@@ -363,7 +371,15 @@ def _identity(header: dict) -> dict:
         "pre_digest": _digest_field(header.get("pre_digest")),
         "post_digest": _digest_field(header.get("post_digest")),
         "history": _history_field(header.get("history")),
+        "user": _text_field(header.get("user")),
+        "host": _text_field(header.get("host")),
     }
+
+
+def _text_field(value) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError("not text")
+    return value
 
 
 def _digest_field(value) -> int | None:
@@ -375,8 +391,8 @@ def _digest_field(value) -> int | None:
 
 
 # A sync record's ``history``: one list per source record it stands for, oldest
-# first, ``[offset, kind, time, rows, significance, target, reason]``.
-HISTORY_FIELDS = ("offset", "kind", "time", "rows", "significance", "target", "reason")
+# first, ``[offset, kind, time, rows, significance, target, reason, user, host]``.
+HISTORY_FIELDS = ("offset", "kind", "time", "rows", "significance", "target", "reason", "user", "host")
 
 
 def _history_field(value) -> list | None:

@@ -246,9 +246,13 @@ def _scratch_map(path: str, info: TensorInfo) -> np.ndarray:
 
 
 def replay_to_checkpoint(
-    replica: Replica, out: str | os.PathLike, offset: int | None = None, progress: Progress | None = None
+    replica: Replica, out: str | os.PathLike, offset: int | None = None, progress: Progress | None = None,
+    force: bool = False,
 ) -> ReplayResult:
     """Write the model at ``offset`` (default: head) as a checkpoint at ``out``.
+
+    An existing ``out`` is refused before any work unless ``force`` (then it
+    is replaced atomically; an npy directory only when empty).
 
     The format follows the path (see checkpoint.checkpoint_kind). Tensors are
     built in a scratch directory beside ``out`` (so it needs free space about
@@ -261,6 +265,8 @@ def replay_to_checkpoint(
     progress = progress or _no_progress
     out = os.fspath(out)
     kind = checkpoint_kind(out)
+    if os.path.lexists(out) and not force and not (os.path.isdir(out) and not os.listdir(out)):
+        raise InvalidInput(f"{out}: exists", hint="pass --force to replace it, or choose another --out")
     offset = replica.head if offset is None else int(offset)
     rebuilder = _Rebuilder(replica, offset)
     parent = os.path.dirname(os.path.abspath(out))

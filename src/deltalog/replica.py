@@ -42,7 +42,7 @@ import numpy as np
 
 from . import kernels, layout, lineage, receive, tensorfiles
 from . import record as rec
-from .dtypes import STORAGE, logical_name, row_significance, rows_differ, to_storage
+from .dtypes import STORAGE, as_float, logical_name, row_significance, rows_differ, to_storage
 from .errors import (
     DeltalogError,
     IntegrityError,
@@ -166,6 +166,25 @@ def _check_model_meta(path: str, model) -> None:
     names = [t["name"] for t in tensors]
     if names != sorted(set(names)):  # tensor ids are positions in the list sorted by name
         raise damaged("tensor names are not sorted and unique")
+
+
+def _refuse_nonfinite(info: TensorInfo, rows: np.ndarray, values: np.ndarray) -> None:
+    """InvalidInput if any of the rows to commit of a floating-point tensor holds NaN or an infinity."""
+    if info.dtype not in ("float64", "float32", "float16", "bfloat16") or not len(rows):
+        return
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(as_float(values, info.dtype)).all(axis=1)
+    if bad.any():
+        raise InvalidInput(
+            f"tensor {info.name!r}: {int(bad.sum()):,} of the {len(rows):,} rows to commit hold NaN or "
+            f"infinity (first: row {int(rows[np.flatnonzero(bad)[0]])}); nothing was committed",
+            hint="fix the checkpoint, or pass --allow-nonfinite to commit them anyway",
+        )
+
+
+def _check_reason(text: str | None, what: str) -> None:
+    if text is not None and (not isinstance(text, str) or len(text) > rec.MAX_REASON):
+        raise InvalidInput(f"--{what} must be text of at most {rec.MAX_REASON} characters")
 
 
 def _check_state_meta(path: str, state, oldest) -> None:
@@ -620,21 +639,31 @@ class Replica:
         """
         return self.writer.writing(wait, upgrade)
 
-    def commit(self, updates: Mapping[str, tuple], wait: float = 0.0) -> int:
+    def commit(self, updates: Mapping[str, tuple], wait: float = 0.0, message: str | None = None) -> int:
         """Append one record with new values for some rows; returns the new head.
 
         ``updates`` maps tensor name -> (row_indices, values), values shaped
         (k, *shape[1:]) or (k, row_elems) in the tensor's dtype. Rows whose
         values do not change are left out; a commit that changes nothing
         appends nothing and returns the current head. If an index repeats,
-        its last value wins.
+        its last value wins. ``message`` is kept in the record (its reason),
+        with the user and host that wrote it.
         """
+        _check_reason(message, "message")
         deltas = [self._check_update(name, rows, values) for name, (rows, values) in updates.items()]
         with self.writing(wait):
-            return self._append("commit", deltas, drop_unchanged=True)
+            return self._append("commit", deltas, drop_unchanged=True, reason=message)
 
-    def commit_checkpoint(self, tensors: Mapping, metadata: Mapping[str, str] | None = None, wait: float = 0.0) -> int:
-        """Append one record holding the rows where a full checkpoint differs from head."""
+    def commit_checkpoint(self, tensors: Mapping, metadata: Mapping[str, str] | None = None, wait: float = 0.0,
+                          message: str | None = None, allow_nonfinite: bool = True) -> int:
+        """Append one record holding the rows where a full checkpoint differs from head.
+
+        ``allow_nonfinite=False`` refuses (InvalidInput, nothing written) rows
+        to commit that hold NaN or an infinity: what ``deltalog commit`` asks
+        unless given --allow-nonfinite, since a diverged training run is the
+        usual reason for them.
+        """
+        _check_reason(message, "message")
         other = (metadata or {}).get("deltalog.model_id")
         if other and other != self.model_id:
             raise ModelMismatch(f"checkpoint belongs to model {other}, replica {self.path} holds {self.model_id}")
@@ -660,8 +689,10 @@ class Replica:
                 info = self.info(name)
                 rows, values = self._changed_rows(info, array.reshape(info.rows, info.row_elems))
                 if len(rows):
+                    if not allow_nonfinite:
+                        _refuse_nonfinite(info, rows, values)
                     deltas.append((info, rows, values))
-            return self._append("commit", deltas, drop_unchanged=False)
+            return self._append("commit", deltas, drop_unchanged=False, reason=message)
 
     def _changed_rows(self, info: TensorInfo, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows where ``new`` differs bitwise from the tensor file, in bounded chunks (lock held)."""

@@ -14,15 +14,16 @@ everything changed since has been restored already) appends nothing.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 
+from . import record as rec
 from .dtypes import rows_differ
 from .errors import InvalidInput
 from .history import changed_rows, check_retained, values_at
 from .replica import Replica
 
-MAX_REASON = 4096
 
 
 @dataclass
@@ -34,6 +35,7 @@ class RollbackResult:
     changed: bool = False
     reason: str | None = None
     tensors: list[dict] = field(default_factory=list)  # [{name, rows}]
+    dry_run: bool = False  # nothing appended: changed, rows and tensors say what would be
 
     def to_json(self) -> dict:
         return {
@@ -44,20 +46,23 @@ class RollbackResult:
             "changed": self.changed,
             "reason": self.reason,
             "tensors": self.tensors,
+            "dry_run": self.dry_run,
         }
 
 
-def rollback(replica: Replica, to: int, reason: str | None = None, wait: float = 0.0) -> RollbackResult:
+def rollback(replica: Replica, to: int, reason: str | None = None, wait: float = 0.0,
+             dry_run: bool = False) -> RollbackResult:
     """Append a record restoring the tensors of offset ``to``; under the writer lock.
 
     OffsetNotRetained when ``to`` cannot be rebuilt (compacted away, never
     held by this follower, or beyond the head); LockHeld when another writer
-    holds the replica past ``wait`` seconds.
+    holds the replica past ``wait`` seconds. ``dry_run`` finds the rows the
+    record would restore and appends nothing (no lock: a reader).
     """
     to = int(to)
-    if reason is not None and len(reason) > MAX_REASON:
-        raise InvalidInput(f"--reason is {len(reason)} characters long; at most {MAX_REASON} are kept")
-    with replica.writing(wait):
+    if reason is not None and len(reason) > rec.MAX_REASON:
+        raise InvalidInput(f"--reason is {len(reason)} characters long; at most {rec.MAX_REASON} are kept")
+    with contextlib.nullcontext() if dry_run else replica.writing(wait):
         head = replica.head
         pending = replica.pending_sync()
         if pending is not None:  # its rows are ahead of the head in the tensor files
@@ -66,7 +71,7 @@ def rollback(replica: Replica, to: int, reason: str | None = None, wait: float =
                 hint="complete it with 'deltalog sync' from its source before rolling back",
             )
         check_retained(replica, to)
-        result = RollbackResult(offset=head, target=to, previous_head=head, reason=reason)
+        result = RollbackResult(offset=head, target=to, previous_head=head, reason=reason, dry_run=dry_run)
         if to == head:
             return result
         rows = changed_rows(replica, to)
@@ -79,8 +84,8 @@ def rollback(replica: Replica, to: int, reason: str | None = None, wait: float =
                 updates[name] = (idx[differs], wanted[name][differs])
         if not updates:  # the tensors already hold the target's values
             return result
-        offset = replica.append_record("rollback", updates, reason=reason, target=to, drop_unchanged=True)
-        result.offset = offset
+        if not dry_run:
+            result.offset = replica.append_record("rollback", updates, reason=reason, target=to, drop_unchanged=True)
         result.changed = True
         result.tensors = [{"name": name, "rows": int(len(r))} for name, (r, _v) in updates.items()]
         result.rows = sum(t["rows"] for t in result.tensors)

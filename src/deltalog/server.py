@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import errno
 import os
 import re
 import signal
@@ -67,6 +68,7 @@ from .errors import (
     ModelMismatch,
     NotAReplica,
     OffsetNotRetained,
+    TransportError,
     UnsupportedVersion,
 )
 
@@ -422,7 +424,7 @@ class SnapshotServer(ThreadingHTTPServer):
         try:
             super().__init__((host, port), _Handler)
         except OSError as exc:
-            raise InvalidInput(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            raise _listen_error(host, port, exc) from None
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, which can stall on DNS.
@@ -570,6 +572,16 @@ class SnapshotServer(ThreadingHTTPServer):
             "deltalog_snapshots": ("Snapshots registered in the replica.", len(snapshots)),
             "deltalog_uptime_seconds": ("Seconds since the server started.", round(time.time() - self.started, 3)),
         }
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> DeltalogError:
+    """Why we cannot listen: a busy or forbidden port is the machine's state (exit 8), a bad address the user's."""
+    where = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        return TransportError(where, hint="another process listens there: choose another --port, or --port 0 for a free one")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return TransportError(where, hint="ports below 1024 need privileges: choose a port above 1023")
+    return InvalidInput(where, hint="--host must be an address of this machine, e.g. 127.0.0.1")
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -272,7 +272,7 @@ def source_history(replica: Replica, since: int, target: int) -> list:
         if s.history is not None:
             out.extend(e for e in s.history if e[0] > since)
         else:
-            out.append([s.offset, s.kind, s.time, s.rows, s.significance, s.target, s.reason])
+            out.append([s.offset, s.kind, s.time, s.rows, s.significance, s.target, s.reason, s.user, s.host])
     if len(out) > HISTORY_LIMIT:
         rollbacks = {i for i, e in enumerate(out) if e[1] == "rollback"}
         newest = set(range(len(out) - max(0, HISTORY_LIMIT - len(rollbacks)), len(out)))

@@ -35,7 +35,9 @@ directory (:func:`create_replica`), the one change that has no replica yet.
 
 from __future__ import annotations
 
+import getpass
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -308,7 +310,7 @@ class Writer:
         record = rec.Record(
             offset=offset, base=state.head, kind=kind, time=time.time(), model_id=self.replica.model_id,
             tensors=[c.delta for c in changes], reason=reason, target=target,
-            pre_digest=pre, post_digest=post, history=history,
+            pre_digest=pre, post_digest=post, history=history, user=_user(), host=_host(),
         )
         blob = rec.encode(record, self.replica.record_encoding)
 
@@ -553,6 +555,18 @@ class Writer:
 
         self.store.write(upgrade)
         replica.set_format(fmt)
+
+
+def _user() -> str:
+    """Who writes a record: the login name, or the uid where there is none (a container)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid, and no $USER
+        return str(os.getuid())
+
+
+def _host() -> str:
+    return socket.gethostname()
 
 
 def create_replica(staging: str, path: str, *, model: dict, offset: int, manifest: dict,

@@ -4,32 +4,40 @@ from __future__ import annotations
 
 import click
 
-from .console import Output, human_bytes, json_option, quiet_option, wait_option
+from .console import Output, human_bytes, json_option, quiet_option, recursive_option, wait_option
 
 
 @click.command("commit")
 @click.argument("replica", type=click.Path(file_okay=False))
 @click.option("--from", "checkpoint", required=True, type=click.Path(exists=True),
               help="The model's new full state: .npz, .safetensors or a directory of .npy files.")
+@click.option("--message", "-m", metavar="TEXT",
+              help="Why: kept in the record with your user and host, shown by 'deltalog log'.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Commit rows that hold NaN or infinity (refused otherwise: usually a diverged training run).")
+@recursive_option
 @wait_option
 @json_option
 @quiet_option
-def command(replica, checkpoint, wait, as_json, quiet):
+def command(replica, checkpoint, message, allow_nonfinite, recursive, wait, as_json, quiet):
     """Append ONE record holding the rows where CHECKPOINT differs from REPLICA's head.
 
     Prints the new offset. If nothing changed, no record is written and the
     head stays where it was. The record is durable when the command returns.
+    Changed rows holding NaN or infinity are refused (exit 11, nothing
+    written) unless --allow-nonfinite.
     """
     from ..checkpoint import read_checkpoint, read_checkpoint_metadata
     from ..replica import Replica
 
     out = Output(as_json, quiet)
-    tensors = read_checkpoint(checkpoint)
+    tensors = read_checkpoint(checkpoint, recursive=recursive)
     metadata = read_checkpoint_metadata(checkpoint)
     with Replica.open(replica) as r:
         before = r.head
         with out.working(f"comparing {checkpoint} with {replica}"):
-            offset = r.commit_checkpoint(tensors, metadata, wait=wait)
+            offset = r.commit_checkpoint(tensors, metadata, wait=wait, message=message,
+                                         allow_nonfinite=allow_nonfinite)
         summary = next(r.iter_summaries(since=offset - 1)) if offset != before else None
     data = {
         "offset": offset,

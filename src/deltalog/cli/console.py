@@ -16,6 +16,10 @@ import click
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (for cron).")
+recursive_option = click.option(
+    "--recursive", "-r", is_flag=True,
+    help="A directory checkpoint: read the .npy files of its subdirectories too, as tensors named SUBDIR/NAME.",
+)
 wait_option = click.option(
     "--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
     help="Wait this long for another writer's lock instead of failing at once.",

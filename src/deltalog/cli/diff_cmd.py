@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import click
 
-from .console import Output, json_option, quiet_option, table
+from .console import Output, json_option, quiet_option, recursive_option, table
 
 
 @click.command("diff")
@@ -74,9 +74,10 @@ from .console import Output, json_option, quiet_option, table
               help="Compare only this tensor (repeatable).")
 @click.option("--force", is_flag=True,
               help="Compare different models anyway: the tensors both hold alike, listing the rest.")
+@recursive_option
 @json_option
 @quiet_option
-def command(ctx, a, b, top, tensors, force, as_json, quiet):
+def command(ctx, a, b, top, tensors, force, recursive, as_json, quiet):
     """Show what changed from A to B: rows, buckets, and the size of the change.
 
     A and B are replica directories, REPLICA@OFFSET (the replica as it was
@@ -86,7 +87,7 @@ def command(ctx, a, b, top, tensors, force, as_json, quiet):
     from ..diff import diff, open_side
 
     out = Output(as_json, quiet)
-    with open_side(a) as side_a, open_side(b) as side_b, out.progress("diff") as update:
+    with open_side(a, recursive) as side_a, open_side(b, recursive) as side_b, out.progress("diff") as update:
         result = diff(side_a, side_b, top=top, tensors=tensors or None, force=force, progress=update)
     out.result(result.to_json(), lambda c: _render(c, result))
     if not result.identical:
@@ -105,6 +106,8 @@ def _count(n: int, noun: str) -> str:
 
 
 def _how(result) -> str:
+    if result.method == "log" and result.a["path"] == result.b["path"]:
+        return "by the log"
     if result.method == "log":
         return f"by the logs since offset {result.anchor}, where both held the same model"
     if result.method == "values" and result.a["kind"] == result.b["kind"] == "replica" \

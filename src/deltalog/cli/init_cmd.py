@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .console import Output, human_bytes, json_option, quiet_option
+from .console import Output, human_bytes, json_option, quiet_option, recursive_option
 
 
 @click.command("init")
@@ -14,9 +14,10 @@ from .console import Output, human_bytes, json_option, quiet_option
 @click.option("--bucket-rows", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Rows per bucket: the unit whose version replicas compare.")
 @click.option("--model-id", help="Identity of the model (default: a new random id). Replicas refuse deltas of another model.")
+@recursive_option
 @json_option
 @quiet_option
-def command(replica, checkpoint, bucket_rows, model_id, as_json, quiet):
+def command(replica, checkpoint, bucket_rows, model_id, recursive, as_json, quiet):
     """Create REPLICA (a new directory) holding the tensors of CHECKPOINT at offset 0.
 
     Writes the tensor files, an immutable snapshot at offset 0 and an empty
@@ -27,7 +28,7 @@ def command(replica, checkpoint, bucket_rows, model_id, as_json, quiet):
 
     out = Output(as_json, quiet)
     with out.working(f"reading {checkpoint}"):
-        tensors = read_checkpoint(checkpoint)
+        tensors = read_checkpoint(checkpoint, recursive=recursive)
         model_id = model_id or read_checkpoint_metadata(checkpoint).get("deltalog.model_id")
     with out.working(f"writing {replica}"), Replica.init(replica, tensors, bucket_rows=bucket_rows, model_id=model_id) as r:
         status = r.status()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import click
 
 from .console import Output, human_bytes, json_option, table
+from .params import SinceParam
 
 
 @click.command("log")
 @click.argument("replica", type=click.Path(file_okay=False))
-@click.option("--since", type=click.IntRange(min=0), default=None, metavar="OFFSET",
-              help="Only records after OFFSET.")
+@click.option("--since", type=SinceParam(), default=None, metavar="OFFSET|DURATION",
+              help="Only records after OFFSET (N, head~N or -N), or written in the last DURATION (90m, 2h, 7d).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many records (the newest).")
 @click.option("--stored", is_flag=True,
               help="List the records as this replica stores them: a sync record as one line, not as the "
@@ -30,26 +31,32 @@ def command(replica, since, limit, stored, as_json):
     from a sync record's history).
     """
     import datetime
+    import time
 
-    from ..history import log_entries
+    from ..history import log_entries, resolve_offset
     from ..replica import Replica
 
     out = Output(as_json)
     with Replica.open(replica) as r:
-        records = log_entries(r, since=-1 if since is None else since, stored=stored)
+        after = resolve_offset(r, since[1]) if since is not None and since[0] == "offset" else -1
+        records = log_entries(r, since=after, stored=stored)
+    if since is not None and since[0] == "age":
+        cutoff = time.time() - since[1]
+        records = [e for e in records if e["time"] >= cutoff]
     if limit:
         records = records[-limit:]
 
     def render(c):
         if not records:
-            c.print("no records" + (f" after offset {since}" if since is not None else ""))
+            c.print("no records" + (f" since {since[1]}" if since is not None and since[0] == "offset" else ""))
             return
-        t = table("offset", "time (UTC)", "kind", "rows", "bytes", "significance", "target", "reason", "via")
+        t = table("offset", "time (UTC)", "kind", "rows", "bytes", "significance", "target", "by", "reason", "via")
         for rec in records:
             when = datetime.datetime.fromtimestamp(rec["time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            by = f"{rec['user']}@{rec['host']}" if rec["user"] else ""
             t.add_row(str(rec["offset"]), when, rec["kind"], f"{rec['rows']:,}",
                       "" if rec["bytes"] is None else human_bytes(rec["bytes"]), f"{rec['significance']:.4g}",
-                      "" if rec["target"] is None else str(rec["target"]), rec["reason"] or "",
+                      "" if rec["target"] is None else str(rec["target"]), by, rec["reason"] or "",
                       "" if rec["synced_in"] is None else f"sync {rec['synced_in']}")
         c.print(t)
 

@@ -5,20 +5,23 @@ from __future__ import annotations
 import click
 
 from .console import Output, human_bytes, json_option, quiet_option, wait_option
+from .params import OffsetParam
 
 
 @click.command("replay")
 @click.argument("replica", type=click.Path(file_okay=False))
-@click.option("--to", "to", type=click.IntRange(min=0), default=None, metavar="OFFSET",
-              help="The offset to rebuild (default: the head).")
+@click.option("--to", "to", type=OffsetParam(), default=None, metavar="OFFSET",
+              help="The offset to rebuild: N, or head~N / -N for the N-th retained offset before the head "
+                   "(default: the head).")
 @click.option("--out", "out", type=click.Path(), default=None, metavar="CHECKPOINT",
               help="Write the model to a new .npz, .safetensors or npy directory (a path ending in '/').")
 @click.option("--in-place", is_flag=True,
               help="Rebuild REPLICA's own tensor files at the head (repairs damaged files).")
+@click.option("--force", "-f", is_flag=True, help="With --out: replace an existing checkpoint.")
 @wait_option
 @json_option
 @quiet_option
-def command(replica, to, out, in_place, wait, as_json, quiet):
+def command(replica, to, out, in_place, force, wait, as_json, quiet):
     """Rebuild the model at OFFSET from the nearest snapshot and the log.
 
     The live tensor files are never read. With --out, the model is written
@@ -31,15 +34,17 @@ def command(replica, to, out, in_place, wait, as_json, quiet):
     """
     if (out is None) == (not in_place):
         raise click.UsageError("give exactly one of --out CHECKPOINT or --in-place")
+    from ..history import resolve_offset
     from ..replay import repair_in_place, replay_to_checkpoint
     from ..replica import Replica
 
     output = Output(as_json, quiet)
     with Replica.open(replica) as r, output.progress("replaying") as update:
+        to = None if to is None else resolve_offset(r, to)
         if in_place:
             result = repair_in_place(r, offset=to, wait=wait, progress=update)
         else:
-            result = replay_to_checkpoint(r, out, offset=to, progress=update)
+            result = replay_to_checkpoint(r, out, offset=to, progress=update, force=force)
 
     def render(c):
         base = ", ".join(map(str, result.snapshots_used)) or "-"

@@ -5,17 +5,20 @@ from __future__ import annotations
 import click
 
 from .console import Output, json_option, quiet_option, wait_option
+from .params import OffsetParam
 
 
 @click.command("rollback")
 @click.argument("replica", type=click.Path(file_okay=False))
-@click.option("--to", "to", required=True, type=click.IntRange(min=0), metavar="OFFSET",
-              help="The offset whose tensors become the new head (see 'deltalog log').")
+@click.option("--to", "to", required=True, type=OffsetParam(), metavar="OFFSET",
+              help="The offset whose tensors become the new head: N, or head~N / -N for the N-th retained "
+                   "offset before the head (see 'deltalog log').")
 @click.option("--reason", metavar="TEXT", help="Why: kept in the record and shown by 'deltalog log'.")
+@click.option("--dry-run", "-n", is_flag=True, help="Show the rows it would restore, per tensor; append nothing.")
 @wait_option
 @json_option
 @quiet_option
-def command(replica, to, reason, wait, as_json, quiet):
+def command(replica, to, reason, dry_run, wait, as_json, quiet):
     """Make REPLICA hold exactly the tensors it had at OFFSET, by appending a record.
 
     The rollback is a record of kind 'rollback' (target OFFSET, your
@@ -25,15 +28,26 @@ def command(replica, to, reason, wait, as_json, quiet):
     and written. If the tensors already equal those of OFFSET, nothing is
     appended (exit 0). Exits 7 if OFFSET is no longer retained.
     """
+    from ..history import resolve_offset
     from ..replica import Replica
     from ..rollback import rollback
 
     out = Output(as_json, quiet)
-    with Replica.open(replica) as r, out.working(f"rolling {replica} back to offset {to}"):
-        result = rollback(r, to, reason=reason, wait=wait)
+    with Replica.open(replica) as r:
+        to = resolve_offset(r, to)
+        with out.working(f"rolling {replica} back to offset {to}"):
+            result = rollback(r, to, reason=reason, wait=wait, dry_run=dry_run)
 
     def render(c):
-        if not result.changed:
+        if dry_run:
+            if not result.changed:
+                c.print(f"nothing would change: {replica} at offset {result.previous_head} holds the tensors of offset {to}")
+                return
+            c.print(f"would restore {result.rows:,} rows in {len(result.tensors)} tensors to their values at offset "
+                    f"{to}, as a record at offset {result.previous_head + 1}:")
+            for t in result.tensors:
+                c.print(f"  {t['name']}: {t['rows']:,} rows")
+        elif not result.changed:
             c.print(f"nothing to do: {replica} at offset {result.previous_head} already holds the tensors of offset {to}")
         else:
             c.print(f"rolled back to offset {to}: {result.rows:,} rows in {len(result.tensors)} tensors restored, "

@@ -170,7 +170,8 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
     data = result.to_json()
     if verdict is not None:
         data["check"] = verdict
-    out.result(data, lambda c: _render(c, result, src, dst))
+    rejected = verdict is not None and not verdict["accepted"]
+    out.result(data, None if rejected else (lambda c: _render(c, result, src, dst)))  # a rejection: the error says all
     if verdict is not None and not verdict["accepted"]:
         back = "removed the new replica" if verdict.get("removed") else f"went back to offset {verdict['reverted_to']}"
         click.echo(f"deltalog: error: --check rejected offset {verdict['offset']} (exit {verdict['exit_code']}): "
@@ -279,6 +280,13 @@ def _render(c, r, src: str, dst: str) -> None:
         c.print(f"{dst} is up to date at offset {r.head}")
     elif r.complete:
         c.print(f"synced {src} -> {dst}: {start} -> {r.head}, {moved}, {r.seconds:.2f} s")
+    elif r.head is None:  # a first sync that stopped during the snapshot transfer
+        c.print(f"incomplete: {src} -> {dst} stopped by {_stopper(r)} after {moved}; {dst} is not a replica "
+                f"until the snapshot is complete: run the same sync again, it resumes")
     else:
-        c.print(f"incomplete: {src} -> {dst} stopped by --{r.stopped_by} after {moved}; head stays {r.head}, "
+        c.print(f"incomplete: {src} -> {dst} stopped by {_stopper(r)} after {moved}; head stays {r.head}, "
                 f"{r.pending_buckets:,} buckets pending of offset {r.to_offset}; run sync again to continue")
+
+
+def _stopper(r) -> str:
+    return "a signal" if r.stopped_by == "signal" else f"--{r.stopped_by}"

@@ -22,7 +22,7 @@ from .. import lineage, receive, tensorfiles
 from .. import sync as sync_mod
 from ..dtypes import STORAGE
 from ..errors import IntegrityError, InvalidInput, NotAReplica, StorageError, TransportError
-from ..layout import LOG_DIR, is_replica
+from ..layout import LOG_DIR, is_replica, sync_staging_path
 from ..lock import WriterLock
 from ..replica import Replica
 from ..writer import boot_id
@@ -227,7 +227,7 @@ class LocalSink:
             parent = os.path.dirname(self.path)
             if not os.path.isdir(parent):
                 raise NotAReplica(f"{self.path}: parent directory {parent} does not exist")
-            staging = os.path.join(parent, f".{os.path.basename(self.path)}.deltalog-sync")
+            staging = sync_staging_path(self.path)
             try:
                 os.makedirs(staging, exist_ok=True)
             except OSError as exc:

@@ -1,0 +1,55 @@
+"""Option types shared by commands: offsets as users write them, durations.
+
+An offset option keeps its text (``N``, ``head``, ``head~N``, ``-N``): what
+it names depends on the replica, so the command resolves it once the replica
+is open (deltalog.history.resolve_offset). The syntax is checked here, so a
+typo is a usage error (exit 2) before anything is opened.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+class OffsetParam(click.ParamType):
+    name = "OFFSET"
+
+    def convert(self, value, param, ctx):
+        from ..errors import InvalidInput
+        from ..history import parse_offset
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_offset(str(value))
+        except InvalidInput as exc:
+            self.fail(exc.one_line(), param, ctx)
+
+
+class DurationParam(click.ParamType):
+    """Seconds from '90', '90s', '15m', '12h', '7d' or '2w'."""
+
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        from ..compact import parse_duration
+        from ..errors import InvalidInput
+
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return parse_duration(value)
+        except InvalidInput as exc:
+            self.fail(exc.one_line(), param, ctx)
+
+
+class SinceParam(click.ParamType):
+    """An offset, or a duration with its unit (``2h``: the records of the last two hours)."""
+
+    name = "OFFSET|DURATION"
+
+    def convert(self, value, param, ctx):
+        text = str(value)
+        if text[-1:] in ("s", "m", "h", "d", "w") and text != "head" and not text.startswith(("-", "head~")):
+            return ("age", DurationParam().convert(text, param, ctx))
+        return ("offset", OffsetParam().convert(text, param, ctx))

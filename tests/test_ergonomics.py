@@ -1,0 +1,222 @@
+"""Operator ergonomics, each as a user meets it on the command line (issue 16).
+
+Offsets written relative to the head, dry runs of rollback and compact, a
+commit's message and author, refusals that say what to do (NaN rows, an
+existing --out, a subfolder of .npy files, a port in use), and output that
+never claims success before a rejection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import DELTALOG, random_model, random_update, run_cli
+
+from deltalog import Replica
+
+
+@pytest.fixture
+def replica(tmp_path, rng):
+    """A replica with 6 commits (offsets 1..6) and its model kept aside per offset."""
+    model = random_model(rng, rows=80)
+    path = tmp_path / "r"
+    states = {}
+    with Replica.init(path, model, bucket_rows=8) as r:
+        states[0] = {n: r.read_tensor(n) for n in r.tensor_names}
+        for _ in range(6):
+            offset = r.commit(random_update(rng, model))
+            states[offset] = {n: r.read_tensor(n) for n in r.tensor_names}
+    return path, states
+
+
+def _json(*args) -> dict:
+    proc = run_cli(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _diff(a, b) -> dict:
+    proc = run_cli("diff", a, b, "--json")
+    assert proc.returncode in (0, 1), proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _log(path) -> list:
+    return _json("log", path)["records"]
+
+
+# -- offsets relative to the head ----------------------------------------------------------------
+
+
+def test_offsets_can_be_counted_back_from_the_head(replica):
+    path, states = replica
+    assert _diff(f"{path}@-1", path)["a_offset"] == 5
+    assert _diff(f"{path}@head~3", f"{path}@head")["a_offset"] == 3
+    assert _json("replay", path, "--to", "head~2", "--out", path.parent / "four.npz")["offset"] == 4
+    assert [e["offset"] for e in _json("log", path, "--since", "-2")["records"]] == [5, 6]
+    assert _json("rollback", path, "--to", "-6")["target"] == 0  # 6 records back: the oldest offset
+    proc = run_cli("rollback", path, "--to", "head~9")
+    assert proc.returncode == 7 and "fewer than 9 offsets" in proc.stderr
+    for bad in ("--to=+1", "--to=head-1", "--to=x"):
+        proc = run_cli("rollback", path, bad)
+        assert proc.returncode == 2 and "is not an offset" in proc.stderr, proc.stderr
+    assert _json("compact", path, "--keep-after", "head~2")["oldest_offset"] == 5  # head 7 now (the rollback)
+
+
+def test_a_followers_offsets_are_counted_over_what_it_holds(replica, tmp_path):
+    path, _states = replica
+    follower = tmp_path / "f"
+    assert run_cli("sync", path, follower).returncode == 0  # snapshot 0 and one record at 6
+    assert _diff(f"{follower}@-1", follower)["a_offset"] == 0  # not 5: it never held 5
+
+
+def test_log_since_a_duration(replica):
+    path, _states = replica
+    assert len(_json("log", path, "--since", "1h")["records"]) == 6
+    time.sleep(1.1)
+    assert _json("log", path, "--since", "1s")["records"] == []
+    assert run_cli("log", path, "--since", "5x").returncode == 2
+
+
+# -- dry runs ---------------------------------------------------------------------------------------
+
+
+def test_rollback_dry_run_says_what_a_rollback_restores_and_writes_nothing(replica):
+    path, _states = replica
+    before = _log(path)
+    planned = _json("rollback", path, "--to", "2", "--dry-run")
+    assert planned["dry_run"] and planned["changed"] and planned["offset"] == 6 and _log(path) == before
+    human = run_cli("rollback", path, "--to", "2", "-n").stdout
+    assert "would restore" in human and "offset 7" in human
+    done = _json("rollback", path, "--to", "2")
+    assert (done["rows"], done["tensors"]) == (planned["rows"], planned["tensors"]) and done["offset"] == 7
+    assert _json("rollback", path, "--to", "2", "--dry-run")["changed"] is False  # already there
+
+
+def test_compact_dry_run_predicts_the_compaction_and_changes_nothing(replica):
+    path, _states = replica
+    before = (_log(path), _json("status", path)["snapshots"])
+    planned = _json("compact", path, "--keep-records", "2", "--dry-run")
+    assert planned["dry_run"] and (_log(path), _json("status", path)["snapshots"]) == before
+    done = _json("compact", path, "--keep-records", "2")
+    keys = ("oldest_offset", "records_removed", "log_bytes_freed", "snapshots_removed", "snapshot_bytes_removed",
+            "snapshot_bytes_written")
+    assert {k: planned[k] for k in keys} == {k: done[k] for k in keys}
+    assert "would make offset 6 the oldest" in run_cli("compact", path, "--from-tensors", "-n").stdout
+    planned = _json("compact", path, "--from-tensors", "--dry-run")
+    assert planned["oldest_offset"] == 6 and planned["records_removed"] == 2 and planned["built_from"] == "tensors"
+
+
+# -- commit ----------------------------------------------------------------------------------------
+
+
+def test_commit_message_user_and_host_are_kept_and_travel(tmp_path, rng):
+    model = random_model(rng, rows=40)
+    path, follower = tmp_path / "r", tmp_path / "f"
+    Replica.init(path, model).close()
+    model["bias"][:5] += 1
+    np.savez(tmp_path / "next.npz", **model)
+    assert run_cli("commit", path, "--from", tmp_path / "next.npz", "-m", "nightly retrain").returncode == 0
+    entry = _log(path)[-1]
+    assert (entry["reason"], entry["host"]) == ("nightly retrain", socket.gethostname()) and entry["user"]
+    assert run_cli("sync", path, follower).returncode == 0
+    upstream = _log(follower)[-1]
+    assert (upstream["reason"], upstream["user"], upstream["host"]) == (entry["reason"], entry["user"], entry["host"])
+    assert "nightly retrain" in run_cli("log", follower).stdout
+
+
+def test_commit_refuses_nan_and_infinity_unless_allowed(tmp_path, rng):
+    model = random_model(rng, rows=40)
+    path = tmp_path / "r"
+    Replica.init(path, model).close()
+    model["item_emb"][3, 1] = np.nan
+    model["bias"][7] = np.inf
+    np.savez(tmp_path / "bad.npz", **model)
+    proc = run_cli("commit", path, "--from", tmp_path / "bad.npz")
+    assert proc.returncode == 11 and "NaN or infinity" in proc.stderr and "--allow-nonfinite" in proc.stderr
+    assert "first: row" in proc.stderr and proc.stderr.count("\n") == 1
+    assert _log(path) == []
+    assert run_cli("commit", path, "--from", tmp_path / "bad.npz", "--allow-nonfinite").returncode == 0
+    assert len(_log(path)) == 1
+
+
+# -- files and ports --------------------------------------------------------------------------------
+
+
+def test_replay_out_honours_the_umask_and_refuses_to_overwrite_without_force(replica):
+    path, _states = replica
+    out = path.parent / "m.safetensors"
+    old = os.umask(0o022)
+    try:
+        assert run_cli("replay", path, "--out", out).returncode == 0
+        assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
+        os.umask(0o027)
+        npy_dir = path.parent / "npy"
+        assert run_cli("replay", path, "--out", f"{npy_dir}/").returncode == 0
+        assert stat.S_IMODE(os.stat(npy_dir).st_mode) == 0o750
+    finally:
+        os.umask(old)
+    first = out.stat().st_mtime_ns
+    proc = run_cli("replay", path, "--to", "1", "--out", out)
+    assert proc.returncode == 11 and "exists" in proc.stderr and "--force" in proc.stderr
+    assert out.stat().st_mtime_ns == first
+    assert run_cli("replay", path, "--to", "1", "--out", out, "--force").returncode == 0
+
+
+def test_a_directory_checkpoint_is_read_flat_unless_recursive(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "backup").mkdir(parents=True)
+    np.save(ckpt / "emb.npy", np.zeros((4, 2), np.float32))
+    np.save(ckpt / "backup" / "emb.npy", np.ones((4, 2), np.float32))
+    proc = run_cli("init", tmp_path / "r", "--from", ckpt)
+    assert proc.returncode == 11 and "backup" in proc.stderr and "--recursive" in proc.stderr
+    assert not (tmp_path / "r").exists()
+    out = json.loads(run_cli("init", tmp_path / "r", "--from", ckpt, "--recursive", "--json").stdout)
+    assert out["tensors"] == 2
+
+
+def test_a_port_in_use_is_a_transport_error_with_a_way_out(replica):
+    path, _states = replica
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = busy.getsockname()[1]
+        proc = subprocess.run([*DELTALOG, "serve-snapshot", str(path), "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    assert proc.returncode == 8 and "--port 0" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+# -- output that tells the truth --------------------------------------------------------------------
+
+
+def test_a_rejected_check_prints_no_success_line(replica, tmp_path, rng):
+    path, _states = replica
+    dst = tmp_path / "d"
+    assert run_cli("sync", path, dst).returncode == 0
+    with Replica.open(path) as r:
+        r.commit({"bias": ([0], np.array([9.0], np.float32))})
+    proc = run_cli("sync", path, dst, "--check", "false")
+    assert proc.returncode == 10 and proc.stdout == "" and "rejected offset 7" in proc.stderr
+
+
+def test_an_interrupted_first_sync_says_to_run_it_again(replica, tmp_path):
+    path, _states = replica
+    dst = tmp_path / "d"
+    proc = run_cli("sync", path, dst, "--max-bytes", "1K")
+    assert proc.returncode == 1 and "None" not in proc.stdout and "run the same sync again" in proc.stdout
+    proc = run_cli("status", dst)
+    assert proc.returncode == 3 and "first sync into it has not completed" in proc.stderr
+    assert "again" in proc.stderr
+    assert run_cli("sync", path, dst).returncode == 0
+    assert run_cli("status", dst).returncode == 0
