@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
 import time
 
+import click
 import numpy as np
 import pytest
 from conftest import DELTALOG, random_model, random_update, run_cli
@@ -220,3 +222,72 @@ def test_an_interrupted_first_sync_says_to_run_it_again(replica, tmp_path):
     assert "again" in proc.stderr
     assert run_cli("sync", path, dst).returncode == 0
     assert run_cli("status", dst).returncode == 0
+
+
+# -- progress and reports ----------------------------------------------------------------------------
+
+
+def test_progress_is_forced_or_silenced_on_request(replica, tmp_path, rng):
+    path, _states = replica
+    model = {n: a for n, a in _states[6].items()}
+    model["bias"] = model["bias"] + 1
+    np.savez(tmp_path / "next.npz", **model)
+    quiet = run_cli("commit", path, "--from", tmp_path / "next.npz")  # not a terminal: no bar
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    model["bias"] = model["bias"] + 1
+    np.savez(tmp_path / "next.npz", **model)
+    proc = run_cli("--progress", "commit", path, "--from", tmp_path / "next.npz")
+    assert proc.returncode == 0 and "commit" in proc.stderr and "\x1b[" in proc.stderr  # a live bar on stderr
+    assert "committed offset 8" in proc.stdout  # the result stays on stdout
+    proc = run_cli("--progress", "verify", path, "--json")
+    assert proc.returncode == 0 and proc.stderr == ""  # never with --json
+    proc = run_cli("--no-progress", "sync", path, tmp_path / "f")
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
+def test_sync_stats_reports_each_tensor(replica, tmp_path):
+    path, _states = replica
+    proc = run_cli("sync", path, tmp_path / "f", "--json")
+    out = json.loads(proc.stdout)
+    sent = {t["name"]: t for t in out["tensors"]}
+    assert sum(t["rows"] for t in sent.values()) == out["rows_sent"] > 0
+    assert sum(t["bytes"] for t in sent.values()) <= out["bytes_sent"]
+    assert sum(t["snapshot_bytes"] for t in sent.values()) == out["snapshot_bytes"]
+    with Replica.open(path) as r:
+        r.commit({"bias": ([0, 1], np.array([5.0, 6.0], np.float32))})
+    proc = run_cli("sync", path, tmp_path / "f", "--stats")
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines[1].split()[:3] == ["tensor", "rows", "bytes"]
+    assert lines[2].split()[:2] == ["bias", "2"] and len(lines) == 3  # only what moved
+
+
+# -- completion and the manual -----------------------------------------------------------------------
+
+
+def test_shell_completion_scripts_and_answers():
+    for shell in ("bash", "zsh", "fish"):
+        proc = run_cli("completion", shell)
+        assert proc.returncode == 0 and "_DELTALOG_COMPLETE" in proc.stdout, shell
+    env = {"COMP_WORDS": "deltalog sync --res", "COMP_CWORD": "2", "_DELTALOG_COMPLETE": "bash_complete"}
+    proc = subprocess.run(DELTALOG, capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
+    assert proc.stdout.split() == ["plain,--reseed"], proc
+
+
+def test_the_manual_page_covers_every_command_option_and_exit_code():
+    from deltalog.cli import cli
+    from deltalog.errors import EXIT_CODES
+
+    page = run_cli("man").stdout
+    assert page.startswith(".TH DELTALOG 1 ")
+    for name, command in cli.commands.items():
+        assert f".SS {name.replace('-', chr(92) + '-')}" in page, name
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                assert param.opts[0].replace("-", "\\-") in page, (name, param.opts)
+    for code in EXIT_CODES:
+        assert f"\\fB{code}\\fR" in page
+    assert "DELTALOG_SSH" in page and "DELTALOG_TOKEN" in page
+    if shutil.which("groff"):
+        rendered = subprocess.run(["groff", "-man", "-Tutf8", "-ww"], input=page, capture_output=True, text=True)
+        assert rendered.returncode == 0 and "warning" not in rendered.stderr, rendered.stderr
+        assert "deltalog sync [OPTIONS] SRC DST" in rendered.stdout

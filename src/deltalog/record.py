@@ -430,7 +430,8 @@ def summarize(blob, what: str = "record") -> RecordSummary:
     _view, _version, header, _start, _end = _parse(blob, what, header_checksum=True, trailer=False)
     try:
         tensors = [
-            {"name": t["name"], "rows": int(t["count"]), "significance": float(t["significance"])}
+            {"name": t["name"], "rows": int(t["count"]), "significance": float(t["significance"]),
+             "bytes": sum(int(entry[1]) for entry in t["sections"].values())}  # stored: what it costs to ship
             for t in header["tensors"]
         ]
         return RecordSummary(

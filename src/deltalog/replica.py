@@ -655,14 +655,17 @@ class Replica:
             return self._append("commit", deltas, drop_unchanged=True, reason=message)
 
     def commit_checkpoint(self, tensors: Mapping, metadata: Mapping[str, str] | None = None, wait: float = 0.0,
-                          message: str | None = None, allow_nonfinite: bool = True) -> int:
+                          message: str | None = None, allow_nonfinite: bool = True,
+                          progress: Callable[[str, int, int], None] | None = None) -> int:
         """Append one record holding the rows where a full checkpoint differs from head.
 
         ``allow_nonfinite=False`` refuses (InvalidInput, nothing written) rows
         to commit that hold NaN or an infinity: what ``deltalog commit`` asks
         unless given --allow-nonfinite, since a diverged training run is the
-        usual reason for them.
+        usual reason for them. ``progress(stage, done, total)`` sees the rows
+        compared ("comparing rows"), then "logging".
         """
+        progress = progress or (lambda stage, done, total: None)
         _check_reason(message, "message")
         other = (metadata or {}).get("deltalog.model_id")
         if other and other != self.model_id:
@@ -685,21 +688,28 @@ class Replica:
                 )
         with self.writing(wait):
             deltas = []
+            total, done = sum(self.info(name).rows for name, _d, _a in items), 0
             for name, _dtype, array in items:
                 info = self.info(name)
-                rows, values = self._changed_rows(info, array.reshape(info.rows, info.row_elems))
+                rows, values = self._changed_rows(info, array.reshape(info.rows, info.row_elems),
+                                                  lambda n: progress("comparing rows", done + n, total))
+                done += info.rows
                 if len(rows):
                     if not allow_nonfinite:
                         _refuse_nonfinite(info, rows, values)
                     deltas.append((info, rows, values))
+            progress("logging", 0, 1)
             return self._append("commit", deltas, drop_unchanged=False, reason=message)
 
-    def _changed_rows(self, info: TensorInfo, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows where ``new`` differs bitwise from the tensor file, in bounded chunks (lock held)."""
+    def _changed_rows(self, info: TensorInfo, new: np.ndarray,
+                      compared: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows where ``new`` differs bitwise from the tensor file, in bounded chunks (lock held);
+        ``compared(n)`` after each chunk, with the rows compared so far."""
         current = self.writer.rows(info)
         step = max(1, _COMPARE_CHUNK_BYTES // max(1, info.row_bytes))
         found_rows, found_values = [], []
         for start in range(0, info.rows, step):
+            compared(start)
             stop = min(info.rows, start + step)
             chunk = np.asarray(new[start:stop])
             differs = rows_differ(chunk, current[start:stop])

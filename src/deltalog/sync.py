@@ -411,9 +411,26 @@ class SyncResult:
     stopped_by: str | None = None  # "max-bytes" | "deadline" | "signal" when stopped before the end
     plan: dict | None = None  # dry run: what would move
     note: str | None = None
+    tensors: list[dict] = field(default_factory=list)  # per tensor: rows and bytes sent, snapshot bytes, significance
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def account(self, name: str, rows: int = 0, nbytes: int = 0, snapshot_bytes: int = 0,
+                significance: float = 0.0) -> None:
+        """Add what was sent of one tensor (the per-tensor report of ``sync --stats``)."""
+        entry = next((t for t in self.tensors if t["name"] == name), None)
+        if entry is None:
+            entry = {"name": name, "rows": 0, "bytes": 0, "snapshot_bytes": 0, "significance": 0.0}
+            self.tensors.append(entry)
+        entry["rows"] += rows
+        entry["bytes"] += nbytes
+        entry["snapshot_bytes"] += snapshot_bytes
+        entry["significance"] += significance
+
+    def account_chunk(self, blob) -> None:
+        for t in rec.summarize(blob, "chunk").tensors:
+            self.account(t["name"], rows=t["rows"], nbytes=t["bytes"], significance=t["significance"])
 
 
 @dataclass
@@ -573,6 +590,7 @@ def sync(
                     result.stopped_by = "signal"
                     return finish_result()
                 sink.snapshot_write(entry["file"], pos, data)
+                result.account(entry["name"], snapshot_bytes=n)
                 pos += n
                 done += n
                 result.bytes_sent += n
@@ -631,6 +649,7 @@ def sync(
                 break
             if only:
                 state = sink.apply_final(blob, target, {**follow, "in_sync_at": follow["synced_at"]})
+                result.account_chunk(blob)
                 fast = True
                 result.chunks = 1
                 result.rows_sent = int(state["rows"])
@@ -638,6 +657,7 @@ def sync(
                 progress("rows", result.rows_sent, plan_total or 0)
                 break
             applied = sink.apply_chunk(blob, target, source_name)
+            result.account_chunk(blob)
             first = False
             result.chunks += 1
             result.rows_sent += applied["rows"]

@@ -22,7 +22,8 @@ EPILOG = """\b
 Exit codes: 0 ok; 1 differences found / sync incomplete; 2 usage error;
 3 not a replica; 4 unsupported version; 5 integrity failure;
 6 model mismatch; 7 offset not retained; 8 transport; 9 lock held;
-10 check failed; 11 invalid input; 12 storage (disk full); 20 internal.
+10 check failed; 11 invalid input; 12 storage (disk full);
+13 diverged (another history); 20 internal.
 Pass --debug (or DELTALOG_DEBUG=1) for a traceback on errors."""
 
 
@@ -45,13 +46,19 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
               help="Show the version, and whether the compiled row loops are in use, and exit.")
 @click.option("--debug", is_flag=True, help="Show a traceback when a command fails.")
-def cli(debug: bool) -> None:
+@click.option("--progress/--no-progress", "progress", default=None,
+              help="Show progress bars on stderr (bytes or rows done, rate, time left) even when it is not a "
+                   "terminal, or never. Default: on a terminal only, and never with --json or --quiet.")
+def cli(debug: bool, progress: bool | None) -> None:
     """Keep model replicas fresh by moving only the rows that changed.
 
     A replica is a directory holding a model's tensors, an append-only delta
     log and immutable snapshots. Start with 'deltalog init', record updates
     with 'deltalog commit', inspect with 'status', 'log' and 'verify'.
     """
+    from . import console
+
+    console.PROGRESS = progress
 
 
 # Every module named <command>_cmd.py in this package defines `command`.

@@ -35,9 +35,9 @@ def command(replica, checkpoint, message, allow_nonfinite, recursive, wait, as_j
     metadata = read_checkpoint_metadata(checkpoint)
     with Replica.open(replica) as r:
         before = r.head
-        with out.working(f"comparing {checkpoint} with {replica}"):
+        with out.progress(f"commit {checkpoint}") as update:
             offset = r.commit_checkpoint(tensors, metadata, wait=wait, message=message,
-                                         allow_nonfinite=allow_nonfinite)
+                                         allow_nonfinite=allow_nonfinite, progress=update)
         summary = next(r.iter_summaries(since=offset - 1)) if offset != before else None
     data = {
         "offset": offset,

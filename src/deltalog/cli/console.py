@@ -14,6 +14,15 @@ from contextlib import contextmanager
 
 import click
 
+PROGRESS: bool | None = None  # deltalog --progress / --no-progress; None: on a terminal only
+
+# What a progress stage counts, by its name (the library's stages): bytes are shown with
+# units and a rate in bytes/s; a stage not listed shows plain counts.
+_BYTE_STAGES = {"snapshot", "bytes"}
+_UNITS = {"rows": "rows", "comparing rows": "rows", "comparing changed rows": "rows", "comparing values": "rows",
+          "records": "records", "snapshots": "snapshots", "tensors": "tensors", "row digests": "tensors",
+          "rebuilding": "tensors"}
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (for cron).")
 recursive_option = click.option(
@@ -73,24 +82,39 @@ class Output:
 
     @property
     def interactive(self) -> bool:
-        return not (self.as_json or self.quiet) and sys.stderr.isatty()
+        """Whether progress is shown: a terminal (or --progress), and neither JSON nor quiet."""
+        if self.as_json or self.quiet or PROGRESS is False:
+            return False
+        return PROGRESS is True or sys.stderr.isatty()
 
     @contextmanager
     def progress(self, description: str) -> Iterator[Callable[[str, int, int], None]]:
-        """A progress bar on a tty; yields update(stage, done, total)."""
+        """A progress bar on stderr; yields update(stage, done, total).
+
+        Like rsync's --info=progress2: how much is done of how much (bytes
+        with units for byte stages, else counts), the rate, the time left.
+        """
         if not self.interactive:
             yield lambda stage, done, total: None
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        console = self.stderr if PROGRESS is not True else Console(stderr=True, highlight=False, force_terminal=True)
         with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=self.stderr, transient=True,
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
+            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TimeElapsedColumn(),
+            console=console, transient=True,
         ) as bar:
-            task = bar.add_task(description, total=None)
+            task = bar.add_task(description, total=None, amount="", rate="")
 
             def update(stage: str, done: int, total: int) -> None:
                 bar.update(task, description=f"{description}: {stage}", completed=done, total=total or None)
+                speed = bar.tasks[0].speed  # rich's own moving average of the completion rate
+                amount, rate, unit = _amount(stage, done, total), "", _UNITS.get(stage, "")
+                if speed:
+                    rate = f"{human_bytes(speed)}/s" if stage in _BYTE_STAGES else f"{speed:,.0f} {unit}/s".replace(" /", "/")
+                bar.update(task, amount=amount, rate=rate)
 
             yield update
 
@@ -102,6 +126,13 @@ class Output:
             return
         with self.stderr.status(message):
             yield
+
+
+def _amount(stage: str, done: int, total: int) -> str:
+    if stage in _BYTE_STAGES:
+        return human_bytes(done) + (f" / {human_bytes(total)}" if total else "")
+    unit = _UNITS.get(stage, "")
+    return (f"{done:,}" + (f" / {total:,}" if total else "") + (f" {unit}" if unit else "")).strip()
 
 
 def _json_default(value):

@@ -73,6 +73,8 @@ def _name(text: str) -> str:
 @click.option("--bwlimit", type=ByteSize(), metavar="BYTES_PER_S",
               help="Receive at most this many bytes per second on average (e.g. 10M), one token bucket "
                    "across all rounds of --follow; most significant buckets still go first.")
+@click.option("--stats", "-v", "stats", is_flag=True,
+              help="After the summary, a line per tensor: rows and bytes sent, snapshot bytes, significance.")
 @click.option("--reseed", is_flag=True,
               help="Replace DST by SRC's newest snapshot and the log after it, whatever DST held: the way "
                    "past a refusal for diverged histories (exit 13). DST's own records are dropped; copy "
@@ -83,7 +85,7 @@ def _name(text: str) -> str:
 @json_option
 @quiet_option
 def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog, timeout, token_file, check,
-            follow, interval, bwlimit, reseed, chunk_bytes, wait, as_json, quiet):
+            follow, interval, bwlimit, stats, reseed, chunk_bytes, wait, as_json, quiet):
     """Bring DST up to SRC's head by moving only the rows that changed.
 
     \b
@@ -171,7 +173,7 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
     if verdict is not None:
         data["check"] = verdict
     rejected = verdict is not None and not verdict["accepted"]
-    out.result(data, None if rejected else (lambda c: _render(c, result, src, dst)))  # a rejection: the error says all
+    out.result(data, None if rejected else (lambda c: _render(c, result, src, dst, stats)))  # a rejection: the error says all
     if verdict is not None and not verdict["accepted"]:
         back = "removed the new replica" if verdict.get("removed") else f"went back to offset {verdict['reverted_to']}"
         click.echo(f"deltalog: error: --check rejected offset {verdict['offset']} (exit {verdict['exit_code']}): "
@@ -251,7 +253,19 @@ def _run_check(sink, result, check: str, source: str) -> dict | None:
     return sink.outcome  # only a leftover unconfirmed sync was judged (or nothing moved)
 
 
-def _render(c, r, src: str, dst: str) -> None:
+def _render(c, r, src: str, dst: str, stats: bool = False) -> None:
+    _summary(c, r, src, dst)
+    if stats and r.tensors and not r.dry_run:
+        t = table("tensor", "rows", "bytes", "snapshot bytes", "significance")
+        for col in t.columns[1:]:
+            col.justify = "right"
+        for e in sorted(r.tensors, key=lambda e: -e["bytes"] - e["snapshot_bytes"]):
+            t.add_row(e["name"], f"{e['rows']:,}", human_bytes(e["bytes"]), human_bytes(e["snapshot_bytes"]),
+                      f"{e['significance']:.4g}")
+        c.print(t)
+
+
+def _summary(c, r, src: str, dst: str) -> None:
     if r.dry_run:
         plan = r.plan or {}
         if r.snapshot_offset is not None:
