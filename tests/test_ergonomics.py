@@ -291,3 +291,37 @@ def test_the_manual_page_covers_every_command_option_and_exit_code():
         rendered = subprocess.run(["groff", "-man", "-Tutf8", "-ww"], input=page, capture_output=True, text=True)
         assert rendered.returncode == 0 and "warning" not in rendered.stderr, rendered.stderr
         assert "deltalog sync [OPTIONS] SRC DST" in rendered.stdout
+
+
+# -- a peer that hangs -------------------------------------------------------------------------------
+
+
+def _hanging_ssh(tmp_path) -> str:
+    """An 'ssh' that connects and then says nothing, as a hung remote does."""
+    script = tmp_path / "hung-ssh"
+    script.write_text("#!/bin/sh\nexec sleep 3600\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_ssh_timeout_is_honoured(replica, tmp_path):
+    path, _states = replica
+    started = time.monotonic()
+    proc = run_cli("sync", "host:/srv/model", tmp_path / "d", "--ssh-command", _hanging_ssh(tmp_path),
+                   "--timeout", "1")
+    took = time.monotonic() - started
+    assert proc.returncode == 8 and "no answer for 1 s" in proc.stderr, proc.stderr
+    assert took < 4.0, f"--timeout 1 took {took:.1f} s"
+
+
+def test_ssh_has_a_default_timeout(tmp_path, monkeypatch):
+    """Without --timeout a hung peer is given up on (after DEFAULT_SILENCE_SECONDS), never waited for forever."""
+    from deltalog.errors import TransportError
+    from deltalog.transport import TransportOptions, open_source
+    from deltalog.transport import ssh
+
+    monkeypatch.setattr(ssh, "DEFAULT_SILENCE_SECONDS", 0.5)
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="no answer for 0.5 s"):
+        open_source("host:/srv/model", TransportOptions(ssh_command=_hanging_ssh(tmp_path)))
+    assert time.monotonic() - started < 3.0

@@ -52,7 +52,9 @@ def _name(text: str) -> str:
 @click.option("--remote-deltalog", default="deltalog", show_default=True, envvar="DELTALOG_REMOTE", metavar="PATH",
               help="The deltalog command on the remote host (like rsync --rsync-path).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), metavar="SECONDS",
-              help="Give up when the peer sends nothing for this long (exit 8).")
+              help="Give up when the peer sends nothing for this long (exit 8). Default: 600 for ssh "
+                   "(which also sends keepalives: a dead network or host shows within about a minute), "
+                   "60 for http.")
 @click.option("--token-file", type=click.Path(dir_okay=False, exists=True),
               help="File with the bearer token of an http(s) source (else $DELTALOG_TOKEN).")
 @click.option("--check", "check", metavar="CMD",

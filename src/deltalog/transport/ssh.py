@@ -57,6 +57,15 @@ class _TimeoutReader(io.RawIOBase):
             raise TransportError(f"reading from ssh failed ({exc.strerror})") from None
 
 
+# Without --timeout, a peer that says nothing for this long counts as gone (exit 8): a cron
+# job must not hang forever on a hung remote. Long enough for the slowest silent step (the
+# remote applying a large chunk, or building a replica from a received snapshot).
+DEFAULT_SILENCE_SECONDS = 600.0
+# ssh's own keepalives find a dead network or host within about a minute, whatever --timeout
+# says; options given in --ssh-command come first, and ssh keeps the first value it sees.
+KEEPALIVE = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+
+
 class SshConnection:
     """One ``deltalog serve --stdio`` process at the end of an ssh pipe."""
 
@@ -67,7 +76,7 @@ class SshConnection:
         if not ssh:
             raise InvalidInput("--ssh-command is empty")
         remote = f"{options.remote_deltalog or 'deltalog'} serve --stdio {shlex.quote(spec.path)}"
-        self.argv = [*ssh, "-T", "-o", "BatchMode=yes", spec.host, remote]
+        self.argv = [*ssh, "-T", "-o", "BatchMode=yes", *KEEPALIVE, spec.host, remote]
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, bufsize=0)
@@ -77,7 +86,9 @@ class SshConnection:
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._stderr_thread = threading.Thread(target=self._drain_stderr, daemon=True)
         self._stderr_thread.start()
-        self._reader = _TimeoutReader(self.proc.stdout.fileno(), options.timeout, self._timed_out)
+        timeout = DEFAULT_SILENCE_SECONDS if options.timeout is None else options.timeout
+        self._reader = _TimeoutReader(self.proc.stdout.fileno(), timeout, self._timed_out)
+        self._hung = False  # a read timed out: the far end is not to be waited for
         self.rfile = io.BufferedReader(self._reader, 1 << 16)
         self.wfile = io.BufferedWriter(self.proc.stdin, 1 << 16)
         self.busy = False  # a chunk stream is half read: the pipe cannot carry another request
@@ -105,16 +116,21 @@ class SshConnection:
                     print(f"remote {self.spec.host}: {line}", file=sys.stderr, flush=True)
 
     def _timed_out(self):
+        # Hung: no goodbye, no waiting for it to exit. The ssh process goes now, so the
+        # command returns within --timeout, not seconds after it.
+        self._hung = self.busy = True
+        self.proc.kill()
         raise TransportError(f"no answer for {self._reader.timeout:g} s",
                              hint="the peer or the network hangs; raise --timeout if it is just slow")
 
     def _explain(self, exc: TransportError) -> TransportError:
         """Add what ssh said on stderr to a TransportError."""
+        wait = 0.1 if self._hung else 1.0
         try:
-            self.proc.wait(timeout=1.0)
+            self.proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             pass
-        self._stderr_thread.join(timeout=1.0)
+        self._stderr_thread.join(timeout=wait)
         said = [line for line in self._stderr_tail if line.strip()]
         detail = said[-1] if said else None
         code = self.proc.returncode
@@ -162,6 +178,8 @@ class SshConnection:
         if self.closed:
             return
         self.closed = True
+        if self._hung:
+            self.proc.kill()
         if not self.busy and self.proc.poll() is None:
             try:
                 wire.write_frame(self.wfile, {"type": "bye"})
