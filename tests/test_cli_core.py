@@ -137,7 +137,13 @@ def test_second_writer_exits_9_while_the_lock_is_held(checkpoints):
     with Replica.open(tmp / "r") as r, r.writing():
         proc = run_cli("commit", tmp / "r", "--from", tmp / "next.safetensors")
         assert proc.returncode == 9 and "locked" in proc.stderr
+        assert f"pid {os.getpid()}" in proc.stderr  # who holds it: this test's process
         assert run_cli("status", tmp / "r").returncode == 0  # readers never wait
+    # the holder is gone: its name is not repeated (the file's text is only a note)
+    with Replica.open(tmp / "r") as r, r.writing():
+        pass
+    proc = run_cli("commit", tmp / "r", "--from", tmp / "next.safetensors")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_help_lists_every_command_and_the_exit_codes():

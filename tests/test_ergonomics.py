@@ -325,3 +325,23 @@ def test_ssh_has_a_default_timeout(tmp_path, monkeypatch):
     with pytest.raises(TransportError, match="no answer for 0.5 s"):
         open_source("host:/srv/model", TransportOptions(ssh_command=_hanging_ssh(tmp_path)))
     assert time.monotonic() - started < 3.0
+
+
+def test_the_diff_table_keeps_long_names_whole_at_80_columns_and_shows_the_share_changed(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from deltalog.cli.diff_cmd import _render
+    from deltalog.diff import ReplicaSide, diff
+
+    name = "model.encoder.layers.11.attention.self.query_key_value.weight"
+    with Replica.init(tmp_path / "r", {name: np.zeros((1000, 8), np.float32), "b": np.zeros(3, np.float32)}) as r:
+        r.commit({name: ([1, 2, 3], np.ones((3, 8), np.float32))})
+        result = diff(ReplicaSide.at(r, 0), ReplicaSide.at(r))
+    screen = io.StringIO()
+    _render(Console(file=screen, width=80, no_color=True, highlight=False), result)
+    text = screen.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert name in "".join(line.split()[0] for line in text.splitlines() if line.strip())  # wrapped, not cut
+    assert " 0.3%" in text and "of all" in text

@@ -21,6 +21,7 @@ from deltalog.checkpoint import read_checkpoint, read_checkpoint_metadata
 from deltalog.errors import InvalidInput, OffsetNotRetained, TransportError
 from deltalog.server import parse_range, Unsatisfiable
 from deltalog.transport.http import HttpSource
+from conftest import run_cli
 from http_fixture import running_server, serve_snapshot_process, serve_snapshot_url  # noqa: F401
 
 BF16 = np.array([0x3F80, 0x4000, 0xBF80, 0x0000, 0x7F80, 0x1234], dtype=np.uint16)  # raw bfloat16 bits
@@ -739,3 +740,25 @@ def test_idle_connection_gives_its_slot_back(serve_snapshot_process, replica):
         time.sleep(1.2)  # the server drops a connection that sends nothing for --timeout
         assert idle.recv(10) == b""
         assert request(srv.url, "/metrics")[0] == 200
+
+
+def test_metrics_name_the_model_its_digest_and_a_followers_source_and_lag(serve_snapshot_url, tmp_path):
+    from deltalog import lineage
+
+    primary, follower = tmp_path / "primary", tmp_path / "follower"
+    make_replica(primary, seed=5)
+    assert run_cli("sync", primary, follower).returncode == 0
+    with Replica.open(primary) as r:
+        r.commit({"bias": ([0], np.array([7], np.int64))})  # the follower is now one offset behind
+    with Replica.open(follower) as f:
+        model_id, digest = f.model_id, lineage.to_hex(f.state_digest)
+    _, _, metrics = request(serve_snapshot_url(follower), "/metrics")
+    info = re.search(rb'^deltalog_replica_info\{model_id="([^"]*)",state_digest="([^"]*)",source="([^"]*)"\} 1$',
+                     metrics, re.M)
+    assert info and info.group(1).decode() == model_id and info.group(2).decode() == digest
+    assert info.group(3).decode() == str(primary)
+    assert re.search(rb"^deltalog_lag_offsets 0$", metrics, re.M)  # as of its last sync
+    assert re.search(rb"^deltalog_lag_seconds [0-9.]+$", metrics, re.M)
+    _, _, metrics = request(serve_snapshot_url(primary), "/metrics")
+    assert re.search(rb'^deltalog_replica_info\{.*source=""\} 1$', metrics, re.M)
+    assert b"deltalog_lag_offsets" not in metrics

@@ -4,6 +4,10 @@ An flock(2) on ``REPLICA/lock``. The kernel drops it when the holder dies,
 kill -9 included, so a crashed cron job never leaves a stale lock behind.
 flock locks belong to an open file description, so two handles in one
 process exclude each other just as two processes do.
+
+The holder writes its pid and command line into the file, so a second
+writer's LockHeld names who holds it (the text is informational: the flock
+alone decides, and the text of a holder that died stays until the next one).
 """
 
 from __future__ import annotations
@@ -46,11 +50,14 @@ class WriterLock:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
+                    holder = _holder(fd)
                     os.close(fd)
-                    raise LockHeld(f"{os.path.dirname(self.path)}: locked by another writer") from None
+                    raise LockHeld(f"{os.path.dirname(self.path)}: locked by another writer"
+                                   + (f" ({holder})" if holder else "")) from None
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 0.5)
         self._fd = fd
+        _note_holder(fd)
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free now; never waits."""
@@ -65,3 +72,32 @@ class WriterLock:
             fd, self._fd = self._fd, None
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _note_holder(fd: int) -> None:
+    """Write who holds the lock into its file (best effort: a read-only file system just says nothing)."""
+    try:
+        with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        argv = []
+    command = " ".join(" ".join(argv).split())[:300]  # one line, whatever the arguments hold
+    text = f"pid {os.getpid()}" + (f": {command}" if command else "")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode() + b"\n", 0)
+    except OSError:
+        pass
+
+
+def _holder(fd: int) -> str:
+    """Who the file says holds the lock, when that process still runs ('' otherwise)."""
+    try:
+        text = os.pread(fd, 512, 0).decode(errors="replace").strip()
+        pid = int(text.split()[1].rstrip(":"))
+        os.kill(pid, 0)
+    except PermissionError:  # it runs, as another user
+        return text
+    except (OSError, ValueError, IndexError):
+        return ""
+    return text

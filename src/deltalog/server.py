@@ -283,8 +283,8 @@ class Metrics:
             for labels, value in samples:
                 lines.append(f"{name}{labels} {_number(value)}")
 
-        for name, (help_text, value) in gauges.items():
-            metric(name, "gauge", help_text, [("", value)])
+        for name, (help_text, value) in gauges.items():  # a value, or [(labels, value), ...]
+            metric(name, "gauge", help_text, value if isinstance(value, list) else [("", value)])
         metric(
             "deltalog_requests_total", "counter", "HTTP requests answered, by route and status code.",
             [(f'{{path="{_label(route)}",code="{code}"}}', n) for (route, code), n in requests],
@@ -562,16 +562,32 @@ class SnapshotServer(ThreadingHTTPServer):
             hint="snapshots at " + ", ".join(str(m["offset"]) for m in manifests[-10:]),
         )
 
-    def gauges(self, replica) -> dict[str, tuple[str, float]]:
+    def gauges(self, replica) -> dict[str, tuple[str, object]]:
+        from . import lineage
+        from .receive import follow_state
+
         state = replica.state
         snapshots = [m["offset"] for m in replica.snapshots()]
-        return {
+        follow = follow_state(replica) or {}
+        info = {"model_id": replica.model_id, "state_digest": lineage.to_hex(state.digest) or "",
+                "source": str(follow.get("source") or "")}
+        labels = "{" + ",".join(f'{k}="{_label(v)}"' for k, v in info.items()) + "}"
+        gauges = {
+            "deltalog_replica_info": ("The served replica: its model id, state digest at the head, and the source "
+                                      "it follows (empty for a primary); always 1.", [(labels, 1)]),
             "deltalog_head": ("Newest durable offset of the served replica.", state.head),
             "deltalog_oldest_offset": ("Oldest offset the log can still replay from.", replica.oldest_offset),
             "deltalog_latest_snapshot_offset": ("Offset of the newest snapshot.", max(snapshots, default=0)),
             "deltalog_snapshots": ("Snapshots registered in the replica.", len(snapshots)),
             "deltalog_uptime_seconds": ("Seconds since the server started.", round(time.time() - self.started, 3)),
         }
+        if follow:  # a follower: how far behind its source it was at its last sync
+            gauges["deltalog_lag_offsets"] = ("Offsets the replica was behind its source at its last sync.",
+                                              max(0, int(follow.get("source_head") or 0) - state.head))
+            if follow.get("in_sync_at") is not None:
+                gauges["deltalog_lag_seconds"] = ("Seconds since the replica last held its source's head.",
+                                                  round(max(0.0, time.time() - follow["in_sync_at"]), 3))
+        return gauges
 
 
 def _listen_error(host: str, port: int, exc: OSError) -> DeltalogError:

@@ -116,6 +116,18 @@ def _how(result) -> str:
     return f"by {result.method}"
 
 
+def _share(part: int, whole: int) -> str:
+    """A fraction as a percentage with two significant digits (never a rounded-away 0% or 100%)."""
+    if not whole:
+        return "-"
+    pct = 100.0 * part / whole
+    if 0 < pct < 0.01:
+        return "<0.01%"
+    if 99.99 < pct < 100:
+        return ">99.99%"
+    return f"{pct:.2g}%" if pct < 10 else f"{pct:.0f}%"
+
+
 def _num(x) -> str:
     return "nan/inf" if x is None else f"{x:.4g}"
 
@@ -134,14 +146,17 @@ def _render(c, result) -> None:
             f"{_count(result.changed_buckets, 'bucket')} of {len(changed)} of {_count(len(result.tensors), 'tensor')} "
             f"({_count(result.rows_compared, 'row')} compared, {_how(result)})")
     if changed:
-        t = table("tensor", "dtype", "shape", "rows", "buckets", "l2", "max |Δ|", "significance")
+        t = table("tensor", "dtype", "shape", "rows", "of all", "buckets", "l2", "max |Δ|", "significance")
+        t.columns[0].no_wrap, t.columns[0].overflow = False, "fold"  # a long name wraps, never becomes "…"
         for col in t.columns[3:]:
             col.justify = "right"
         for d in changed:
             data = d.to_json()
             rows = f"{d.changed_rows:,}" + (f" ({d.nonfinite_rows:,} nan/inf)" if d.nonfinite_rows else "")
+            total = d.shape[0] if d.shape else 1
             t.add_row(escape(d.name), d.dtype, "x".join(map(str, d.shape)) or "scalar", rows,
-                      f"{d.changed_buckets:,}", _num(data["l2"]), _num(data["max_abs"]), _num(data["significance"]))
+                      _share(d.changed_rows, total), f"{d.changed_buckets:,}", _num(data["l2"]),
+                      _num(data["max_abs"]), _num(data["significance"]))
         c.print()
         c.print(t)
     for d in changed:
