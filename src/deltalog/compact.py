@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from . import lineage, tensorfiles
 from .errors import IntegrityError, InvalidInput, OffsetNotRetained, StorageError, UnsupportedVersion
 from .replay import tensors_at
+from .lock import pid_alive
 from .replica import Replica
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -278,15 +279,8 @@ def compact_from_tensors(replica: Replica, wait: float = 0.0) -> CompactResult:
                 )
             result = CompactResult(oldest_offset=previous_oldest, previous_oldest=previous_oldest, head=state.head,
                                    built_from="tensors")
-            final = tensorfiles.snapshot_path(replica.path, state.head)
-            try:
-                if os.path.lexists(final):  # registered or not, ours replaces it in the fold below
-                    shutil.rmtree(final)
-                os.rename(tensorfiles.snapshot_path(staging, state.head), final)
-                tensorfiles.fsync_dir(root)
-            except OSError as exc:
-                raise StorageError(f"{final}: cannot install the snapshot: {exc.strerror}") from None
-            result.snapshot_bytes_written = sum(t["nbytes"] for t in manifest["tensors"])
+            # registered or not, a snapshot at the head is replaced by ours in the fold below
+            result.snapshot_bytes_written = _install(replica, staging, manifest)
             replica.flush()
             result.records_removed, result.log_bytes_freed, result.snapshots_removed = replica.writer.fold(
                 state.head, manifest, clear_buckets=True)
@@ -317,20 +311,25 @@ def _fold(replica: Replica, horizon: int, manifest: dict, staging: str | None, r
     elif staging is None:  # the snapshot we meant to reuse was unregistered: only a compaction does that
         raise IntegrityError(f"{replica.path}: snapshot {horizon} vanished during compaction", hint="retry")
     else:
-        root = os.path.join(replica.path, tensorfiles.SNAPSHOT_DIR)
-        final = tensorfiles.snapshot_path(replica.path, horizon)
-        try:
-            if os.path.lexists(final):  # unregistered: garbage of a crashed run
-                shutil.rmtree(final)
-            os.rename(tensorfiles.snapshot_path(staging, horizon), final)
-            tensorfiles.fsync_dir(root)
-        except OSError as exc:
-            raise StorageError(f"{final}: cannot install the snapshot: {exc.strerror}") from None
-        result.snapshot_bytes_written = sum(t["nbytes"] for t in manifest["tensors"])
+        result.snapshot_bytes_written = _install(replica, staging, manifest)  # one there is unregistered garbage
 
     replica.flush()  # recovery after a machine crash replays records after 'flushed': keep them until synced
     result.records_removed, result.log_bytes_freed, result.snapshots_removed = replica.writer.fold(horizon, manifest)
     result.oldest_offset = horizon
+
+
+def _install(replica: Replica, staging: str, manifest: dict) -> int:
+    """Rename the snapshot built in ``staging`` to its place, replacing what is there; returns its bytes."""
+    root = os.path.join(replica.path, tensorfiles.SNAPSHOT_DIR)
+    final = tensorfiles.snapshot_path(replica.path, manifest["offset"])
+    try:
+        if os.path.lexists(final):
+            shutil.rmtree(final)
+        os.rename(tensorfiles.snapshot_path(staging, manifest["offset"]), final)
+        tensorfiles.fsync_dir(root)
+    except OSError as exc:
+        raise StorageError(f"{final}: cannot install the snapshot: {exc.strerror}") from None
+    return sum(t["nbytes"] for t in manifest["tensors"])
 
 
 def _remove_garbage(replica: Replica, result: CompactResult) -> None:
@@ -375,15 +374,7 @@ def _alive(pid_text: str) -> bool:
         pid = int(pid_text)
     except ValueError:
         return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid == os.getpid() or pid_alive(pid)
 
 
 def _tree_bytes(path: str) -> int:

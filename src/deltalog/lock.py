@@ -74,18 +74,35 @@ class WriterLock:
             os.close(fd)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (as any user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    return True
+
+
+_holder_text: tuple[int, bytes] | None = None  # (pid, what _note_holder writes): a commit takes the lock each time
+
+
 def _note_holder(fd: int) -> None:
     """Write who holds the lock into its file (best effort: a read-only file system just says nothing)."""
-    try:
-        with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
-            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        argv = []
-    command = " ".join(" ".join(argv).split())[:300]  # one line, whatever the arguments hold
-    text = f"pid {os.getpid()}" + (f": {command}" if command else "")
+    global _holder_text
+    pid = os.getpid()
+    if _holder_text is None or _holder_text[0] != pid:  # a forked child is another holder
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            argv = []
+        command = " ".join(" ".join(argv).split())[:300]  # one line, whatever the arguments hold
+        _holder_text = (pid, (f"pid {pid}" + (f": {command}" if command else "") + "\n").encode())
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, text.encode() + b"\n", 0)
+        os.pwrite(fd, _holder_text[1], 0)
     except OSError:
         pass
 
@@ -95,9 +112,6 @@ def _holder(fd: int) -> str:
     try:
         text = os.pread(fd, 512, 0).decode(errors="replace").strip()
         pid = int(text.split()[1].rstrip(":"))
-        os.kill(pid, 0)
-    except PermissionError:  # it runs, as another user
-        return text
     except (OSError, ValueError, IndexError):
         return ""
-    return text
+    return text if pid_alive(pid) else ""

@@ -92,11 +92,12 @@ def follow_state(replica: "Replica") -> dict | None:
     return replica.meta(FOLLOW_KEY)
 
 
-def diverged(replica: "Replica", offset: int, mine: int | None, theirs: int | None) -> Diverged:
-    """The error for a destination whose model at ``offset`` is not its source's."""
+def diverged(destination: str, offset: int, mine: int | None, theirs: int | None,
+             source: str = "its source") -> Diverged:
+    """The error for a destination whose model at ``offset`` is not its source's (the engine's too)."""
     return Diverged(
-        f"{replica.path} holds another model than its source at offset {offset}: "
-        f"state digest {lineage.to_hex(mine)} here, {lineage.to_hex(theirs)} at the source"
+        f"{destination} holds another model than {source} at offset {offset}: "
+        f"state digest {lineage.to_hex(mine)} there, {lineage.to_hex(theirs)} at the source"
     )
 
 
@@ -149,7 +150,7 @@ def _check_pre(replica: "Replica", record: rec.Record, head: int) -> None:
     """Diverged unless the source's digest at our head (when it sent one) is ours."""
     mine = replica.state.digest
     if record.pre_digest is not None and mine is not None and record.pre_digest != mine:
-        raise diverged(replica, head, mine, record.pre_digest)
+        raise diverged(replica.path, head, mine, record.pre_digest)
 
 
 def _check_post(replica: "Replica", head: int, target: int, claimed: int | None):
@@ -403,13 +404,7 @@ def _finish_revert(writer: Writer, marker: dict) -> None:
         store = replica.store
         if store.get_record(txn, target) is not None:
             store.delete_record(txn, target)
-        for name, entry in marker["buckets"].items():
-            info = replica.info(name)
-            for bucket, version, significance in zip(entry["b"], entry["ov"], entry["os"]):
-                if version < 0:  # the bucket had no entry before the sync
-                    store.delete_bucket(txn, info.id, bucket)
-                else:
-                    store.put_bucket(txn, info.id, bucket, version, significance)
+        _restore_bucket_entries(replica, txn, marker["buckets"])
         store.delete_meta(txn, REVERT_KEY)
         store.delete_meta(txn, UNCONFIRMED_KEY)
 

@@ -53,7 +53,7 @@ from .errors import (
     StorageError,
     UnsupportedVersion,
 )
-from .lock import WriterLock
+from .lock import WriterLock, pid_alive
 from .pending import head_values, merged_pending
 from .store import LogStore
 from .tensorfiles import TensorInfo
@@ -100,7 +100,7 @@ def _remove_dead_inits(parent: str, name: str) -> None:
         return
     for entry in entries:
         staging, pid = os.path.join(parent, entry), int(entry[len(prefix):])
-        if pid == os.getpid() or _pid_alive(pid) or not os.path.isdir(staging):
+        if pid == os.getpid() or pid_alive(pid) or not os.path.isdir(staging):
             continue
         lock = WriterLock(staging)
         try:
@@ -112,16 +112,6 @@ def _remove_dead_inits(parent: str, name: str) -> None:
             shutil.rmtree(staging, ignore_errors=True)
         finally:
             lock.release()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, as another user
-        return True
-    return True
 
 
 def _is_int(value) -> bool:

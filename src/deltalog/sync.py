@@ -37,7 +37,6 @@ from . import record as rec
 from . import lineage, tensorfiles
 from .dtypes import row_significance
 from .errors import (
-    Diverged,
     IntegrityError,
     InvalidInput,
     LockHeld,
@@ -48,6 +47,7 @@ from .errors import (
     UnsupportedVersion,
 )
 from .history import values_at
+from .receive import diverged
 from .replica import Replica
 from .transport.base import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, RECORD_VERSION, SNAPSHOT_PIECE_BYTES
 
@@ -619,7 +619,7 @@ def sync(
         result.plan = _dry_plan(source, since, advanced, target)
         pre = lineage.from_hex(result.plan.get("pre_digest"))
         if pre is not None and lineage.from_hex(state.get("state_digest")) not in (None, pre):
-            raise _diverged(destination_name, source_name, since, state.get("state_digest"), result.plan["pre_digest"])
+            raise diverged(destination_name, since, lineage.from_hex(state.get("state_digest")), pre, source_name)
         return finish_result()
     plan_total = None
     if report and hasattr(source, "plan"):  # a progress bar wants a total; costs a second pass at the source
@@ -682,11 +682,6 @@ def sync(
     return finish_result()
 
 
-def _diverged(destination: str, source: str, offset: int, mine, theirs) -> Diverged:
-    return Diverged(f"{destination} holds another model than {source} at offset {offset}: "
-                    f"state digest {mine} there, {theirs} at the source")
-
-
 def _check_lineage(hello: dict, state: dict, sink, source_name: str, destination_name: str) -> str | None:
     """Diverged unless the destination held the source's model wherever the two can be compared now.
 
@@ -703,14 +698,14 @@ def _check_lineage(hello: dict, state: dict, sink, source_name: str, destination
     if mine is None:  # a dry run into a replica of an older format: its first write computes the digest
         return "its history is not checked yet (it has no state digest until its first write)"
     if head == target and mine != theirs:
-        raise _diverged(destination_name, source_name, head, mine, theirs)
+        raise diverged(destination_name, head, lineage.from_hex(mine), lineage.from_hex(theirs), source_name)
     if head > target:
         probe = getattr(sink, "state_digest_at", None)
         at = probe(target) if probe is not None else None
         if at is None:
             return f"it does not hold offset {target}, so whether it shares the source's history is not known"
         if at != theirs:
-            raise _diverged(destination_name, source_name, target, at, theirs)
+            raise diverged(destination_name, target, lineage.from_hex(at), lineage.from_hex(theirs), source_name)
     return None
 
 
