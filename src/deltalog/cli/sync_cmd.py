@@ -140,6 +140,15 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
         with open(token_file) as f:
             token = f.read().strip()
     options = TransportOptions(ssh_command=ssh_command, remote_deltalog=remote_deltalog, timeout=timeout, token=token)
+    from ..transport import RELAY_SCHEMES
+
+    if d_spec.scheme in RELAY_SCHEMES:
+        if s_spec.scheme != "local":
+            raise InvalidInput(f"{dst}: a relay is published from a local replica",
+                               hint="run the publishing sync on the primary's host")
+        if max_bytes or deadline or check or reseed or dry_run or bwlimit:
+            raise click.UsageError("publishing to a relay takes only --follow/--interval")
+        return _publish(src, dst, out, follow=follow, interval=interval)
     if follow:
         return _follow(src, dst, options, out, interval=interval, max_bytes=max_bytes, deadline=deadline,
                        bwlimit=bwlimit, wait=wait, chunk_bytes=chunk_bytes)
@@ -182,6 +191,57 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
                    f"{dst} {back}", err=True)
         return 10
     return 0 if result.complete or dry_run else 1
+
+
+def _publish(src: str, dst: str, out: Output, *, follow: bool, interval: float | None) -> int:
+    """sync PRIMARY s3://...: advance the relay to the primary's head (and again at each commit with --follow)."""
+    import json
+    import sys
+
+    from ..objstore import ObjectStore
+    from ..relay import publish
+    from ..replica import Replica
+
+    store = ObjectStore(dst)
+    with Replica.open(src) as replica:
+        if not follow:
+            result = publish(replica, store, _name(src))
+            out.result(result.to_json(), lambda c: c.print(_publish_line(result)))
+            return 0
+        from ..follow import DEFAULT_INTERVAL, Stopper, StopRequested
+        from ..sync import source_wait
+
+        stopper = Stopper()
+        wait = DEFAULT_INTERVAL if interval is None else interval
+        with stopper.installed():
+            head = None
+            while not stopper.requested:
+                result = publish(replica, store, _name(src))
+                if result.segments or head is None:
+                    event = {"event": "publish", **result.to_json()}
+                    if out.as_json:
+                        sys.stdout.write(json.dumps(event) + "\n")
+                        sys.stdout.flush()
+                    elif not out.quiet:
+                        click.echo(_publish_line(result), err=True)
+                head = result.to_offset
+                try:
+                    with stopper.interruptible():
+                        source_wait(replica, head, wait)  # the local head, re-read every few ms
+                except StopRequested:
+                    break
+    return 0
+
+
+def _publish_line(r) -> str:
+    if r.note:
+        return r.note
+    if not r.segments and r.snapshot_offset is None:
+        return f"{r.relay} is up to date at offset {r.to_offset}"
+    start = "new relay" if r.from_offset is None else f"offset {r.from_offset}"
+    snap = f", snapshot {r.snapshot_offset}" if r.snapshot_offset is not None else ""
+    return (f"published {r.source} -> {r.relay}: {start} -> {r.to_offset}, {r.rows:,} rows in {r.segments} "
+            f"segment{'s' * (r.segments != 1)}{snap}, {human_bytes(r.bytes_uploaded)} uploaded, {r.seconds:.2f} s")
 
 
 def _follow(src: str, dst: str, options, out: Output, *, interval, max_bytes, deadline, bwlimit, wait,

@@ -5,6 +5,8 @@ A replica spec is parsed like rsync parses its arguments:
 - ``http://...`` / ``https://...``: a ``serve-snapshot`` server (pull only);
 - ``[user@]host:path`` (a colon before any slash): a replica on another
   machine, reached with ``ssh HOST deltalog serve --stdio PATH``;
+- ``s3://``, ``gs://``, ``az://``, ``file://``: an object-store relay
+  (deltalog.relay): pulled from like a source, published to by the CLI;
 - anything else: a local directory.
 
 Each scheme is a small module registered in :data:`SCHEMES` by dotted path
@@ -28,7 +30,15 @@ SCHEMES: dict[str, str] = {
     "ssh": "deltalog.transport.ssh",
     "http": "deltalog.transport.http",
     "https": "deltalog.transport.http",
+    # object-store relays (deltalog.relay): pull here, publish through deltalog.relay.publish
+    "s3": "deltalog.transport.relay",
+    "gs": "deltalog.transport.relay",
+    "az": "deltalog.transport.relay",
+    "abfs": "deltalog.transport.relay",
+    "file": "deltalog.transport.relay",
 }
+
+RELAY_SCHEMES = ("s3", "gs", "az", "abfs", "file")
 
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _SSH = re.compile(r"^(?P<host>(?:[^@/:\s]+@)?(?:\[[^\]/]+\]|[^@/:\s]+)):(?P<path>.*)$")

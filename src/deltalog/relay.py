@@ -1,0 +1,443 @@
+"""The object-store relay: a model's log published to a bucket, pulled by any number of replicas.
+
+One publisher (the primary's host) writes; pullers only read, so a fleet
+of hundreds fans out through the object store instead of through a tree
+of followers. The layout (formats/RELAY.md) under the URL prefix:
+
+``head``
+    A small JSON object: the relay's head offset and state digest, the
+    model's identity and layout, and the list of segments and snapshots
+    that make it up. It is the only object ever rewritten, and only by a
+    conditional put (If-Match the ETag it was read with; If-None-Match: *
+    for the first), so of two publishers only one can advance it.
+``snapshots/<offset>/manifest.json`` and its tensor files
+    Immutable copies of a primary's snapshot: where a new puller starts.
+``segments/<start>-<end>-<pre digest>-<post digest>.seg``
+    Immutable; the sync chunks that bring a replica at ``start`` to
+    ``end`` (deltalog.sync.source_chunks), framed and checksummed.
+
+Everything is written before the head names it, so a publisher killed at
+any point leaves the relay exactly at its previous head (at worst an
+unnamed object stays behind). Pullers read the head, then the snapshot and
+segments it names; :class:`RelayReader` turns them into a sync Source
+(deltalog.transport.relay), so the sync engine's lineage checks, budgets,
+partial syncs and --follow apply unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from dataclasses import asdict, dataclass
+
+import msgpack
+import numpy as np
+import xxhash
+
+from . import lineage
+from . import record as rec
+from .errors import (
+    IntegrityError,
+    InvalidInput,
+    ModelMismatch,
+    OffsetNotRetained,
+    UnsupportedVersion,
+)
+from .objstore import Missing, ObjectStore
+
+RELAY_VERSION = 1  # of the head object and the segment encoding (formats/RELAY.md)
+HEAD_KEY = "head"
+SEGMENT_MAGIC = b"DLRELSEG"
+SEGMENT_CHUNK_BYTES = 16 << 20  # uncompressed row bytes per chunk of a segment: a puller's budget stops between
+_FRAME = struct.Struct("<Q")
+_SEG_HEAD = struct.Struct("<8sHHI")  # magic, version, reserved, header length
+
+
+# =============================================================================
+# encoding (formats/RELAY.md)
+# =============================================================================
+
+
+def segment_key(start: int, end: int, pre: int, post: int) -> str:
+    return f"segments/{start:020d}-{end:020d}-{lineage.to_hex(pre)}-{lineage.to_hex(post)}.seg"
+
+
+def snapshot_prefix(offset: int) -> str:
+    return f"snapshots/{offset:020d}/"
+
+
+def encode_segment(header: dict, blobs: list[bytes]) -> bytes:
+    meta = msgpack.packb(header, use_bin_type=True)
+    parts = [_SEG_HEAD.pack(SEGMENT_MAGIC, RELAY_VERSION, 0, len(meta)), meta]
+    for blob in blobs:
+        parts += [_FRAME.pack(len(blob)), bytes(blob)]
+    body = b"".join(parts)
+    return body + _FRAME.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def decode_segment(data: bytes, what: str) -> tuple[dict, list[memoryview]]:
+    """(header, chunk blobs) of a segment object; IntegrityError if it is not whole."""
+    view = memoryview(data)
+    if len(view) < _SEG_HEAD.size + 8:
+        raise IntegrityError(f"{what}: truncated segment")
+    magic, version, _reserved, hlen = _SEG_HEAD.unpack_from(view, 0)
+    if magic != SEGMENT_MAGIC:
+        raise IntegrityError(f"{what}: not a deltalog relay segment")
+    if version > RELAY_VERSION:
+        raise UnsupportedVersion(f"{what}: relay segment version {version}, this deltalog reads {RELAY_VERSION}")
+    (stored,) = _FRAME.unpack_from(view, len(view) - 8)
+    if xxhash.xxh3_64_intdigest(view[:-8]) != stored:
+        raise IntegrityError(f"{what}: segment checksum mismatch")
+    pos = _SEG_HEAD.size
+    try:
+        header = msgpack.unpackb(view[pos:pos + hlen], raw=False)
+    except Exception:
+        raise IntegrityError(f"{what}: undecodable segment header") from None
+    pos += hlen
+    blobs = []
+    end = len(view) - 8
+    while pos < end:
+        (n,) = _FRAME.unpack_from(view, pos)
+        pos += 8
+        if pos + n > end:
+            raise IntegrityError(f"{what}: segment frame runs past its end")
+        blobs.append(view[pos:pos + n])
+        pos += n
+    if len(blobs) != header.get("chunks"):
+        raise IntegrityError(f"{what}: segment holds {len(blobs)} chunks, its header says {header.get('chunks')}")
+    return header, blobs
+
+
+def parse_head(data: bytes, url: str) -> dict:
+    try:
+        head = json.loads(data)
+        version = int(head["relay"])
+    except (ValueError, KeyError, TypeError):
+        raise IntegrityError(f"{url}/{HEAD_KEY}: not a deltalog relay head") from None
+    if version > RELAY_VERSION:
+        raise UnsupportedVersion(f"{url}: relay format v{version}, this deltalog reads v{RELAY_VERSION}")
+    for k in ("model_id", "head", "state_digest", "tensors", "bucket_rows", "segments", "snapshots"):
+        if k not in head:
+            raise IntegrityError(f"{url}/{HEAD_KEY}: field {k!r} missing")
+    return head
+
+
+def _encode_head(head: dict) -> bytes:
+    return json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
+
+
+# =============================================================================
+# publisher
+# =============================================================================
+
+
+@dataclass
+class PublishResult:
+    """What one publish did (the JSON of ``deltalog sync PRIMARY s3://...``)."""
+
+    source: str
+    relay: str
+    from_offset: int | None  # the relay's head before (None: a new relay)
+    to_offset: int
+    segments: int = 0
+    bytes_uploaded: int = 0
+    rows: int = 0
+    snapshot_offset: int | None = None
+    complete: bool = True
+    seconds: float = 0.0
+    note: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def read_head(store: ObjectStore) -> tuple[dict | None, str | None]:
+    """(head, ETag) of the relay, or (None, None) for an empty prefix."""
+    try:
+        got = store.get(HEAD_KEY)
+    except Missing as exc:
+        if "bucket" in str(exc):
+            raise
+        return None, None
+    return parse_head(got.data, store.url), got.etag
+
+
+def publish(replica, store: ObjectStore, source_name: str) -> PublishResult:
+    """Advance the relay at ``store`` to ``replica``'s head (one segment; a snapshot first if new).
+
+    Refuses (Diverged) a relay whose head is not a state this replica held,
+    ModelMismatch one of another model, and PreconditionFailed (exit 9)
+    when another publisher advanced the head meanwhile: nothing is lost,
+    this run's segment is simply not named.
+    """
+    from .receive import diverged
+    from .sync import source_chunks, source_hello, source_snapshot_manifest
+
+    started = time.monotonic()
+    hello = source_hello(replica)
+    target = int(hello["head"])
+    head, etag = read_head(store)
+    result = PublishResult(source_name, store.url, None if head is None else int(head["head"]), target)
+    if head is None:
+        snaps = [s for s in hello["snapshots"] if hello["oldest_offset"] <= s <= target]
+        if not snaps:
+            raise OffsetNotRetained(f"{replica.path}: no snapshot to start the relay from",
+                                    hint="run 'deltalog compact' to make one")
+        snap = max(snaps)
+        result.bytes_uploaded += _upload_snapshot(replica, store, snap, source_snapshot_manifest(replica, snap))
+        result.snapshot_offset = snap
+        head = {"relay": RELAY_VERSION, "model_id": hello["model_id"], "bucket_rows": hello["bucket_rows"],
+                "format_version": hello["format_version"], "tensors": hello["tensors"],
+                "snapshots": [{"offset": snap, "state_digest": lineage.to_hex(replica.state_digest_at(snap))}],
+                "segments": [], "head": snap, "state_digest": lineage.to_hex(replica.state_digest_at(snap))}
+    else:
+        _check_relay_model(head, hello, store.url, replica.path)
+    since = int(head["head"])
+    theirs = lineage.from_hex(head["state_digest"])
+    if since > target:
+        mine = replica.state_digest_at(target)
+        result.note = f"the relay (head {since}) is ahead of {replica.path} (head {target}); nothing published"
+        result.to_offset = since
+        result.seconds = round(time.monotonic() - started, 6)
+        if mine is not None and mine != theirs:
+            pass  # the relay holds offsets this replica does not: not comparable here
+        return result
+    if since < replica.oldest_offset:
+        raise OffsetNotRetained(f"{replica.path} no longer holds offset {since}, the relay's head",
+                                hint="publish to a new prefix (it starts from a snapshot)")
+    mine = replica.state_digest_at(since)
+    if mine != theirs:
+        raise diverged(store.url, since, theirs, mine, replica.path)
+    if since < target:
+        blobs = list(source_chunks(replica, since, {}, target, SEGMENT_CHUNK_BYTES))
+        pre, post = replica.state_digest_at(since), replica.state_digest_at(target)
+        data = encode_segment({"model_id": hello["model_id"], "start": since, "end": target,
+                               "pre_digest": lineage.to_hex(pre), "post_digest": lineage.to_hex(post),
+                               "chunks": len(blobs), "created": time.time()}, blobs)
+        key = segment_key(since, target, pre, post)
+        store.put_new(key, data)  # an existing one came from a killed run: same range and digests, same rows
+        head["segments"].append({"key": key, "start": since, "end": target, "pre_digest": lineage.to_hex(pre),
+                                 "post_digest": lineage.to_hex(post), "bytes": len(data)})
+        head["head"], head["state_digest"] = target, lineage.to_hex(post)
+        result.segments, result.bytes_uploaded = 1, result.bytes_uploaded + len(data)
+        result.rows = sum(rec.summarize(b, "chunk").rows for b in blobs)
+    head["time"] = time.time()
+    head["publisher"] = f"{os.uname().nodename}:{os.getpid()}"
+    if since < target or etag is None:
+        store.put_if(HEAD_KEY, _encode_head(head), etag)
+    result.to_offset = int(head["head"])
+    result.seconds = round(time.monotonic() - started, 6)
+    return result
+
+
+def _check_relay_model(head: dict, hello: dict, url: str, path: str) -> None:
+    if head["model_id"] != hello["model_id"]:
+        raise ModelMismatch(f"{url} relays model {head['model_id']}, {path} holds {hello['model_id']}",
+                            hint="publish each model to its own prefix")
+    mine = [(t["name"], t["dtype"], list(t["shape"])) for t in hello["tensors"]]
+    theirs = [(t["name"], t["dtype"], list(t["shape"])) for t in head["tensors"]]
+    if mine != theirs or head["bucket_rows"] != hello["bucket_rows"]:
+        raise ModelMismatch(f"{url} relays another tensor layout or bucket size than {path}")
+
+
+def _upload_snapshot(replica, store: ObjectStore, offset: int, manifest: dict) -> int:
+    """Copy snapshot ``offset`` into the relay (files first, manifest last); bytes uploaded."""
+    from .sync import snapshot_file_path
+
+    prefix = snapshot_prefix(offset)
+    try:
+        theirs = json.loads(store.get(prefix + "manifest.json").data)
+    except Missing:
+        theirs = None
+    except ValueError:
+        raise IntegrityError(f"{store.url}: snapshot {offset} manifest is not JSON") from None
+    if theirs is not None:  # a killed earlier run put it: the same snapshot, or refuse
+        if [e.get("xxh3") for e in theirs["tensors"]] != [e["xxh3"] for e in manifest["tensors"]]:
+            raise IntegrityError(f"{store.url}: snapshot {offset} there differs from {replica.path}'s",
+                                 hint="publish to a new prefix")
+        return 0
+    total = 0
+    for entry in manifest["tensors"]:
+        path, size = snapshot_file_path(replica, offset, entry["file"])
+        store.put_file(prefix + entry["file"], path)
+        total += size
+    store.put_new(prefix + "manifest.json", json.dumps(manifest, sort_keys=True).encode())  # last: names the files
+    return total
+
+
+# =============================================================================
+# puller side: the relay as a sync Source
+# =============================================================================
+
+
+class RelayReader:
+    """Reads a relay for the sync engine (deltalog.transport.relay wraps it as a Source)."""
+
+    POLL_SECONDS = 1.0  # conditional GETs of the head while waiting for it to move
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+        self._head: dict | None = None
+        self._etag: str | None = None
+
+    def refresh(self) -> dict:
+        got = self.store.get_if_changed(HEAD_KEY, self._etag) if self._head is not None else None
+        if self._head is None or got is not None:
+            if got is None:
+                try:
+                    got = self.store.get(HEAD_KEY)
+                except Missing as exc:
+                    if "bucket" in str(exc):
+                        raise
+                    raise Missing(f"{self.store.url}: no relay here (no head object)",
+                                  hint="publish first: deltalog sync PRIMARY " + self.store.url) from None
+            self._head, self._etag = parse_head(got.data, self.store.url), got.etag
+        return self._head
+
+    def hello(self) -> dict:
+        from .transport.base import PROTOCOL_VERSION
+
+        head = self.refresh()
+        snaps = sorted(int(s["offset"]) for s in head["snapshots"])
+        return {"protocol": PROTOCOL_VERSION, "model_id": head["model_id"], "head": int(head["head"]),
+                "state_digest": head["state_digest"], "oldest_offset": snaps[0] if snaps else int(head["head"]),
+                "bucket_rows": int(head["bucket_rows"]), "format_version": int(head.get("format_version", 4)),
+                "tensors": head["tensors"], "snapshots": snaps, "time": float(head.get("time") or time.time())}
+
+    def wait_for_head(self, since: int, timeout: float) -> int:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            head = int(self.refresh()["head"])
+            left = deadline - time.monotonic()
+            if head != since or left <= 0:
+                return head
+            time.sleep(min(self.POLL_SECONDS, left))
+
+    def _path(self, since: int, target: int) -> list[dict]:
+        """The segments from ``since`` to ``target``, in order; OffsetNotRetained if there is a gap."""
+        by_start = {}
+        for s in self._head["segments"]:
+            if s["end"] <= target:
+                best = by_start.get(s["start"])
+                if best is None or s["end"] > best["end"]:
+                    by_start[s["start"]] = s
+        path, at = [], since
+        while at < target:
+            seg = by_start.get(at)
+            if seg is None:
+                raise OffsetNotRetained(f"{self.store.url}: no segment of the relay starts at offset {at}",
+                                        hint="the replica was not fed from this relay: 'deltalog sync URL DST "
+                                             "--reseed' starts it again from the relay's snapshot")
+            path.append(seg)
+            at = seg["end"]
+        return path
+
+    def _segment(self, entry: dict) -> tuple[dict, list[memoryview]]:
+        data = self.store.get(entry["key"])
+        header, blobs = decode_segment(data.data, f"{self.store.url}/{entry['key']}")
+        if (header.get("start"), header.get("end"), header.get("post_digest")) != (
+                entry["start"], entry["end"], entry["post_digest"]) or header.get("model_id") != self._head["model_id"]:
+            raise IntegrityError(f"{self.store.url}/{entry['key']}: segment does not match the head that names it")
+        return header, blobs
+
+    def chunks(self, since: int, advanced, target: int, max_chunk_bytes: int):
+        from .sync import normalise_advanced
+
+        head = self.refresh()
+        if target > int(head["head"]):
+            raise OffsetNotRetained(f"{self.store.url}: target {target} is past the relay's head {head['head']}")
+        path = self._path(since, target)
+        advanced = normalise_advanced(advanced)
+        if len(path) == 1 and not advanced:
+            yield from (bytes(b) for b in self._segment(path[0])[1])  # stored as the wire sends them
+            return
+        yield from self._merged(path, since, target, advanced, max_chunk_bytes)
+
+    def _merged(self, path, since, target, advanced, max_chunk_bytes):
+        """One sync from ``since`` to ``target`` out of several segments: the newest value of each row."""
+        head = self._head
+        parts: dict[str, list] = {}
+        history: list = []
+        for entry in path:
+            _header, blobs = self._segment(entry)
+            for i, blob in enumerate(blobs):
+                r = rec.decode(blob, f"{entry['key']} chunk {i}")
+                if r.history:
+                    history.extend(r.history)
+                for t in r.tensors:
+                    versions = t.versions if t.versions is not None else np.full(len(t.rows), r.offset, np.uint64)
+                    parts.setdefault(t.name, []).append((t.rows, versions, t.new, t.dtype, t.significance))
+        blobs_out = []
+        tensors = []
+        bucket_rows = int(head["bucket_rows"])
+        for info in head["tensors"]:
+            got = parts.get(info["name"])
+            if not got:
+                continue
+            rows = np.concatenate([g[0] for g in got])
+            versions = np.concatenate([np.asarray(g[1], np.uint64) for g in got])
+            values = np.concatenate([g[2] for g in got])
+            order = np.lexsort((versions, rows))
+            rows, versions, values = rows[order], versions[order], values[order]
+            last = np.r_[rows[1:] != rows[:-1], True]
+            rows, versions, values = rows[last], versions[last], values[last]
+            held = advanced.get(info["name"])
+            if held:
+                buckets = rows // np.uint64(bucket_rows)
+                floor = np.array([held.get(int(b), since) for b in buckets.tolist()], dtype=np.uint64)
+                keep = versions > floor
+                rows, versions, values = rows[keep], versions[keep], values[keep]
+            if len(rows):
+                sig = float(sum(g[4] for g in got))
+                tensors.append(rec.TensorDelta(info["name"], got[0][3], rows, values, None, versions, sig))
+        claims = {"pre_digest": lineage.from_hex(path[0]["pre_digest"]),
+                  "post_digest": lineage.from_hex(path[-1]["post_digest"]), "history": history}
+        # Whole buckets per chunk, at most about max_chunk_bytes each (a budget stops between them).
+        batch, size = [], 0
+        for t in tensors:
+            b = t.rows // np.uint64(bucket_rows)
+            starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+            stops = np.r_[starts[1:], len(b)]
+            row_bytes = t.new.nbytes // max(1, len(t.rows)) + 8
+            for start, stop in zip(starts.tolist(), stops.tolist()):
+                batch.append((t, start, stop))
+                size += (stop - start) * row_bytes
+                if size >= max_chunk_bytes:
+                    blobs_out.append(self._encode(batch, since, target, claims))
+                    claims["history"] = None
+                    batch, size = [], 0
+        if batch or not blobs_out:
+            blobs_out.append(self._encode(batch, since, target, claims))
+        yield from blobs_out
+
+    def _encode(self, batch, since, target, claims) -> bytes:
+        by_tensor: dict[str, list] = {}
+        for t, start, stop in batch:
+            by_tensor.setdefault(t.name, [t, []])[1].append(np.arange(start, stop))
+        tensors = []
+        for name, (t, idx) in by_tensor.items():
+            idx = np.concatenate(idx)
+            tensors.append(rec.TensorDelta(name, t.dtype, t.rows[idx], t.new[idx], None, t.versions[idx],
+                                           t.significance * len(idx) / max(1, len(t.rows))))
+        from .transport.base import RECORD_VERSION
+
+        r = rec.Record(offset=target, base=since, kind="sync", time=time.time(), model_id=self._head["model_id"],
+                       tensors=tensors, target=target, **claims)
+        return rec.encode(r, RECORD_VERSION)
+
+    def snapshot_manifest(self, offset: int) -> dict:
+        self.refresh()
+        if offset not in {int(s["offset"]) for s in self._head["snapshots"]}:
+            raise OffsetNotRetained(f"{self.store.url}: no snapshot at offset {offset}")
+        data = self.store.get(snapshot_prefix(offset) + "manifest.json").data
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise IntegrityError(f"{self.store.url}: snapshot {offset} manifest is not JSON") from None
+
+    def read_snapshot_file(self, offset: int, file: str, start: int, length: int) -> bytes:
+        if "/" in file or file.startswith("."):
+            raise InvalidInput(f"snapshot file name {file!r} is not a plain name")
+        return self.store.get_range(snapshot_prefix(offset) + file, start, length)

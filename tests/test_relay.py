@@ -1,0 +1,334 @@
+"""The object-store relay (deltalog.relay): publish a log to S3 (a real moto server on 127.0.0.1) or a
+directory (file://), pull it into replicas, and refuse what cannot be proven exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import bits, random_model, random_update, run_cli
+from deltalog import Replica
+from deltalog.errors import Diverged, ModelMismatch, TransportError
+from deltalog.objstore import ObjectStore, PreconditionFailed
+from deltalog.relay import HEAD_KEY, publish, read_head
+
+GOLDEN_RELAY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "formats", "golden", "relay-v1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3 API (moto's server mode) on 127.0.0.1; yields its endpoint."""
+    pytest.importorskip("moto")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("moto server did not start")
+            time.sleep(0.1)
+    yield endpoint
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """A fresh bucket; the AWS_* environment pointing at the moto server, for the library and the CLI."""
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    bucket = "b" + str(abs(hash(request.node.name)) % 10**9)
+    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/{bucket}", method="PUT"))
+    return f"s3://{bucket}/models/recsys"
+
+
+@pytest.fixture(params=["s3", "file"])
+def relay_url(request, tmp_path):
+    if request.param == "s3":
+        return request.getfixturevalue("s3")
+    return f"file://{tmp_path}/relay"
+
+
+def make_primary(path, rng, commits: int = 3):
+    model = random_model(rng)
+    with Replica.init(path, model, bucket_rows=16) as r:
+        for _ in range(commits):
+            r.commit(random_update(rng, model))
+    return model
+
+
+def commit_more(path, rng, n: int) -> None:
+    with Replica.open(path) as r:
+        model = {name: r.read_tensor(name) for name in r.tensor_names}
+        for _ in range(n):
+            r.commit(random_update(rng, model))
+
+
+def assert_replicas_equal(a, b) -> None:
+    with Replica.open(a) as ra, Replica.open(b) as rb:
+        assert ra.head == rb.head
+        assert ra.state_digest == rb.state_digest
+        for name in ra.tensor_names:
+            assert np.array_equal(bits(ra.read_tensor(name)), bits(rb.read_tensor(name))), name
+
+
+def test_publish_then_pull_end_to_end_from_the_cli(relay_url, tmp_path, rng):
+    primary, serving = tmp_path / "primary", tmp_path / "serving"
+    make_primary(primary, rng)
+    first = run_cli("sync", primary, relay_url, "--json", check=True)
+    assert json.loads(first.stdout)["snapshot_offset"] == 0
+    commit_more(primary, rng, 2)
+    run_cli("sync", primary, relay_url, check=True)
+    pulled = json.loads(run_cli("sync", relay_url, serving, "--json", check=True).stdout)
+    assert pulled["complete"] and pulled["snapshot_offset"] == 0
+    assert_replicas_equal(primary, serving)
+    # A replica behind by several segments gets them merged into one sync.
+    for _ in range(3):
+        commit_more(primary, rng, 1)
+        run_cli("sync", primary, relay_url, check=True)
+    again = json.loads(run_cli("sync", relay_url, serving, "--json", check=True).stdout)
+    assert again["from_offset"] == 5 and again["head"] == 8 and again["snapshot_offset"] is None
+    assert_replicas_equal(primary, serving)
+    assert run_cli("verify", serving).returncode == 0
+    log = run_cli("log", serving, "--json", check=True).stdout
+    assert '"kind": "commit"' in log or "commit" in log  # the history names the primary's commits
+    up = run_cli("sync", relay_url, serving, check=True)
+    assert "up to date" in up.stdout
+
+
+def test_pullers_need_only_reads(relay_url, tmp_path, rng):
+    """A pull writes nothing to the relay: its objects and ETags are unchanged after it."""
+    primary = tmp_path / "primary"
+    make_primary(primary, rng)
+    run_cli("sync", primary, relay_url, check=True)
+    store = ObjectStore(relay_url)
+    before = {k: store.get(k).etag for k in store.list()}
+    run_cli("sync", relay_url, tmp_path / "a", check=True)
+    assert {k: store.get(k).etag for k in store.list()} == before
+
+
+def test_second_publisher_loses_the_conditional_write(relay_url, tmp_path, rng):
+    primary = tmp_path / "primary"
+    make_primary(primary, rng)
+    store = ObjectStore(relay_url)
+    with Replica.open(primary) as r:
+        publish(r, store, str(primary))
+    head, etag = read_head(store)
+    commit_more(primary, rng, 1)
+    with Replica.open(primary) as r:
+        publish(r, store, str(primary))  # advances the head: `etag` is now stale
+    with pytest.raises(PreconditionFailed):
+        store.put_if(HEAD_KEY, json.dumps(head).encode(), etag)
+    with pytest.raises(PreconditionFailed):
+        store.put_if(HEAD_KEY, b"{}", None)  # If-None-Match: * on an existing head
+    assert read_head(store)[0]["head"] == 4
+
+
+def test_publishers_racing_from_one_head_advance_it_once(relay_url, tmp_path, rng, monkeypatch):
+    """Two publishers read the same head; the one that writes second gets exit 9, not a fork."""
+    primary = tmp_path / "primary"
+    make_primary(primary, rng)
+    run_cli("sync", primary, relay_url, check=True)
+    twin = tmp_path / "twin"
+    shutil.copytree(primary, twin)
+    commit_more(primary, rng, 1)
+    commit_more(twin, rng, 2)
+    import deltalog.relay as relay_mod
+
+    real = relay_mod.read_head
+    store = ObjectStore(relay_url)
+    stale = real(store)
+
+    def racing_read(s):  # the twin read the head before the primary advanced it
+        return stale
+
+    with Replica.open(primary) as r:
+        publish(r, store, "primary")
+    with monkeypatch.context() as m:  # not monkeypatch.undo(): that would drop the fixture's AWS_* too
+        m.setattr(relay_mod, "read_head", racing_read)
+        with Replica.open(twin) as r, pytest.raises(PreconditionFailed):
+            publish(r, store, "twin")
+    assert read_head(store)[0]["head"] == 4
+    # And run for real, the twin's history is refused outright.
+    proc = run_cli("sync", twin, relay_url)
+    assert proc.returncode == 13, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_pull_into_a_diverged_replica_is_refused(relay_url, tmp_path, rng):
+    primary, serving = tmp_path / "primary", tmp_path / "serving"
+    model = make_primary(primary, rng)
+    run_cli("sync", primary, relay_url, check=True)
+    run_cli("sync", relay_url, serving, check=True)
+    with Replica.open(serving) as r:
+        r.commit(random_update(rng, model))  # a stray local commit at offset 4
+    commit_more(primary, rng, 1)
+    run_cli("sync", primary, relay_url, check=True)
+    proc = run_cli("sync", relay_url, serving)
+    assert proc.returncode == 13, proc.stderr
+    with Replica.open(serving) as r:
+        assert r.head == 4
+    assert run_cli("sync", relay_url, serving, "--reseed").returncode == 0
+    assert_replicas_equal(primary, serving)
+
+
+def test_publishing_another_model_is_refused(relay_url, tmp_path, rng):
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_primary(a, rng)
+    model = random_model(rng)
+    Replica.init(b, model, bucket_rows=16, model_id="other-model").close()
+    run_cli("sync", a, relay_url, check=True)
+    proc = run_cli("sync", b, relay_url)
+    assert proc.returncode == 6 and "relays model" in proc.stderr
+    with Replica.open(b) as rb, pytest.raises(ModelMismatch):
+        publish(rb, ObjectStore(relay_url), "b")
+
+
+def test_killed_publisher_leaves_the_relay_at_its_head(relay_url, tmp_path, rng, monkeypatch):
+    """Dying after its segment but before the head (the last step) loses nothing: the next run goes on."""
+    primary, serving = tmp_path / "primary", tmp_path / "serving"
+    make_primary(primary, rng)
+    run_cli("sync", primary, relay_url, check=True)
+    commit_more(primary, rng, 2)
+    store = ObjectStore(relay_url)
+
+    class Killed(BaseException):
+        pass
+
+    def die(*a, **k):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "put_if", die)
+        with Replica.open(primary) as r, pytest.raises(Killed):
+            publish(r, store, "primary")
+    assert read_head(ObjectStore(relay_url))[0]["head"] == 3
+    run_cli("sync", relay_url, serving, check=True)
+    with Replica.open(serving) as r:
+        assert r.head == 3
+    run_cli("sync", primary, relay_url, check=True)
+    run_cli("sync", relay_url, serving, check=True)
+    assert_replicas_equal(primary, serving)
+
+
+def test_killed_puller_resumes(relay_url, tmp_path, rng):
+    """kill -9 of a pulling process at a random moment: the replica stays valid and the next pull ends equal."""
+    primary, serving = tmp_path / "primary", tmp_path / "serving"
+    make_primary(primary, rng, commits=1)
+    run_cli("sync", primary, relay_url, check=True)
+    run_cli("sync", relay_url, serving, check=True)
+    for _ in range(4):
+        commit_more(primary, rng, 1)
+        run_cli("sync", primary, relay_url, check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "deltalog", "sync", relay_url, str(serving), "--chunk-bytes", "64"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    time.sleep(float(rng.uniform(0.3, 0.9)))
+    proc.kill()
+    proc.wait()
+    assert run_cli("verify", serving).returncode == 0
+    run_cli("sync", relay_url, serving, check=True)
+    assert_replicas_equal(primary, serving)
+
+
+def test_bucket_that_vanishes_is_a_transport_error(s3, s3_server, tmp_path, rng):
+    primary, serving = tmp_path / "primary", tmp_path / "serving"
+    make_primary(primary, rng)
+    run_cli("sync", primary, s3, check=True)
+    run_cli("sync", s3, serving, check=True)
+    commit_more(primary, rng, 1)
+    run_cli("sync", primary, s3, check=True)
+    store = ObjectStore(s3)
+    for key in store.list():
+        store.delete(key)
+    bucket = s3.split("/")[2]
+    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/{bucket}", method="DELETE"))
+    proc = run_cli("sync", s3, serving)
+    assert proc.returncode == 8 and "bucket does not exist" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    with Replica.open(serving) as r:
+        assert r.head == 3  # untouched
+
+
+def test_empty_prefix_says_publish_first(relay_url, tmp_path):
+    proc = run_cli("sync", relay_url, tmp_path / "x")
+    assert proc.returncode == 8 and "no relay here" in proc.stderr and "publish first" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_follow_pulls_each_new_head(relay_url, tmp_path, rng):
+    primary, serving = tmp_path / "primary", tmp_path / "serving"
+    make_primary(primary, rng)
+    run_cli("sync", primary, relay_url, check=True)
+    follower = subprocess.Popen([sys.executable, "-m", "deltalog", "sync", relay_url, str(serving), "--follow",
+                                 "--interval", "0.3", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env=os.environ.copy(), text=True)
+    try:
+        commit_more(primary, rng, 2)
+        run_cli("sync", primary, relay_url, check=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if serving.exists():
+                try:
+                    with Replica.open(serving) as r:
+                        if r.head == 5:
+                            break
+                except Exception:
+                    pass
+            time.sleep(0.2)
+    finally:
+        follower.terminate()
+        follower.wait(20)
+    assert follower.returncode == 0
+    assert_replicas_equal(primary, serving)
+
+
+def test_golden_relay_v1_still_pulls(tmp_path):
+    """formats/golden/relay-v1 (file://, made by make_golden.py) opens and gives the digest its head names."""
+    relay = tmp_path / "relay"
+    shutil.copytree(GOLDEN_RELAY, relay)
+    url = f"file://{relay}"
+    head = json.loads((relay / "head").read_text())
+    proc = run_cli("sync", url, tmp_path / "r", "--json", check=True)
+    assert json.loads(proc.stdout)["head"] == head["head"]
+    with Replica.open(tmp_path / "r") as r:
+        from deltalog import lineage
+
+        assert lineage.to_hex(r.state_digest) == head["state_digest"]
+    assert run_cli("verify", tmp_path / "r").returncode == 0
+
+
+def test_damaged_segment_is_refused(tmp_path, rng):
+    primary, serving = tmp_path / "primary", tmp_path / "serving"
+    url = f"file://{tmp_path}/relay"
+    make_primary(primary, rng)
+    run_cli("sync", primary, url, check=True)
+    seg = next((tmp_path / "relay" / "segments").iterdir())
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    proc = run_cli("sync", url, serving)
+    assert proc.returncode == 5 and "checksum" in proc.stderr, proc.stderr
