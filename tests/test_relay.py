@@ -326,9 +326,60 @@ def test_damaged_segment_is_refused(tmp_path, rng):
     url = f"file://{tmp_path}/relay"
     make_primary(primary, rng)
     run_cli("sync", primary, url, check=True)
-    seg = next((tmp_path / "relay" / "segments").iterdir())
+    seg = next(p for p in (tmp_path / "relay" / "segments").rglob("*.seg"))
     data = bytearray(seg.read_bytes())
     data[len(data) // 2] ^= 0xFF
     seg.write_bytes(bytes(data))
     proc = run_cli("sync", url, serving)
     assert proc.returncode == 5 and "checksum" in proc.stderr, proc.stderr
+
+
+def test_levels_let_a_replica_far_behind_fetch_few_objects(tmp_path, rng, monkeypatch):
+    """Level 2/3 segments (intervals shortened to 0 s here) cover the per-publish ones; a replica that
+    stood on a level-1 boundary whose segment retention has since deleted still pulls, exactly."""
+    import deltalog.relay as relay_mod
+
+    monkeypatch.setattr(relay_mod, "LEVEL_SECONDS", (0.0, 0.0))
+    monkeypatch.setattr(relay_mod, "RETIRE_SECONDS", 0.0)
+    url = f"file://{tmp_path}/relay"
+    primary, early, fresh = tmp_path / "primary", tmp_path / "early", tmp_path / "fresh"
+    make_primary(primary, rng, commits=1)
+    store = ObjectStore(url)
+    with Replica.open(primary) as r:
+        publish(r, store, "p")
+    commit_more(primary, rng, 1)
+    with Replica.open(primary) as r:
+        publish(r, store, "p")
+    run_cli("sync", url, early, check=True)  # stands at offset 2, a level-1 boundary
+    for _ in range(6):
+        commit_more(primary, rng, 1)
+        with Replica.open(primary) as r:
+            publish(r, store, "p")
+    head, _etag = read_head(store)
+    levels = sorted({s["level"] for s in head["segments"]})
+    assert levels[-1] >= 2, head["segments"]
+    assert not any(s["level"] == 1 and s["end"] == 2 for s in head["segments"])  # retired
+    on_disk = {k for k in store.list() if k.startswith("segments/")}
+    assert not any(k.startswith("segments/L1/") and "-00000000000000000002-" in k for k in on_disk)  # deleted
+    fetched = []
+    real_get = ObjectStore.get
+
+    def counting_get(self, key):
+        fetched.append(key)
+        return real_get(self, key)
+
+    with monkeypatch.context() as m:
+        m.setattr(ObjectStore, "get", counting_get)
+        from deltalog.sync import sync
+        from deltalog.transport import open_sink, open_source
+
+        src, dst = open_source(url), open_sink(str(early))
+        try:
+            result = sync(src, dst, source_name=url, destination_name=str(early))
+        finally:
+            dst.close()
+    assert result.complete and result.head == 8
+    assert len([k for k in fetched if k.startswith("segments/")]) <= 2, fetched
+    assert_replicas_equal(primary, early)
+    run_cli("sync", url, fresh, check=True)
+    assert_replicas_equal(primary, fresh)

@@ -50,6 +50,7 @@ from .objstore import Missing, ObjectStore
 RELAY_VERSION = 1  # of the head object and the segment encoding (formats/RELAY.md)
 HEAD_KEY = "head"
 SEGMENT_MAGIC = b"DLRELSEG"
+LEVEL_SECONDS = (60, 3600)  # a level-2 segment a minute, a level-3 one an hour (level 1: one per publish)
 SEGMENT_CHUNK_BYTES = 16 << 20  # uncompressed row bytes per chunk of a segment: a puller's budget stops between
 _FRAME = struct.Struct("<Q")
 _SEG_HEAD = struct.Struct("<8sHHI")  # magic, version, reserved, header length
@@ -60,8 +61,8 @@ _SEG_HEAD = struct.Struct("<8sHHI")  # magic, version, reserved, header length
 # =============================================================================
 
 
-def segment_key(start: int, end: int, pre: int, post: int) -> str:
-    return f"segments/{start:020d}-{end:020d}-{lineage.to_hex(pre)}-{lineage.to_hex(post)}.seg"
+def segment_key(start: int, end: int, pre: int, post: int, level: int = 1) -> str:
+    return f"segments/L{level}/{start:020d}-{end:020d}-{lineage.to_hex(pre)}-{lineage.to_hex(post)}.seg"
 
 
 def snapshot_prefix(offset: int) -> str:
@@ -210,19 +211,27 @@ def publish(replica, store: ObjectStore, source_name: str) -> PublishResult:
     mine = replica.state_digest_at(since)
     if mine != theirs:
         raise diverged(store.url, since, theirs, mine, replica.path)
+    now = time.time()
+    head.setdefault("levels", list(LEVEL_SECONDS))
+    head.setdefault("created", now)
     if since < target:
-        blobs = list(source_chunks(replica, since, {}, target, SEGMENT_CHUNK_BYTES))
-        pre, post = replica.state_digest_at(since), replica.state_digest_at(target)
-        data = encode_segment({"model_id": hello["model_id"], "start": since, "end": target,
-                               "pre_digest": lineage.to_hex(pre), "post_digest": lineage.to_hex(post),
-                               "chunks": len(blobs), "created": time.time()}, blobs)
-        key = segment_key(since, target, pre, post)
-        store.put_new(key, data)  # an existing one came from a killed run: same range and digests, same rows
-        head["segments"].append({"key": key, "start": since, "end": target, "pre_digest": lineage.to_hex(pre),
-                                 "post_digest": lineage.to_hex(post), "bytes": len(data)})
-        head["head"], head["state_digest"] = target, lineage.to_hex(post)
+        entry, data, rows = _put_segment(replica, store, head, since, target, 1, now)
+        head["segments"].append(entry)
+        head.setdefault("boundaries", []).append([target, entry["post_digest"]])
+        head["head"], head["state_digest"] = target, entry["post_digest"]
         result.segments, result.bytes_uploaded = 1, result.bytes_uploaded + len(data)
-        result.rows = sum(rec.summarize(b, "chunk").rows for b in blobs)
+        result.rows = rows
+        for level, interval in enumerate(head["levels"], start=2):
+            made = _compact_level(replica, store, head, level, interval, target, now)
+            if made is not None:
+                result.segments += 1
+                result.bytes_uploaded += made
+        _retire(store, head, now)
+        # Published heads a future higher-level segment may still cover (its header lists them).
+        oldest_base = min([int(v[0]) for v in head.get("level_ends", {}).values()] or [0])
+        if len(head.get("level_ends", {})) < len(head["levels"]):
+            oldest_base = min(int(x["offset"]) for x in head["snapshots"])
+        head["boundaries"] = [b for b in head["boundaries"] if int(b[0]) > oldest_base]
     head["time"] = time.time()
     head["publisher"] = f"{os.uname().nodename}:{os.getpid()}"
     if since < target or etag is None:
@@ -230,6 +239,69 @@ def publish(replica, store: ObjectStore, source_name: str) -> PublishResult:
     result.to_offset = int(head["head"])
     result.seconds = round(time.monotonic() - started, 6)
     return result
+
+
+def _put_segment(replica, store: ObjectStore, head: dict, start: int, end: int, level: int, now: float):
+    """Upload the segment bringing ``start`` to ``end``; (head entry, object bytes, rows)."""
+    from .sync import source_chunks
+
+    blobs = list(source_chunks(replica, start, {}, end, SEGMENT_CHUNK_BYTES))
+    pre, post = replica.state_digest_at(start), replica.state_digest_at(end)
+    # The state digest at every earlier segment end inside this one: a puller at any of
+    # them can start here (rows written after it, kept by their versions) once the small
+    # segments it stood on are gone.
+    inside = sorted({(int(o), d) for o, d in head.get("boundaries", []) if start < int(o) < end})
+    data = encode_segment({"model_id": head["model_id"], "start": start, "end": end, "level": level,
+                           "pre_digest": lineage.to_hex(pre), "post_digest": lineage.to_hex(post),
+                           "boundaries": [list(b) for b in inside], "chunks": len(blobs), "created": now}, blobs)
+    key = segment_key(start, end, pre, post, level)
+    store.put_new(key, data)  # an existing one came from a killed run: same range and digests, same rows
+    entry = {"key": key, "level": level, "start": start, "end": end, "pre_digest": lineage.to_hex(pre),
+             "post_digest": lineage.to_hex(post), "bytes": len(data), "time": now}
+    return entry, data, sum(rec.summarize(b, "chunk").rows for b in blobs)
+
+
+def _compact_level(replica, store, head: dict, level: int, interval: float, target: int, now: float) -> int | None:
+    """A level-``level`` segment from the last one's end to ``target`` once ``interval`` s have passed; its bytes."""
+    ends = head.setdefault("level_ends", {})
+    if str(level) in ends:
+        base, since_time = int(ends[str(level)][0]), float(ends[str(level)][1])
+    else:
+        base, since_time = min(int(s["offset"]) for s in head["snapshots"]), float(head["created"])
+    if now - since_time < interval or base >= target or base < replica.oldest_offset:
+        return None
+    lower = [e for e in head["segments"] if e.get("level", 1) == level - 1 and e["start"] >= base]
+    if len(lower) < 2:
+        return None  # one lower segment already is this range
+    entry, data, _rows = _put_segment(replica, store, head, base, target, level, now)
+    head["segments"].append(entry)
+    ends[str(level)] = [target, now]
+    return len(data)
+
+
+RETIRE_SECONDS = 300  # a segment left out of the head is deleted this much later (pullers mid-read finish)
+
+
+def _retire(store: ObjectStore, head: dict, now: float) -> None:
+    """Retention: drop from the head the segments a higher level covers, once that level's interval is over;
+    delete the objects of those dropped RETIRE_SECONDS ago."""
+    levels = head["levels"]
+    keep, retired = [], head.setdefault("retired", [])
+    for e in head["segments"]:
+        cover = next((c for c in head["segments"] if c.get("level", 1) > e.get("level", 1) and c["start"] <= e["start"]
+                      and e["end"] <= c["end"]), None)
+        if cover is not None and now - float(e.get("time", 0)) >= levels[e.get("level", 1) - 1]:
+            retired.append({"key": e["key"], "time": now})
+        else:
+            keep.append(e)
+    head["segments"] = keep
+    still = []
+    for r in retired:
+        if now - float(r["time"]) >= RETIRE_SECONDS:
+            store.delete(r["key"])
+        else:
+            still.append(r)
+    head["retired"] = still
 
 
 def _check_relay_model(head: dict, hello: dict, url: str, path: str) -> None:
@@ -316,23 +388,39 @@ class RelayReader:
             time.sleep(min(self.POLL_SECONDS, left))
 
     def _path(self, since: int, target: int) -> list[dict]:
-        """The segments from ``since`` to ``target``, in order; OffsetNotRetained if there is a gap."""
-        by_start = {}
-        for s in self._head["segments"]:
-            if s["end"] <= target:
-                best = by_start.get(s["start"])
-                if best is None or s["end"] > best["end"]:
-                    by_start[s["start"]] = s
+        """The fewest segments from ``since`` to ``target``: from each offset, the one reaching furthest.
+
+        A segment may start before the offset it is used from (a level-2 or
+        3 segment covering the small ones a puller stood on): its rows
+        written at or before that offset are skipped by their versions.
+        OffsetNotRetained if no segment covers an offset on the way.
+        """
+        segments = [s for s in self._head["segments"] if s["end"] <= target]
         path, at = [], since
         while at < target:
-            seg = by_start.get(at)
-            if seg is None:
-                raise OffsetNotRetained(f"{self.store.url}: no segment of the relay starts at offset {at}",
+            cover = [s for s in segments if s["start"] <= at < s["end"]]
+            if not cover:
+                raise OffsetNotRetained(f"{self.store.url}: no segment of the relay covers offset {at}",
                                         hint="the replica was not fed from this relay: 'deltalog sync URL DST "
                                              "--reseed' starts it again from the relay's snapshot")
+            seg = max(cover, key=lambda s: (s["end"], s["start"]))
             path.append(seg)
             at = seg["end"]
         return path
+
+    def _digest_at(self, offset: int, first: dict, header: dict) -> int:
+        """The relay's state digest at ``offset``, where a puller starts inside segment ``first``."""
+        if first["start"] == offset:
+            return lineage.from_hex(first["pre_digest"])
+        for e in self._head["segments"]:
+            if e["end"] == offset:
+                return lineage.from_hex(e["post_digest"])
+        for end, digest in header.get("boundaries") or []:
+            if int(end) == offset:
+                return lineage.from_hex(digest)
+        raise OffsetNotRetained(f"{self.store.url}: offset {offset} is not a state this relay published",
+                                hint="'deltalog sync URL DST --reseed' starts the replica again from the "
+                                     "relay's snapshot")
 
     def _segment(self, entry: dict) -> tuple[dict, list[memoryview]]:
         data = self.store.get(entry["key"])
@@ -350,7 +438,7 @@ class RelayReader:
             raise OffsetNotRetained(f"{self.store.url}: target {target} is past the relay's head {head['head']}")
         path = self._path(since, target)
         advanced = normalise_advanced(advanced)
-        if len(path) == 1 and not advanced:
+        if len(path) == 1 and not advanced and path[0]["start"] == since:
             yield from (bytes(b) for b in self._segment(path[0])[1])  # stored as the wire sends them
             return
         yield from self._merged(path, since, target, advanced, max_chunk_bytes)
@@ -360,12 +448,15 @@ class RelayReader:
         head = self._head
         parts: dict[str, list] = {}
         history: list = []
+        pre = None
         for entry in path:
-            _header, blobs = self._segment(entry)
+            header, blobs = self._segment(entry)
+            if pre is None:
+                pre = self._digest_at(since, entry, header)
             for i, blob in enumerate(blobs):
                 r = rec.decode(blob, f"{entry['key']} chunk {i}")
                 if r.history:
-                    history.extend(r.history)
+                    history.extend(e for e in r.history if e[0] > since)
                 for t in r.tensors:
                     versions = t.versions if t.versions is not None else np.full(len(t.rows), r.offset, np.uint64)
                     parts.setdefault(t.name, []).append((t.rows, versions, t.new, t.dtype, t.significance))
@@ -384,15 +475,17 @@ class RelayReader:
             last = np.r_[rows[1:] != rows[:-1], True]
             rows, versions, values = rows[last], versions[last], values[last]
             held = advanced.get(info["name"])
-            if held:
+            if held:  # a partial sync holds these buckets up to their versions
                 buckets = rows // np.uint64(bucket_rows)
                 floor = np.array([held.get(int(b), since) for b in buckets.tolist()], dtype=np.uint64)
-                keep = versions > floor
-                rows, versions, values = rows[keep], versions[keep], values[keep]
+            else:
+                floor = np.uint64(since)
+            keep = versions > floor  # rows the replica at `since` already holds are not sent
+            rows, versions, values = rows[keep], versions[keep], values[keep]
             if len(rows):
                 sig = float(sum(g[4] for g in got))
                 tensors.append(rec.TensorDelta(info["name"], got[0][3], rows, values, None, versions, sig))
-        claims = {"pre_digest": lineage.from_hex(path[0]["pre_digest"]),
+        claims = {"pre_digest": pre,
                   "post_digest": lineage.from_hex(path[-1]["post_digest"]), "history": history}
         # Whole buckets per chunk, at most about max_chunk_bytes each (a budget stops between them).
         batch, size = [], 0
