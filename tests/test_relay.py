@@ -31,13 +31,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    """A real S3 API (moto's server mode) on 127.0.0.1; yields its endpoint."""
+def _moto(env: dict | None = None):
     pytest.importorskip("moto")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -49,9 +47,30 @@ def s3_server():
                 proc.kill()
                 pytest.fail("moto server did not start")
             time.sleep(0.1)
+    return proc, endpoint
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3 API (moto's server mode) on 127.0.0.1; yields its endpoint."""
+    proc, endpoint = _moto()
     yield endpoint
     proc.terminate()
     proc.wait(10)
+
+
+def test_wrong_credentials_exit_8_naming_them(tmp_path, monkeypatch):
+    """Against a server that checks signatures (moto with authentication on), unknown keys are refused."""
+    proc, endpoint = _moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "AKIANOTAKEY",
+               "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_REGION": "us-east-1"}
+        pull = run_cli("sync", "s3://bucket/m", tmp_path / "r", env=env)
+        assert pull.returncode == 8 and "access denied" in pull.stderr and "credentials" in pull.stderr, pull.stderr
+        assert "Traceback" not in pull.stderr and not (tmp_path / "r").exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.fixture

@@ -98,6 +98,12 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
     ahead can feed another). A missing or empty DST, or one older than
     what SRC keeps, first gets SRC's newest snapshot.
 
+    \b
+    Object-store relays (s3://bucket/prefix, gs://, az://, file:///dir):
+    'sync PRIMARY s3://...' publishes (a conditional write advances the
+    relay's head: a second publisher exits 9), 'sync s3://... DST' pulls,
+    read-only. Credentials: AWS_*, GOOGLE_*, AZURE_* environment variables.
+
     Each chunk is applied atomically and durably: a sync killed at any
     moment leaves DST valid, and the next run resumes without resending
     what arrived. Under --max-bytes/--deadline the most significant
