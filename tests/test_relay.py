@@ -17,7 +17,7 @@ import pytest
 
 from conftest import bits, random_model, random_update, run_cli
 from deltalog import Replica
-from deltalog.errors import Diverged, ModelMismatch, TransportError
+from deltalog.errors import ModelMismatch, TransportError
 from deltalog.objstore import ObjectStore, PreconditionFailed
 from deltalog.relay import HEAD_KEY, publish, read_head
 
@@ -402,3 +402,76 @@ def test_levels_let_a_replica_far_behind_fetch_few_objects(tmp_path, rng, monkey
     assert_replicas_equal(primary, early)
     run_cli("sync", url, fresh, check=True)
     assert_replicas_equal(primary, fresh)
+
+
+def test_budgeted_pull_sends_the_most_significant_part_then_resumes(relay_url, tmp_path, rng):
+    primary, serving = tmp_path / "primary", tmp_path / "serving"
+    make_primary(primary, rng, commits=1)
+    run_cli("sync", primary, relay_url, check=True)
+    run_cli("sync", relay_url, serving, check=True)
+    commit_more(primary, rng, 4)
+    run_cli("sync", primary, relay_url, check=True)
+    part = run_cli("sync", relay_url, serving, "--max-bytes", "200", "--json")
+    assert part.returncode == 1, part.stderr
+    first = json.loads(part.stdout)
+    assert not first["complete"] and first["pending_buckets"] > 0 and first["head"] == 1
+    rest = json.loads(run_cli("sync", relay_url, serving, "--json", check=True).stdout)
+    assert rest["complete"] and rest["head"] == 5
+    assert_replicas_equal(primary, serving)
+
+
+def test_bucket_vanishing_mid_pull_leaves_the_replica_as_it_was(s3, s3_server, tmp_path, rng, monkeypatch):
+    """The head is read, then the bucket goes before the segments are: exit 8, nothing applied."""
+    from deltalog.relay import RelayReader
+    from deltalog.sync import sync
+    from deltalog.transport import open_sink, open_source
+
+    primary, serving = tmp_path / "primary", tmp_path / "serving"
+    make_primary(primary, rng)
+    run_cli("sync", primary, s3, check=True)
+    run_cli("sync", s3, serving, check=True)
+    commit_more(primary, rng, 2)
+    run_cli("sync", primary, s3, check=True)
+    bucket = s3.split("/")[2]
+    real_segment = RelayReader._segment
+
+    def vanish_then_read(self, entry):
+        for key in self.store.list():
+            self.store.delete(key)
+        urllib.request.urlopen(urllib.request.Request(f"{s3_server}/{bucket}", method="DELETE"))
+        return real_segment(self, entry)
+
+    with monkeypatch.context() as m:
+        m.setattr(RelayReader, "_segment", vanish_then_read)
+        src, sink = open_source(s3), open_sink(str(serving))
+        try:
+            with pytest.raises(TransportError, match="bucket does not exist"):
+                sync(src, sink, source_name=s3, destination_name=str(serving))
+        finally:
+            sink.close()
+    with Replica.open(serving) as r:
+        assert r.head == 3
+    assert run_cli("verify", serving).returncode == 0
+
+
+def test_kill_9_of_a_following_publisher_loses_nothing(relay_url, tmp_path, rng):
+    """A publisher following commits is killed at a random moment; the relay is at one of its heads,
+    a new publisher goes on from there, and a puller ends bitwise equal."""
+    primary, serving = tmp_path / "primary", tmp_path / "serving"
+    make_primary(primary, rng, commits=1)
+    pub = subprocess.Popen([sys.executable, "-m", "deltalog", "sync", str(primary), relay_url, "--follow",
+                            "--interval", "0.05", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           env=os.environ.copy())
+    try:
+        for _ in range(6):
+            commit_more(primary, rng, 1)
+            time.sleep(float(rng.uniform(0.02, 0.15)))
+    finally:
+        pub.kill()
+        pub.wait()
+    store = ObjectStore(relay_url)
+    head, _ = read_head(store)
+    assert head is None or 1 <= head["head"] <= 7
+    run_cli("sync", primary, relay_url, check=True)
+    run_cli("sync", relay_url, serving, check=True)
+    assert_replicas_equal(primary, serving)

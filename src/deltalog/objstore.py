@@ -30,6 +30,8 @@ class PreconditionFailed(DeltalogError):
     """A conditional put lost: the object changed (or appeared) since it was read."""
 
     exit_code = 9
+    hint = ("another publisher advanced the relay first; nothing of this run is named. If this replica "
+            "is the relay's publisher, run it again")
 
 
 class Missing(TransportError):

@@ -305,12 +305,12 @@ def _retire(store: ObjectStore, head: dict, now: float) -> None:
 
 
 def _check_relay_model(head: dict, hello: dict, url: str, path: str) -> None:
+    from .sync import same_layout
+
     if head["model_id"] != hello["model_id"]:
         raise ModelMismatch(f"{url} relays model {head['model_id']}, {path} holds {hello['model_id']}",
                             hint="publish each model to its own prefix")
-    mine = [(t["name"], t["dtype"], list(t["shape"])) for t in hello["tensors"]]
-    theirs = [(t["name"], t["dtype"], list(t["shape"])) for t in head["tensors"]]
-    if mine != theirs or head["bucket_rows"] != hello["bucket_rows"]:
+    if not same_layout(head, hello):
         raise ModelMismatch(f"{url} relays another tensor layout or bucket size than {path}")
 
 
@@ -347,7 +347,6 @@ def _upload_snapshot(replica, store: ObjectStore, offset: int, manifest: dict) -
 class RelayReader:
     """Reads a relay for the sync engine (deltalog.transport.relay wraps it as a Source)."""
 
-    POLL_SECONDS = 1.0  # conditional GETs of the head while waiting for it to move
 
     def __init__(self, store: ObjectStore):
         self.store = store
@@ -379,13 +378,12 @@ class RelayReader:
                 "tensors": head["tensors"], "snapshots": snaps, "time": float(head.get("time") or time.time())}
 
     def wait_for_head(self, since: int, timeout: float) -> int:
-        deadline = time.monotonic() + max(0.0, timeout)
-        while True:
+        """One conditional GET of the head now and one after ``timeout`` (--interval): a 304 costs no body."""
+        head = int(self.refresh()["head"])
+        if head == since and timeout > 0:
+            time.sleep(timeout)
             head = int(self.refresh()["head"])
-            left = deadline - time.monotonic()
-            if head != since or left <= 0:
-                return head
-            time.sleep(min(self.POLL_SECONDS, left))
+        return head
 
     def _path(self, since: int, target: int) -> list[dict]:
         """The fewest segments from ``since`` to ``target``: from each offset, the one reaching furthest.
@@ -438,7 +436,7 @@ class RelayReader:
             raise OffsetNotRetained(f"{self.store.url}: target {target} is past the relay's head {head['head']}")
         path = self._path(since, target)
         advanced = normalise_advanced(advanced)
-        if len(path) == 1 and not advanced and path[0]["start"] == since:
+        if len(path) == 1 and not advanced and path[0]["start"] == since and max_chunk_bytes >= SEGMENT_CHUNK_BYTES:
             yield from (bytes(b) for b in self._segment(path[0])[1])  # stored as the wire sends them
             return
         yield from self._merged(path, since, target, advanced, max_chunk_bytes)
@@ -487,20 +485,27 @@ class RelayReader:
                 tensors.append(rec.TensorDelta(info["name"], got[0][3], rows, values, None, versions, sig))
         claims = {"pre_digest": pre,
                   "post_digest": lineage.from_hex(path[-1]["post_digest"]), "history": history}
-        # Whole buckets per chunk, at most about max_chunk_bytes each (a budget stops between them).
-        batch, size = [], 0
+        # Whole buckets per chunk, at most about max_chunk_bytes each (a budget stops between them),
+        # most significant first. A segment keeps each tensor's significance, not each row's, so a
+        # bucket's is its rows' share of its tensor's.
+        order = []
         for t in tensors:
             b = t.rows // np.uint64(bucket_rows)
             starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
             stops = np.r_[starts[1:], len(b)]
+            per_row = t.significance / max(1, len(t.rows))
             row_bytes = t.new.nbytes // max(1, len(t.rows)) + 8
             for start, stop in zip(starts.tolist(), stops.tolist()):
-                batch.append((t, start, stop))
-                size += (stop - start) * row_bytes
-                if size >= max_chunk_bytes:
-                    blobs_out.append(self._encode(batch, since, target, claims))
-                    claims["history"] = None
-                    batch, size = [], 0
+                order.append(((stop - start) * per_row, t, start, stop, (stop - start) * row_bytes))
+        order.sort(key=lambda x: -x[0])
+        batch, size = [], 0
+        for _sig, t, start, stop, nbytes in order:
+            batch.append((t, start, stop))
+            size += nbytes
+            if size >= max_chunk_bytes:
+                blobs_out.append(self._encode(batch, since, target, claims))
+                claims["history"] = None
+                batch, size = [], 0
         if batch or not blobs_out:
             blobs_out.append(self._encode(batch, since, target, claims))
         yield from blobs_out
@@ -510,8 +515,9 @@ class RelayReader:
         for t, start, stop in batch:
             by_tensor.setdefault(t.name, [t, []])[1].append(np.arange(start, stop))
         tensors = []
-        for name, (t, idx) in by_tensor.items():
-            idx = np.concatenate(idx)
+        model_order = [info["name"] for info in self._head["tensors"]]
+        for name, (t, idx) in sorted(by_tensor.items(), key=lambda kv: model_order.index(kv[0])):
+            idx = np.sort(np.concatenate(idx))  # rows stay sorted whatever the bucket order
             tensors.append(rec.TensorDelta(name, t.dtype, t.rows[idx], t.new[idx], None, t.versions[idx],
                                            t.significance * len(idx) / max(1, len(t.rows))))
         from .transport.base import RECORD_VERSION

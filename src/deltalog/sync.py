@@ -453,10 +453,15 @@ def check_same_model(hello: dict, state: dict, dst: str) -> None:
     if state["model_id"] != hello["model_id"]:
         raise ModelMismatch(f"{dst} holds model {state['model_id']}, the source holds {hello['model_id']}",
                             hint="sync only between replicas of one model")
-    mine = [(t["name"], t["dtype"], list(t["shape"])) for t in state["tensors"]]
-    theirs = [(t["name"], t["dtype"], list(t["shape"])) for t in hello["tensors"]]
-    if mine != theirs or state["bucket_rows"] != hello["bucket_rows"]:
+    if not same_layout(state, hello):
         raise ModelMismatch(f"{dst} has another tensor layout or bucket size than the source")
+
+
+def same_layout(a: dict, b: dict) -> bool:
+    """Whether two descriptions (hello, sink state, relay head) have the same tensors and bucket size."""
+    def layout(d):
+        return [(t["name"], t["dtype"], list(t["shape"])) for t in d["tensors"]], d["bucket_rows"]
+    return layout(a) == layout(b)
 
 
 WHOLE_SYNC_CHUNK_BYTES = 64 << 20  # an unbudgeted sync up to this size is one chunk: one record, one transaction
