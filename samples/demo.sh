@@ -69,6 +69,15 @@ say deltalog sync "$URL" $W/edge
 say deltalog diff $W/primary $W/edge
 kill $SERVER
 
+# A fleet pulls from object storage instead (here a directory, file://; s3://, gs://, az:// the same):
+# the primary publishes once, any number of replicas pull, read-only.
+say deltalog sync $W/primary file://$W/relay
+say deltalog sync file://$W/relay $W/fleet-1
+say python samples/update_stream.py $W/primary --steps 3 --seed 5
+say deltalog sync $W/primary file://$W/relay
+say deltalog sync file://$W/relay $W/fleet-1
+say deltalog diff $W/primary $W/fleet-1
+
 say deltalog verify $W/primary
 say deltalog verify $W/serving
 echo

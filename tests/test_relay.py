@@ -475,3 +475,11 @@ def test_kill_9_of_a_following_publisher_loses_nothing(relay_url, tmp_path, rng)
     run_cli("sync", primary, relay_url, check=True)
     run_cli("sync", relay_url, serving, check=True)
     assert_replicas_equal(primary, serving)
+
+
+def test_relative_file_url_is_under_the_working_directory(tmp_path, rng):
+    make_primary(tmp_path / "primary", rng)
+    run_cli("sync", "primary", "file://relays/m", cwd=str(tmp_path), check=True)
+    assert (tmp_path / "relays" / "m" / "head").exists()
+    run_cli("sync", "file://relays/m", "copy", cwd=str(tmp_path), check=True)
+    assert_replicas_equal(tmp_path / "primary", tmp_path / "copy")

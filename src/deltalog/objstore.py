@@ -67,7 +67,9 @@ class ObjectStore:
         self.local_dir: str | None = None
         try:
             if scheme == "file":
-                path = urlparse(url).path
+                # file:///abs/dir, and also file://rel/dir (relative to the working directory:
+                # what a user typing a path means, where a URL parser would take "rel" for a host)
+                path = os.path.abspath(url[len("file://"):] or ".")
                 os.makedirs(path, exist_ok=True)  # object_store wants the root to exist
                 self.local_dir = path
                 self._store = store.LocalStore(path, mkdir=True)
