@@ -483,3 +483,16 @@ def test_relative_file_url_is_under_the_working_directory(tmp_path, rng):
     assert (tmp_path / "relays" / "m" / "head").exists()
     run_cli("sync", "file://relays/m", "copy", cwd=str(tmp_path), check=True)
     assert_replicas_equal(tmp_path / "primary", tmp_path / "copy")
+
+
+def test_status_lists_a_fleet_with_the_relay(relay_url, tmp_path, rng):
+    """One line each for the primary, the relay and a puller behind it, with lag in offsets."""
+    primary, serving = tmp_path / "primary", tmp_path / "serving"
+    make_primary(primary, rng)
+    run_cli("sync", primary, relay_url, check=True)
+    run_cli("sync", relay_url, serving, check=True)
+    commit_more(primary, rng, 2)
+    run_cli("sync", primary, relay_url, check=True)
+    rows = json.loads(run_cli("status", primary, relay_url, serving, "--json", check=True).stdout)
+    assert [(r["head"], r["lag_offsets"]) for r in rows] == [(5, 0), (5, 0), (3, 2)]
+    assert rows[0]["state_digest"] == rows[1]["state_digest"] != rows[2]["state_digest"]
