@@ -197,13 +197,10 @@ def publish(replica, store: ObjectStore, source_name: str) -> PublishResult:
         _check_relay_model(head, hello, store.url, replica.path)
     since = int(head["head"])
     theirs = lineage.from_hex(head["state_digest"])
-    if since > target:
-        mine = replica.state_digest_at(target)
+    if since > target:  # the relay holds offsets this replica never wrote: nothing to compare, nothing to add
         result.note = f"the relay (head {since}) is ahead of {replica.path} (head {target}); nothing published"
         result.to_offset = since
         result.seconds = round(time.monotonic() - started, 6)
-        if mine is not None and mine != theirs:
-            pass  # the relay holds offsets this replica does not: not comparable here
         return result
     if since < replica.oldest_offset:
         raise OffsetNotRetained(f"{replica.path} no longer holds offset {since}, the relay's head",
