@@ -107,6 +107,19 @@ def commit_more(path, rng, n: int) -> None:
             r.commit(random_update(rng, model))
 
 
+def published_and_pulled(url, tmp_path, rng, commits: int = 3, more: int = 0):
+    """(primary, serving): a primary published to ``url`` and pulled into serving, then ``more``
+    commits published that serving has not pulled yet."""
+    primary, serving = tmp_path / "primary", tmp_path / "serving"
+    make_primary(primary, rng, commits)
+    run_cli("sync", primary, url, check=True)
+    run_cli("sync", url, serving, check=True)
+    if more:
+        commit_more(primary, rng, more)
+        run_cli("sync", primary, url, check=True)
+    return primary, serving
+
+
 def assert_replicas_equal(a, b) -> None:
     with Replica.open(a) as ra, Replica.open(b) as rb:
         assert ra.head == rb.head
@@ -256,10 +269,7 @@ def test_killed_publisher_leaves_the_relay_at_its_head(relay_url, tmp_path, rng,
 
 def test_killed_puller_resumes(relay_url, tmp_path, rng):
     """kill -9 of a pulling process at a random moment: the replica stays valid and the next pull ends equal."""
-    primary, serving = tmp_path / "primary", tmp_path / "serving"
-    make_primary(primary, rng, commits=1)
-    run_cli("sync", primary, relay_url, check=True)
-    run_cli("sync", relay_url, serving, check=True)
+    primary, serving = published_and_pulled(relay_url, tmp_path, rng, commits=1)
     for _ in range(4):
         commit_more(primary, rng, 1)
         run_cli("sync", primary, relay_url, check=True)
@@ -405,12 +415,7 @@ def test_levels_let_a_replica_far_behind_fetch_few_objects(tmp_path, rng, monkey
 
 
 def test_budgeted_pull_sends_the_most_significant_part_then_resumes(relay_url, tmp_path, rng):
-    primary, serving = tmp_path / "primary", tmp_path / "serving"
-    make_primary(primary, rng, commits=1)
-    run_cli("sync", primary, relay_url, check=True)
-    run_cli("sync", relay_url, serving, check=True)
-    commit_more(primary, rng, 4)
-    run_cli("sync", primary, relay_url, check=True)
+    primary, serving = published_and_pulled(relay_url, tmp_path, rng, commits=1, more=4)
     part = run_cli("sync", relay_url, serving, "--max-bytes", "200", "--json")
     assert part.returncode == 1, part.stderr
     first = json.loads(part.stdout)
@@ -426,12 +431,7 @@ def test_bucket_vanishing_mid_pull_leaves_the_replica_as_it_was(s3, s3_server, t
     from deltalog.sync import sync
     from deltalog.transport import open_sink, open_source
 
-    primary, serving = tmp_path / "primary", tmp_path / "serving"
-    make_primary(primary, rng)
-    run_cli("sync", primary, s3, check=True)
-    run_cli("sync", s3, serving, check=True)
-    commit_more(primary, rng, 2)
-    run_cli("sync", primary, s3, check=True)
+    primary, serving = published_and_pulled(s3, tmp_path, rng, more=2)
     bucket = s3.split("/")[2]
     real_segment = RelayReader._segment
 
@@ -487,12 +487,7 @@ def test_relative_file_url_is_under_the_working_directory(tmp_path, rng):
 
 def test_status_lists_a_fleet_with_the_relay(relay_url, tmp_path, rng):
     """One line each for the primary, the relay and a puller behind it, with lag in offsets."""
-    primary, serving = tmp_path / "primary", tmp_path / "serving"
-    make_primary(primary, rng)
-    run_cli("sync", primary, relay_url, check=True)
-    run_cli("sync", relay_url, serving, check=True)
-    commit_more(primary, rng, 2)
-    run_cli("sync", primary, relay_url, check=True)
+    primary, serving = published_and_pulled(relay_url, tmp_path, rng, more=2)
     rows = json.loads(run_cli("status", primary, relay_url, serving, "--json", check=True).stdout)
     assert [(r["head"], r["lag_offsets"]) for r in rows] == [(5, 0), (5, 0), (3, 2)]
     assert rows[0]["state_digest"] == rows[1]["state_digest"] != rows[2]["state_digest"]
