@@ -455,7 +455,7 @@ class RelayReader:
                 for t in r.tensors:
                     versions = t.versions if t.versions is not None else np.full(len(t.rows), r.offset, np.uint64)
                     parts.setdefault(t.name, []).append((t.rows, versions, t.new, t.dtype, t.significance))
-        blobs_out = []
+        sent = 0
         tensors = []
         bucket_rows = int(head["bucket_rows"])
         for info in head["tensors"]:
@@ -500,12 +500,12 @@ class RelayReader:
             batch.append((t, start, stop))
             size += nbytes
             if size >= max_chunk_bytes:
-                blobs_out.append(self._encode(batch, since, target, claims))
+                yield self._encode(batch, since, target, claims)
+                sent += 1
                 claims["history"] = None
                 batch, size = [], 0
-        if batch or not blobs_out:
-            blobs_out.append(self._encode(batch, since, target, claims))
-        yield from blobs_out
+        if batch or not sent:  # one chunk at least: it carries the digests and history
+            yield self._encode(batch, since, target, claims)
 
     def _encode(self, batch, since, target, claims) -> bytes:
         by_tensor: dict[str, list] = {}
