@@ -491,3 +491,60 @@ def test_status_lists_a_fleet_with_the_relay(relay_url, tmp_path, rng):
     rows = json.loads(run_cli("status", primary, relay_url, serving, "--json", check=True).stdout)
     assert [(r["head"], r["lag_offsets"]) for r in rows] == [(5, 0), (5, 0), (3, 2)]
     assert rows[0]["state_digest"] == rows[1]["state_digest"] != rows[2]["state_digest"]
+
+
+def _rewrite_head(url, edit) -> None:
+    """Apply ``edit`` to the relay's head object in place (what a buggy or hostile publisher might write)."""
+    store = ObjectStore(url)
+    head, etag = read_head(store)
+    edit(head)
+    store.put_if(HEAD_KEY, json.dumps(head, sort_keys=True).encode(), etag)
+
+
+def test_a_gap_in_the_relay_is_refused_with_nothing_applied(tmp_path, rng):
+    """A head whose segments leave an offset uncovered: the puller refuses (exit 7), never skips it."""
+    url = f"file://{tmp_path}/relay"
+    primary, serving = published_and_pulled(url, tmp_path, rng, commits=1)
+    for _ in range(3):  # three level-1 segments: 1-2, 2-3, 3-4
+        commit_more(primary, rng, 1)
+        run_cli("sync", primary, url, check=True)
+    _rewrite_head(url, lambda h: h.update(segments=[s for s in h["segments"] if s["start"] != 2]))
+    proc = run_cli("sync", url, serving, "--json")
+    assert proc.returncode == 7, proc.stderr
+    assert "no segment of the relay covers offset 2" in proc.stderr and "Traceback" not in proc.stderr
+    with Replica.open(serving) as r:
+        assert r.head == 1
+    assert run_cli("verify", serving).returncode == 0
+
+
+def test_a_segment_the_head_names_but_the_store_lost_is_refused(tmp_path, rng):
+    """The head names a segment whose object is gone: a transport error (exit 8), the replica untouched."""
+    url = f"file://{tmp_path}/relay"
+    primary, serving = published_and_pulled(url, tmp_path, rng, commits=1, more=1)
+    head, _ = read_head(ObjectStore(url))
+    (key,) = [s["key"] for s in head["segments"] if s["start"] == 1]
+    ObjectStore(url).delete(key)
+    proc = run_cli("sync", url, serving)
+    assert proc.returncode == 8 and key in proc.stderr, proc.stderr
+    with Replica.open(serving) as r:
+        assert r.head == 1
+    assert run_cli("verify", serving).returncode == 0
+
+
+def test_a_segment_swapped_for_another_range_is_refused(tmp_path, rng):
+    """A segment object whose header disagrees with the head entry naming it (out of order, duplicated
+    under another name): exit 5, nothing applied."""
+    url = f"file://{tmp_path}/relay"
+    primary, serving = published_and_pulled(url, tmp_path, rng, commits=1)
+    for _ in range(2):
+        commit_more(primary, rng, 1)
+        run_cli("sync", primary, url, check=True)
+    head, _ = read_head(ObjectStore(url))
+    first, second = sorted((s for s in head["segments"] if s["level"] == 1 and s["start"] >= 1),
+                           key=lambda s: s["start"])[:2]
+    relay = tmp_path / "relay"
+    (relay / first["key"]).write_bytes((relay / second["key"]).read_bytes())
+    proc = run_cli("sync", url, serving)
+    assert proc.returncode == 5 and "does not match the head" in proc.stderr, proc.stderr
+    with Replica.open(serving) as r:
+        assert r.head == 1
