@@ -491,6 +491,9 @@ def test_status_lists_a_fleet_with_the_relay(relay_url, tmp_path, rng):
     rows = json.loads(run_cli("status", primary, relay_url, serving, "--json", check=True).stdout)
     assert [(r["head"], r["lag_offsets"]) for r in rows] == [(5, 0), (5, 0), (3, 2)]
     assert rows[0]["state_digest"] == rows[1]["state_digest"] != rows[2]["state_digest"]
+    # The relay's head names when the primary made it; the puller's lag in seconds is measured from it.
+    assert rows[0]["head_time"] == rows[1]["head_time"] > rows[2]["head_time"]
+    assert rows[2]["lag_seconds"] == round(rows[1]["head_time"] - rows[2]["head_time"], 3)
 
 
 def _rewrite_head(url, edit) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import random_model, run_cli
 from http_fixture import serve_snapshot_url  # noqa: F401
+from sshd_fixture import sshd  # noqa: F401  (fixture)
 
 from deltalog.checkpoint import write_checkpoint
 
@@ -35,7 +36,9 @@ def test_lag_offsets_and_error_row(fleet):
     assert ra["head"] == 1 and ra["lag_offsets"] == 0 and ra["model_id"] == "demo" and ra["error"] is None
     assert rb["head"] == 0 and rb["lag_offsets"] == 1 and rb["state_digest"] != ra["state_digest"]
     assert rm["error"] and rm["head"] is None
-    assert set(ra) == {"location", "model_id", "head", "state_digest", "lag_offsets", "lag_seconds", "error"}
+    assert set(ra) == {"location", "model_id", "head", "state_digest", "head_time", "lag_offsets", "lag_seconds",
+                       "error"}
+    assert ra["lag_seconds"] == 0.0 and rb["head_time"] is None and rb["lag_seconds"] is None  # b: init's snapshot
 
     human = run_cli("status", a, b, missing)
     assert human.returncode == 3
@@ -57,3 +60,33 @@ def test_http_replica_row(fleet, serve_snapshot_url):  # noqa: F811
 def test_single_local_keeps_detailed_output(fleet):
     out = run_cli("status", fleet / "a", check=True).stdout
     assert out.startswith("replica ") and "item_emb" in out
+
+
+def test_lag_seconds_is_how_much_older_the_head_is(fleet):
+    """lag_seconds: the primary's time of the newest head minus its time of this replica's head, the same
+    however the replica got there (a follower reports the primary's commit time, not its sync time)."""
+    import time
+
+    a, b = fleet / "a", fleet / "b"
+    run_cli("sync", a, b, check=True)  # b at 1, a record of kind sync standing for a's commit 1
+    time.sleep(1.1)
+    run_cli("commit", a, "--from", fleet / "base.npz", check=True)  # a at 2
+    log = json.loads(run_cli("log", a, "--json", check=True).stdout)["records"]
+    made = {e["offset"]: e["time"] for e in log}
+    rows = json.loads(run_cli("status", a, b, "--json", check=True).stdout)
+    assert [r["head_time"] for r in rows] == [made[2], made[1]]  # b's own sync record is newer than made[1]
+    assert rows[1]["lag_seconds"] == round(made[2] - made[1], 3) >= 1.0
+    assert rows[0]["lag_seconds"] == 0.0
+
+
+def test_ssh_replica_row(fleet, sshd):  # noqa: F811
+    """host:path rows, reached with the same -e/--remote-deltalog options as sync."""
+    loc = sshd.location(fleet / "b")
+    proc = run_cli("status", fleet / "a", loc, "--json", *sshd.cli_options())
+    assert proc.returncode == 0, proc.stderr
+    ra, rb = json.loads(proc.stdout)
+    assert rb["location"] == loc and rb["head"] == 0 and rb["lag_offsets"] == 1 and rb["error"] is None
+    assert rb["state_digest"] != ra["state_digest"] and rb["model_id"] == "demo"
+    human = run_cli("status", fleet / "a", loc, env={"DELTALOG_SSH": sshd.ssh_command,
+                                                     "DELTALOG_REMOTE": sshd.remote_deltalog})
+    assert human.returncode == 0 and loc in human.stdout, human.stderr

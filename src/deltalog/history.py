@@ -200,6 +200,25 @@ def _check_not_compacted_meanwhile(replica: Replica, offset: int) -> None:
         )
 
 
+def head_time(replica: Replica) -> float | None:
+    """When the model's writer made the state the replica holds (Unix time), or None if unknown.
+
+    The time of the record at the head; for a sync record, the time of the
+    source record it stands for (its history), so every replica at offset h
+    reports the primary's time of h, however many hops away. None when the
+    head is a snapshot with no record at it (a fresh init, a compaction).
+    This is what fleet lag in seconds is measured with: how much older the
+    model a replica holds is than the newest one.
+    """
+    head = replica.head
+    for s in replica.iter_summaries(head - 1, head):
+        for e in rec.history_entries(s.history):
+            if e["offset"] == head:
+                return float(e["time"])
+        return float(s.time)
+    return None
+
+
 def log_entries(replica: Replica, since: int = -1, stored: bool = False) -> list[dict]:
     """What ``deltalog log`` lists: the log's records after ``since``, oldest first, as maps.
 

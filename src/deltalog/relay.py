@@ -230,6 +230,8 @@ def publish(replica, store: ObjectStore, source_name: str) -> PublishResult:
             oldest_base = min(int(x["offset"]) for x in head["snapshots"])
         head["boundaries"] = [b for b in head["boundaries"] if int(b[0]) > oldest_base]
     head["time"] = time.time()
+    if since < target or etag is None:
+        head["head_time"] = hello.get("head_time")
     head["publisher"] = f"{os.uname().nodename}:{os.getpid()}"
     if since < target or etag is None:
         store.put_if(HEAD_KEY, _encode_head(head), etag)
@@ -372,7 +374,8 @@ class RelayReader:
         return {"protocol": PROTOCOL_VERSION, "model_id": head["model_id"], "head": int(head["head"]),
                 "state_digest": head["state_digest"], "oldest_offset": snaps[0] if snaps else int(head["head"]),
                 "bucket_rows": int(head["bucket_rows"]), "format_version": int(head.get("format_version", 4)),
-                "tensors": head["tensors"], "snapshots": snaps, "time": float(head.get("time") or time.time())}
+                "tensors": head["tensors"], "snapshots": snaps, "time": float(head.get("time") or time.time()),
+                "head_time": head.get("head_time")}
 
     def wait_for_head(self, since: int, timeout: float) -> int:
         """One conditional GET of the head now and one after ``timeout`` (--interval): a 304 costs no body."""

@@ -46,7 +46,7 @@ from .errors import (
     TransportError,
     UnsupportedVersion,
 )
-from .history import values_at
+from .history import head_time, values_at
 from .receive import diverged
 from .replica import Replica
 from .transport.base import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, RECORD_VERSION, SNAPSHOT_PIECE_BYTES
@@ -75,6 +75,7 @@ def source_hello(replica: Replica) -> dict:
         "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in replica.tensors],
         "snapshots": sorted(s["offset"] for s in replica.snapshots()),
         "time": time.time(),
+        "head_time": head_time(replica),
     }
 
 

@@ -53,3 +53,24 @@ class SinceParam(click.ParamType):
         if text[-1:] in ("s", "m", "h", "d", "w") and text != "head" and not text.startswith(("-", "head~")):
             return ("age", DurationParam().convert(text, param, ctx))
         return ("offset", OffsetParam().convert(text, param, ctx))
+
+
+def peer_options(command):
+    """--ssh-command/-e, --remote-deltalog and --token-file: how to reach a host:path or http(s) peer."""
+    command = click.option("--token-file", type=click.Path(dir_okay=False, exists=True),
+                           help="File with the bearer token of an http(s) source (else $DELTALOG_TOKEN).")(command)
+    command = click.option("--remote-deltalog", default="deltalog", show_default=True, envvar="DELTALOG_REMOTE",
+                           metavar="PATH", help="The deltalog command on the remote host (like rsync --rsync-path).")(command)
+    return click.option("--ssh-command", "-e", default="ssh", show_default=True, envvar="DELTALOG_SSH", metavar="CMD",
+                        help="How to run ssh for host:path locations, e.g. 'ssh -p 2222 -i key' (like rsync -e).")(command)
+
+
+def transport_options(timeout, ssh_command, remote_deltalog, token_file):
+    """The TransportOptions that peer_options and a --timeout describe."""
+    from ..transport import TransportOptions
+
+    token = None
+    if token_file:
+        with open(token_file) as f:
+            token = f.read().strip()
+    return TransportOptions(ssh_command=ssh_command, remote_deltalog=remote_deltalog, timeout=timeout, token=token)

@@ -5,20 +5,24 @@ from __future__ import annotations
 import click
 
 from .console import Output, human_bytes, json_option, table
+from .params import peer_options, transport_options
 
 
 @click.command("status")
 @click.argument("replicas", metavar="REPLICA...", nargs=-1, required=True)
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Seconds of silence before an ssh or http replica counts as unreachable.")
+@peer_options
 @json_option
 @click.pass_context
-def command(ctx, replicas, timeout, as_json):
+def command(ctx, replicas, timeout, ssh_command, remote_deltalog, token_file, as_json):
     """Show REPLICA's head, model, retained offsets, snapshots and tensors.
 
     With two or more REPLICAs (local paths, host:path, http(s):// URLs of
-    'deltalog serve-snapshot'), print one line per replica: model, head,
-    state digest and lag behind the newest head of the same model. A replica
+    'deltalog serve-snapshot', relay URLs such as s3://bucket/prefix), print
+    one line per replica: model, head, state digest and lag behind the newest
+    head of the same model, in offsets and in seconds (how much older the
+    model's writer made this replica's head than the newest one). A replica
     that cannot be reached shows its error in its row and makes the exit
     code non-zero (the first failure's), while the others still print.
     """
@@ -27,7 +31,7 @@ def command(ctx, replicas, timeout, as_json):
     if len(replicas) == 1 and parse_spec(replicas[0]).scheme == "local":
         _detailed(replicas[0], as_json)
         return None
-    return _fleet(ctx, replicas, timeout, as_json)
+    return _fleet(ctx, replicas, transport_options(timeout, ssh_command, remote_deltalog, token_file), as_json)
 
 
 def _detailed(replica, as_json):
@@ -60,49 +64,66 @@ def _detailed(replica, as_json):
     out.result(status, render)
 
 
-def _probe(text: str, timeout: float | None) -> dict:
-    """One row of the fleet table (without lag_offsets), or raise the replica's DeltalogError."""
-    from ..transport import TransportOptions, open_source, parse_spec
+_ROW = ("location", "model_id", "head", "state_digest", "head_time", "lag_offsets", "lag_seconds", "error")
 
-    row = {"location": text, "model_id": None, "head": None, "state_digest": None,
-           "lag_offsets": None, "lag_seconds": None, "error": None}
+
+def _probe(text: str, options) -> dict:
+    """One row of the fleet table (without the lags), or raise the replica's DeltalogError."""
+    from ..transport import open_source, parse_spec
+
+    row = dict.fromkeys(_ROW)
+    row["location"] = text
     if parse_spec(text).scheme == "local":
+        from ..history import head_time
         from ..replica import Replica
 
         with Replica.open(text) as r:
-            status = r.status()
-        row.update(model_id=status["model_id"], head=status["head"], state_digest=status["state_digest"],
-                   lag_seconds=status.get("lag_seconds"))
+            row.update(model_id=r.model_id, head=r.head, state_digest=r.status()["state_digest"],
+                       head_time=head_time(r))
         return row
-    source = open_source(text, TransportOptions(timeout=timeout))
+    source = open_source(text, options)
     try:
         hello = source.hello()
     finally:
         source.close()
-    row.update(model_id=hello.get("model_id"), head=hello.get("head"), state_digest=hello.get("state_digest"))
+    row.update(model_id=hello.get("model_id"), head=hello.get("head"), state_digest=hello.get("state_digest"),
+               head_time=hello.get("head_time"))
     return row
 
 
-def _fleet(ctx, replicas, timeout, as_json):
+def fleet_lags(rows: list[dict]) -> None:
+    """Fill each reachable row's lag behind the newest head of its model: in offsets, and in seconds
+    between the times the model's writer made the two heads (None when either time is unknown)."""
+    newest: dict = {}
+    for row in rows:
+        if row["error"] is None and row["head"] is not None:
+            best = newest.get(row["model_id"])
+            if best is None or row["head"] > best["head"]:
+                newest[row["model_id"]] = row
+    for row in rows:
+        if row["error"] is None and row["head"] is not None:
+            top = newest[row["model_id"]]
+            row["lag_offsets"] = top["head"] - row["head"]
+            if row["lag_offsets"] == 0:
+                row["lag_seconds"] = 0.0
+            elif top["head_time"] is not None and row["head_time"] is not None:
+                row["lag_seconds"] = round(max(0.0, top["head_time"] - row["head_time"]), 3)
+
+
+def _fleet(ctx, replicas, options, as_json):
     from ..errors import DeltalogError
 
     out = Output(as_json)
     rows, code = [], 0
     for text in replicas:
         try:
-            row = _probe(text, timeout)
+            row = _probe(text, options)
         except DeltalogError as exc:
-            row = {"location": text, "model_id": None, "head": None, "state_digest": None,
-                   "lag_offsets": None, "lag_seconds": None, "error": exc.one_line()}
+            row = dict.fromkeys(_ROW)
+            row.update(location=text, error=exc.one_line())
             code = code or exc.exit_code
         rows.append(row)
-    newest: dict = {}
-    for row in rows:
-        if row["error"] is None and row["head"] is not None:
-            newest[row["model_id"]] = max(newest.get(row["model_id"], row["head"]), row["head"])
-    for row in rows:
-        if row["error"] is None and row["head"] is not None:
-            row["lag_offsets"] = newest[row["model_id"]] - row["head"]
+    fleet_lags(rows)
 
     def render(c):
         width = max(len(row["location"]) for row in rows)

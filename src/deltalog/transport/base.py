@@ -22,7 +22,9 @@ hello (Source.hello)::
      "bucket_rows": int, "format_version": int,
      "tensors": [{"name": str, "dtype": str, "shape": [int, ...]}, ...],   # model order
      "snapshots": [offset, ...],                                          # ascending
-     "time": float}         # source clock when hello was answered (lag_seconds)
+     "time": float,         # source clock when hello was answered (lag_seconds)
+     "head_time": float|None}  # when the model's writer made the head state (deltalog.history.head_time);
+                               # optional: older peers do not send it
 
 advanced (the destination's partial-sync state, Source.chunks)::
 
