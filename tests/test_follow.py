@@ -167,20 +167,44 @@ def test_token_bucket_paces_across_rounds():
         now[0] += s
 
     tb = TokenBucket(1000.0, burst=500.0, clock=lambda: now[0], sleep=sleep)
-    assert tb.take(400) == 0.0  # within the burst
-    assert tb.take(400) == pytest.approx(0.3)  # 300 bytes of debt at 1000 B/s
+    assert tb.take(400) == pytest.approx(0.4)  # it starts empty: the first bytes wait their turn too
+    now[0] += 0.3  # work between two takes (applying a chunk) earns credit...
+    assert tb.take(300) == 0.0  # ...that the next one spends
+    assert tb.take(400) == pytest.approx(0.4)
     assert tb.delay(100) == pytest.approx(0.1)
     now[0] += 10.0  # an idle spell between rounds buys one burst, not ten seconds' worth
     assert tb.take(500) == 0.0
     assert tb.take(1000) == pytest.approx(1.0)  # a chunk bigger than the burst: debt, paid by sleeping
-    # long run: 20 kB in 100-byte pieces take (20000 - burst) / rate seconds
-    start = now[0]
-    tb2 = TokenBucket(2000.0, clock=lambda: now[0], sleep=sleep)
-    for _ in range(200):
-        tb2.take(100)
-    assert now[0] - start == pytest.approx((20000 - 2000) / 2000.0)
+    now[0] += 10.0
+    tb.drain()  # a round starts: the idle spell buys nothing at all
+    assert tb.take(500) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         TokenBucket(0)
+
+
+def test_token_bucket_never_runs_ahead_of_its_rate():
+    """Whatever the pieces and the pauses, bytes taken by the end of each take <= rate * time since the start."""
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    rng = np.random.default_rng(5)
+    tb = TokenBucket(2000.0, clock=lambda: now[0], sleep=sleep)
+    assert tb.burst == 500.0  # a quarter second's worth: about one --bwlimit chunk
+    taken = 0
+    for _ in range(300):
+        n = int(rng.integers(1, 3000))
+        now[0] += float(rng.choice([0.0, 0.01, 0.5]))  # work between pieces, sometimes long
+        tb.take(n)
+        taken += n
+        assert taken <= 2000.0 * now[0] + 1e-6
+    start, total = now[0], 0
+    tb.drain()
+    for _ in range(200):  # back to back: exactly the rate
+        tb.take(100)
+        total += 100
+    assert now[0] - start == pytest.approx(total / 2000.0)
 
 
 def test_bwlimit_throttles_a_sync(tmp_path, rng):

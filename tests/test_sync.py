@@ -733,3 +733,118 @@ def test_a_partially_synced_replica_reads_as_its_head(tmp_path, rng):
         cli_json("sync", src, dst)
         with Replica.open(dst) as b:
             assert np.array_equal(bits(b.read_tensor("emb")), bits(a.read_tensor("emb")))
+
+
+# -- budgets: --deadline, --bwlimit, what a partial sync holds --------------------------------
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told (sleep advances it): budgets tested without wall time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _wide_source(tmp_path, rng, rows: int = 4000):
+    """A follower of a model whose every row then changes: many buckets, several chunks of 8 KiB."""
+    src, dst = tmp_path / "a", tmp_path / "b"
+    model = {"emb": rng.standard_normal((rows, 16)).astype(np.float32)}
+    Replica.init(src, model, bucket_rows=64).close()
+    do_sync(Way("local", None), src, dst)
+    with Replica.open(src) as a:
+        a.commit({"emb": (np.arange(rows), rng.standard_normal((rows, 16)).astype(np.float32))})
+    return src, dst
+
+
+def test_a_deadline_already_passed_moves_nothing_even_for_a_one_chunk_sync(way, tmp_path, rng):
+    src, model = new_source(tmp_path, rng, commits=3)
+    dst = tmp_path / "dst"
+    do_sync(way, src, dst)
+    before = advance(src, rng, model, commits=0)
+    advance(src, rng, model, commits=3)  # a few rows: the whole sync is one chunk
+    result = do_sync(way, src, dst, deadline=0.0)
+    assert not result.complete and result.stopped_by == "deadline"
+    assert result.chunks == 0 and result.bytes_sent == 0 and result.pending_buckets == 0
+    with Replica.open(dst) as b:
+        assert b.head == before and b.pending_sync() is None
+    new = tmp_path / "new"  # a first sync: not even the snapshot transfer is started
+    result = do_sync(way, src, new, deadline=0.0)
+    assert not result.complete and result.stopped_by == "deadline" and result.bytes_sent == 0
+    assert not new.exists()
+    assert do_sync(way, src, dst, deadline=600.0).complete
+    assert_synced(src, dst)
+
+
+def test_the_deadline_stops_before_the_first_chunk_asked_for_after_it(tmp_path, rng):
+    src, dst = _wide_source(tmp_path, rng)
+    clock = FakeClock()
+
+    def one_second_per_chunk(n):
+        clock.now += 1.0
+
+    result = do_sync(Way("local", None), src, dst, deadline=2.5, started=0.0, clock=clock,
+                     throttle=one_second_per_chunk, chunk_bytes=8192)
+    # chunks asked for at t = 0, 1, 2 go (the one in flight at 2.5 finishes); none is asked for at 3
+    assert result.stopped_by == "deadline" and not result.complete and result.chunks == 3
+    assert result.seconds == 3.0
+    status = json.loads(run_cli("status", dst, "--json", check=True).stdout)
+    assert status["head"] == result.head == 0
+    assert (status["pending_buckets"], status["pending_target"]) == (result.pending_buckets, result.pending_target)
+    assert result.pending_buckets > 0 and result.pending_target == result.to_offset
+    again = do_sync(Way("local", None), src, dst, deadline=2.5, started=0.0, clock=FakeClock(), chunk_bytes=8192)
+    assert again.complete and again.pending_buckets == 0 and again.pending_target is None
+    assert_synced(src, dst)
+
+
+def test_bwlimit_holds_the_average_on_a_short_transfer(tmp_path, rng):
+    """The bucket starts empty: a transfer smaller than a second's worth still takes bytes / rate."""
+    from deltalog.follow import TokenBucket
+
+    src, dst = tmp_path / "a", tmp_path / "b"
+    model = {"emb": rng.standard_normal((512, 16)).astype(np.float32)}
+    Replica.init(src, model, bucket_rows=64).close()
+    do_sync(Way("local", None), src, dst)
+    with Replica.open(src) as a:
+        a.commit({"emb": (np.arange(0, 512, 7), rng.standard_normal((74, 16)).astype(np.float32))})
+    rate = 1_000_000  # far more than the transfer: an "overshoot" would take no time at all
+    clock = FakeClock()
+    bucket = TokenBucket(rate, clock=clock, sleep=clock.sleep)
+    result = do_sync(Way("local", None), src, dst, throttle=bucket.take, clock=clock)
+    assert result.complete and 0 < result.bytes_sent < rate
+    assert result.seconds >= result.bytes_sent / rate
+    assert_synced(src, dst)
+
+
+def test_bwlimit_paces_snapshot_pieces_before_asking_for_them(tmp_path, rng):
+    from deltalog.follow import TokenBucket
+
+    src, dst = tmp_path / "a", tmp_path / "b"
+    Replica.init(src, {"emb": rng.standard_normal((4096, 16)).astype(np.float32)}, bucket_rows=64).close()
+    rate, piece = 100_000, 32 << 10
+    clock = FakeClock()
+    bucket = TokenBucket(rate, clock=clock, sleep=clock.sleep)
+    source, sink = open_source(str(src)), open_sink(str(dst))
+    asked = []  # (time a piece was asked for, bytes asked for up to and including it)
+    read = source.read_snapshot_file
+
+    def timed_read(offset, file, start, length):
+        asked.append((clock.now, (asked[-1][1] if asked else 0) + length))
+        return read(offset, file, start, length)
+
+    source.read_snapshot_file = timed_read
+    try:
+        result = sync_mod.sync(source, sink, source_name=str(src), destination_name=str(dst), throttle=bucket.take,
+                               clock=clock, piece_bytes=piece)
+    finally:
+        sink.close()
+        source.close()
+    assert result.complete and len(asked) == result.snapshot_bytes // piece > 4
+    for when, total in asked:  # never ahead of the rate: each piece's bytes were paid for before it moved
+        assert when >= total / rate - 1e-9
+    assert_synced(src, dst)

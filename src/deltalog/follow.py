@@ -26,7 +26,8 @@ applied atomically, and what arrived stays as resumable partial-sync
 state), so the destination is always exactly at some head. A round stalled
 on the network ends with --timeout; a second signal stops at once, as the
 default action would (as safe as kill -9: the next writer repairs). :class:`TokenBucket` paces the bytes received
-(--bwlimit), across rounds.
+(--bwlimit): one bucket for all rounds, drained as each round starts, so
+no round goes faster than the limit after an idle spell.
 
 Nothing here prints: each round (and each retry) is handed to a callback
 as a dict with the sync fields plus the lag (see :func:`follow`).
@@ -170,13 +171,16 @@ class Backoff:
 
 
 class TokenBucket:
-    """Paces a byte stream to ``rate`` bytes/s, allowing bursts of ``burst`` bytes.
+    """Paces a byte stream to ``rate`` bytes/s on average, short streams included.
 
-    The bucket fills at ``rate`` up to ``burst`` (default: one second's
-    worth); :meth:`take` spends ``n`` tokens and, when that leaves the bucket
-    in debt (a chunk bigger than what is there), sleeps until the debt is
-    paid. One bucket lives across the rounds of a follower, so an idle spell
-    buys at most one burst and the long-run rate stays at ``rate``.
+    The bucket starts empty and fills at ``rate``, keeping at most ``burst``
+    bytes of credit (default: a quarter second's worth, about one --bwlimit
+    chunk: enough to credit the time spent applying a chunk while the next
+    one is on its way, never a head start). :meth:`take` spends ``n`` tokens
+    and sleeps until any debt is paid, before the bytes are used, so at the
+    end of every take at most ``rate * t`` bytes have been taken in the ``t``
+    seconds since the bucket was made or last :meth:`drain`-ed: the average
+    over any transfer that starts with a drain stays at or under ``rate``.
     """
 
     def __init__(self, rate: float, burst: float | None = None, *,
@@ -184,16 +188,21 @@ class TokenBucket:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.rate = float(rate)
-        self.burst = float(burst if burst is not None else rate)
+        self.burst = float(burst if burst is not None else rate / 4)
         self._clock = clock
         self._sleep = sleep
-        self.tokens = self.burst
+        self.tokens = 0.0
         self._last = clock()
 
     def _refill(self) -> None:
         now = self._clock()
         self.tokens = min(self.burst, self.tokens + (now - self._last) * self.rate)
         self._last = now
+
+    def drain(self) -> None:
+        """Drop any credit (a transfer starts: an idle spell before it buys nothing)."""
+        self._refill()
+        self.tokens = min(self.tokens, 0.0)
 
     def delay(self, n: int) -> float:
         """Seconds :meth:`take` would sleep for ``n`` bytes now."""
@@ -323,8 +332,11 @@ def follow(
                             stopper.sleep(interval)
                     waited = time.monotonic() - started
                 stage = "sync"
+                round_started = time.monotonic()  # --deadline counts per round, from after the wait
                 if sink is None:
                     sink = open_sink(dst)
+                if bucket is not None:
+                    bucket.drain()
                 ok = False
                 try:
                     result = sync(
@@ -332,7 +344,7 @@ def follow(
                         max_bytes=max_bytes, deadline=deadline, wait=wait, chunk_bytes=chunk,
                         piece_bytes=piece_bytes_for(bwlimit),
                         throttle=bucket.take if bucket is not None else None,
-                        should_stop=lambda: stopper.requested,
+                        should_stop=lambda: stopper.requested, started=round_started,
                     )
                     ok = True
                 finally:
@@ -375,7 +387,9 @@ def follow(
             now = time.time()
             if result.complete:
                 last_in_sync = now
-            need_wait = result.complete
+            # A round the deadline stopped before anything moved would only repeat itself at once:
+            # it waits for the source like a complete one (a too-short --deadline must not spin).
+            need_wait = result.complete or (result.stopped_by == "deadline" and result.bytes_sent == 0)
             if not getattr(source, "reusable", True):
                 drop_source()  # e.g. an ssh pipe still holding the stream a budget stopped
             event = {"event": "sync", "round": rounds, **result.to_json()}

@@ -404,7 +404,8 @@ class SyncResult:
     chunks: int = 0
     complete: bool = False
     seconds: float = 0.0
-    pending_buckets: int = 0
+    pending_buckets: int = 0  # buckets the destination holds ahead of its head (status's pending_buckets)
+    pending_target: int | None = None  # the offset those buckets lead to (status's pending_target)
     snapshot_offset: int | None = None
     snapshot_bytes: int = 0
     created: bool = False
@@ -436,17 +437,30 @@ class SyncResult:
 
 @dataclass
 class Budget:
-    max_bytes: int | None = None
-    deadline: float | None = None  # seconds from the start
-    started: float = field(default_factory=time.monotonic)
+    """What a run may spend: bytes (--max-bytes) and time (--deadline).
 
-    def exhausted(self, spent: int, next_bytes: int, first: bool) -> str | None:
-        """Why the next ``next_bytes`` may not go now, or None. The first piece always goes."""
-        if self.deadline is not None and time.monotonic() - self.started >= self.deadline and not first:
-            return "deadline"
-        if self.max_bytes is not None and spent + next_bytes > self.max_bytes and not first:
-            return "max-bytes"
-        return None
+    The deadline counts on the monotonic clock (immune to wall-clock steps)
+    from ``started``: the CLI passes the moment the command began, before it
+    connected to the source, so connecting and the hello count too. It is
+    checked before each chunk or snapshot piece is requested, the first one
+    included: no chunk starts once it has passed (one in flight finishes and
+    is applied), so a deadline shorter than the setup moves nothing. The byte
+    budget has the opposite guarantee: its first piece always goes, so a
+    budget smaller than one bucket still makes progress.
+    """
+
+    max_bytes: int | None = None
+    deadline: float | None = None  # seconds from ``started``
+    started: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+
+    def out_of_time(self) -> bool:
+        """Whether no new chunk may start now (the deadline has passed)."""
+        return self.deadline is not None and self.clock() - self.started >= self.deadline
+
+    def over_bytes(self, spent: int, next_bytes: int, first: bool) -> bool:
+        """Whether ``next_bytes`` more would exceed --max-bytes. The first piece always goes."""
+        return self.max_bytes is not None and spent + next_bytes > self.max_bytes and not first
 
 
 def check_same_model(hello: dict, state: dict, dst: str) -> None:
@@ -497,11 +511,18 @@ def sync(
     throttle: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     reseed: bool = False,
+    started: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> SyncResult:
     """Bring ``sink`` up to ``source``'s head (or as far as the budget allows).
 
-    ``throttle(n)`` is called with the size of every chunk or snapshot piece
-    received, before it is applied, and may sleep (--bwlimit's token bucket).
+    ``deadline`` is in seconds of ``clock`` (monotonic) from ``started``
+    (default: now); no chunk or snapshot piece is requested once it has
+    passed, the first one included (see :class:`Budget`).
+
+    ``throttle(n)`` is called with the size of every snapshot piece before
+    it is requested and of every chunk as it arrives, before it is applied,
+    and may sleep (--bwlimit's token bucket).
     ``should_stop()`` is asked before each one is applied: True stops the
     run there (``stopped_by="signal"``), every chunk applied so far kept as
     resumable partial-sync state, exactly as a budget stops it.
@@ -518,7 +539,7 @@ def sync(
     throttle = throttle or (lambda n: None)
     should_stop = should_stop or (lambda: False)
     progress = progress or (lambda stage, done, total: None)
-    budget = Budget(max_bytes, deadline)
+    budget = Budget(max_bytes, deadline, clock() if started is None else started, clock)
     hello = source.hello()
     if hello.get("protocol") != PROTOCOL_VERSION:
         raise TransportError(f"{source_name}: speaks sync protocol v{hello.get('protocol')}, we speak v{PROTOCOL_VERSION}")
@@ -532,14 +553,17 @@ def sync(
     target = int(hello["head"])
     result = SyncResult(source_name, destination_name, from_offset=state["head"], to_offset=target,
                         head=state["head"], source_head=target, dry_run=dry_run,
-                        pending_buckets=state.get("pending_buckets", 0))
+                        pending_buckets=state.get("pending_buckets", 0),
+                        pending_target=state.get("pending_target"))
     existed = state["exists"]
     if existed:
         check_same_model(hello, state, destination_name)
     follow = {"source": source_name, "source_head": target, "source_time": hello.get("time"), "synced_at": time.time()}
 
     def finish_result() -> SyncResult:
-        result.seconds = round(time.monotonic() - budget.started, 6)
+        if result.complete or not result.pending_buckets:  # as status says it: no partial sync, no target
+            result.pending_buckets, result.pending_target = 0, None
+        result.seconds = round(clock() - budget.started, 6)
         return result
 
     # --- snapshot transfer: a new destination, one older than the source keeps, or a reseed
@@ -573,6 +597,9 @@ def sync(
             result.plan = _dry_plan(source, snap, {}, target)
             result.plan["snapshot_bytes"] = total
             return finish_result()
+        if budget.out_of_time():  # nothing is staged for a transfer that may not start
+            result.stopped_by = "deadline"
+            return finish_result()
         held = sink.snapshot_begin(hello, manifest)
         done = sum(min(held.get(e["file"], 0), int(e["nbytes"])) for e in manifest["tensors"])
         first = True
@@ -583,15 +610,16 @@ def sync(
                 n = min(max(1, int(piece_bytes)), size - pos)
                 if budget.max_bytes is not None:
                     n = min(n, max(1, budget.max_bytes // 4))
-                why = budget.exhausted(result.bytes_sent, n, first)
+                why = "deadline" if budget.out_of_time() else (
+                    "max-bytes" if budget.over_bytes(result.bytes_sent, n, first) else None)
                 if why:
                     result.stopped_by = why
                     return finish_result()
+                throttle(n)  # paced before the request: the piece's bytes are paid for before they move
                 data = source.read_snapshot_file(snap, entry["file"], pos, n)
                 if len(data) != n:
                     raise TransportError(f"{source_name}: snapshot file {entry['file']} came short "
                                          f"({len(data)} of {n} bytes at {pos})")
-                throttle(n)
                 if should_stop():
                     result.stopped_by = "signal"
                     return finish_result()
@@ -621,6 +649,9 @@ def sync(
 
     since = state["head"]
     advanced = state.get("advanced") or {}
+    if not dry_run:  # after a snapshot install or an undone partial sync, what the destination holds now
+        result.pending_buckets = state.get("pending_buckets", 0)
+        result.pending_target = state.get("pending_target")
     if dry_run:
         result.plan = _dry_plan(source, since, advanced, target)
         pre = lineage.from_hex(result.plan.get("pre_digest"))
@@ -634,6 +665,10 @@ def sync(
         except (TransportError, AttributeError, NotImplementedError):
             plan_total = None
     first = result.snapshot_offset is None
+    if budget.out_of_time():  # not even the first chunk is asked for (Budget)
+        result.stopped_by = "deadline"
+        sink.note_follow(follow)
+        return finish_result()
     stream = source.chunks(since, advanced, target, _chunk_bytes(budget, chunk_bytes))
     # A sync that is one chunk is applied as its final record at once (Sink.apply_final)
     # when the destination has no partial state; a wrapper sink (guard) opts out by
@@ -642,10 +677,13 @@ def sync(
     finished = True
     fast = False
     try:
-        for blob, only in _mark_only(stream, peek=whole):
-            why = budget.exhausted(result.bytes_sent, len(blob), first)
-            if why:
-                result.stopped_by = why
+        for blob, only in _mark_only(stream, peek=whole, may_read=lambda: not budget.out_of_time()):
+            if blob is None:  # the deadline passed before the next chunk was asked for
+                result.stopped_by = "deadline"
+                finished = False
+                break
+            if budget.over_bytes(result.bytes_sent, len(blob), first):
+                result.stopped_by = "max-bytes"
                 finished = False
                 break
             throttle(len(blob))
@@ -669,6 +707,7 @@ def sync(
             result.rows_sent += applied["rows"]
             result.bytes_sent += len(blob)
             result.pending_buckets = applied["pending_buckets"]
+            result.pending_target = target
             progress("rows", result.rows_sent, plan_total or 0)
     finally:
         close = getattr(stream, "close", None)
@@ -715,17 +754,20 @@ def _check_lineage(hello: dict, state: dict, sink, source_name: str, destination
     return None
 
 
-def _mark_only(stream, peek: bool):
+def _mark_only(stream, peek: bool, may_read: Callable[[], bool] = lambda: True):
     """(blob, only) for each blob of ``stream``; ``only`` is True for a first blob that is also the last.
 
     Knowing that takes reading the second blob before the first is applied,
-    so it is done only when asked (``peek``).
+    so it is done only when asked (``peek``). ``may_read()`` is asked before
+    each blob after the first is requested (the deadline): False yields
+    (None, False) and ends. A peek it refuses is not made, and the first
+    blob goes as an ordinary chunk.
     """
     it = iter(stream)
     first = next(it, None)
     if first is None:
         return
-    if not peek:
+    if not peek or not may_read():
         yield first, False
     else:
         second = next(it, None)
@@ -733,7 +775,13 @@ def _mark_only(stream, peek: bool):
         if second is None:
             return
         yield second, False
-    for blob in it:
+    while True:
+        if not may_read():
+            yield None, False
+            return
+        blob = next(it, None)
+        if blob is None:
+            return
         yield blob, False
 
 

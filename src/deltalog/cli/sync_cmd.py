@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import click
 
@@ -45,7 +46,10 @@ def _name(text: str) -> str:
               help="Send about this much now (e.g. 64M), most significant buckets first; the rest on the next "
                    "run. Exit 1 while incomplete.")
 @click.option("--deadline", type=click.FloatRange(min=0), metavar="SECONDS",
-              help="Stop sending new chunks after this long; the rest on the next run. Exit 1 while incomplete.")
+              help="Start no new chunk once this many seconds have passed since the command started "
+                   "(connecting to SRC included; a chunk in flight finishes). Even the first chunk waits for "
+                   "none: a deadline too short for it moves nothing. The rest on the next run. Exit 1 while "
+                   "incomplete. With --follow, per round.")
 @click.option("--dry-run", "-n", is_flag=True, help="Show what would move (rows, bytes, per tensor); write nothing.")
 @click.option("--ssh-command", "-e", default="ssh", show_default=True, envvar="DELTALOG_SSH", metavar="CMD",
               help="How to run ssh for host:path locations, e.g. 'ssh -p 2222 -i key' (like rsync -e).")
@@ -73,8 +77,9 @@ def _name(text: str) -> str:
                    "DST's lag (status lag_seconds); also the polling period for a source that cannot "
                    "long-poll.  [default: 5]")
 @click.option("--bwlimit", type=ByteSize(), metavar="BYTES_PER_S",
-              help="Receive at most this many bytes per second on average (e.g. 10M), one token bucket "
-                   "across all rounds of --follow; most significant buckets still go first.")
+              help="Receive at most this many bytes per second on average (e.g. 10M), short transfers "
+                   "included: the first bytes wait their turn too (a token bucket that starts empty, "
+                   "shared by all rounds of --follow); most significant buckets still go first.")
 @click.option("--stats", "-v", "stats", is_flag=True,
               help="After the summary, a line per tensor: rows and bytes sent, snapshot bytes, significance.")
 @click.option("--reseed", is_flag=True,
@@ -126,6 +131,7 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
     DST can itself be served (serve-snapshot) and followed: a tree of
     followers, each a hop that adds milliseconds.
     """
+    started = time.monotonic()  # --deadline counts from here: connecting to SRC is part of the run
     from ..errors import InvalidInput
     from ..sync import sync
     from ..transport import TransportOptions, open_sink, open_source, parse_spec
@@ -176,7 +182,7 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
             with out.progress(f"sync {src} -> {dst}") as update:
                 result = sync(source, sink, source_name=_name(src), destination_name=_name(dst),
                               max_bytes=max_bytes, deadline=deadline, dry_run=dry_run, wait=wait, reseed=reseed,
-                              progress=update if out.interactive else None, **extra)
+                              progress=update if out.interactive else None, started=started, **extra)
             verdict = _run_check(sink, result, check, _name(src)) if check and not dry_run else None
         finally:
             sink.close()
@@ -291,7 +297,7 @@ def _round_line(e: dict, src: str, dst: str) -> str:
         return f"round {e['round']}: {dst} up to date at {e['head']} (waited {e['waited']:.2f} s)"
     moved = (f"{e['rows_sent']:,} rows in {e['chunks']} chunks, {human_bytes(e['bytes_sent'])}"
              + (f" (snapshot {e['snapshot_offset']})" if e["snapshot_offset"] is not None else ""))
-    state = "" if e["complete"] else f", stopped by {e['stopped_by']}, {e['pending_buckets']:,} buckets pending"
+    state = "" if e["complete"] else f", stopped by {e['stopped_by']}{_partial(e['pending_buckets'], e['pending_target'])}"
     start = "new replica" if e["from_offset"] is None else e["from_offset"]
     return f"round {e['round']}: {start} -> {e['head']} of {e['to_offset']}, {moved}, {e['seconds']:.3f} s{state}; {lag}"
 
@@ -366,8 +372,15 @@ def _summary(c, r, src: str, dst: str) -> None:
         c.print(f"incomplete: {src} -> {dst} stopped by {_stopper(r)} after {moved}; {dst} is not a replica "
                 f"until the snapshot is complete: run the same sync again, it resumes")
     else:
-        c.print(f"incomplete: {src} -> {dst} stopped by {_stopper(r)} after {moved}; head stays {r.head}, "
-                f"{r.pending_buckets:,} buckets pending of offset {r.to_offset}; run sync again to continue")
+        c.print(f"incomplete: {src} -> {dst} stopped by {_stopper(r)} after {moved}; head stays {r.head}"
+                f"{_partial(r.pending_buckets, r.pending_target)}; run sync again to continue")
+
+
+def _partial(buckets: int, target) -> str:
+    """What a partial sync holds, in the words of 'status' (pending_buckets, pending_target)."""
+    if not buckets:
+        return ""
+    return f"; partial sync to offset {target}: {buckets:,} bucket{'s' * (buckets != 1)} already applied"
 
 
 def _stopper(r) -> str:
