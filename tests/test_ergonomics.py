@@ -345,3 +345,97 @@ def test_the_diff_table_keeps_long_names_whole_at_80_columns_and_shows_the_share
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
     assert name in "".join(line.split()[0] for line in text.splitlines() if line.strip())  # wrapped, not cut
     assert " 0.3%" in text and "of all" in text
+
+
+# -- sync budgets and a follower's lag, as the user sees them -----------------------------------
+
+
+def _emb_follower(tmp_path, rng, rows=8192):
+    a, b = tmp_path / "a", tmp_path / "b"
+    Replica.init(a, {"emb": rng.standard_normal((rows, 32)).astype(np.float32)}, bucket_rows=64).close()
+    run_cli("sync", a, b, check=True)
+    return a, b
+
+
+def _same_tensors(a, b) -> None:
+    with Replica.open(a) as x, Replica.open(b) as y:
+        assert x.head == y.head and y.pending_sync() is None
+        for n in x.tensor_names:
+            assert np.array_equal(x.read_tensor(n).view(np.uint8), y.read_tensor(n).view(np.uint8)), n
+
+
+def test_sync_deadline_too_short_for_anything_exits_1_and_a_rerun_finishes_exact(tmp_path, rng):
+    a, b = _emb_follower(tmp_path, rng)
+    for rows in (np.arange(0, 8192, 97), np.arange(8192)):  # one chunk, then many (64 KiB each)
+        with Replica.open(a) as r:
+            r.commit({"emb": (rows, rng.standard_normal((len(rows), 32)).astype(np.float32))})
+        with Replica.open(b) as r:
+            before = r.head
+        proc = run_cli("sync", a, b, "--deadline", "0.001", "--chunk-bytes", "64K", "--json")
+        assert proc.returncode == 1, proc.stderr
+        data = json.loads(proc.stdout)
+        assert data["complete"] is False and data["stopped_by"] == "deadline" and data["head"] == before
+        proc = run_cli("sync", a, b, "--deadline", "0.001")
+        assert proc.returncode == 1 and "stopped by --deadline" in proc.stdout and f"head stays {before}" in proc.stdout
+        assert _json("status", b)["head"] == before
+        proc = run_cli("sync", a, b, "--deadline", "600", "--chunk-bytes", "64K", "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["complete"] is True
+        _same_tensors(a, b)
+
+
+def test_sync_and_status_say_the_same_of_a_partial_sync(tmp_path, rng):
+    a, b = _emb_follower(tmp_path, rng)
+    with Replica.open(a) as r:
+        r.commit({"emb": (np.arange(8192), rng.standard_normal((8192, 32)).astype(np.float32))})
+        target = r.head
+    proc = run_cli("sync", a, b, "--max-bytes", "256K", "--chunk-bytes", "32K", "--json")
+    assert proc.returncode == 1, proc.stderr
+    data = json.loads(proc.stdout)
+    status = _json("status", b)
+    assert data["pending_buckets"] > 0
+    assert (data["pending_buckets"], data["pending_target"]) == (status["pending_buckets"], status["pending_target"])
+    assert data["pending_target"] == target and status["head"] == data["head"]
+    proc = run_cli("sync", a, b, "--max-bytes", "256K", "--chunk-bytes", "32K")
+    assert proc.returncode == 1, proc.stderr
+    buckets = _json("status", b)["pending_buckets"]
+    words = f"partial sync to offset {target}: {buckets:,} buckets already applied"
+    assert words in proc.stdout
+    assert words in run_cli("status", b, check=True).stdout.replace("partial    sync", "partial sync")
+    run_cli("sync", a, b, check=True)
+    _same_tensors(a, b)
+
+
+def test_status_reads_a_local_sources_head_now(tmp_path, rng):
+    a, b = _emb_follower(tmp_path, rng, rows=512)
+    assert _json("status", b)["lag_offsets"] == 0
+    with Replica.open(a) as r:
+        for _ in range(3):
+            r.commit({"emb": (np.arange(5), rng.standard_normal((5, 32)).astype(np.float32))})
+        head = r.head
+        first_past = next(r.iter_summaries(0, head)).time
+    time.sleep(0.05)
+    status = _json("status", b)
+    assert status["lag_live"] is True and status["source_head"] == head and status["lag_offsets"] == 3
+    assert status["lag_as_of"] > status["last_sync"]
+    assert status["lag_seconds"] >= 0.05 and status["lag_seconds"] <= time.time() - first_past + 0.01
+    assert "3 offsets behind (source head 3, read now)" in run_cli("status", b, check=True).stdout
+    run_cli("sync", a, b, check=True)
+    status = _json("status", b)
+    assert status["lag_live"] is True and status["lag_offsets"] == 0 and status["lag_seconds"] == 0.0
+    # a source that cannot be read now: the figures are the last sync's, and say so
+    with Replica.open(a) as r:
+        r.commit({"emb": (np.arange(5), rng.standard_normal((5, 32)).astype(np.float32))})
+    shutil.move(a, tmp_path / "moved")
+    status = _json("status", b)
+    assert status["lag_live"] is False and status["lag_as_of"] == status["last_sync"] and status["lag_note"]
+    assert status["lag_offsets"] == 0 and status["source_head"] == head  # what the last sync saw, marked as such
+    assert "as of the last sync" in run_cli("status", b, check=True).stdout
+
+
+def test_a_remote_sources_lag_is_never_presented_as_current():
+    from deltalog.lag import refresh
+
+    recorded = {"head": 4, "model_id": "m", "source": "host:/srv/model", "source_head": 6, "lag_offsets": 2,
+                "lag_seconds": 9.0, "last_sync": 100.0, "lag_as_of": 100.0, "lag_live": False}
+    assert refresh(dict(recorded), now=200.0) == recorded  # not asked over the network, still marked stale

@@ -830,6 +830,8 @@ class Replica:
                 lag_offsets=max(0, int(follow.get("source_head") or 0) - self.head),
                 lag_seconds=None if in_sync_at is None else round(max(0.0, time.time() - in_sync_at), 3),
                 last_sync=follow.get("synced_at"),
+                lag_as_of=follow.get("synced_at"),  # what the last sync saw (deltalog.lag.refresh makes it live)
+                lag_live=False,
             )
         if pending:
             out.update(

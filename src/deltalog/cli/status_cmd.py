@@ -35,11 +35,13 @@ def command(ctx, replicas, timeout, ssh_command, remote_deltalog, token_file, as
 
 
 def _detailed(replica, as_json):
+    from ..lag import refresh
     from ..replica import Replica
 
     out = Output(as_json)
     with Replica.open(replica) as r:
         status = r.status()
+    refresh(status)
 
     def render(c):
         c.print(f"replica    {status['path']}")
@@ -48,13 +50,11 @@ def _detailed(replica, as_json):
         c.print(f"retained   offsets {status['oldest_offset']}..{status['head']}; snapshots at {status['snapshots']}")
         c.print(f"log        {human_bytes(status['log_bytes'])}, format v{status['format_version']}, {status['bucket_rows']} rows per bucket")
         if status.get("source"):
-            lag = status.get("lag_seconds")
-            c.print(f"follows    {status['source']} (source head {status.get('source_head')}): "
-                    f"{status.get('lag_offsets', 0)} offsets behind"
-                    + ("" if lag is None else f", last level {lag:.1f} s ago"))
+            c.print(f"follows    {status['source']}: {_lag_line(status)}")
         if status.get("pending_buckets"):
-            c.print(f"partial    sync to offset {status.get('pending_target')} in progress: "
-                    f"{status['pending_buckets']} buckets already applied; run 'deltalog sync' again to finish")
+            n = status["pending_buckets"]
+            c.print(f"partial    sync to offset {status.get('pending_target')}: {n:,} bucket{'s' * (n != 1)} "
+                    f"already applied; run 'deltalog sync' again to finish")
         t = table("tensor", "dtype", "shape", "rows", "buckets", "bytes")
         for info in status["tensors"]:
             t.add_row(info["name"], info["dtype"], "x".join(map(str, info["shape"])) or "scalar",
@@ -62,6 +62,23 @@ def _detailed(replica, as_json):
         c.print(t)
 
     out.result(status, render)
+
+
+def _lag_line(status: dict) -> str:
+    """A follower's lag, saying whether it was read from the source now or is what the last sync saw."""
+    import time
+
+    n, lag, head = status.get("lag_offsets", 0), status.get("lag_seconds"), status.get("source_head")
+    behind = f"{n:,} offset{'s' * (n != 1)} behind"
+    if status.get("lag_live"):
+        if n == 0:
+            return f"up to date (source head {head}, read now)"
+        return f"{behind} (source head {head}, read now)" + ("" if lag is None else f", for {lag:.1f} s")
+    as_of = status.get("lag_as_of")
+    ago = "" if as_of is None else f" {max(0.0, time.time() - as_of):.1f} s ago"
+    why = status.get("lag_note") or "the source is not asked from here"
+    return (f"{behind} as of the last sync{ago} (source head then {head}; {why})"
+            + ("" if lag is None else f"; last at the source's head {lag:.1f} s ago"))
 
 
 _ROW = ("location", "model_id", "head", "state_digest", "head_time", "lag_offsets", "lag_seconds", "error")
