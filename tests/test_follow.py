@@ -480,6 +480,24 @@ def _commit_rows(path, name: str, rows, value: float) -> int:
         return r.commit({name: (np.array(rows), np.full((len(rows), width), value, dtype))})
 
 
+def test_a_deadline_too_short_for_a_round_waits_for_the_source_instead_of_spinning(small_replica, tmp_path):
+    """Each round the deadline stops before anything moves; the next waits on the source's long-poll."""
+    path, _ = small_replica
+    dst = tmp_path / "f"
+    run_cli("sync", path, dst, check=True)
+    _commit_rows(path, "item_emb", [0, 3], 5.0)
+    with Replica.open(dst) as r:
+        before = r.head
+    events = []
+    follow(str(path), str(dst), source_name=str(path), destination_name=str(dst), open_source=open_source,
+           open_sink=open_sink, interval=0.05, deadline=0.0, on_event=events.append, max_rounds=4)
+    rounds = [e for e in events if e["event"] == "sync"]
+    assert len(rounds) == 4
+    assert all(e["stopped_by"] == "deadline" and e["bytes_sent"] == 0 and not e["complete"] for e in rounds)
+    assert all(e["waited"] > 0 for e in rounds[1:])  # a long-poll each time, not back-to-back rounds
+    assert head_of(dst) == before
+
+
 @pytest.mark.parametrize("which", ["file", "digest_file"])
 def test_a_follower_keeps_its_destination_open_across_rounds(small_replica, tmp_path, rng, which):
     """One sink for all rounds (its maps stay warm), the lock free between rounds, and a
