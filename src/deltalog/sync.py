@@ -345,7 +345,7 @@ def source_snapshot_manifest(replica: Replica, offset: int) -> dict:
     """
     manifest = next((m for m in replica.snapshots() if m["offset"] == offset), None)
     if manifest is None:
-        raise OffsetNotRetained(f"{replica.path}: no snapshot at offset {offset}",
+        raise OffsetNotRetained(f"{replica.path}: no snapshot at offset {offset!r}",
                                 hint=f"snapshots: {sorted(m['offset'] for m in replica.snapshots())}")
     versions = {}
     for info in replica.tensors:
@@ -360,7 +360,7 @@ def snapshot_file_path(replica: Replica, offset: int, file: str) -> tuple[str, i
     """(path, size) of a file of the snapshot at ``offset``; only files its manifest lists."""
     manifest = next((m for m in replica.snapshots() if m["offset"] == offset), None)
     if manifest is None:
-        raise OffsetNotRetained(f"{replica.path}: no snapshot at offset {offset}")
+        raise OffsetNotRetained(f"{replica.path}: no snapshot at offset {offset!r}")
     entry = next((t for t in manifest["tensors"] if t["file"] == file), None)
     if entry is None:
         raise InvalidInput(f"snapshot {offset} has no file {file!r}")
