@@ -56,17 +56,20 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import kernels, lineage
-from .checkpoint import CheckpointTensor, read_checkpoint, read_checkpoint_metadata
 from .dtypes import as_float, bits_dtype, rows_differ
 from .errors import InvalidInput, LockHeld, ModelMismatch, NotAReplica, OffsetNotRetained
 from .history import changed_rows, check_retained, parse_offset, resolve_offset, sorted_union, values_at
 from .pending import pending_marker
 from .layout import MARKER
 from .replica import DEFAULT_BUCKET_ROWS, Replica
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointTensor
 
 CHUNK_BYTES = 32 << 20  # per side, per step of a value comparison
 STATS_CHUNK_BYTES = 256 << 10  # float64 deltas per pass of the numpy statistics: stays in cache
@@ -130,6 +133,9 @@ class CheckpointSide:
 
     @classmethod
     def read(cls, path: str, spec: str | None = None, recursive: bool = False) -> "CheckpointSide":
+        # Imported here: the checkpoint readers (zipfile, tempfile, ...) cost a replica-only diff ~8 ms of start-up.
+        from .checkpoint import read_checkpoint, read_checkpoint_metadata
+
         return cls(read_checkpoint(path, recursive), spec or path, read_checkpoint_metadata(path))
 
     @property

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import pkgutil
 import sys
 
 import click
@@ -42,7 +41,24 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     ctx.exit()
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """The commands, each imported from its ``<name>_cmd.py`` only when it is run or listed.
+
+    A command runs with its own module loaded, not the other fifteen; help and
+    the manual page list them all and so load them all.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        here = os.path.dirname(__file__)
+        return sorted(f[: -len("_cmd.py")].replace("_", "-") for f in os.listdir(here) if f.endswith("_cmd.py"))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in self.list_commands(ctx):
+            self.add_command(importlib.import_module(f"{__name__}.{name.replace('-', '_')}_cmd").command, name)
+        return self.commands.get(name)
+
+
+@click.group(cls=_Commands, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
               help="Show the version, and whether the compiled row loops are in use, and exit.")
 @click.option("--debug", is_flag=True, help="Show a traceback when a command fails.")
@@ -59,12 +75,6 @@ def cli(debug: bool, progress: bool | None) -> None:
     from . import console
 
     console.PROGRESS = progress
-
-
-# Every module named <command>_cmd.py in this package defines `command`.
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _info.name.endswith("_cmd"):
-        cli.add_command(importlib.import_module(f"{__name__}.{_info.name}").command)
 
 
 def main(argv: list[str] | None = None) -> None:
