@@ -8,6 +8,7 @@ where its start-up time is not.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -63,3 +64,35 @@ def test_a_diff_of_replicas_does_not_load_the_checkpoint_readers(tmp_path):
     modules = modules_loaded(tmp_path, "diff", f"{path}@0", path, "--json")
     assert commands_loaded(modules) == {"diff_cmd"}
     assert "deltalog.checkpoint" not in modules and "zipfile" not in modules
+
+
+BLAS_PROBE = """
+import atexit, json, os, sys
+seen = {}
+
+def watch(event, args):  # the environment at the moment numpy's core (and its OpenBLAS) loads
+    if event == "import" and args[0].endswith("._multiarray_umath") and "load" not in seen:
+        seen["load"] = os.environ.get("OPENBLAS_NUM_THREADS")
+
+sys.addaudithook(watch)
+from deltalog.cli import main
+out, sys.argv = sys.argv[1], ["deltalog", *sys.argv[2:]]
+atexit.register(lambda: open(out, "w").write(json.dumps({**seen, "exit": os.environ.get("OPENBLAS_NUM_THREADS")})))
+main()
+"""
+
+
+def blas_threads_seen(tmp_path, env: dict, *args: str) -> dict:
+    out = tmp_path / "blas.json"
+    environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", BLAS_PROBE, str(out), *args], capture_output=True, text=True,
+                          env={**environ, **env}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_numpy_loads_single_threaded_blas_and_children_get_the_users_environment(tmp_path):
+    path = replica(tmp_path)
+    assert blas_threads_seen(tmp_path, {}, "status", path, "--json") == {"load": "1", "exit": None}
+    mine = blas_threads_seen(tmp_path, {"OPENBLAS_NUM_THREADS": "3"}, "status", path, "--json")
+    assert mine == {"load": "3", "exit": "3"}  # the user's setting wins
