@@ -54,7 +54,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -203,6 +203,26 @@ def open_side(spec: str, recursive: bool = False) -> Iterator[Side]:
         return
     with Replica.open(path) as replica:
         yield ReplicaSide.at(replica, None if offset is None else resolve_offset(replica, offset), spec)
+
+
+@contextmanager
+def open_sides(specs: Iterable[str], recursive: bool = False) -> Iterator[list[Side]]:
+    """Open the sides of a diff, like :func:`open_side` each, but a replica named by several sides
+    (``A@K A``) is opened once: both sides read the same maps, so a new process faults its pages in,
+    and tears them down at exit, once rather than twice (~0.1 s a side at 4 GiB)."""
+    with ExitStack() as stack:
+        opened: dict[str, Replica] = {}
+        sides: list[Side] = []
+        for spec in specs:
+            kind, path, offset = parse_spec(spec)
+            if kind == "checkpoint":
+                sides.append(CheckpointSide.read(path, spec, recursive))
+                continue
+            replica = opened.get(os.path.abspath(path))
+            if replica is None:
+                replica = opened[os.path.abspath(path)] = stack.enter_context(Replica.open(path))
+            sides.append(ReplicaSide.at(replica, None if offset is None else resolve_offset(replica, offset), spec))
+        yield sides
 
 
 # -- results ----------------------------------------------------------------------
