@@ -62,6 +62,17 @@ def test_init_commit_status_log_verify_end_to_end(checkpoints, source):
         assert np.array_equal(r.read_tensor("item_emb"), changed["item_emb"])
 
 
+def test_commit_returns_once_its_record_is_durable_leaving_the_rows_fsync_to_the_schedule(checkpoints):
+    """Like the library's commit: the record is synced, the tensor pages follow the WAL-checkpoint
+    schedule (after a machine crash the log re-applies them: tests/test_rollback.py)."""
+    tmp, _, changed = checkpoints
+    cli_json("init", tmp / "r", "--from", tmp / "base.npz")
+    assert cli_json("commit", tmp / "r", "--from", tmp / "next.safetensors")["offset"] == 1
+    with Replica.open(tmp / "r") as r:
+        assert (r.state.flushed, r.head) == (0, 1) and r.state.settled
+        assert np.array_equal(r.read_tensor("item_emb"), changed["item_emb"])
+
+
 def test_human_output_goes_to_stdout_and_quiet_silences_it(checkpoints):
     tmp, _, _ = checkpoints
     proc = run_cli("init", tmp / "r", "--from", tmp / "base.npz")

@@ -704,6 +704,28 @@ def test_parse_spec(tmp_path):
             pass
 
 
+def test_a_replica_named_by_both_sides_is_opened_once(tmp_path):
+    """A@K A reads one set of maps (a new process faults them in and tears them down once)."""
+    r, other = str(tmp_path / "r"), str(tmp_path / "o")
+    Replica.init(r, {"emb": np.zeros((40, 2), np.float32)}, bucket_rows=8).close()
+    shutil.copytree(r, other)
+    with Replica.open(r) as w:
+        w.commit({"emb": ([3, 30], np.ones((2, 2), np.float32))})
+    opened = []
+    real_open = Replica.open
+    with mock.patch.object(Replica, "open", side_effect=lambda path: opened.append(path) or real_open(path)):
+        with dl.open_sides([r + "@0", os.path.join(tmp_path, ".", "r")]) as (a, b):
+            assert a.replica is b.replica and (a.offset, b.offset) == (0, 1)
+            shared = diff(a, b)
+        assert opened == [r]
+        with dl.open_sides([r + "@0", other]) as (a, b):
+            assert a.replica is not b.replica
+    with open_side(r + "@0") as a, open_side(r) as b:  # what each side alone gives
+        alone = diff(a, b)
+    assert shared.to_json()["changed_rows"] == alone.to_json()["changed_rows"] == 2
+    assert {**shared.to_json(), "b": None} == {**alone.to_json(), "b": None}
+
+
 # -- the command --------------------------------------------------------------------------------
 
 

@@ -279,7 +279,9 @@ def test_the_manual_page_covers_every_command_option_and_exit_code():
 
     page = run_cli("man").stdout
     assert page.startswith(".TH DELTALOG 1 ")
-    for name, command in cli.commands.items():
+    ctx = click.Context(cli)
+    for name in cli.list_commands(ctx):
+        command = cli.get_command(ctx, name)
         assert f".SS {name.replace('-', chr(92) + '-')}" in page, name
         for param in command.params:
             if isinstance(param, click.Option) and not param.hidden:

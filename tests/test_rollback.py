@@ -221,6 +221,46 @@ def test_cli_rollback_json_log_and_errors(tmp_path):
     assert locked.returncode == 9 and "Traceback" not in locked.stderr
 
 
+def test_cli_rollback_returns_before_the_rows_are_fsynced_and_a_reboot_reapplies_them(tmp_path, monkeypatch):
+    """The command returns once its record is durable, as the library call does: the rows it wrote
+    follow the WAL-checkpoint schedule, and a machine crash that loses them is repaired from the log."""
+    from deltalog import writer as writer_mod
+
+    path, states = build(tmp_path, 8, commits=6)  # closed by the library: flushed == head
+    tensors = os.path.join(path, "tensors")
+    before = {f: open(os.path.join(tensors, f), "rb").read() for f in os.listdir(tensors)}
+    proc = run_cli("rollback", path, "--to", 2, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["changed"], proc.stderr
+    with Replica.open(path) as r:
+        assert (r.state.flushed, r.head) == (6, 7)  # not fsynced at exit: left to the schedule
+        assert_state(r, states[2], "rolled back")
+    for f, data in before.items():  # a machine crash: the page cache's writes since 'flushed' are lost
+        with open(os.path.join(tensors, f), "wb") as out:
+            out.write(data)
+    monkeypatch.setattr(writer_mod, "_BOOT_ID", "another-boot")
+    with Replica.open(path) as r:  # the reboot is seen: the rollback record is applied again
+        assert r.state.settled and r.state.flushed == r.head == 7
+        assert_state(r, states[2], "after the reboot")
+        assert verify(r).ok
+
+
+def test_close_without_flush_still_fsyncs_when_a_reboot_could_not_be_told(tmp_path, monkeypatch):
+    from deltalog import writer as writer_mod
+
+    path, states = build(tmp_path, 9, commits=4)
+    r = Replica.open(path)
+    rollback(r, 1)
+    r.close(flush=False)
+    with Replica.open(path) as r:
+        assert r.state.flushed == 4 and r.head == 5  # deferred: the schedule is not due
+    monkeypatch.setattr(writer_mod, "_BOOT_ID", "")  # no boot id: recovery could not know to re-apply
+    r = Replica.open(path)
+    rollback(r, 2)
+    r.close(flush=False)
+    with Replica.open(path) as r:
+        assert r.state.flushed == r.head == 6
+
+
 # -- kill -9 -----------------------------------------------------------------------------
 
 _ROLLBACK_LOOP = """

@@ -54,19 +54,22 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import kernels, lineage
-from .checkpoint import CheckpointTensor, read_checkpoint, read_checkpoint_metadata
 from .dtypes import as_float, bits_dtype, rows_differ
 from .errors import InvalidInput, LockHeld, ModelMismatch, NotAReplica, OffsetNotRetained
 from .history import changed_rows, check_retained, parse_offset, resolve_offset, sorted_union, values_at
 from .pending import pending_marker
 from .layout import MARKER
 from .replica import DEFAULT_BUCKET_ROWS, Replica
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointTensor
 
 CHUNK_BYTES = 32 << 20  # per side, per step of a value comparison
 STATS_CHUNK_BYTES = 256 << 10  # float64 deltas per pass of the numpy statistics: stays in cache
@@ -130,6 +133,9 @@ class CheckpointSide:
 
     @classmethod
     def read(cls, path: str, spec: str | None = None, recursive: bool = False) -> "CheckpointSide":
+        # Imported here: the checkpoint readers (zipfile, tempfile, ...) cost a replica-only diff ~8 ms of start-up.
+        from .checkpoint import read_checkpoint, read_checkpoint_metadata
+
         return cls(read_checkpoint(path, recursive), spec or path, read_checkpoint_metadata(path))
 
     @property
@@ -197,6 +203,26 @@ def open_side(spec: str, recursive: bool = False) -> Iterator[Side]:
         return
     with Replica.open(path) as replica:
         yield ReplicaSide.at(replica, None if offset is None else resolve_offset(replica, offset), spec)
+
+
+@contextmanager
+def open_sides(specs: Iterable[str], recursive: bool = False) -> Iterator[list[Side]]:
+    """Open the sides of a diff, like :func:`open_side` each, but a replica named by several sides
+    (``A@K A``) is opened once: both sides read the same maps, so a new process faults its pages in,
+    and tears them down at exit, once rather than twice (~0.1 s a side at 4 GiB)."""
+    with ExitStack() as stack:
+        opened: dict[str, Replica] = {}
+        sides: list[Side] = []
+        for spec in specs:
+            kind, path, offset = parse_spec(spec)
+            if kind == "checkpoint":
+                sides.append(CheckpointSide.read(path, spec, recursive))
+                continue
+            replica = opened.get(os.path.abspath(path))
+            if replica is None:
+                replica = opened[os.path.abspath(path)] = stack.enter_context(Replica.open(path))
+            sides.append(ReplicaSide.at(replica, None if offset is None else resolve_offset(replica, offset), spec))
+        yield sides
 
 
 # -- results ----------------------------------------------------------------------

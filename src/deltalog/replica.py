@@ -346,9 +346,17 @@ class Replica:
             raise
         return replica
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
+        """Release the replica. Tensor pages this handle wrote are fsynced first (the WAL checkpoint
+        on close), unless ``flush`` is False and the schedule is not due: then they stay in the page
+        cache like a long-running writer's, and after a machine crash recovery re-applies their
+        records from the log (``flushed`` stays behind). A short-lived command uses it to return
+        once its record is durable, as the library call does."""
         if self.writer.unflushed:
-            self.writer.flush_if_free()
+            if flush or self.writer.flush_due():
+                self.writer.flush_if_free()
+            else:
+                self.writer.defer_flush()
         self.maps.forget()
         self.writer.lock.release()
         self.store.close()

@@ -445,13 +445,16 @@ class Writer:
         # "a second since the last flush"): one long operation, such as a rollback of
         # many records, returns once its record is durable instead of also waiting
         # for the fsync of every page it just wrote.
-        if not self._dirty:
-            return
-        state = self.replica.state
-        if not boot_id() or time.monotonic() - (self._dirty_since or time.monotonic()) > FLUSH_SECONDS or (
-            state.applied - state.flushed >= FLUSH_RECORDS
-        ):
+        if self._dirty and self.flush_due():
             self.flush()
+
+    def flush_due(self) -> bool:
+        """Whether the WAL-checkpoint schedule says fsync now (always without a boot id: a reboot
+        could not be told apart, so nothing may be left for recovery to re-apply)."""
+        state = self.replica.state
+        return not boot_id() or time.monotonic() - (self._dirty_since or time.monotonic()) > FLUSH_SECONDS or (
+            state.applied - state.flushed >= FLUSH_RECORDS
+        )
 
     @property
     def unflushed(self) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import pkgutil
 import sys
 
 import click
@@ -42,7 +41,24 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     ctx.exit()
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """The commands, each imported from its ``<name>_cmd.py`` only when it is run or listed.
+
+    A command runs with its own module loaded, not the other fifteen; help and
+    the manual page list them all and so load them all.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        here = os.path.dirname(__file__)
+        return sorted(f[: -len("_cmd.py")].replace("_", "-") for f in os.listdir(here) if f.endswith("_cmd.py"))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in self.list_commands(ctx):
+            self.add_command(importlib.import_module(f"{__name__}.{name.replace('-', '_')}_cmd").command, name)
+        return self.commands.get(name)
+
+
+@click.group(cls=_Commands, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
               help="Show the version, and whether the compiled row loops are in use, and exit.")
 @click.option("--debug", is_flag=True, help="Show a traceback when a command fails.")
@@ -61,14 +77,36 @@ def cli(debug: bool, progress: bool | None) -> None:
     console.PROGRESS = progress
 
 
-# Every module named <command>_cmd.py in this package defines `command`.
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _info.name.endswith("_cmd"):
-        cli.add_command(importlib.import_module(f"{__name__}.{_info.name}").command)
+_NUMPY_CORE = ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath")  # numpy 2, numpy 1
+
+
+def _blas_single_threaded_while_numpy_loads() -> None:
+    """Load numpy's OpenBLAS with one thread, then hand the user's environment back.
+
+    deltalog never calls BLAS, but OpenBLAS starts a thread per core (and
+    their buffers) when numpy loads: 20-40 ms of every command on 2 cores,
+    more on big machines. OpenBLAS reads OPENBLAS_NUM_THREADS once, when
+    loaded, so the variable is removed again at the first import after numpy's
+    core is in (an audit hook): a --check command or other child still gets
+    the user's environment. A value the user set is left alone.
+    """
+    if "OPENBLAS_NUM_THREADS" in os.environ or any(m in sys.modules for m in _NUMPY_CORE):
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    loading = True
+
+    def restore(event: str, _args) -> None:
+        nonlocal loading
+        if loading and event == "import" and any(m in sys.modules for m in _NUMPY_CORE):
+            loading = False
+            os.environ.pop("OPENBLAS_NUM_THREADS", None)
+
+    sys.addaudithook(restore)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    _blas_single_threaded_while_numpy_loads()
     debug = "--debug" in args or bool(os.environ.get("DELTALOG_DEBUG"))
     want_json = "--json" in args
     try:

@@ -33,12 +33,15 @@ def command(replica, checkpoint, message, allow_nonfinite, recursive, wait, as_j
     out = Output(as_json, quiet)
     tensors = read_checkpoint(checkpoint, recursive=recursive)
     metadata = read_checkpoint_metadata(checkpoint)
-    with Replica.open(replica) as r:
+    r = Replica.open(replica)
+    try:
         before = r.head
         with out.progress(f"commit {checkpoint}") as update:
             offset = r.commit_checkpoint(tensors, metadata, wait=wait, message=message,
                                          allow_nonfinite=allow_nonfinite, progress=update)
         summary = next(r.iter_summaries(since=offset - 1)) if offset != before else None
+    finally:
+        r.close(flush=False)  # return once the record is durable; the rows' fsync follows the WAL schedule
     data = {
         "offset": offset,
         "previous_offset": before,

@@ -84,10 +84,10 @@ def command(ctx, a, b, top, tensors, force, recursive, as_json, quiet):
     at a retained offset), or checkpoints (.npz, .safetensors, a directory
     of .npy files). Exits 0 when they are identical, 1 when they differ.
     """
-    from ..diff import diff, open_side
+    from ..diff import diff, open_sides
 
     out = Output(as_json, quiet)
-    with open_side(a, recursive) as side_a, open_side(b, recursive) as side_b, out.progress("diff") as update:
+    with open_sides((a, b), recursive) as (side_a, side_b), out.progress("diff") as update:
         result = diff(side_a, side_b, top=top, tensors=tensors or None, force=force, progress=update)
     out.result(result.to_json(), lambda c: _render(c, result))
     if not result.identical:

@@ -33,10 +33,13 @@ def command(replica, to, reason, dry_run, wait, as_json, quiet):
     from ..rollback import rollback
 
     out = Output(as_json, quiet)
-    with Replica.open(replica) as r:
+    r = Replica.open(replica)
+    try:
         to = resolve_offset(r, to)
         with out.working(f"rolling {replica} back to offset {to}"):
             result = rollback(r, to, reason=reason, wait=wait, dry_run=dry_run)
+    finally:
+        r.close(flush=False)  # return once the record is durable; the rows' fsync follows the WAL schedule
 
     def render(c):
         if dry_run:

@@ -1,0 +1,207 @@
+"""What the `deltalog` command costs on top of the library call it makes (issue 15).
+
+    .venv/bin/python bench/cli_overhead.py                 # ~1 GiB model, 7 repeats, ~3 minutes
+    .venv/bin/python bench/cli_overhead.py --size 4        # ~4 GiB (~14 GiB under bench/work)
+    .venv/bin/python bench/cli_overhead.py --keep          # keep the replica; --reuse picks it up again
+    .venv/bin/python bench/cli_overhead.py --base-cli ../main-wt/.venv/bin/deltalog   # A/B another build
+
+Builds replica A like bench/run.py (bench/workload.py's model and stream,
+``--minutes`` simulated minutes after init), then times, alternating, the
+median of ``--repeat`` runs of:
+
+- diff: ``deltalog.diff.diff`` of ``A@head~K`` and ``A`` (K = ``--diff-back``,
+  a fresh minute of training commits) in this process, both sides opened with
+  ``open_sides`` just before the timer (fresh maps: the call pays its page
+  faults, as it does in a new process), against the wall time of
+  ``deltalog diff A@head~K A --json``;
+- rollback: ``deltalog.rollback.rollback(A, head~N)`` (N = ``--rollback-back``)
+  on a replica opened before the timer and closed after it, against
+  ``deltalog rollback A --to OFFSET --json``; each timed rollback is undone by
+  an untimed roll forward, so every run rolls back a window of the same kind;
+- start-up: ``deltalog --help`` and ``deltalog status A --json`` (no library twin).
+
+CLI - library is what the command adds: interpreter start, imports, opening,
+closing (munmap of the pages the call touched, LMDB), output, interpreter exit.
+Target (issue 15): <= 0.15 s. With ``--base-cli`` a second build's command is
+timed in the same alternation (A/B on a busy machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import workload  # noqa: E402
+
+PY = sys.executable
+TARGET_GAP = 0.15
+
+
+def cli() -> list[str]:
+    script = os.path.join(os.path.dirname(PY), "deltalog")
+    return [script] if os.path.exists(script) else [PY, "-m", "deltalog"]
+
+
+def wall(argv: list[str], ok=(0,)) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode not in ok:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr[-1500:]}")
+    return seconds
+
+
+def build(path: str, args) -> None:
+    from deltalog import Replica
+
+    specs = workload.model_spec(args.size)
+    print(f"building {path}: {sum(s.nbytes for s in specs) / 2**30:.2f} GiB, {args.minutes} simulated minutes",
+          flush=True)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Replica.init(path, workload.make_model(specs, seed=0), model_id="deltalog-bench").close()
+    commit_minutes(path, args, args.minutes, seed=1)
+
+
+def commit_minutes(path: str, args, minutes: int, seed: int) -> None:
+    """Training commits at the head (a rollback's records must not be what diff compares)."""
+    from deltalog import Replica
+
+    stream = workload.Stream(workload.model_spec(args.size), seed=seed, steps_per_minute=args.steps_per_minute)
+    with Replica.open(path) as r:
+        for _ in range(minutes * args.steps_per_minute):
+            r.commit(stream.step(lambda name, rows: r.rows_view(name)[rows].copy()))
+
+
+def lib_diff(path: str, back: int) -> float:
+    """The library call alone: both sides opened (fresh maps) before the timer, as run.py times it."""
+    from deltalog.diff import diff, open_sides
+
+    with open_sides([f"{path}@head~{back}", path]) as (a, b):
+        started = time.perf_counter()
+        diff(a, b, top=10)
+        return time.perf_counter() - started
+
+
+def lib_rollback(path: str, to: int, reason: str) -> float:
+    """The library call alone, on a replica opened before the timer and closed after it."""
+    from deltalog.replica import Replica
+    from deltalog.rollback import rollback
+
+    with Replica.open(path) as r:
+        started = time.perf_counter()
+        rollback(r, to, reason=reason)
+        return time.perf_counter() - started
+
+
+def head_and_target(path: str, back: int) -> tuple[int, int]:
+    from deltalog.history import resolve_offset
+    from deltalog.replica import Replica
+
+    with Replica.open(path) as r:
+        return r.head, resolve_offset(r, f"head~{back}")
+
+
+def fmt(s: float) -> str:
+    return f"{s * 1000:.0f} ms"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=float, default=1.0, help="model size (1: ~1 GiB of embeddings)")
+    p.add_argument("--minutes", type=int, default=10, help="simulated minutes committed after init")
+    p.add_argument("--steps-per-minute", type=int, default=12)
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--diff-back", type=int, default=12, help="diff A@head~K A: K records back (a minute)")
+    p.add_argument("--rollback-back", type=int, default=100, help="rollback to head~K")
+    p.add_argument("--work", default=os.path.join(HERE, "work", "cli_overhead"))
+    p.add_argument("--keep", action="store_true", help="keep the replica afterwards")
+    p.add_argument("--reuse", action="store_true", help="use the replica a --keep run left (same --size)")
+    p.add_argument("--only", default="startup,diff,rollback", help="sections: startup,diff,rollback")
+    p.add_argument("--base-cli", metavar="PATH",
+                   help="another deltalog executable (e.g. a worktree of main) timed alternately with this one")
+    args = p.parse_args(argv)
+    only = set(args.only.split(","))
+    path = os.path.join(args.work, f"a-{args.size:g}")
+    if not (args.reuse and os.path.isdir(path)):
+        build(path, args)
+    clis = {"CLI": cli()}
+    if args.base_cli:
+        clis["base CLI"] = [args.base_cli]
+    rows = []  # (what, library seconds or None, {cli: seconds})
+
+    def alternate(run_lib, argv_of, ok=(0,)):
+        lib, walls = [], {name: [] for name in clis}
+        for _ in range(args.repeat):
+            if run_lib:
+                lib.append(run_lib())
+            for name, cmd in clis.items():
+                walls[name].append(wall(argv_of(cmd), ok=ok))
+        return (statistics.median(lib) if lib else None), {n: statistics.median(v) for n, v in walls.items()}
+
+    try:
+        for cmd in clis.values():
+            wall([*cmd, "status", path, "--json"])  # warm the page cache
+        if "startup" in only:
+            rows.append(("deltalog --help", *alternate(None, lambda cmd: [*cmd, "--help"])))
+            rows.append(("deltalog status A --json", *alternate(None, lambda cmd: [*cmd, "status", path, "--json"])))
+        if "diff" in only:
+            commit_minutes(path, args, -(-args.diff_back // args.steps_per_minute), seed=int(time.time()))
+            lib_diff(path, args.diff_back)  # warm
+            rows.append((f"diff A@head~{args.diff_back} A", *alternate(
+                lambda: lib_diff(path, args.diff_back),
+                lambda cmd: [*cmd, "diff", f"{path}@head~{args.diff_back}", path, "--json"], ok=(0, 1))))
+        if "rollback" in only:
+            # Each timed rollback is undone by an untimed roll forward, so every run rolls back
+            # the same kind of window (training commits plus earlier rollback pairs).
+            state = {}
+
+            def lib_run():
+                head, to = head_and_target(path, args.rollback_back)
+                seconds = lib_rollback(path, to, "bench")
+                lib_rollback(path, head, "bench: roll forward")
+                return seconds
+
+            def cli_argv(cmd):
+                state["head"], to = head_and_target(path, args.rollback_back)
+                return [*cmd, "rollback", path, "--to", str(to), "--json", "--reason", "bench"]
+
+            lib, walls = [], {name: [] for name in clis}
+            for _ in range(args.repeat):
+                lib.append(lib_run())
+                for name, cmd in clis.items():
+                    walls[name].append(wall(cli_argv(cmd)))
+                    lib_rollback(path, state["head"], "bench: roll forward")
+            rows.append((f"rollback A --to head~{args.rollback_back}", statistics.median(lib),
+                         {n: statistics.median(v) for n, v in walls.items()}))
+    finally:
+        if not args.keep:
+            shutil.rmtree(path, ignore_errors=True)
+    print(f"\nmedians of {args.repeat} (--size {args.size:g}); " +
+          "; ".join(f"{name}: {' '.join(cmd)}" for name, cmd in clis.items()))
+    header = f"{'':34} {'library':>9}" + "".join(f" {name:>10} {name + ' - lib':>14}" for name in clis)
+    print(header)
+    worst = 0.0
+    for what, lib_s, walls in rows:
+        line = f"{what:34} {fmt(lib_s) if lib_s is not None else '-':>9}"
+        for name in clis:
+            gap = None if lib_s is None else walls[name] - lib_s
+            if gap is not None and name == "CLI":
+                worst = max(worst, gap)
+            line += f" {fmt(walls[name]):>10} {fmt(gap) if gap is not None else '-':>14}"
+        print(line)
+    verdict = "PASS" if worst <= TARGET_GAP else "MISS"
+    print(f"{verdict}: largest CLI - library gap {fmt(worst)} (target <= {fmt(TARGET_GAP)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
