@@ -72,10 +72,11 @@ def main() -> None:
                 profile.disable()
             seconds = time.perf_counter() - started
             dirtied = _dirtied_bytes() - dirtied
+            timed = {name: list(entry) for name, entry in (steps or {}).items()}  # close() flushes: not counted
         print(f"{args.rows_per_commit} rows per commit, {args.gib:g} GiB table: {n / seconds:,.0f} rows/s "
               f"({seconds / 27 * 1000:.1f} ms per commit)")
         if steps is not None:
-            for name, (spent, faults, calls) in steps.items():
+            for name, (spent, faults, calls) in timed.items():
                 print(f"  {name}: {spent / 27 * 1000:.1f} ms and {faults / 27:,.0f} minor faults per commit ({calls} calls)")
             if dirtied >= 0:
                 print(f"  dirtied by the kernel's count (log writes included): {dirtied / n / 1024:,.1f} KiB per row written")
