@@ -427,6 +427,9 @@ def repair_in_place(
             repaired.append(info.name)
         progress("tensors", len(tensors), len(tensors))
         if repaired:
+            tensorfiles.recache_model_files(  # commits store rows into them: see there
+                [os.path.join(tensor_dir, name) for i in tensors if i.name in repaired
+                 for name in (i.file, i.digest_file)], tensorfiles.model_file_bytes(tensors))
             replica.reload_tensor_files()
     return RepairResult(
         offset=head,

@@ -94,6 +94,91 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def prefers_small_pages(model_bytes: int) -> bool:
+    """Whether a model's live files (``model_bytes`` together) should be cached in small pages.
+
+    Large writes leave a file cached in large folios (up to 2 MiB on ext4
+    since Linux 6.16), and a row stored through the shared map dirties the
+    whole folio it lands in. While every folio of the model fits under the
+    kernel's dirty_background threshold that is cheapest: after the first
+    commits every folio is dirty and writable, and a row store costs nothing
+    until the next flush. A model past half that threshold is different:
+    random rows dirty nearly all of it at once, writeback starts, cleans and
+    write-protects folios, every row store faults again and the log's fsyncs
+    queue behind gigabytes of writeback, so commits slow down as the table
+    grows (issue 15; bench/commit_profile.py --steps shows it). In small
+    pages a row dirties 4 KiB. False where the threshold is unknown.
+    """
+    threshold = _dirty_background_bytes()
+    return threshold is not None and model_bytes > threshold // 2
+
+
+def recache_in_small_pages(path: str) -> None:
+    """Drop a freshly written, fsynced file from the page cache and read it back in small pages
+    (see :func:`prefers_small_pages`; Linux only, and only advice: errors are ignored).
+
+    Readahead asked for with WILLNEED fills the cache with single pages. The
+    read-back is skipped for a file larger than half of the memory: it would
+    only evict what it had just read.
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages only: the caller fsynced the file
+        if os.fstat(fd).st_size <= _meminfo_bytes("MemTotal") // 2:
+            advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def recache_model_files(paths: Iterable[str], model_bytes: int) -> None:
+    """:func:`recache_in_small_pages` of each path when the model :func:`prefers_small_pages`."""
+    if prefers_small_pages(model_bytes):
+        for path in paths:
+            recache_in_small_pages(path)
+
+
+def _dirty_background_bytes() -> int | None:
+    """The kernel's dirty_background threshold in bytes (Linux: vm.dirty_background_bytes, else
+    vm.dirty_background_ratio percent of the available memory); None where unknown."""
+    try:
+        with open("/proc/sys/vm/dirty_background_bytes") as f:
+            explicit = int(f.read())
+        if explicit:
+            return explicit
+        with open("/proc/sys/vm/dirty_background_ratio") as f:
+            ratio = int(f.read())
+    except (OSError, ValueError):
+        return None
+    available = _meminfo_bytes("MemAvailable")
+    return available * ratio // 100 if available else None
+
+
+def _meminfo_bytes(field: str) -> int:
+    """A /proc/meminfo field in bytes (0 where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name == field:
+                    return int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def model_file_bytes(infos: Iterable[TensorInfo]) -> int:
+    """The bytes of a model's live files: its tensor files and their row digest files."""
+    return sum(i.nbytes + i.rows * DIGEST_DTYPE.itemsize for i in infos)
+
+
 def snapshot_dirname(offset: int) -> str:
     return f"{offset:020d}"
 
@@ -344,3 +429,6 @@ def copy_snapshot_into_tensors(replica_dir: str, manifest: dict) -> None:
             os.fsync(fout.fileno())
         info = TensorInfo(n, entry["name"], entry["dtype"], tuple(entry["shape"]))
         write_digests_of_file(dst, info)
+    infos = [TensorInfo(n, e["name"], e["dtype"], tuple(e["shape"])) for n, e in enumerate(manifest["tensors"])]
+    live = [os.path.join(replica_dir, TENSOR_DIR, i.file) for i in infos]
+    recache_model_files(live + [digest_path(p) for p in live], model_file_bytes(infos))

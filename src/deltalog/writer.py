@@ -546,6 +546,8 @@ class Writer:
         if not replica.has_row_digests:
             for info in replica.tensors:
                 tensorfiles.write_digest_file(self.maps.digest_path(info), self.rows(info))
+            tensorfiles.recache_model_files([self.maps.digest_path(i) for i in replica.tensors],
+                                            tensorfiles.model_file_bytes(replica.tensors))
             tensorfiles.fsync_dir(self.maps.dir)
         if replica.format_version < layout.RECORD_V2_VERSION:
             layout.write_marker(self.path)
