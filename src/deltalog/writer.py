@@ -114,13 +114,19 @@ class RowWrite:
 
     info: TensorInfo
     rows: np.ndarray  # uint64, sorted, unique
-    values: np.ndarray  # (len(rows), row_elems), storage dtype
+    values: np.ndarray | None  # (len(rows), row_elems), storage dtype; None: ``load`` makes them
     digests: np.ndarray | None = None
+    # Makes the values when they are written, for a change that does not keep every
+    # tensor's values in memory at once (a sync destination decodes them again).
+    load: Callable[[], np.ndarray] | None = None
 
     def row_digests(self) -> np.ndarray:
         if self.digests is None:
-            self.digests = kernels.row_digests(self.values)
+            self.digests = kernels.row_digests(self.loaded())
         return self.digests
+
+    def loaded(self) -> np.ndarray:
+        return self.values if self.values is not None else self.load()
 
 
 @dataclass
@@ -131,10 +137,11 @@ class RowChange:
     delta: rec.TensorDelta  # rows, new and old values, versions, significance
     row_sig: np.ndarray  # sum |new - old| per row (bucket significance)
     old_digests: np.ndarray  # the row digests of delta.old (the state digest moves by new minus old)
-    write: RowWrite = field(init=False)
+    write: RowWrite | None = None  # the rows to write; by default delta.new
 
     def __post_init__(self):
-        self.write = RowWrite(self.info, self.delta.rows, self.delta.new)
+        if self.write is None:
+            self.write = RowWrite(self.info, self.delta.rows, self.delta.new)
 
     def lineage(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         return self.info.id, self.delta.rows, self.old_digests, self.write.row_digests()
@@ -376,7 +383,7 @@ class Writer:
         for w in writes:
             idx = w.rows.astype(np.intp)
             stored = self.maps.digests(w.info, writable=True) if digests else None  # a missing file fails first
-            self.rows(w.info)[idx] = w.values
+            self.rows(w.info)[idx] = w.loaded()
             if stored is not None:
                 stored[idx] = w.row_digests()
             self._dirty.add(w.info.id)

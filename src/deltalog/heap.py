@@ -1,0 +1,35 @@
+"""Give the C heap's free pages back to the operating system.
+
+glibc keeps memory that a big array freed for the next allocation, and
+after the first large free it stops giving arrays their own mappings (its
+mmap threshold adapts up to 32 MiB), so a loop that works through big
+transient arrays one at a time grows the process by the sum of them, not
+the largest. :func:`release` (``malloc_trim(0)``) returns those free pages;
+a loop that streams a large change calls it between its pieces. Elsewhere
+(another C library, no glibc) it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def release() -> None:
+    """Return the heap's free pages to the system (a few microseconds to a millisecond)."""
+    if _TRIM is not None:
+        _TRIM(0)
