@@ -12,13 +12,11 @@ a loop that streams a large change calls it between its pieces. Elsewhere
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 
 def _malloc_trim():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols (no ctypes.util: it runs ldconfig)
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]

@@ -178,14 +178,23 @@ def _row_change(info, delta: rec.TensorDelta, old: np.ndarray, old_digests: np.n
     return RowChange(info, delta, row_sig, kernels.row_digests(old) if old_digests is None else old_digests)
 
 
-def _streamed_change(replica: "Replica", view: rec.RecordView, n: int, info, delta: rec.TensorDelta) -> RowChange:
-    """One tensor of a whole sync, with its values held only while they are worked on.
+# A whole sync keeps the new values it decoded for the row writes while they total at
+# most this; past it, each tensor's are decoded again from the chunk when written.
+# Small syncs (every round of ``sync --follow``) then pay no second decode, and a big
+# one holds one tensor's values at a time (issue 15: memory <= 64 MiB + 2x the change).
+KEEP_DECODED_BYTES = 16 << 20
+_RELEASE_BYTES = 1 << 20  # a tensor's values worth handing back to the system (heap.release) once freed
+
+
+def _streamed_change(replica: "Replica", view: rec.RecordView, n: int, info, delta: rec.TensorDelta,
+                     keep: bool) -> RowChange:
+    """One tensor of a whole sync, with its values held only while they are worked on (unless ``keep``).
 
     Memory then follows the largest tensor of the chunk, not the chunk: the
     new values are decoded, this replica's old values gathered, and the undo
-    section encoded, tensor by tensor; what the record and the row writes
-    need is kept encoded (the received sections, stored as they came; the
-    undo section) and the new values are decoded again when they are written.
+    section encoded, tensor by tensor; what the record needs is kept encoded
+    (the received sections, stored as they came; the undo section), and the
+    new values are decoded again when they are written.
     """
     new = view.new_values(n)
     old, old_digests = replica.writer.old_rows(info, delta.rows.astype(np.intp))  # checked against the row digests
@@ -197,7 +206,8 @@ def _streamed_change(replica: "Replica", view: rec.RecordView, n: int, info, del
         delta.new, delta.old = new, old
         return RowChange(info, delta, row_sig, old_digests)
     delta.encoded["old"] = codec.encode_xor_values(old, new)
-    write = RowWrite(info, delta.rows, None, kernels.row_digests(new), load=lambda: view.new_values(n))
+    load = None if keep else (lambda: view.new_values(n))
+    write = RowWrite(info, delta.rows, new if keep else None, kernels.row_digests(new), load=load)
     return RowChange(info, delta, row_sig, old_digests, write)
 
 
@@ -217,10 +227,13 @@ def apply_whole(replica: "Replica", blob, target: int, follow: dict | None) -> i
     if pending_state(replica) is not None:
         raise IntegrityError(f"{replica.path}: a partial sync is pending; its chunks must be finished, not bypassed")
     view, record, parts = _checked_chunk(replica, blob, target, head, rows_only=True)
+    value_bytes = [len(t.rows) * info.row_bytes for _n, info, t in parts]
+    keep = sum(value_bytes) <= KEEP_DECODED_BYTES
     changes = []
-    for n, info, t in parts:
-        changes.append(_streamed_change(replica, view, n, info, t))
-        heap.release()  # this tensor's arrays are gone: their pages too, before the next one's
+    for (n, info, t), nbytes in zip(parts, value_bytes):
+        changes.append(_streamed_change(replica, view, n, info, t, keep))
+        if nbytes >= _RELEASE_BYTES:
+            heap.release()  # this tensor's arrays are gone: their pages too, before the next one's
     replica.writer.append(
         "sync", changes, offset=target, target=target, history=record.history,
         log=None if follow is None else (lambda txn: replica.store.put_meta(txn, FOLLOW_KEY, follow)),
