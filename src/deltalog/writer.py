@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import kernels, layout, lineage, tensorfiles
+from . import heap, kernels, layout, lineage, tensorfiles
 from . import record as rec
 from .errors import DeltalogError, StorageError, UnsupportedVersion
 from .lock import WriterLock
@@ -319,7 +319,12 @@ class Writer:
             tensors=[c.delta for c in changes], reason=reason, target=target,
             pre_digest=pre, post_digest=post, history=history, user=_user(), host=_host(),
         )
+        given = any(t.encoded for t in record.tensors)
         blob = rec.encode(record, self.replica.record_encoding)
+        if given:  # a sync's sections, given encoded, are in the blob now: not twice in memory while LMDB copies it
+            for t in record.tensors:
+                t.encoded = None
+            heap.release()
 
         def log_it(txn):
             self.store.put_record(txn, offset, blob)
