@@ -25,7 +25,7 @@ record undoable.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import NamedTuple
 
@@ -219,6 +219,25 @@ def encode(record: Record, version: int = VERSION) -> bytes:
         digest.update(header)
         parts = [fixed, header, _U64.pack(digest.intdigest()), *sections]
     return b"".join(parts)
+
+
+def compressed(t: TensorDelta) -> TensorDelta:
+    """``t`` with every section compressed now, as :func:`encode` would, and its values let go.
+
+    For a writer that builds a large record tensor by tensor (a sync source):
+    it then holds one tensor's values at a time, and encode() only assembles.
+    """
+    done = dict(t.encoded or {})
+    jobs: dict[str, object] = {"index": partial(codec.encode_indices, t.rows), "new": partial(codec.encode_values, t.new)}
+    if t.old is not None:
+        jobs["old"] = partial(codec.encode_xor_values, t.old, t.new)
+    if t.versions is not None:
+        jobs["versions"] = partial(codec.encode_values, np.asarray(t.versions, dtype="<u8"))
+    todo = [key for key in jobs if key not in done]
+    nbytes = t.new.nbytes * (1 + (t.old is not None))
+    done.update(zip(todo, codec.run_jobs([jobs[key] for key in todo], nbytes)))
+    row_elems = int(t.new.shape[1]) if t.new.ndim == 2 else 0
+    return replace(t, new=np.empty((0, row_elems), t.new.dtype), old=None, encoded=done)
 
 
 # -- reading -------------------------------------------------------------------
