@@ -158,6 +158,7 @@ class Change:
     durable: bool = False  # fsync the files before the second transaction
     settle: Callable[[Txn], None] | None = None  # the second transaction's own writes
     settled: dict = field(default_factory=dict)  # meta/state fields it sets besides applied, applying, boot, gen
+    logged: Callable[[], None] | None = None  # called once the first transaction committed (frees what only it used)
 
 
 class Writer:
@@ -252,6 +253,8 @@ class Writer:
                 self._put_state(txn, **{"applying": change.state.get("head", state["head"]), **change.state})
 
             self.store.write(first)
+            if change.logged is not None:
+                change.logged()
         self.write_rows(change.rows)
         if change.apply is not None:
             change.apply()
@@ -326,15 +329,19 @@ class Writer:
                 t.encoded = None
             heap.release()
 
+        encoded = [blob]  # only the first transaction needs it: a large record goes before the rows are written
+        del blob
+
         def log_it(txn):
-            self.store.put_record(txn, offset, blob)
+            self.store.put_record(txn, offset, encoded[0])
             for c in changes:
                 self.bump_buckets(txn, c.info, c.delta.rows, c.row_sig, offset, c.delta.versions)
             if log is not None:
                 log(txn)
 
         new_state = {"head": offset, "applying": offset, "digest": post}
-        self.transition(Change(log=log_it, state=new_state, rows=() if rows_written else [c.write for c in changes]))
+        self.transition(Change(log=log_it, state=new_state, rows=() if rows_written else [c.write for c in changes],
+                               logged=encoded.clear))
         return record
 
     def fold(self, horizon: int, manifest: dict, clear_buckets: bool = False) -> tuple[int, int, list[int]]:
