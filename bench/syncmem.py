@@ -135,6 +135,7 @@ def main() -> None:
                 out = json.loads(stdout.strip().splitlines()[-1])
                 assert out["complete"] and out["chunks"] == 1, out
                 run = {"variant": name, "transport": transport, "seconds": res["seconds"],
+                       "cpu_seconds": res["user_seconds"] + res["system_seconds"],  # the tree's, far end included
                        "sync_seconds": out["seconds"], "sender_anon_kib": res["peak_anon_kib"]}  # the whole tree
                 if transport != "local":
                     with open(remote_out) as f:
@@ -147,7 +148,8 @@ def main() -> None:
         for name in variants:
             rs = [r for r in runs if r["variant"] == name and r["transport"] == transport]
             med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
-            line = (f"{transport:5s} {name:4s}: wall {med('seconds'):.3f} s (sync {med('sync_seconds'):.3f} s), "
+            line = (f"{transport:5s} {name:4s}: wall {med('seconds'):.3f} s (sync {med('sync_seconds'):.3f} s, "
+                    f"CPU {med('cpu_seconds'):.3f} s), "
                     f"peak anon {'process' if transport == 'local' else 'whole tree'} {med('sender_anon_kib') / 1024:.1f} MiB "
                     f"(+{(med('sender_anon_kib') - idle[name]) / 1024:.1f})")
             if transport != "local":
