@@ -183,7 +183,6 @@ def _row_change(info, delta: rec.TensorDelta, old: np.ndarray, old_digests: np.n
 # Small syncs (every round of ``sync --follow``) then pay no second decode, and a big
 # one holds one tensor's values at a time (issue 15: memory <= 64 MiB + 2x the change).
 KEEP_DECODED_BYTES = 16 << 20
-_RELEASE_BYTES = 1 << 20  # a tensor's values worth handing back to the system (heap.release) once freed
 
 
 def _streamed_change(replica: "Replica", view: rec.RecordView, n: int, info, delta: rec.TensorDelta,
@@ -232,8 +231,7 @@ def apply_whole(replica: "Replica", blob, target: int, follow: dict | None) -> i
     changes = []
     for (n, info, t), nbytes in zip(parts, value_bytes):
         changes.append(_streamed_change(replica, view, n, info, t, keep))
-        if nbytes >= _RELEASE_BYTES:
-            heap.release()  # this tensor's arrays are gone: their pages too, before the next one's
+        heap.release(nbytes)  # this tensor's arrays are gone: their pages too, before the next one's
     replica.writer.append(
         "sync", changes, offset=target, target=target, history=record.history,
         log=None if follow is None else (lambda txn: replica.store.put_meta(txn, FOLLOW_KEY, follow)),

@@ -327,8 +327,7 @@ def _encode_chunk(replica, changes, batch, since, target, claims: dict) -> bytes
         _head, values = values_at(replica, target, {name: rows_by_name[name]})  # at target, whatever the head now
         tensors.append(rec.compressed(rec.TensorDelta(name, ch.info.dtype, rows_by_name[name], values.pop(name),
                                                       None, ch.versions[idx], float(ch.row_sig[idx].sum()))))
-        if len(idx) * ch.info.row_bytes >= 1 << 20:
-            heap.release()  # that tensor's values are gone: their pages too
+        heap.release(len(idx) * ch.info.row_bytes)  # that tensor's values are gone: their pages too
     record = rec.Record(offset=target, base=since, kind="sync", time=time.time(), model_id=replica.model_id,
                         tensors=tensors, target=target, **claims)
     return rec.encode(record, RECORD_VERSION)  # for a peer: the wire's encoding, whatever the log stores

@@ -327,7 +327,7 @@ class Writer:
         if given:  # a sync's sections, given encoded, are in the blob now: not twice in memory while LMDB copies it
             for t in record.tensors:
                 t.encoded = None
-            heap.release()
+            heap.release(len(blob))  # about what the sections weighed
 
         encoded = [blob]  # only the first transaction needs it: a large record goes before the rows are written
         del blob
