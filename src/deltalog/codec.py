@@ -97,8 +97,18 @@ def _forget_pool_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
+_SHRINK_BYTES = 64 << 10  # what a compressed result must leave unused (and a quarter of it) to be copied to its size
+
+
 def compress(data) -> bytes:
-    return _compressor(memoryview(data).nbytes).compress(data)
+    nbytes = memoryview(data).nbytes
+    out = _compressor(nbytes).compress(data)
+    # python-zstandard's result keeps its worst-case allocation (about the input's
+    # size), however small it compressed: a copy of what it holds frees the rest
+    # (a record's sections otherwise weigh what their values weigh until it is joined).
+    if nbytes - len(out) >= max(_SHRINK_BYTES, nbytes >> 2):  # not plain values (~1.19x): their copy saves little
+        out = bytes(memoryview(out))
+    return out
 
 
 def decompress(data, size: int, what: str) -> bytes:

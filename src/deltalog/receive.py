@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import kernels, layout, lineage, tensorfiles
+from . import codec, heap, kernels, layout, lineage, tensorfiles
 from . import record as rec
 from .dtypes import row_significance
 from .errors import (
@@ -114,9 +114,11 @@ def unprovable(replica: "Replica", target: int) -> UnsupportedVersion:
 # =============================================================================
 
 
-def _checked_chunk(replica: "Replica", blob, target: int, head: int):
-    """Decode a chunk from a source and check it fits ``replica`` at ``head``: (record, [(info, delta)])."""
-    record = rec.decode(blob, "chunk from the source", with_old=False, keep_encoded=True)
+def _checked_chunk(replica: "Replica", blob, target: int, head: int, rows_only: bool = False):
+    """Decode a chunk from a source and check it fits ``replica`` at ``head``: (view, record, [(n, info, delta)]),
+    ``n`` the tensor's number in the chunk. ``rows_only``: the values are left encoded (RecordView.new_values)."""
+    view = rec.RecordView(blob, "chunk from the source")
+    record = view.decode(with_old=False, rows_only=rows_only, keep_encoded=True)
     if record.model_id != replica.model_id:
         raise ModelMismatch(f"the source's deltas belong to model {record.model_id}, "
                             f"{replica.path} holds {replica.model_id}")
@@ -125,7 +127,7 @@ def _checked_chunk(replica: "Replica", blob, target: int, head: int):
             f"the source sent a chunk for {record.base}->{record.offset} ({record.kind}); "
             f"expected {head}->{target}")
     out = []
-    for t in record.tensors:
+    for n, t in enumerate(record.tensors):
         try:
             info = replica.info(t.name)
         except InvalidInput:
@@ -141,9 +143,9 @@ def _checked_chunk(replica: "Replica", blob, target: int, head: int):
         if len(t.rows) > 1 and not bool(np.all(t.rows[1:] > t.rows[:-1])):
             raise TransportError(f"tensor {t.name!r}: chunk rows are not sorted and unique")
         if len(t.rows):
-            out.append((info, t))
+            out.append((n, info, t))
     _check_pre(replica, record, head)
-    return record, out
+    return view, record, out
 
 
 def _check_pre(replica: "Replica", record: rec.Record, head: int) -> None:
@@ -176,6 +178,38 @@ def _row_change(info, delta: rec.TensorDelta, old: np.ndarray, old_digests: np.n
     return RowChange(info, delta, row_sig, kernels.row_digests(old) if old_digests is None else old_digests)
 
 
+# A whole sync keeps the new values it decoded for the row writes while they total at
+# most this; past it, each tensor's are decoded again from the chunk when written.
+# Small syncs (every round of ``sync --follow``) then pay no second decode, and a big
+# one holds one tensor's values at a time (issue 15: memory <= 64 MiB + 2x the change).
+KEEP_DECODED_BYTES = 16 << 20
+
+
+def _streamed_change(replica: "Replica", view: rec.RecordView, n: int, info, delta: rec.TensorDelta,
+                     keep: bool) -> RowChange:
+    """One tensor of a whole sync, with its values held only while they are worked on (unless ``keep``).
+
+    Memory then follows the largest tensor of the chunk, not the chunk: the
+    new values are decoded, this replica's old values gathered, and the undo
+    section encoded, tensor by tensor; what the record needs is kept encoded
+    (the received sections, stored as they came; the undo section), and the
+    new values are decoded again when they are written.
+    """
+    new = view.new_values(n)
+    old, old_digests = replica.writer.old_rows(info, delta.rows.astype(np.intp))  # checked against the row digests
+    row_sig = row_significance(old, new, info.dtype)
+    delta.significance = float(row_sig.sum())
+    if old_digests is None:
+        old_digests = kernels.row_digests(old)
+    if "new" not in delta.encoded:  # a section in another codec: encode() compresses it again, from the arrays
+        delta.new, delta.old = new, old
+        return RowChange(info, delta, row_sig, old_digests)
+    delta.encoded["old"] = codec.encode_xor_values(old, new)
+    load = None if keep else (lambda: view.new_values(n))
+    write = RowWrite(info, delta.rows, new if keep else None, kernels.row_digests(new), load=load)
+    return RowChange(info, delta, row_sig, old_digests, write)
+
+
 def apply_whole(replica: "Replica", blob, target: int, follow: dict | None) -> int:
     """Apply the ONLY chunk of a sync as its final record, the way a commit is applied; returns its rows.
 
@@ -191,11 +225,13 @@ def apply_whole(replica: "Replica", blob, target: int, follow: dict | None) -> i
     head = replica.head
     if pending_state(replica) is not None:
         raise IntegrityError(f"{replica.path}: a partial sync is pending; its chunks must be finished, not bypassed")
-    record, parts = _checked_chunk(replica, blob, target, head)
+    view, record, parts = _checked_chunk(replica, blob, target, head, rows_only=True)
+    value_bytes = [len(t.rows) * info.row_bytes for _n, info, t in parts]
+    keep = sum(value_bytes) <= KEEP_DECODED_BYTES
     changes = []
-    for info, t in parts:
-        old, old_digests = replica.writer.old_rows(info, t.rows.astype(np.intp))  # checked against the row digests
-        changes.append(_row_change(info, t, old, old_digests))  # the received sections are stored as they came
+    for (n, info, t), nbytes in zip(parts, value_bytes):
+        changes.append(_streamed_change(replica, view, n, info, t, keep))
+        heap.release(nbytes)  # this tensor's arrays are gone: their pages too, before the next one's
     replica.writer.append(
         "sync", changes, offset=target, target=target, history=record.history,
         log=None if follow is None else (lambda txn: replica.store.put_meta(txn, FOLLOW_KEY, follow)),
@@ -207,12 +243,12 @@ def apply_whole(replica: "Replica", blob, target: int, follow: dict | None) -> i
 def apply_chunk(replica: "Replica", blob, target: int, source: str) -> dict:
     """Apply one chunk from a source as pending partial-sync state (atomic, durable)."""
     head = replica.head
-    record, parts = _checked_chunk(replica, blob, target, head)
+    _view, record, parts = _checked_chunk(replica, blob, target, head)
     pending = pending_state(replica)
     if pending is not None and (pending["base"] != head or pending["target"] > target):
         raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
     deltas, bucket_updates, writes = [], [], []
-    for info, t in parts:
+    for _n, info, t in parts:
         old, _digests = replica.writer.old_rows(info, t.rows.astype(np.intp))  # checked against the row digests
         deltas.append(rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, t.significance,
                                       encoded=t.encoded))

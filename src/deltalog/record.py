@@ -25,7 +25,7 @@ record undoable.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import NamedTuple
 
@@ -71,10 +71,13 @@ class TensorDelta:
     old: np.ndarray | None = None  # same shape: the values replaced, for undo
     versions: np.ndarray | None = None  # uint64 per row, offset that last wrote it; None = the record's offset
     significance: float = 0.0  # sum |new - old| over the rows
-    # Sections that arrived already encoded for exactly these rows, new values and
-    # versions ({"index"|"new"|"versions": (payload, decoded size)}): encode() copies
+    # Sections already encoded for exactly these rows and values
+    # ({"index"|"new"|"old"|"versions": (payload, decoded size)}): encode() copies
     # them instead of compressing again (a sync destination stores what it received).
     # The codecs are the same in both record encodings, so a section moves between them.
+    # A delta whose "new" section is given need not hold its values: ``new`` may be an
+    # empty (0, row_elems) array and ``old`` None (a sync destination streams tensor by
+    # tensor; "old" is then its xor-shuffle-zstd section against the new values).
     encoded: dict[str, tuple[bytes | memoryview, int]] | None = None
 
 
@@ -147,7 +150,9 @@ def encode(record: Record, version: int = VERSION) -> bytes:
         jobs.append(_given(done["index"]) if "index" in done else partial(codec.encode_indices, t.rows))
         jobs.append(_given(done["new"]) if "new" in done else partial(codec.encode_values, t.new))
         value_bytes += 0 if "new" in done else t.new.nbytes
-        if t.old is not None:
+        if "old" in done:
+            jobs.append(_given(done["old"]))
+        elif t.old is not None:
             jobs.append(partial(codec.encode_xor_values, t.old, t.new))
             value_bytes += t.old.nbytes
         if t.versions is not None:
@@ -161,7 +166,7 @@ def encode(record: Record, version: int = VERSION) -> bytes:
         for key, codec_name, present in (
             ("index", codec.INDEX, True),
             ("new", codec.VALUES, True),
-            ("old", codec.XOR_VALUES, t.old is not None),
+            ("old", codec.XOR_VALUES, t.old is not None or "old" in (t.encoded or {})),
             ("versions", codec.VALUES, t.versions is not None),
         ):
             if not present:
@@ -214,6 +219,25 @@ def encode(record: Record, version: int = VERSION) -> bytes:
         digest.update(header)
         parts = [fixed, header, _U64.pack(digest.intdigest()), *sections]
     return b"".join(parts)
+
+
+def compressed(t: TensorDelta) -> TensorDelta:
+    """``t`` with every section compressed now, as :func:`encode` would, and its values let go.
+
+    For a writer that builds a large record tensor by tensor (a sync source):
+    it then holds one tensor's values at a time, and encode() only assembles.
+    """
+    done = dict(t.encoded or {})
+    jobs: dict[str, object] = {"index": partial(codec.encode_indices, t.rows), "new": partial(codec.encode_values, t.new)}
+    if t.old is not None:
+        jobs["old"] = partial(codec.encode_xor_values, t.old, t.new)
+    if t.versions is not None:
+        jobs["versions"] = partial(codec.encode_values, np.asarray(t.versions, dtype="<u8"))
+    todo = [key for key in jobs if key not in done]
+    nbytes = t.new.nbytes * (1 + (t.old is not None))
+    done.update(zip(todo, codec.run_jobs([jobs[key] for key in todo], nbytes)))
+    row_elems = int(t.new.shape[1]) if t.new.ndim == 2 else 0
+    return replace(t, new=np.empty((0, row_elems), t.new.dtype), old=None, encoded=done)
 
 
 # -- reading -------------------------------------------------------------------
@@ -334,28 +358,43 @@ class RecordView:
                     section = spans["versions"]
                     versions = codec.decode_values(self._payload(n, name, "versions", section), section.size,
                                                    np.dtype("<u8"), (count,), where)
+                encoded = None
+                if keep_encoded:  # the sections encode() would write the same way
+                    if rows_only:  # checked here, as decoding them would (the values are decoded later, if at all)
+                        self._payload(n, name, "new", spans["new"])
+                    ours = {"index": codec.INDEX, "new": codec.VALUES, "versions": codec.VALUES}
+                    encoded = {key: (spans[key].payload, spans[key].size)  # views into the blob: no copy
+                               for key, name_of_codec in ours.items() if key in spans and spans[key].codec == name_of_codec}
                 if rows_only:
                     tensors.append(TensorDelta(name, dtype_name, rows, np.empty((0, row_elems), dtype),
-                                               None, versions, float(th["significance"])))
+                                               None, versions, float(th["significance"]), encoded))
                     continue
-                section = spans["new"]
-                new = codec.decode_values(self._payload(n, name, "new", section), section.size, dtype,
-                                          (count, row_elems), where)
+                new = self._new_values(n, th, spans)
                 old = None
                 if with_old and "old" in spans:
                     section = spans["old"]
                     old = codec.decode_xor_values(self._payload(n, name, "old", section), section.size, new, where)
-                encoded = None
-                if keep_encoded:  # the sections encode() would write the same way (all checked above)
-                    ours = {"index": codec.INDEX, "new": codec.VALUES, "versions": codec.VALUES}
-                    encoded = {key: (spans[key].payload, spans[key].size)  # views into the blob: no copy
-                               for key, name_of_codec in ours.items() if key in spans and spans[key].codec == name_of_codec}
                 tensors.append(
                     TensorDelta(name, dtype_name, rows, new, old, versions, float(th["significance"]), encoded)
                 )
             return Record(tensors=tensors, **_identity(header))
         except (KeyError, TypeError, ValueError):
             raise IntegrityError(f"{what}: malformed record header") from None
+
+    def new_values(self, n: int) -> np.ndarray:
+        """The new values of tensor number ``n`` (in header order) alone: a reader that holds
+        one tensor's values at a time (a sync destination) decodes them when it needs them."""
+        try:
+            th, spans = self._tensors[n]
+            return self._new_values(n, th, spans)
+        except (KeyError, TypeError, ValueError):
+            raise IntegrityError(f"{self.what}: malformed record header") from None
+
+    def _new_values(self, n: int, th: dict, spans: dict[str, _Section]) -> np.ndarray:
+        section = spans["new"]
+        return codec.decode_values(self._payload(n, th["name"], "new", section), section.size,
+                                   storage_dtype(th["dtype"]), (int(th["count"]), int(th["row_elems"])),
+                                   f"{self.what}, tensor {th['name']!r}")
 
 
 def _identity(header: dict) -> dict:

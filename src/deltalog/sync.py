@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import record as rec
-from . import lineage, tensorfiles
+from . import heap, lineage, tensorfiles
 from .dtypes import row_significance
 from .errors import (
     IntegrityError,
@@ -321,16 +321,14 @@ def _encode_chunk(replica, changes, batch, since, target, claims: dict) -> bytes
         idx = np.sort(np.concatenate(idx))
         sel[ti] = idx
         rows_by_name[changes[ti].info.name] = changes[ti].rows[idx]
-    _head, values = values_at(replica, target, rows_by_name)
     tensors = []
-    for ti in sorted(sel, key=lambda t: changes[t].info.id):
+    for ti in sorted(sel, key=lambda t: changes[t].info.id):  # one tensor's values in memory at a time
         ch, idx = changes[ti], sel[ti]
-        tensors.append(
-            rec.TensorDelta(
-                ch.info.name, ch.info.dtype, ch.rows[idx], values[ch.info.name], None,
-                ch.versions[idx], float(ch.row_sig[idx].sum()),
-            )
-        )
+        name = ch.info.name
+        _head, values = values_at(replica, target, {name: rows_by_name[name]})  # at target, whatever the head now
+        tensors.append(rec.compressed(rec.TensorDelta(name, ch.info.dtype, rows_by_name[name], values.pop(name),
+                                                      None, ch.versions[idx], float(ch.row_sig[idx].sum()))))
+        heap.release(len(idx) * ch.info.row_bytes)  # that tensor's values are gone: their pages too
     record = rec.Record(offset=target, base=since, kind="sync", time=time.time(), model_id=replica.model_id,
                         tensors=tensors, target=target, **claims)
     return rec.encode(record, RECORD_VERSION)  # for a peer: the wire's encoding, whatever the log stores

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import kernels, layout, lineage, tensorfiles
+from . import heap, kernels, layout, lineage, tensorfiles
 from . import record as rec
 from .errors import DeltalogError, StorageError, UnsupportedVersion
 from .lock import WriterLock
@@ -114,13 +114,19 @@ class RowWrite:
 
     info: TensorInfo
     rows: np.ndarray  # uint64, sorted, unique
-    values: np.ndarray  # (len(rows), row_elems), storage dtype
+    values: np.ndarray | None  # (len(rows), row_elems), storage dtype; None: ``load`` makes them
     digests: np.ndarray | None = None
+    # Makes the values when they are written, for a change that does not keep every
+    # tensor's values in memory at once (a sync destination decodes them again).
+    load: Callable[[], np.ndarray] | None = None
 
     def row_digests(self) -> np.ndarray:
         if self.digests is None:
-            self.digests = kernels.row_digests(self.values)
+            self.digests = kernels.row_digests(self.loaded())
         return self.digests
+
+    def loaded(self) -> np.ndarray:
+        return self.values if self.values is not None else self.load()
 
 
 @dataclass
@@ -131,10 +137,11 @@ class RowChange:
     delta: rec.TensorDelta  # rows, new and old values, versions, significance
     row_sig: np.ndarray  # sum |new - old| per row (bucket significance)
     old_digests: np.ndarray  # the row digests of delta.old (the state digest moves by new minus old)
-    write: RowWrite = field(init=False)
+    write: RowWrite | None = None  # the rows to write; by default delta.new
 
     def __post_init__(self):
-        self.write = RowWrite(self.info, self.delta.rows, self.delta.new)
+        if self.write is None:
+            self.write = RowWrite(self.info, self.delta.rows, self.delta.new)
 
     def lineage(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         return self.info.id, self.delta.rows, self.old_digests, self.write.row_digests()
@@ -151,6 +158,7 @@ class Change:
     durable: bool = False  # fsync the files before the second transaction
     settle: Callable[[Txn], None] | None = None  # the second transaction's own writes
     settled: dict = field(default_factory=dict)  # meta/state fields it sets besides applied, applying, boot, gen
+    logged: Callable[[], None] | None = None  # called once the first transaction committed (frees what only it used)
 
 
 class Writer:
@@ -245,6 +253,8 @@ class Writer:
                 self._put_state(txn, **{"applying": change.state.get("head", state["head"]), **change.state})
 
             self.store.write(first)
+            if change.logged is not None:
+                change.logged()
         self.write_rows(change.rows)
         if change.apply is not None:
             change.apply()
@@ -312,17 +322,26 @@ class Writer:
             tensors=[c.delta for c in changes], reason=reason, target=target,
             pre_digest=pre, post_digest=post, history=history, user=_user(), host=_host(),
         )
+        given = any(t.encoded for t in record.tensors)
         blob = rec.encode(record, self.replica.record_encoding)
+        if given:  # a sync's sections, given encoded, are in the blob now: not twice in memory while LMDB copies it
+            for t in record.tensors:
+                t.encoded = None
+            heap.release(len(blob))  # about what the sections weighed
+
+        encoded = [blob]  # only the first transaction needs it: a large record goes before the rows are written
+        del blob
 
         def log_it(txn):
-            self.store.put_record(txn, offset, blob)
+            self.store.put_record(txn, offset, encoded[0])
             for c in changes:
                 self.bump_buckets(txn, c.info, c.delta.rows, c.row_sig, offset, c.delta.versions)
             if log is not None:
                 log(txn)
 
         new_state = {"head": offset, "applying": offset, "digest": post}
-        self.transition(Change(log=log_it, state=new_state, rows=() if rows_written else [c.write for c in changes]))
+        self.transition(Change(log=log_it, state=new_state, rows=() if rows_written else [c.write for c in changes],
+                               logged=encoded.clear))
         return record
 
     def fold(self, horizon: int, manifest: dict, clear_buckets: bool = False) -> tuple[int, int, list[int]]:
@@ -376,7 +395,7 @@ class Writer:
         for w in writes:
             idx = w.rows.astype(np.intp)
             stored = self.maps.digests(w.info, writable=True) if digests else None  # a missing file fails first
-            self.rows(w.info)[idx] = w.values
+            self.rows(w.info)[idx] = w.loaded()
             if stored is not None:
                 stored[idx] = w.row_digests()
             self._dirty.add(w.info.id)
