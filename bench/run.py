@@ -214,9 +214,11 @@ def probe_features() -> dict[str, str | None]:
     """feature -> None when usable, else why not."""
     why: dict[str, str | None] = {}
     try:
+        import click
+
         from deltalog.cli import cli
 
-        commands = set(cli.commands)
+        commands = set(cli.list_commands(click.Context(cli)))  # commands load lazily: list them, not cli.commands
     except Exception as exc:  # noqa: BLE001 - a half-landed module breaks the CLI import
         commands = set()
         cli_error = f"the deltalog CLI does not import ({type(exc).__name__}: {exc})"
