@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--rows-per-commit", type=int, default=8192)
     parser.add_argument("--gib", type=float, default=1.0, help="size of the table")
     parser.add_argument("--profile", action="store_true", help="print the 25 costliest calls (cumulative)")
+    parser.add_argument("--cold", action="store_true",
+                        help="drop the page cache after init (root; as after a reboot, or when other files evicted "
+                             "the model's pages), so commits fault the table back in")
     parser.add_argument("--steps", action="store_true",
                         help="time the kernel-facing steps, with page faults and bytes dirtied per row")
     args = parser.parse_args()
@@ -51,6 +54,10 @@ def main() -> None:
         rng = np.random.default_rng(1)
         rows = int(args.gib * (1 << 30) / 256)
         Replica.init(os.path.join(WORK, "r"), {"emb": np.zeros((rows, 64), np.float32)}, bucket_rows=1024).close()
+        if args.cold:
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1")
         batches = []
         for _ in range(30):
             idx = np.unique(rng.integers(0, rows, args.rows_per_commit))
