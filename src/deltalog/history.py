@@ -200,8 +200,9 @@ def _check_not_compacted_meanwhile(replica: Replica, offset: int) -> None:
         )
 
 
-def head_time(replica: Replica) -> float | None:
-    """When the model's writer made the state the replica holds (Unix time), or None if unknown.
+def head_time(replica: Replica, head: int) -> float | None:
+    """When the model's writer made the state at ``head`` (the replica's head, as the caller read it
+    with the rest of what it reports), in Unix time, or None if unknown.
 
     The time of the record at the head; for a sync record, the time of the
     source record it stands for (its history), so every replica at offset h
@@ -210,7 +211,6 @@ def head_time(replica: Replica) -> float | None:
     This is what fleet lag in seconds is measured with: how much older the
     model a replica holds is than the newest one.
     """
-    head = replica.head
     for s in replica.iter_summaries(head - 1, head):
         for e in rec.history_entries(s.history):
             if e["offset"] == head:

@@ -589,7 +589,7 @@ def _build_from_snapshot(staging: str, path: str, hello: dict, manifest: dict) -
     digest &= lineage.MASK
     _check_claim(f"{path}: snapshot {offset}", manifest, digest)
     tensorfiles.recache_model_files(  # syncs store rows into them: see there
-        [os.path.join(staging, tensorfiles.TENSOR_DIR, name) for i in infos for name in (i.file, i.digest_file)],
+        tensorfiles.live_file_paths(os.path.join(staging, tensorfiles.TENSOR_DIR), infos),
         tensorfiles.model_file_bytes(infos))
     tensorfiles.fsync_dir(os.path.join(staging, tensorfiles.TENSOR_DIR))
     log_dir = os.path.join(staging, layout.LOG_DIR)

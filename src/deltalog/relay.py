@@ -230,10 +230,9 @@ def publish(replica, store: ObjectStore, source_name: str) -> PublishResult:
             oldest_base = min(int(x["offset"]) for x in head["snapshots"])
         head["boundaries"] = [b for b in head["boundaries"] if int(b[0]) > oldest_base]
     head["time"] = time.time()
-    if since < target or etag is None:
-        head["head_time"] = hello.get("head_time")
     head["publisher"] = f"{os.uname().nodename}:{os.getpid()}"
     if since < target or etag is None:
+        head["head_time"] = hello.get("head_time")
         store.put_if(HEAD_KEY, _encode_head(head), etag)
     result.to_offset = int(head["head"])
     result.seconds = round(time.monotonic() - started, 6)

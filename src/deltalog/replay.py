@@ -428,8 +428,8 @@ def repair_in_place(
         progress("tensors", len(tensors), len(tensors))
         if repaired:
             tensorfiles.recache_model_files(  # commits store rows into them: see there
-                [os.path.join(tensor_dir, name) for i in tensors if i.name in repaired
-                 for name in (i.file, i.digest_file)], tensorfiles.model_file_bytes(tensors))
+                tensorfiles.live_file_paths(tensor_dir, [i for i in tensors if i.name in repaired]),
+                tensorfiles.model_file_bytes(tensors))
             replica.reload_tensor_files()
     return RepairResult(
         offset=head,

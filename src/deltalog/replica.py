@@ -315,7 +315,7 @@ class Replica:
             tensorfiles.fsync_dir(os.path.join(tmp, tensorfiles.TENSOR_DIR))
             manifest = tensorfiles.write_snapshot(tmp, 0, model_id, arrays)
             tensorfiles.recache_model_files(  # commits store rows into them: see there
-                [os.path.join(tmp, tensorfiles.TENSOR_DIR, name) for i in infos for name in (i.file, i.digest_file)],
+                tensorfiles.live_file_paths(os.path.join(tmp, tensorfiles.TENSOR_DIR), infos),
                 tensorfiles.model_file_bytes(infos))
             model = {"model_id": model_id, "bucket_rows": int(bucket_rows), "tensors": [i.to_meta() for i in infos],
                      "created": time.time()}

@@ -75,7 +75,7 @@ def source_hello(replica: Replica) -> dict:
         "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in replica.tensors],
         "snapshots": sorted(s["offset"] for s in replica.snapshots()),
         "time": time.time(),
-        "head_time": head_time(replica),
+        "head_time": head_time(replica, state.head),
     }
 
 

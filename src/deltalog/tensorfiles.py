@@ -174,6 +174,11 @@ def _meminfo_bytes(field: str) -> int:
     return 0
 
 
+def live_file_paths(tensor_dir: str, infos: Iterable[TensorInfo]) -> list[str]:
+    """The tensor file and the row digest file of each tensor, under ``tensor_dir``."""
+    return [os.path.join(tensor_dir, name) for i in infos for name in (i.file, i.digest_file)]
+
+
 def model_file_bytes(infos: Iterable[TensorInfo]) -> int:
     """The bytes of a model's live files: its tensor files and their row digest files."""
     return sum(i.nbytes + i.rows * DIGEST_DTYPE.itemsize for i in infos)
@@ -430,5 +435,4 @@ def copy_snapshot_into_tensors(replica_dir: str, manifest: dict) -> None:
         info = TensorInfo(n, entry["name"], entry["dtype"], tuple(entry["shape"]))
         write_digests_of_file(dst, info)
     infos = [TensorInfo(n, e["name"], e["dtype"], tuple(e["shape"])) for n, e in enumerate(manifest["tensors"])]
-    live = [os.path.join(replica_dir, TENSOR_DIR, i.file) for i in infos]
-    recache_model_files(live + [digest_path(p) for p in live], model_file_bytes(infos))
+    recache_model_files(live_file_paths(os.path.join(replica_dir, TENSOR_DIR), infos), model_file_bytes(infos))

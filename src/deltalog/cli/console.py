@@ -43,6 +43,11 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+def partial_sync_words(buckets: int, target) -> str:
+    """A partial sync as both 'sync' and 'status' say it (pending_buckets, pending_target)."""
+    return f"sync to offset {target}: {buckets:,} bucket{'s' * (buckets != 1)} already applied"
+
+
 class Output:
     def __init__(self, as_json: bool = False, quiet: bool = False):
         self.as_json = as_json

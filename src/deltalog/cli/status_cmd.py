@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .console import Output, human_bytes, json_option, table
+from .console import Output, human_bytes, json_option, partial_sync_words, table
 from .params import peer_options, transport_options
 
 
@@ -52,9 +52,8 @@ def _detailed(replica, as_json):
         if status.get("source"):
             c.print(f"follows    {status['source']}: {_lag_line(status)}")
         if status.get("pending_buckets"):
-            n = status["pending_buckets"]
-            c.print(f"partial    sync to offset {status.get('pending_target')}: {n:,} bucket{'s' * (n != 1)} "
-                    f"already applied; run 'deltalog sync' again to finish")
+            c.print(f"partial    {partial_sync_words(status['pending_buckets'], status.get('pending_target'))}; "
+                    f"run 'deltalog sync' again to finish")
         t = table("tensor", "dtype", "shape", "rows", "buckets", "bytes")
         for info in status["tensors"]:
             t.add_row(info["name"], info["dtype"], "x".join(map(str, info["shape"])) or "scalar",
@@ -91,12 +90,14 @@ def _probe(text: str, options) -> dict:
     row = dict.fromkeys(_ROW)
     row["location"] = text
     if parse_spec(text).scheme == "local":
+        from .. import lineage
         from ..history import head_time
         from ..replica import Replica
 
         with Replica.open(text) as r:
-            row.update(model_id=r.model_id, head=r.head, state_digest=r.status()["state_digest"],
-                       head_time=head_time(r))
+            state = r.state  # one read: the head and its digest belong together
+            row.update(model_id=r.model_id, head=state.head, state_digest=lineage.to_hex(state.digest),
+                       head_time=head_time(r, state.head))
         return row
     source = open_source(text, options)
     try:

@@ -8,7 +8,8 @@ import time
 
 import click
 
-from .console import Output, human_bytes, json_option, quiet_option, table, wait_option
+from .console import Output, human_bytes, json_option, partial_sync_words, quiet_option, table, wait_option
+from .params import peer_options, transport_options
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -51,16 +52,11 @@ def _name(text: str) -> str:
                    "none: a deadline too short for it moves nothing. The rest on the next run. Exit 1 while "
                    "incomplete. With --follow, per round.")
 @click.option("--dry-run", "-n", is_flag=True, help="Show what would move (rows, bytes, per tensor); write nothing.")
-@click.option("--ssh-command", "-e", default="ssh", show_default=True, envvar="DELTALOG_SSH", metavar="CMD",
-              help="How to run ssh for host:path locations, e.g. 'ssh -p 2222 -i key' (like rsync -e).")
-@click.option("--remote-deltalog", default="deltalog", show_default=True, envvar="DELTALOG_REMOTE", metavar="PATH",
-              help="The deltalog command on the remote host (like rsync --rsync-path).")
+@peer_options
 @click.option("--timeout", type=click.FloatRange(min=0.1), metavar="SECONDS",
               help="Give up when the peer sends nothing for this long (exit 8). Default: 600 for ssh "
                    "(which also sends keepalives: a dead network or host shows within about a minute), "
                    "60 for http.")
-@click.option("--token-file", type=click.Path(dir_okay=False, exists=True),
-              help="File with the bearer token of an http(s) source (else $DELTALOG_TOKEN).")
 @click.option("--check", "check", metavar="CMD",
               help="After a complete sync, run CMD (a shell command; env DELTALOG_REPLICA, DELTALOG_HEAD, "
                    "DELTALOG_PREVIOUS_HEAD, DELTALOG_SOURCE). If it fails, DST goes back to where it was "
@@ -134,7 +130,7 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
     started = time.monotonic()  # --deadline counts from here: connecting to SRC is part of the run
     from ..errors import InvalidInput
     from ..sync import sync
-    from ..transport import TransportOptions, open_sink, open_source, parse_spec
+    from ..transport import open_sink, open_source, parse_spec
 
     out = Output(as_json, quiet)
     s_spec, d_spec = parse_spec(src), parse_spec(dst)
@@ -147,11 +143,7 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
         raise click.UsageError(f"--follow cannot be combined with {other}")
     if interval is not None and not follow:
         raise click.UsageError("--interval needs --follow")
-    token = None
-    if token_file:
-        with open(token_file) as f:
-            token = f.read().strip()
-    options = TransportOptions(ssh_command=ssh_command, remote_deltalog=remote_deltalog, timeout=timeout, token=token)
+    options = transport_options(timeout, ssh_command, remote_deltalog, token_file)
     from ..transport import RELAY_SCHEMES
 
     if d_spec.scheme in RELAY_SCHEMES:
@@ -380,7 +372,7 @@ def _partial(buckets: int, target) -> str:
     """What a partial sync holds, in the words of 'status' (pending_buckets, pending_target)."""
     if not buckets:
         return ""
-    return f"; partial sync to offset {target}: {buckets:,} bucket{'s' * (buckets != 1)} already applied"
+    return f"; partial {partial_sync_words(buckets, target)}"
 
 
 def _stopper(r) -> str:
