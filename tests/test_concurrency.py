@@ -326,8 +326,11 @@ def behind(tmp_path, rng):
 
 
 def _start_slow_sync(src, dst, *extra) -> subprocess.Popen:
-    """A sync of one bucket per chunk (each one a durable step): slow enough to be caught holding the lock."""
-    proc = subprocess.Popen([*DELTALOG, "sync", str(src), str(dst), "--chunk-bytes", "1", "--json", *extra],
+    """A sync of one bucket per chunk (each one a durable step), paced by --bwlimit to take ~5 s
+    however fast the machine is: slow enough to be caught holding the lock by the commands a test
+    runs meanwhile (unpaced it took ~1.5 s, which three CLI runs on a loaded machine outlasted)."""
+    proc = subprocess.Popen([*DELTALOG, "sync", str(src), str(dst), "--chunk-bytes", "1", "--bwlimit", "60K", "--json",
+                             *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while _pending_chunks(dst) == 0:
