@@ -138,6 +138,27 @@ def test_a_bucket_key_of_the_wrong_length_is_an_integrity_error(replica_store):
         list(store.get_buckets(txn, 0))
 
 
+
+def test_bump_buckets_keeps_keys_that_end_in_zero_bytes_and_adds_significance(replica_store):
+    """Keys and values are cut from arrays: bucket 0, 256 and 2**40 of tensor 0 end in NUL bytes,
+    which a fixed-width bytes view would strip (and then write other keys)."""
+    store = replica_store
+    buckets = np.array([0, 1, 256, 1 << 40], dtype=np.int64)
+    store.write(lambda txn: store.bump_buckets(txn, 0, buckets, np.array([5, 5, 6, 7], np.uint64),
+                                               np.array([0.5, 1.0, 2.0, 4.0])))
+    store.write(lambda txn: store.bump_buckets(txn, 0, buckets[[0, 3]], np.array([9, 0], np.uint64),
+                                               np.array([0.25, 1.0])))
+    with store.read() as txn:
+        got = sorted(store.get_buckets(txn, 0))
+    assert got == [(0, 9, 0.75), (1, 5, 1.0), (256, 6, 2.0), (1 << 40, 0, 5.0)]
+
+
+def test_a_bucket_value_of_the_wrong_length_is_an_integrity_error_when_bumped(replica_store):
+    store = replica_store
+    store.write(lambda txn: txn.put(b"\0" * 12, b"x" * 15, db=store.dbs["buckets"]))
+    with pytest.raises(IntegrityError, match="bucket entry of the wrong length"):
+        store.write(lambda txn: store.bump_buckets(txn, 0, np.array([0]), np.array([1], np.uint64), np.ones(1)))
+
 # -- metadata a replica is opened with -------------------------------------------------------------
 
 

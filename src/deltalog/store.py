@@ -319,34 +319,30 @@ class LogStore:
         """Set the versions of many buckets of one tensor and add to their significance.
 
         ``buckets`` sorted and unique, ``versions`` and ``added`` aligned with
-        them. One getmulti and one putmulti instead of a get and a put per
-        bucket: a training step touches thousands of buckets.
+        them. A training step touches thousands of buckets, so the keys and
+        values are cut from one array each (void views: bytes objects, trailing
+        NULs kept) and written with one putmulti; per bucket only a get is left.
         """
         if not len(buckets):
             return
         keys_raw = np.empty(len(buckets), dtype=_BUCKET_KEY_DTYPE)
         keys_raw["tensor"] = tensor_id
         keys_raw["bucket"] = buckets
-        raw = keys_raw.tobytes()
-        size = _BUCKET_KEY.size
-        keys = [raw[i : i + size] for i in range(0, len(raw), size)]
+        keys = keys_raw.view(f"V{_BUCKET_KEY.size}").tolist()
         cursor = txn.cursor(db=self.dbs["buckets"])
+        get = cursor.get  # a get per key: faster than getmulti, which builds a tuple per key
+        prior = [get(key) for key in keys]
         significance = np.asarray(added, dtype=np.float64).copy()
-        found = cursor.getmulti(keys)
-        if found:  # the keys found, in the order asked
-            found_keys = b"".join([k for k, _v in found])
-            found_values = b"".join([v for _k, v in found])
-            if len(found_values) != len(found) * _BUCKET_VALUE.size or len(found_keys) != len(found) * size:
+        found = [i for i, value in enumerate(prior) if value is not None]
+        if found:
+            raw = b"".join([prior[i] for i in found])
+            if len(raw) != len(found) * _BUCKET_VALUE.size:
                 raise _DamagedEntry("a bucket entry of the wrong length")
-            at = np.frombuffer(found_keys, dtype=_BUCKET_KEY_DTYPE)["bucket"].astype(np.int64)
-            prior = np.frombuffer(found_values, dtype=_BUCKET_VALUE_DTYPE)["significance"]
-            significance[np.searchsorted(buckets, at)] += prior
+            significance[found] += np.frombuffer(raw, dtype=_BUCKET_VALUE_DTYPE)["significance"]
         values = np.empty(len(buckets), dtype=_BUCKET_VALUE_DTYPE)
         values["version"] = versions
         values["significance"] = significance
-        raw = values.tobytes()
-        vsize = _BUCKET_VALUE.size
-        cursor.putmulti([(k, raw[i * vsize : (i + 1) * vsize]) for i, k in enumerate(keys)])
+        cursor.putmulti(zip(keys, values.view(f"V{_BUCKET_VALUE.size}").tolist()))
 
     def get_snapshots(self, txn) -> list[dict]:
         cursor = txn.cursor(db=self.dbs["snapshots"])
