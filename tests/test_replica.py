@@ -65,6 +65,59 @@ def test_repeated_index_last_value_wins(replica):
     assert np.array_equal(replica.read_tensor("item_emb")[4], v[2])
 
 
+
+def test_sorted_unique_rows_commit_like_any_order_and_keep_no_reference_to_the_values(tmp_path, model, rng):
+    """Rows already sorted and unique skip the sort (no copies); the commit must be the same."""
+    rows = np.array([1, 5, 9], dtype=np.int64)
+    values = rng.standard_normal((3, model["item_emb"].shape[1])).astype(np.float32)
+    heads = []
+    for name, (r, v) in {"sorted": (rows, values), "shuffled": (rows[[2, 0, 1]], values[[2, 0, 1]])}.items():
+        with Replica.init(tmp_path / name, model) as replica:
+            given = v.copy()
+            replica.commit({"item_emb": (r, given)})
+            given[:] = 0  # the caller reuses its buffer: the replica is not affected
+            assert np.array_equal(replica.read_tensor("item_emb")[rows], values)
+            assert verify(replica).ok
+            heads.append(replica.state.digest)
+    assert heads[0] == heads[1]
+
+
+def test_a_record_that_fails_to_encode_writes_nothing(replica, monkeypatch):
+    """The record compresses on another thread while the bucket index fills: its failure
+    still aborts the whole first transaction."""
+    from deltalog import record
+
+    before = replica.read_tensor("item_emb").copy()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("encode failed")
+
+    monkeypatch.setattr(record, "encode", broken)
+    with pytest.raises(RuntimeError, match="encode failed"):
+        replica.commit({"item_emb": ([3], np.ones((1, before.shape[1]), np.float32))})
+    monkeypatch.undo()
+    assert replica.head == 0 and replica.state.settled
+    assert list(replica.iter_summaries()) == []
+    with replica.store.read() as txn:
+        assert list(replica.store.get_buckets(txn, replica.info("item_emb").id)) == []
+    assert np.array_equal(replica.read_tensor("item_emb"), before)
+    assert replica.commit({"item_emb": ([3], np.ones((1, before.shape[1]), np.float32))}) == 1
+
+
+def test_a_child_forked_after_a_commit_commits_too(tmp_path, model):
+    """A commit encodes on a background thread; a forked child has none of the parent's threads."""
+    from conftest import in_forked_child
+
+    with Replica.init(tmp_path / "parent", model) as replica:
+        replica.commit({"item_emb": ([1], np.ones((1, model["item_emb"].shape[1]), np.float32))})
+    Replica.init(tmp_path / "child", model).close()
+
+    def child() -> bool:
+        with Replica.open(tmp_path / "child") as replica:
+            return replica.commit({"item_emb": ([2], np.ones((1, model["item_emb"].shape[1]), np.float32))}) == 1
+
+    in_forked_child(child)
+
 def test_unchanged_rows_are_not_logged_and_empty_commit_appends_nothing(replica):
     current = replica.read_tensor("item_emb")[[3, 4]]
     assert replica.commit({"item_emb": ([3, 4], current)}) == 0

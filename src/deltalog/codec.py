@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import numpy as np
@@ -80,6 +80,23 @@ def run_jobs(jobs: list[Callable[[], T]], nbytes: int) -> list[T]:
     return list(_pool.map(lambda job: job(), jobs))
 
 
+_background: ThreadPoolExecutor | None = None
+
+
+def in_background(job: Callable[[], T]) -> "Future[T]":
+    """Start ``job`` on a thread of its own and return its future, so the caller overlaps other work
+    with it (a commit fills the bucket index while its record compresses).
+
+    Not on the section pool: ``job`` may itself wait on that pool (encode does),
+    and holding one of its few workers while waiting would serialise the sections.
+    """
+    global _background
+    with _pool_lock:
+        if _background is None:
+            _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltalog-encode")
+    return _background.submit(job)
+
+
 _inherited: list = []  # what a forked child must never free (see below)
 
 
@@ -89,9 +106,9 @@ def _forget_pool_in_child() -> None:
     The parent's are kept, never freed: freeing a multithreaded zstd context
     joins its worker threads, which do not exist in the child (it would hang).
     """
-    global _pool, _pool_lock, _local
-    _inherited.append((_pool, _local))
-    _pool, _pool_lock, _local = None, threading.Lock(), threading.local()
+    global _pool, _pool_lock, _local, _background
+    _inherited.append((_pool, _local, _background))
+    _pool, _pool_lock, _local, _background = None, threading.Lock(), threading.local(), None
 
 
 os.register_at_fork(after_in_child=_forget_pool_in_child)
@@ -130,7 +147,11 @@ def shuffle(array: np.ndarray) -> np.ndarray:
     raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     if itemsize == 1:
         return raw
-    return np.ascontiguousarray(raw.reshape(-1, itemsize).T)
+    elements = raw.reshape(-1, itemsize)
+    out = np.empty((itemsize, len(elements)), dtype=np.uint8)
+    for j in range(itemsize):  # one plane at a time: ~1.4x faster than a transposed copy
+        out[j] = elements[:, j]
+    return out
 
 
 def unshuffle(planes: bytes, dtype: np.dtype) -> np.ndarray:

@@ -748,11 +748,11 @@ class Replica:
         if k and (rows.min() < 0 or rows.max() >= info.rows):
             raise InvalidInput(f"tensor {name!r}: row index out of range [0, {info.rows})")
         values = values.reshape(k, info.row_elems)
-        # Sort and keep the last value of a repeated index.
         rows = rows.astype(np.uint64)
-        order = np.argsort(rows, kind="stable")
-        rows, values = rows[order], values[order]
-        if k > 1:
+        if k > 1 and not np.all(rows[1:] > rows[:-1]):  # else already sorted and unique (np.unique's output): no copies
+            # Sort and keep the last value of a repeated index.
+            order = np.argsort(rows, kind="stable")
+            rows, values = rows[order], values[order]
             last = np.append(rows[1:] != rows[:-1], True)
             rows, values = rows[last], values[last]
         return info, rows, np.ascontiguousarray(values)

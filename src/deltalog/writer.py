@@ -35,6 +35,7 @@ directory (:func:`create_replica`), the one change that has no replica yet.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import socket
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import heap, kernels, layout, lineage, tensorfiles
+from . import codec, heap, kernels, layout, lineage, tensorfiles
 from . import record as rec
 from .errors import DeltalogError, StorageError, UnsupportedVersion
 from .lock import WriterLock
@@ -322,20 +323,25 @@ class Writer:
             tensors=[c.delta for c in changes], reason=reason, target=target,
             pre_digest=pre, post_digest=post, history=history, user=_user(), host=_host(),
         )
-        given = any(t.encoded for t in record.tensors)
-        blob = rec.encode(record, self.replica.record_encoding)
-        if given:  # a sync's sections, given encoded, are in the blob now: not twice in memory while LMDB copies it
-            for t in record.tensors:
+        encoding = self.replica.record_encoding
+        if any(t.encoded for t in record.tensors):  # a sync's sections, given encoded: encode only joins them
+            blob = rec.encode(record, encoding)
+            for t in record.tensors:  # in the blob now: not twice in memory while LMDB copies it
                 t.encoded = None
             heap.release(len(blob))  # about what the sections weighed
-
-        encoded = [blob]  # only the first transaction needs it: a large record goes before the rows are written
-        del blob
+            encoded = [blob]
+            del blob
+        else:  # compress on other cores while the first transaction fills the bucket index
+            encoded = [codec.in_background(functools.partial(rec.encode, record, encoding))]
 
         def log_it(txn):
-            self.store.put_record(txn, offset, encoded[0])
-            for c in changes:
-                self.bump_buckets(txn, c.info, c.delta.rows, c.row_sig, offset, c.delta.versions)
+            try:
+                for c in changes:
+                    self.bump_buckets(txn, c.info, c.delta.rows, c.row_sig, offset, c.delta.versions)
+            finally:
+                blob = encoded[0] if isinstance(encoded[0], bytes) else encoded[0].result()  # never left running
+            encoded[0] = blob  # the body may run again (after the map grows): encode once
+            self.store.put_record(txn, offset, blob)
             if log is not None:
                 log(txn)
 
