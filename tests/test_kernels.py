@@ -245,3 +245,32 @@ def test_diff_of_two_replicas_refuses_a_rotted_row_on_either_side(tmp_path, loop
                 diff(ReplicaSide.at(rb), ReplicaSide.at(ra))
     finally:
         kernels.set_enabled(before)
+
+
+def _reference_planes(array: np.ndarray, xor_with: np.ndarray | None) -> np.ndarray:
+    raw = array.reshape(-1).view(np.uint8)
+    if xor_with is not None:
+        raw = raw ^ xor_with.reshape(-1).view(np.uint8)
+    return np.ascontiguousarray(raw.reshape(-1, array.dtype.itemsize).T)
+
+
+@compiled
+@pytest.mark.parametrize("dtype", ["<f4", "<f8", "<u2", "<u1", "<u8"])
+@pytest.mark.parametrize("count", [0, 1, 4095, 4096, 4097, 10_000])  # 4096: the compiled XOR's block
+@pytest.mark.parametrize("with_xor", [False, True])
+def test_shuffle_planes_compiled_and_numpy_agree(dtype, count, with_xor):
+    rng = np.random.default_rng(count)
+    array = rng.integers(0, 256, count * np.dtype(dtype).itemsize, dtype=np.uint8).view(dtype)
+    other = rng.integers(0, 256, array.nbytes, dtype=np.uint8).view(dtype) if with_xor else None
+    want = _reference_planes(array, other)
+    assert np.array_equal(kernels.shuffle_planes(array, other), want)
+    before = kernels.set_enabled(False)
+    try:
+        assert np.array_equal(kernels.shuffle_planes(array, other), want)
+    finally:
+        kernels.set_enabled(before)
+
+
+def test_shuffle_planes_refuses_arrays_of_different_sizes():
+    with pytest.raises(ValueError, match="size"):
+        kernels.shuffle_planes(np.zeros(4, np.float32), np.zeros(5, np.float32))

@@ -28,6 +28,7 @@ from typing import TypeVar
 import numpy as np
 import zstandard
 
+from . import kernels
 from .errors import IntegrityError
 
 INDEX = "delta-zstd"
@@ -141,17 +142,11 @@ def decompress(data, size: int, what: str) -> bytes:
     return out
 
 
-def shuffle(array: np.ndarray) -> np.ndarray:
-    """Byte planes of a contiguous array: plane j holds byte j of every element."""
-    itemsize = array.dtype.itemsize
-    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    if itemsize == 1:
-        return raw
-    elements = raw.reshape(-1, itemsize)
-    out = np.empty((itemsize, len(elements)), dtype=np.uint8)
-    for j in range(itemsize):  # one plane at a time: ~1.4x faster than a transposed copy
-        out[j] = elements[:, j]
-    return out
+def shuffle(array: np.ndarray, xor_with: np.ndarray | None = None) -> np.ndarray:
+    """Byte planes of an array: plane j holds byte j of every element (of ``array`` XOR
+    ``xor_with``, bitwise, when that is given)."""
+    other = None if xor_with is None else np.ascontiguousarray(xor_with)
+    return kernels.shuffle_planes(np.ascontiguousarray(array), other)
 
 
 def unshuffle(planes: bytes, dtype: np.dtype) -> np.ndarray:
@@ -231,7 +226,10 @@ def _bits(array: np.ndarray) -> np.ndarray:
 
 def encode_xor_values(old: np.ndarray, new: np.ndarray) -> tuple[bytes, int]:
     """Encode ``old`` relative to ``new`` (the decoder always has ``new``)."""
-    return encode_values(np.bitwise_xor(_bits(np.ascontiguousarray(old)), _bits(np.ascontiguousarray(new))))
+    if old.shape != new.shape or old.dtype.itemsize != new.dtype.itemsize:
+        raise ValueError("old and new values must have the same shape and element size")
+    planes = shuffle(old, xor_with=new)  # XOR and byte planes in one pass
+    return compress(planes), planes.nbytes
 
 
 def decode_xor_values(payload, size: int, new: np.ndarray, what: str) -> np.ndarray:

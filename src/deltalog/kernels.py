@@ -89,6 +89,29 @@ def row_digests(values: np.ndarray) -> np.ndarray:
     return out
 
 
+
+def shuffle_planes(array: np.ndarray, xor_with: np.ndarray | None = None) -> np.ndarray:
+    """The byte planes of a C-contiguous array, shape (itemsize, elements), uint8: plane j holds
+    byte j of every element, XORed first with the same byte of ``xor_with`` when given
+    (codec.py's value sections). One compiled pass; numpy copies plane by plane."""
+    itemsize = array.dtype.itemsize
+    raw = array.reshape(-1).view(np.uint8)
+    other = None if xor_with is None else xor_with.reshape(-1).view(np.uint8)
+    if other is not None and other.size != raw.size:
+        raise ValueError("xor_with must have the size of the array")
+    if itemsize == 1 and other is None:
+        return raw.reshape(1, -1)  # one plane: the bytes themselves, no copy
+    out = np.empty((itemsize, raw.size // itemsize), dtype=np.uint8)
+    if _enabled:
+        _kernels.shuffle_planes(raw, itemsize, out, other)
+        return out
+    if other is not None:
+        raw = np.bitwise_xor(raw, other)
+    elements = raw.reshape(-1, itemsize)
+    for j in range(itemsize):  # one plane at a time: ~1.4x faster than a transposed copy
+        out[j] = elements[:, j]
+    return out
+
 @dataclass
 class RowComparison:
     """compare_rows' answer for n rows of A and B."""
