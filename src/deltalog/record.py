@@ -135,17 +135,11 @@ def _given(section: tuple[bytes, int]):
     return lambda: section
 
 
-def encode(record: Record, version: int = VERSION) -> bytes:
-    """The record's bytes in encoding ``version``: 2 (what replicas store) or 1 (what goes to peers)."""
-    if record.kind not in KINDS:
-        raise ValueError(f"unknown record kind {record.kind!r}")
-    if version not in (1, 2):
-        raise ValueError(f"record encoding v{version} is not defined")
-    # Every section is encoded on its own (zstd and numpy release the GIL), so a
-    # large record compresses its sections on all cores; results keep their order.
+def _section_jobs(tensors: list[TensorDelta]) -> tuple[list, int]:
+    """The jobs that compress the sections of ``tensors``, in record order, and the value bytes they read."""
     jobs = []
     value_bytes = 0
-    for t in record.tensors:
+    for t in tensors:
         done = t.encoded or {}
         jobs.append(_given(done["index"]) if "index" in done else partial(codec.encode_indices, t.rows))
         jobs.append(_given(done["new"]) if "new" in done else partial(codec.encode_values, t.new))
@@ -158,7 +152,46 @@ def encode(record: Record, version: int = VERSION) -> bytes:
         if t.versions is not None:
             jobs.append(_given(done["versions"]) if "versions" in done
                         else partial(codec.encode_values, np.asarray(t.versions, dtype="<u8")))
-    encoded = iter(codec.run_jobs(jobs, value_bytes))
+    return jobs, value_bytes
+
+
+@dataclass
+class Sections:
+    """The sections of some tensors' deltas, compressing on another thread (:func:`start_sections`)."""
+
+    tensors: list[TensorDelta]
+    future: object  # concurrent.futures.Future of [(payload, decoded size)] in record order
+
+
+def start_sections(tensors: list[TensorDelta]) -> Sections:
+    """Start compressing the sections of ``tensors`` on another thread, so that a writer can work
+    out the rest of the record (significance, state digests) meanwhile. Only the rows and values
+    are read: the significance and the header are filled in later, by :func:`encode`."""
+    jobs, value_bytes = _section_jobs(tensors)
+    return Sections(list(tensors), codec.in_background(lambda: codec.run_jobs(jobs, value_bytes)))
+
+
+def encode(record: Record, version: int = VERSION, started: Sections | None = None) -> bytes:
+    """The record's bytes in encoding ``version``: 2 (what replicas store) or 1 (what goes to peers).
+
+    ``started``: its tensors' sections, started by :func:`start_sections` for
+    exactly ``record.tensors`` (the same objects, in order).
+    """
+    if record.kind not in KINDS:
+        raise ValueError(f"unknown record kind {record.kind!r}")
+    if version not in (1, 2):
+        raise ValueError(f"record encoding v{version} is not defined")
+    if started is not None:
+        if len(started.tensors) != len(record.tensors) or any(
+            a is not b for a, b in zip(started.tensors, record.tensors)
+        ):
+            raise ValueError("the sections were started for other tensors than the record's")
+        encoded = iter(started.future.result())
+    else:
+        # Every section is encoded on its own (zstd and numpy release the GIL), so a
+        # large record compresses its sections on all cores; results keep their order.
+        jobs, value_bytes = _section_jobs(record.tensors)
+        encoded = iter(codec.run_jobs(jobs, value_bytes))
     sections: list[bytes | memoryview] = []
     tensor_headers = []
     for t in record.tensors:

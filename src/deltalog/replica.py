@@ -792,21 +792,26 @@ class Replica:
         offset = head + 1 if offset is None else int(offset)
         if offset <= head:
             raise InvalidInput(f"{self.path}: offset {offset} is not after the head {head}")
-        changes = []
+        kept = []
         for info, rows, new in deltas:
             old, old_digests = self.writer.old_rows(info, rows.astype(np.intp))  # checked: they become undo values
             if drop_unchanged:
                 keep = rows_differ(old, new)
                 if not keep.all():
                     rows, new, old, old_digests = rows[keep], new[keep], old[keep], old_digests[keep]
-            if len(rows) == 0:
-                continue
-            row_sig = row_significance(old, new, info.dtype)
-            delta = rec.TensorDelta(info.name, info.dtype, rows, new, old, None, float(row_sig.sum()))
-            changes.append(RowChange(info, delta, row_sig, old_digests))
-        if not changes and kind == "commit":
+            if len(rows):
+                kept.append((info, rec.TensorDelta(info.name, info.dtype, rows, new, old), old_digests))
+        if not kept and kind == "commit":
             return head
-        self.writer.append(kind, changes, offset=offset, reason=reason, target=target)
+        # The sections compress on other cores while this thread works out the significance,
+        # the state digest and the bucket index (the record's header comes last).
+        started = rec.start_sections([delta for _info, delta, _digests in kept]) if kept else None
+        changes = []
+        for info, delta, old_digests in kept:
+            row_sig = row_significance(delta.old, delta.new, info.dtype)
+            delta.significance = float(row_sig.sum())
+            changes.append(RowChange(info, delta, row_sig, old_digests))
+        self.writer.append(kind, changes, offset=offset, reason=reason, target=target, started=started)
         return offset
 
     def flush(self) -> None:

@@ -302,6 +302,7 @@ class Writer:
         log: Callable[[Txn], None] | None = None,
         rows_written: bool = False,
         expect_digest: Callable[[int], None] | None = None,
+        started: rec.Sections | None = None,
     ) -> rec.Record:
         """Log and apply one record of ``changes`` at ``offset``, on top of the head (lock held).
 
@@ -312,6 +313,7 @@ class Writer:
         writes to the first transaction (follower metadata, dropping a
         partial sync's chunks). ``rows_written``: the rows are already in the
         tensor files (a finished partial sync), so the change is one transaction.
+        ``started``: the deltas' sections, already compressing (rec.start_sections).
         """
         state = self.replica.state
         pre = state.digest
@@ -332,7 +334,7 @@ class Writer:
             encoded = [blob]
             del blob
         else:  # compress on other cores while the first transaction fills the bucket index
-            encoded = [codec.in_background(functools.partial(rec.encode, record, encoding))]
+            encoded = [codec.in_background(functools.partial(rec.encode, record, encoding, started))]
 
         def log_it(txn):
             try:
