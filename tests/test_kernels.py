@@ -274,3 +274,22 @@ def test_shuffle_planes_compiled_and_numpy_agree(dtype, count, with_xor):
 def test_shuffle_planes_refuses_arrays_of_different_sizes():
     with pytest.raises(ValueError, match="size"):
         kernels.shuffle_planes(np.zeros(4, np.float32), np.zeros(5, np.float32))
+
+
+@compiled
+@pytest.mark.parametrize("row_bytes", [1, 8, 256, 4100])  # 4100: rows straddle pages
+def test_touch_rows_leaves_every_byte_as_it_was(tmp_path, row_bytes):
+    import mmap
+
+    rows = 64
+    data = np.random.default_rng(row_bytes).integers(0, 256, rows * row_bytes, dtype=np.uint8)
+    path = tmp_path / "t.bin"
+    path.write_bytes(data.tobytes())
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+        table = np.frombuffer(mm, dtype=np.uint8).reshape(rows, row_bytes)
+        kernels.touch_rows(table, np.array([0, 5, rows - 1, 5]))
+        assert np.array_equal(table.reshape(-1), data)
+        with pytest.raises(ValueError, match="out of range"):
+            kernels.touch_rows(table, np.array([rows]))
+        del table
+    assert path.read_bytes() == data.tobytes()

@@ -104,6 +104,40 @@ def test_a_record_that_fails_to_encode_writes_nothing(replica, monkeypatch):
     assert replica.commit({"item_emb": ([3], np.ones((1, before.shape[1]), np.float32))}) == 1
 
 
+
+def test_rows_are_stored_only_after_the_background_touch_of_their_pages_ended(replica, monkeypatch):
+    """The writer faults the pages in on another thread (same bytes stored back) while the log
+    fsyncs; a row stored before that thread is done could be overwritten with its old byte."""
+    import threading
+    import time
+
+    from deltalog import kernels, writer
+
+    if not kernels.enabled():
+        pytest.skip("the touch needs the compiled loops")
+    events = []
+    touch, write_rows = kernels.touch_rows, writer.Writer.write_rows
+
+    def slow_touch(table, rows):
+        events.append(("touch starts", threading.get_ident()))
+        time.sleep(0.2)  # longer than the transaction: the writer must wait for it
+        touch(table, rows)
+        events.append(("touch ends", threading.get_ident()))
+
+    def recorded_write_rows(self, writes):
+        if writes:
+            events.append(("rows stored", threading.get_ident()))
+        return write_rows(self, writes)
+
+    monkeypatch.setattr(kernels, "touch_rows", slow_touch)
+    monkeypatch.setattr(writer.Writer, "write_rows", recorded_write_rows)
+    values = np.full((2, replica.info("item_emb").row_elems), 3.0, np.float32)
+    replica.commit({"item_emb": ([1, 7], values)})
+    names = [name for name, _thread in events]
+    assert names.index("rows stored") > max(i for i, name in enumerate(names) if name == "touch ends")
+    assert events[0][1] != threading.get_ident()  # it did run on another thread
+    assert np.array_equal(replica.read_tensor("item_emb")[[1, 7]], values)
+
 def test_a_child_forked_after_a_commit_commits_too(tmp_path, model):
     """A commit encodes on a background thread; a forked child has none of the parent's threads."""
     from conftest import in_forked_child

@@ -90,6 +90,21 @@ def row_digests(values: np.ndarray) -> np.ndarray:
 
 
 
+
+def touch_rows(table: np.ndarray, rows: np.ndarray) -> None:
+    """Fault the pages of rows ``rows`` of a writable (rows, ...) map in as writable, contents unchanged.
+
+    A store into a clean page of a shared file map takes a write fault
+    (page_mkwrite: ~3 us); a writer calls this on another thread while its
+    log fsyncs, so the row stores after it do not wait on faults (the caller
+    must not write these rows until it returns). Compiled only: without the
+    loops it does nothing (the stores then fault as before).
+    """
+    if not _enabled or not len(rows) or not table.flags.c_contiguous or not table.size:
+        return
+    row_bytes = table.itemsize * int(np.prod(table.shape[1:], dtype=np.int64))
+    _kernels.touch_rows(table.reshape(-1).view(np.uint8), row_bytes, np.asarray(rows, dtype=np.int64))
+
 def shuffle_planes(array: np.ndarray, xor_with: np.ndarray | None = None) -> np.ndarray:
     """The byte planes of a C-contiguous array, shape (itemsize, elements), uint8: plane j holds
     byte j of every element, XORed first with the same byte of ``xor_with`` when given

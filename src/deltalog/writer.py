@@ -253,7 +253,12 @@ class Writer:
                 state = self.store.get_meta(txn, "state")
                 self._put_state(txn, **{"applying": change.state.get("head", state["head"]), **change.state})
 
-            self.store.write(first)
+            touching = self._touch_in_background(change.rows)
+            try:
+                self.store.write(first)
+            finally:
+                if touching is not None:
+                    touching.exception()  # wait: no row is stored while it runs (its errors only cost speed)
             if change.logged is not None:
                 change.logged()
         self.write_rows(change.rows)
@@ -396,6 +401,20 @@ class Writer:
         else:
             versions = np.maximum.reduceat(np.asarray(row_versions, dtype=np.uint64), starts)
         self.store.bump_buckets(txn, info.id, buckets[starts], versions, sums)
+
+    def _touch_in_background(self, writes: Sequence[RowWrite]):
+        """Start faulting in, writable, the pages ``writes`` will store into (their tensor files and
+        row digest files), on another thread while the first transaction commits and fsyncs; a
+        future, or None. Contents stay unchanged, so this may run before the record is durable."""
+        if not writes or not kernels.enabled():
+            return None
+        targets = []
+        for w in writes:
+            idx = w.rows.astype(np.int64)
+            targets.append((self.rows(w.info), idx))  # the maps are opened here, on the writer's thread
+            if self.replica.has_row_digests:
+                targets.append((self.maps.digests(w.info, writable=True), idx))
+        return codec.in_background(lambda: [kernels.touch_rows(table, idx) for table, idx in targets])
 
     def write_rows(self, writes: Sequence[RowWrite]) -> None:
         """Write rows and their digests into the tensor files (the page cache; see :meth:`flush`)."""
