@@ -17,9 +17,11 @@ snapshot directory either is complete or does not exist.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,6 +147,102 @@ def recache_model_files(paths: Iterable[str], model_bytes: int) -> None:
             recache_in_small_pages(path)
 
 
+# What a row store dirties in small pages: the row's own pages, one more where it
+# straddles a page boundary, and its digest's page. Tens of KiB a row beyond the row
+# itself means the file is cached in large folios again (SmallPageGuard).
+LARGE_FOLIO_BYTES_PER_ROW = 64 << 10
+RECACHE_INTERVAL = 60.0  # least seconds between two re-caches by one writer ...
+RECACHE_INTERVAL_MAX = 3600.0  # ... doubled, up to this, while they do not hold
+_DECISION_SECONDS = 60.0  # how long a prefers_small_pages answer is reused (it reads three /proc files)
+
+
+class SmallPageGuard:
+    """Notices that a writer's row stores dirty large folios, and re-caches the model in small pages.
+
+    The files are re-cached in small pages whenever deltalog writes them in
+    bulk (:func:`recache_model_files`), but another program can bring large
+    folios back: a backup, rsync or cp that read()s the files after memory
+    pressure evicted their pages caches them in large folios, and a
+    long-lived writer's commits then stay slow (issue 15). So the writer
+    asks the kernel what its row stores dirtied (this thread's
+    ``write_bytes`` in /proc/thread-self/io, two reads of ~10 us a call to
+    :meth:`check`, and only for a model that :func:`prefers_small_pages`):
+    small pages explain a few KiB a row, large folios tens of KiB to 2 MiB.
+    Beyond :data:`LARGE_FOLIO_BYTES_PER_ROW` it fsyncs the files (dirty
+    pages cannot be dropped; the kernel never drops them, so no write is
+    lost either way), unmaps this handle's pages (a page mapped anywhere
+    is not dropped either) and re-caches every live file in small pages.
+    Other processes' maps are left alone: their pages stay as they are,
+    and what they read does not change. At most one re-cache per
+    :data:`RECACHE_INTERVAL`, doubled while the large folios keep coming
+    back, so a reader that keeps re-reading the files cannot make the
+    writer loop. Where /proc/thread-self/io is missing it does nothing.
+    """
+
+    def __init__(self, maps: "TensorMaps", clock: Callable[[], float] = time.monotonic):
+        self.maps = maps
+        self.recaches = 0  # how many times this writer re-cached its model
+        self.suppressed = 0  # large folios noticed but left alone by the rate limit
+        self.last = (0, 0)  # (bytes dirtied, rows stored) of the last stores checked
+        self._clock = clock
+        self._wanted: tuple[float, bool] | None = None  # (when decided, prefers_small_pages)
+        self._recached_at: float | None = None
+        self._interval = RECACHE_INTERVAL
+
+    def mark(self, infos: Iterable[TensorInfo]) -> int | None:
+        """What this thread dirtied so far, before row stores; None when not watching (a small model, no /proc)."""
+        now = self._clock()
+        if self._wanted is None or now - self._wanted[0] > _DECISION_SECONDS:
+            self._wanted = (now, prefers_small_pages(model_file_bytes(infos)))
+        return thread_dirtied_bytes() if self._wanted[1] else None
+
+    def check(self, mark: int | None, stored: Iterable[tuple[TensorInfo, int]], infos: Iterable[TensorInfo],
+              flush: Callable[[], None]) -> bool:
+        """After row stores (``stored``: (tensor, rows) pairs) that began at ``mark``: re-cache the model
+        if they dirtied large folios; True if it did. ``flush`` fsyncs every live file."""
+        if mark is None:
+            return False
+        after = thread_dirtied_bytes()
+        if after is None:
+            return False
+        stored = list(stored)
+        rows = sum(n for _info, n in stored)
+        own = sum(n * (info.row_bytes + DIGEST_DTYPE.itemsize) for info, n in stored)
+        self.last = (after - mark, rows)
+        per_row_allowance = max(LARGE_FOLIO_BYTES_PER_ROW, 4 * mmap.PAGESIZE)
+        if rows == 0 or after - mark <= own + rows * per_row_allowance:
+            return False
+        now = self._clock()
+        if self._recached_at is not None:
+            since = now - self._recached_at
+            if since < self._interval:
+                self.suppressed += 1
+                return False
+            # Back so soon after the last one: someone keeps re-reading the files.
+            self._interval = min(2 * self._interval, RECACHE_INTERVAL_MAX) if since < 2 * self._interval \
+                else RECACHE_INTERVAL
+        flush()
+        self.maps.unmap_pages()
+        for path in live_file_paths(self.maps.dir, infos):
+            recache_in_small_pages(path)
+        self._recached_at = now
+        self.recaches += 1
+        return True
+
+
+def thread_dirtied_bytes() -> int | None:
+    """Bytes the calling thread dirtied in the page cache so far, as the kernel counts them
+    (``write_bytes`` of /proc/thread-self/io: a store through a shared map counts the whole
+    folio it dirtied); None where unknown."""
+    try:
+        with open("/proc/thread-self/io", "rb") as f:
+            text = f.read()
+        start = text.index(b"\nwrite_bytes:") + 13
+        return int(text[start : text.index(b"\n", start)])
+    except (OSError, ValueError):
+        return None
+
+
 def _dirty_background_bytes() -> int | None:
     """The kernel's dirty_background threshold in bytes (Linux: vm.dirty_background_bytes, else
     vm.dirty_background_ratio percent of the available memory); None where unknown."""
@@ -267,6 +365,26 @@ class TensorMaps:
         """Drop every map (files were replaced, or the process is about to lose them)."""
         self._maps.clear()
         self._identity.clear()
+
+    def unmap_pages(self) -> None:
+        """Drop this handle's page-table entries of every mapped file (MADV_DONTNEED; Linux), so that
+        POSIX_FADV_DONTNEED may drop their clean pages: it skips any page mapped somewhere.
+
+        The maps stay valid: the next access faults the page back in from the cache or the
+        file. On a shared map nothing written is lost (a dirty page stays dirty in the cache).
+        """
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None:
+            return
+        for view in self._maps.values():
+            mapped = view
+            while mapped is not None and not isinstance(mapped, mmap.mmap):
+                mapped = getattr(mapped, "base", None)  # view -> np.memmap -> mmap.mmap
+            if mapped is not None:
+                try:
+                    mapped.madvise(advice)
+                except (OSError, ValueError):
+                    pass
 
     def forget_if_replaced(self) -> None:
         """Drop every map if a mapped file was renamed over since it was mapped (a stat per file)."""
