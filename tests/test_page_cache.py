@@ -123,7 +123,7 @@ def large_folios(tmp_path):
     dirtied = (tensorfiles.thread_dirtied_bytes() - before) // 16
     mapped.close()
     os.remove(path)
-    if dirtied < 2 * tensorfiles.LARGE_FOLIO_BYTES_PER_ROW:
+    if dirtied < 128 << 10:
         pytest.skip(f"read() cached the probe file in small pages here ({dirtied} bytes dirtied a store): "
                     "no large folios to recover from")
 
@@ -154,7 +154,7 @@ def test_a_writer_recaches_files_a_reader_brought_back_in_large_folios(tmp_path,
         r.flush()  # clean pages, unmapped by reclaim (here: this handle's maps dropped)...
         r.maps.forget()
         _evict_and_read_back(tensorfiles.live_file_paths(r.maps.dir, r.tensors))  # ... evicted and read back
-        assert _commit_random(r, expected, rng) >= tensorfiles.LARGE_FOLIO_BYTES_PER_ROW  # a store dirties a folio
+        assert _commit_random(r, expected, rng) >= 64 << 10  # a store dirties a large folio
         assert guard.recaches == 1
         r.flush()  # every page clean again: the next stores show what they dirty
         assert _commit_random(r, expected, rng) < 16 << 10  # a row dirties a page or two again
@@ -244,3 +244,30 @@ def test_the_guard_is_rate_limited_and_backs_off(tmp_path, monkeypatch):
     assert _stores(guard, events)
     assert (guard.recaches, guard.suppressed) == (5, 2)
     assert events.count("flush") == 5
+
+
+def test_what_small_pages_can_dirty():
+    import mmap
+
+    page = mmap.PAGESIZE
+    table = tensorfiles.TensorInfo(0, "emb", "float32", (1 << 22, 64))  # 1 GiB of 256-byte rows (page-aligned)
+    assert tensorfiles.small_page_bytes([(table, 1)]) == 2 * page  # the row's page and its digest's
+    assert tensorfiles.small_page_bytes([(table, 1 << 16)]) == min(1 << 16, table.nbytes // page) * page + min(
+        (1 << 16) * page, (1 << 22) * 8)  # the digest file (32 MiB) holds fewer pages than rows stored
+    odd = tensorfiles.TensorInfo(1, "odd", "float32", (1000, 3))  # 12-byte rows straddle pages
+    assert tensorfiles.small_page_bytes([(odd, 1)]) == 3 * page
+    assert tensorfiles.small_page_bytes([(odd, 1000)]) == (-(-12000 // page) + -(-8000 // page)) * page  # the files
+    assert tensorfiles.small_page_bytes([(table, 0), (odd, 0)]) == 0
+
+
+def test_a_commit_that_touches_most_of_the_table_is_judged_by_the_whole_file(tmp_path, monkeypatch):
+    import mmap
+
+    if mmap.PAGESIZE != 4096:
+        pytest.skip("figures for 4 KiB pages")
+    table = tensorfiles.TensorInfo(0, "emb", "float32", (1 << 22, 64))  # 1 GiB, 32 MiB of digests
+    rows = 1 << 16  # 64 k random rows: a quarter of the pages in small pages, every folio if large
+    in_small_pages = (1 << 18) * (1 - np.exp(-rows / (1 << 18))) * 4096 + (32 << 20)
+    for dirtied, large in ((int(in_small_pages), False), ((1 << 30) + (32 << 20), True)):
+        guard, _clock, events = _guard(tmp_path, monkeypatch, dirtied)
+        assert guard.check(guard.mark([table]), [(table, rows)], [table], lambda: events.append("flush")) == large

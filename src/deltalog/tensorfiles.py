@@ -147,10 +147,10 @@ def recache_model_files(paths: Iterable[str], model_bytes: int) -> None:
             recache_in_small_pages(path)
 
 
-# What a row store dirties in small pages: the row's own pages, one more where it
-# straddles a page boundary, and its digest's page. Tens of KiB a row beyond the row
-# itself means the file is cached in large folios again (SmallPageGuard).
-LARGE_FOLIO_BYTES_PER_ROW = 64 << 10
+# Row stores that dirty more than twice what small pages could (small_page_bytes) hit
+# large folios (SmallPageGuard): a 256-byte row dirties 4 KiB and its digest's page in
+# small pages, up to 2 MiB in a large folio.
+LARGE_FOLIO_FACTOR = 2
 RECACHE_INTERVAL = 60.0  # least seconds between two re-caches by one writer ...
 RECACHE_INTERVAL_MAX = 3600.0  # ... doubled, up to this, while they do not hold
 _DECISION_SECONDS = 60.0  # how long a prefers_small_pages answer is reused (it reads three /proc files)
@@ -168,7 +168,8 @@ class SmallPageGuard:
     ``write_bytes`` in /proc/thread-self/io, two reads of ~10 us a call to
     :meth:`check`, and only for a model that :func:`prefers_small_pages`):
     small pages explain a few KiB a row, large folios tens of KiB to 2 MiB.
-    Beyond :data:`LARGE_FOLIO_BYTES_PER_ROW` it fsyncs the files (dirty
+    Past :data:`LARGE_FOLIO_FACTOR` times the most that small pages could
+    dirty (:func:`small_page_bytes`) it fsyncs the files (dirty
     pages cannot be dropped; the kernel never drops them, so no write is
     lost either way), unmaps this handle's pages (a page mapped anywhere
     is not dropped either) and re-caches every live file in small pages.
@@ -206,11 +207,8 @@ class SmallPageGuard:
         if after is None:
             return False
         stored = list(stored)
-        rows = sum(n for _info, n in stored)
-        own = sum(n * (info.row_bytes + DIGEST_DTYPE.itemsize) for info, n in stored)
-        self.last = (after - mark, rows)
-        per_row_allowance = max(LARGE_FOLIO_BYTES_PER_ROW, 4 * mmap.PAGESIZE)
-        if rows == 0 or after - mark <= own + rows * per_row_allowance:
+        self.last = (after - mark, sum(n for _info, n in stored))
+        if after - mark <= LARGE_FOLIO_FACTOR * small_page_bytes(stored):
             return False
         now = self._clock()
         if self._recached_at is not None:
@@ -228,6 +226,22 @@ class SmallPageGuard:
         self._recached_at = now
         self.recaches += 1
         return True
+
+
+def small_page_bytes(stored: Iterable[tuple[TensorInfo, int]]) -> int:
+    """The most that storing rows (``stored``: (tensor, rows) pairs) dirties where the files are
+    cached in small pages: each row's pages (one more where rows straddle page boundaries) and
+    its digest's page, never more than the files hold."""
+    page = mmap.PAGESIZE
+    pages = 0
+    for info, n in stored:
+        size = info.row_bytes
+        if size == 0 or n == 0:
+            continue
+        per_row = -(-size // page) + (0 if page % size == 0 or size % page == 0 else 1)
+        pages += min(n * per_row, -(-info.nbytes // page))
+        pages += min(n, -(-info.rows * DIGEST_DTYPE.itemsize // page))
+    return pages * page
 
 
 def thread_dirtied_bytes() -> int | None:
