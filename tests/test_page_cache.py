@@ -4,12 +4,16 @@ A row stored through the shared map dirties the whole page-cache folio it
 lands in (up to 2 MiB on ext4 since Linux 6.16): for a model past half of
 dirty_background, freshly written files are dropped from the cache and read
 back in single pages (deltalog.tensorfiles.prefers_small_pages). These tests
-check the decision and that every bulk writer of live files asks for it.
+check the decision, that every bulk writer of live files asks for it, that the
+read-back covers the whole file, and that a writer notices when another
+program's read() brought large folios back and re-caches
+(deltalog.tensorfiles.SmallPageGuard).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -267,7 +271,51 @@ def test_a_commit_that_touches_most_of_the_table_is_judged_by_the_whole_file(tmp
         pytest.skip("figures for 4 KiB pages")
     table = tensorfiles.TensorInfo(0, "emb", "float32", (1 << 22, 64))  # 1 GiB, 32 MiB of digests
     rows = 1 << 16  # 64 k random rows: a quarter of the pages in small pages, every folio if large
-    in_small_pages = (1 << 18) * (1 - np.exp(-rows / (1 << 18))) * 4096 + (32 << 20)
-    for dirtied, large in ((int(in_small_pages), False), ((1 << 30) + (32 << 20), True)):
+    in_small_pages = (1 << 18) * (1 - np.exp(-rows / (1 << 18))) * 4096 + (32 << 20)  # 264 MiB
+    worst_case = rows * 4096 + (32 << 20)  # each row on a page of its own: 288 MiB
+    for dirtied, large in ((int(in_small_pages), False), (worst_case, False),
+                           ((1 << 30) + (32 << 20), True), (579 << 20, True)):  # all large; some (measured)
         guard, _clock, events = _guard(tmp_path, monkeypatch, dirtied)
         assert guard.check(guard.mark([table]), [(table, rows)], [table], lambda: events.append("flush")) == large
+
+
+def _resident_fraction(path: str) -> float:
+    """The fraction of a file's pages in the page cache (mincore of a private map of it)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # writable: ctypes can take its address
+    start = ctypes.c_char.from_buffer(mapped)
+    try:
+        failed = ctypes.CDLL(None, use_errno=True).mincore(
+            ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec)
+        errno = ctypes.get_errno()
+    finally:
+        del start  # the map cannot close while ctypes holds its buffer
+        mapped.close()
+    if failed:
+        pytest.skip(f"mincore failed: {os.strerror(errno)}")
+    return sum(b & 1 for b in vec) / pages
+
+
+def test_recaching_reads_the_whole_file_back(tmp_path):
+    """WILLNEED reads at most one readahead window per call: one call for the whole file left
+    all but its first window to be faulted back in by commits (in large folios, where readahead
+    grew them)."""
+    if not hasattr(os, "posix_fadvise") or not os.path.exists("/proc/self/io"):
+        pytest.skip("Linux only")
+    path = str(tmp_path / "f.bin")
+    with open(path, "wb") as f:
+        f.write(bytes(64 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    tensorfiles.recache_in_small_pages(path)
+    for _ in range(50):  # the reads are in flight; a page counts once it is read
+        if _resident_fraction(path) > 0.9:
+            break
+        time.sleep(0.1)
+    assert _resident_fraction(path) > 0.9

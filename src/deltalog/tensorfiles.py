@@ -115,11 +115,18 @@ def prefers_small_pages(model_bytes: int) -> bool:
     return threshold is not None and model_bytes > threshold // 2
 
 
+_WILLNEED_WINDOW = 128 << 10  # the smallest readahead window in common use (the kernel's default)
+
+
 def recache_in_small_pages(path: str) -> None:
     """Drop a freshly written, fsynced file from the page cache and read it back in small pages
     (see :func:`prefers_small_pages`; Linux only, and only advice: errors are ignored).
 
-    Readahead asked for with WILLNEED fills the cache with single pages. The
+    Readahead asked for with WILLNEED fills the cache with single pages; the
+    kernel reads at most one readahead window per call (8 MiB here, 128 KiB
+    by default: a single call for the whole file read back its first window
+    only, and commits then faulted the rest in, in large folios where the
+    readahead grew them), so the file is asked for a window at a time. The
     read-back is skipped for a file larger than half of the memory: it would
     only evict what it had just read.
     """
@@ -132,8 +139,10 @@ def recache_in_small_pages(path: str) -> None:
         return
     try:
         advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages only: the caller fsynced the file
-        if os.fstat(fd).st_size <= _meminfo_bytes("MemTotal") // 2:
-            advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        size = os.fstat(fd).st_size
+        if size <= _meminfo_bytes("MemTotal") // 2:
+            for offset in range(0, size, _WILLNEED_WINDOW):
+                advise(fd, offset, _WILLNEED_WINDOW, os.POSIX_FADV_WILLNEED)
     except OSError:
         pass
     finally:
@@ -147,10 +156,13 @@ def recache_model_files(paths: Iterable[str], model_bytes: int) -> None:
             recache_in_small_pages(path)
 
 
-# Row stores that dirty more than twice what small pages could (small_page_bytes) hit
-# large folios (SmallPageGuard): a 256-byte row dirties 4 KiB and its digest's page in
-# small pages, up to 2 MiB in a large folio.
-LARGE_FOLIO_FACTOR = 2
+# Row stores that dirty more than small pages could (small_page_bytes, a worst case) hit
+# large folios (SmallPageGuard): a 256-byte row dirties at most its 4 KiB page and its
+# digest's page in small pages, up to 2 MiB in a large folio. The margin absorbs a digest
+# page written back and dirtied again within one commit. Not a per-row figure: 64 k rows
+# into 1 GiB dirty 16 KiB a row in 2 MiB folios (the whole file, 3.7x the worst case),
+# and only 2x it when the kernel could make some of the folios large (measured).
+LARGE_FOLIO_FACTOR = 1.5
 RECACHE_INTERVAL = 60.0  # least seconds between two re-caches by one writer ...
 RECACHE_INTERVAL_MAX = 3600.0  # ... doubled, up to this, while they do not hold
 _DECISION_SECONDS = 60.0  # how long a prefers_small_pages answer is reused (it reads three /proc files)
