@@ -1,6 +1,7 @@
 """Where a commit's time goes: rows/s of Replica.commit at one batch size, optionally under cProfile.
 
-    .venv/bin/python bench/commit_profile.py --rows-per-commit 8192 --gib 1 [--profile] [--steps]
+    .venv/bin/python bench/commit_profile.py --rows-per-commit 8192 --gib 1 [--profile] [--steps] \
+        [--reader-between] [--dirty-background-mib N]
 
 One float32 table of 64-dim rows (256 B a row), --gib of it, in bench/work/commit-profile
 (deleted at the end); 3 warm-up commits, then 27 timed ones of random distinct rows. This is
@@ -15,21 +16,35 @@ with small pages, up to 2 MiB where the file system caches files in large folios
 Linux >= 6.16). Once the dirtied bytes pass the kernel's dirty_background threshold (10% of
 available memory by default), writeback starts, cleans and write-protects folios, and every
 later row store faults again: the commit cost then grows with the table (issue 15).
+
+--reader-between plays a backup of the live replica between the warm-up and the timed commits:
+the writer flushes, its pages are unmapped and evicted (as memory pressure would: here its maps
+are dropped and the files' cache with POSIX_FADV_DONTNEED), then `cat` reads each live file to
+/dev/null, which caches it in large folios again where the kernel does that. deltalog caches a
+big model in small pages (tensorfiles.prefers_small_pages: past half of dirty_background) and its
+writer notices large folios and re-caches (tensorfiles.SmallPageGuard); the line "re-cached"
+says how often that happened in the timed commits.
+
+--dirty-background-mib N sets vm.dirty_background_bytes to N MiB for the run (root; restored at
+the end) so that a small table meets what a table past half of the default threshold meets
+(10% of available memory: ~2.3 GB on a 24 GB machine, so 1 GiB is under it and 4 GiB past it).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import os
 import pstats
 import resource
 import shutil
+import subprocess
 import time
 
 import numpy as np
 
-from deltalog import Replica
+from deltalog import Replica, tensorfiles
 from deltalog import store as store_module
 from deltalog import writer as writer_module
 
@@ -46,8 +61,13 @@ def main() -> None:
                              "the model's pages), so commits fault the table back in")
     parser.add_argument("--steps", action="store_true",
                         help="time the kernel-facing steps, with page faults and bytes dirtied per row")
+    parser.add_argument("--reader-between", action="store_true",
+                        help="evict the live files and cat them to /dev/null between warm-up and timed commits")
+    parser.add_argument("--dirty-background-mib", type=int, default=None,
+                        help="set vm.dirty_background_bytes to this many MiB for the run (root; restored)")
     args = parser.parse_args()
     steps = _instrument() if args.steps else None
+    restore = _set_dirty_background(args.dirty_background_mib << 20) if args.dirty_background_mib else None
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
     try:
@@ -65,6 +85,10 @@ def main() -> None:
         with Replica.open(os.path.join(WORK, "r")) as r:
             for idx, values in batches[:3]:
                 r.commit({"emb": (idx, values)})
+            if args.reader_between:
+                _backup_reads(r)
+            guard = getattr(r.writer, "page_guard", None)  # deltalog before the guard has none
+            recaches = guard.recaches if guard is not None else None
             profile = cProfile.Profile() if args.profile else None
             if steps is not None:
                 steps.clear()
@@ -72,25 +96,73 @@ def main() -> None:
             started, n = time.perf_counter(), 0
             if profile:
                 profile.enable()
+            each = []  # (seconds, bytes dirtied, rows) of each timed commit
             for idx, values in batches[3:]:
+                began, dirtied_before = time.perf_counter(), _dirtied_bytes()
                 r.commit({"emb": (idx, values)})
+                each.append((time.perf_counter() - began, _dirtied_bytes() - dirtied_before, len(idx)))
                 n += len(idx)
             if profile:
                 profile.disable()
             seconds = time.perf_counter() - started
             dirtied = _dirtied_bytes() - dirtied
             timed = {name: list(entry) for name, entry in (steps or {}).items()}  # close() flushes: not counted
+            if guard is not None:
+                recaches = guard.recaches - recaches
         print(f"{args.rows_per_commit} rows per commit, {args.gib:g} GiB table: {n / seconds:,.0f} rows/s "
               f"({seconds / 27 * 1000:.1f} ms per commit)")
+        print(f"  per commit: p50 {np.median([t for t, _d, _n in each]) * 1000:.1f} ms, "
+              f"first {each[0][0] * 1000:.1f} ms, slowest {max(t for t, _d, _n in each) * 1000:.1f} ms")
         if steps is not None:
             for name, (spent, faults, calls) in timed.items():
                 print(f"  {name}: {spent / 27 * 1000:.1f} ms and {faults / 27:,.0f} minor faults per commit ({calls} calls)")
             if dirtied >= 0:
-                print(f"  dirtied by the kernel's count (log writes included): {dirtied / n / 1024:,.1f} KiB per row written")
+                print(f"  dirtied by the kernel's count (log writes included): {dirtied / n / 1024:,.1f} KiB per row written "
+                      f"(first timed commit {each[0][1] / each[0][2] / 1024:,.1f}, the others "
+                      f"{sum(d for _t, d, _n in each[1:]) / sum(k for _t, _d, k in each[1:]) / 1024:,.1f})")
+        print(f"  re-cached in small pages by the writer: {recaches if recaches is not None else 'n/a (no guard)'}")
         if profile:
             pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
+        if restore is not None:
+            restore()
+
+
+def _backup_reads(r: Replica) -> None:
+    """What a backup does to a live replica after memory pressure: flushed pages unmapped and
+    evicted, then every live file read by `cat` (large folios again, where the kernel uses them)."""
+    r.flush()  # dirty pages cannot be evicted
+    r.maps.forget()  # reclaim unmaps a page before it evicts it; the writer maps the files again
+    gc.collect()
+    paths = tensorfiles.live_file_paths(r.maps.dir, r.tensors)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    for path in paths:
+        subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
+
+
+def _set_dirty_background(nbytes: int):
+    """Set vm.dirty_background_bytes; returns what restores the old setting (bytes, or the ratio)."""
+    names = ("/proc/sys/vm/dirty_background_bytes", "/proc/sys/vm/dirty_background_ratio")
+    old = {}
+    for name in names:
+        with open(name) as f:
+            old[name] = f.read().strip()
+    with open(names[0], "w") as f:
+        f.write(str(nbytes))
+
+    def restore() -> None:
+        # Writing one of the pair zeroes the other: write back the one that was set.
+        name = names[0] if old[names[0]] != "0" else names[1]
+        with open(name, "w") as f:
+            f.write(old[name])
+
+    return restore
 
 
 def _instrument() -> dict[str, list]:

@@ -17,9 +17,11 @@ snapshot directory either is complete or does not exist.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,11 +115,18 @@ def prefers_small_pages(model_bytes: int) -> bool:
     return threshold is not None and model_bytes > threshold // 2
 
 
+_WILLNEED_WINDOW = 128 << 10  # the smallest readahead window in common use (the kernel's default)
+
+
 def recache_in_small_pages(path: str) -> None:
     """Drop a freshly written, fsynced file from the page cache and read it back in small pages
     (see :func:`prefers_small_pages`; Linux only, and only advice: errors are ignored).
 
-    Readahead asked for with WILLNEED fills the cache with single pages. The
+    Readahead asked for with WILLNEED fills the cache with single pages; the
+    kernel reads at most one readahead window per call (8 MiB here, 128 KiB
+    by default: a single call for the whole file read back its first window
+    only, and commits then faulted the rest in, in large folios where the
+    readahead grew them), so the file is asked for a window at a time. The
     read-back is skipped for a file larger than half of the memory: it would
     only evict what it had just read.
     """
@@ -130,8 +139,10 @@ def recache_in_small_pages(path: str) -> None:
         return
     try:
         advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages only: the caller fsynced the file
-        if os.fstat(fd).st_size <= _meminfo_bytes("MemTotal") // 2:
-            advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        size = os.fstat(fd).st_size
+        if size <= _meminfo_bytes("MemTotal") // 2:
+            for offset in range(0, size, _WILLNEED_WINDOW):
+                advise(fd, offset, _WILLNEED_WINDOW, os.POSIX_FADV_WILLNEED)
     except OSError:
         pass
     finally:
@@ -143,6 +154,119 @@ def recache_model_files(paths: Iterable[str], model_bytes: int) -> None:
     if prefers_small_pages(model_bytes):
         for path in paths:
             recache_in_small_pages(path)
+
+
+# Row stores that dirty more than small pages could (small_page_bytes, a worst case) hit
+# large folios (SmallPageGuard): a 256-byte row dirties at most its 4 KiB page and its
+# digest's page in small pages, up to 2 MiB in a large folio. The margin absorbs a digest
+# page written back and dirtied again within one commit. Not a per-row figure: 64 k rows
+# into 1 GiB dirty 16 KiB a row in 2 MiB folios (the whole file, 3.7x the worst case),
+# and only 2x it when the kernel could make some of the folios large (measured).
+LARGE_FOLIO_FACTOR = 1.5
+RECACHE_INTERVAL = 60.0  # least seconds between two re-caches by one writer ...
+RECACHE_INTERVAL_MAX = 3600.0  # ... doubled, up to this, while they do not hold
+_DECISION_SECONDS = 60.0  # how long a prefers_small_pages answer is reused (it reads three /proc files)
+
+
+class SmallPageGuard:
+    """Notices that a writer's row stores dirty large folios, and re-caches the model in small pages.
+
+    The files are re-cached in small pages whenever deltalog writes them in
+    bulk (:func:`recache_model_files`), but another program can bring large
+    folios back: a backup, rsync or cp that read()s the files after memory
+    pressure evicted their pages caches them in large folios, and a
+    long-lived writer's commits then stay slow (issue 15). So the writer
+    asks the kernel what its row stores dirtied (this thread's
+    ``write_bytes`` in /proc/thread-self/io, two reads of ~10 us a call to
+    :meth:`check`, and only for a model that :func:`prefers_small_pages`):
+    small pages explain a few KiB a row, large folios tens of KiB to 2 MiB.
+    Past :data:`LARGE_FOLIO_FACTOR` times the most that small pages could
+    dirty (:func:`small_page_bytes`) it fsyncs the files (dirty
+    pages cannot be dropped; the kernel never drops them, so no write is
+    lost either way), unmaps this handle's pages (a page mapped anywhere
+    is not dropped either) and re-caches every live file in small pages.
+    Other processes' maps are left alone: their pages stay as they are,
+    and what they read does not change. At most one re-cache per
+    :data:`RECACHE_INTERVAL`, doubled while the large folios keep coming
+    back, so a reader that keeps re-reading the files cannot make the
+    writer loop. Where /proc/thread-self/io is missing it does nothing.
+    """
+
+    def __init__(self, maps: "TensorMaps", clock: Callable[[], float] = time.monotonic):
+        self.maps = maps
+        self.recaches = 0  # how many times this writer re-cached its model
+        self.suppressed = 0  # large folios noticed but left alone by the rate limit
+        self.last = (0, 0)  # (bytes dirtied, rows stored) of the last stores checked
+        self._clock = clock
+        self._wanted: tuple[float, bool] | None = None  # (when decided, prefers_small_pages)
+        self._recached_at: float | None = None
+        self._interval = RECACHE_INTERVAL
+
+    def mark(self, infos: Iterable[TensorInfo]) -> int | None:
+        """What this thread dirtied so far, before row stores; None when not watching (a small model, no /proc)."""
+        now = self._clock()
+        if self._wanted is None or now - self._wanted[0] > _DECISION_SECONDS:
+            self._wanted = (now, prefers_small_pages(model_file_bytes(infos)))
+        return thread_dirtied_bytes() if self._wanted[1] else None
+
+    def check(self, mark: int | None, stored: Iterable[tuple[TensorInfo, int]], infos: Iterable[TensorInfo],
+              flush: Callable[[], None]) -> bool:
+        """After row stores (``stored``: (tensor, rows) pairs) that began at ``mark``: re-cache the model
+        if they dirtied large folios; True if it did. ``flush`` fsyncs every live file."""
+        if mark is None:
+            return False
+        after = thread_dirtied_bytes()
+        if after is None:
+            return False
+        stored = list(stored)
+        self.last = (after - mark, sum(n for _info, n in stored))
+        if after - mark <= LARGE_FOLIO_FACTOR * small_page_bytes(stored):
+            return False
+        now = self._clock()
+        if self._recached_at is not None:
+            since = now - self._recached_at
+            if since < self._interval:
+                self.suppressed += 1
+                return False
+            # Back so soon after the last one: someone keeps re-reading the files.
+            self._interval = min(2 * self._interval, RECACHE_INTERVAL_MAX) if since < 2 * self._interval \
+                else RECACHE_INTERVAL
+        flush()
+        self.maps.unmap_pages()
+        for path in live_file_paths(self.maps.dir, infos):
+            recache_in_small_pages(path)
+        self._recached_at = now
+        self.recaches += 1
+        return True
+
+
+def small_page_bytes(stored: Iterable[tuple[TensorInfo, int]]) -> int:
+    """The most that storing rows (``stored``: (tensor, rows) pairs) dirties where the files are
+    cached in small pages: each row's pages (one more where rows straddle page boundaries) and
+    its digest's page, never more than the files hold."""
+    page = mmap.PAGESIZE
+    pages = 0
+    for info, n in stored:
+        size = info.row_bytes
+        if size == 0 or n == 0:
+            continue
+        per_row = -(-size // page) + (0 if page % size == 0 or size % page == 0 else 1)
+        pages += min(n * per_row, -(-info.nbytes // page))
+        pages += min(n, -(-info.rows * DIGEST_DTYPE.itemsize // page))
+    return pages * page
+
+
+def thread_dirtied_bytes() -> int | None:
+    """Bytes the calling thread dirtied in the page cache so far, as the kernel counts them
+    (``write_bytes`` of /proc/thread-self/io: a store through a shared map counts the whole
+    folio it dirtied); None where unknown."""
+    try:
+        with open("/proc/thread-self/io", "rb") as f:
+            text = f.read()
+        start = text.index(b"\nwrite_bytes:") + 13
+        return int(text[start : text.index(b"\n", start)])
+    except (OSError, ValueError):
+        return None
 
 
 def _dirty_background_bytes() -> int | None:
@@ -267,6 +391,26 @@ class TensorMaps:
         """Drop every map (files were replaced, or the process is about to lose them)."""
         self._maps.clear()
         self._identity.clear()
+
+    def unmap_pages(self) -> None:
+        """Drop this handle's page-table entries of every mapped file (MADV_DONTNEED; Linux), so that
+        POSIX_FADV_DONTNEED may drop their clean pages: it skips any page mapped somewhere.
+
+        The maps stay valid: the next access faults the page back in from the cache or the
+        file. On a shared map nothing written is lost (a dirty page stays dirty in the cache).
+        """
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None:
+            return
+        for view in self._maps.values():
+            mapped = view
+            while mapped is not None and not isinstance(mapped, mmap.mmap):
+                mapped = getattr(mapped, "base", None)  # view -> np.memmap -> mmap.mmap
+            if mapped is not None:
+                try:
+                    mapped.madvise(advice)
+                except (OSError, ValueError):
+                    pass
 
     def forget_if_replaced(self) -> None:
         """Drop every map if a mapped file was renamed over since it was mapped (a stat per file)."""

@@ -175,6 +175,7 @@ class Writer:
         self._finishers = dict(self._intents)
         self._dirty: set[int] = set()  # tensor ids written since the last flush (close() flushes then)
         self._dirty_since: float | None = None  # when rows were first written after the last flush
+        self.page_guard = tensorfiles.SmallPageGuard(self.maps)  # large folios brought back by other readers
 
     # -- the lock ---------------------------------------------------------------
 
@@ -417,8 +418,12 @@ class Writer:
         return codec.in_background(lambda: [kernels.touch_rows(table, idx) for table, idx in targets])
 
     def write_rows(self, writes: Sequence[RowWrite]) -> None:
-        """Write rows and their digests into the tensor files (the page cache; see :meth:`flush`)."""
+        """Write rows and their digests into the tensor files (the page cache; see :meth:`flush`).
+
+        If the stores dirtied large folios, the files are fsynced and re-cached in small pages
+        (tensorfiles.SmallPageGuard)."""
         digests = self.replica.has_row_digests
+        mark = self.page_guard.mark(self.replica.tensors) if writes else None
         for w in writes:
             idx = w.rows.astype(np.intp)
             stored = self.maps.digests(w.info, writable=True) if digests else None  # a missing file fails first
@@ -428,6 +433,7 @@ class Writer:
             self._dirty.add(w.info.id)
         if writes and self._dirty_since is None:
             self._dirty_since = time.monotonic()
+        self.page_guard.check(mark, [(w.info, len(w.rows)) for w in writes], self.replica.tensors, self._fsync_files)
 
     def put_meta(self, key: str, value) -> None:
         """Bookkeeping that is not part of the model (follower metadata, a check's marker); lock held."""
