@@ -202,25 +202,33 @@ class SmallPageGuard:
         self._recached_at: float | None = None
         self._interval = RECACHE_INTERVAL
 
-    def mark(self, infos: Iterable[TensorInfo]) -> int | None:
-        """What this thread dirtied so far, before row stores; None when not watching (a small model, no /proc)."""
+    def watching(self, infos: Iterable[TensorInfo]) -> bool:
+        """Whether stores into this model are checked (it prefers small pages; decided anew every
+        minute)."""
         now = self._clock()
         if self._wanted is None or now - self._wanted[0] > _DECISION_SECONDS:
             self._wanted = (now, prefers_small_pages(model_file_bytes(infos)))
-        return thread_dirtied_bytes() if self._wanted[1] else None
+        return self._wanted[1]
+
+    def mark(self, infos: Iterable[TensorInfo]) -> int | None:
+        """What this thread dirtied so far, before row stores; None when not watching (a small model, no /proc)."""
+        return thread_dirtied_bytes() if self.watching(infos) else None
 
     def check(self, mark: int | None, stored: Iterable[tuple[TensorInfo, int]], infos: Iterable[TensorInfo],
-              flush: Callable[[], None]) -> bool:
+              flush: Callable[[], None], dirtied_elsewhere: int = 0) -> bool:
         """After row stores (``stored``: (tensor, rows) pairs) that began at ``mark``: re-cache the model
-        if they dirtied large folios; True if it did. ``flush`` fsyncs every live file."""
+        if they dirtied large folios; True if it did. ``flush`` fsyncs every live file.
+        ``dirtied_elsewhere``: what another thread dirtied in the same pages just before (the
+        writer's touch of them, kernels.touch_rows: the stores then find them dirty already)."""
         if mark is None:
             return False
         after = thread_dirtied_bytes()
         if after is None:
             return False
         stored = list(stored)
-        self.last = (after - mark, sum(n for _info, n in stored))
-        if after - mark <= LARGE_FOLIO_FACTOR * small_page_bytes(stored):
+        dirtied = after - mark + dirtied_elsewhere
+        self.last = (dirtied, sum(n for _info, n in stored))
+        if dirtied <= LARGE_FOLIO_FACTOR * small_page_bytes(stored):
             return False
         now = self._clock()
         if self._recached_at is not None:

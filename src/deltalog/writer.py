@@ -246,6 +246,7 @@ class Writer:
 
             self.store.write(once)
             return
+        touched = None
         if change.log is not None or change.state:
 
             def first(txn):
@@ -258,11 +259,10 @@ class Writer:
             try:
                 self.store.write(first)
             finally:
-                if touching is not None:
-                    touching.exception()  # wait: no row is stored while it runs (its errors only cost speed)
+                touched = _outcome(touching)  # waits: no row is stored while the touch runs
             if change.logged is not None:
                 change.logged()
-        self.write_rows(change.rows)
+        self.write_rows(change.rows, touched=touched)
         if change.apply is not None:
             change.apply()
         if change.durable:
@@ -406,7 +406,8 @@ class Writer:
     def _touch_in_background(self, writes: Sequence[RowWrite]):
         """Start faulting in, writable, the pages ``writes`` will store into (their tensor files and
         row digest files), on another thread while the first transaction commits and fsyncs; a
-        future, or None. Contents stay unchanged, so this may run before the record is durable."""
+        future of what that thread dirtied (for the page guard: None when it does not watch), or None.
+        Contents stay unchanged, so this may run before the record is durable."""
         if not writes or not kernels.enabled():
             return None
         targets = []
@@ -415,13 +416,23 @@ class Writer:
             targets.append((self.rows(w.info), idx))  # the maps are opened here, on the writer's thread
             if self.replica.has_row_digests:
                 targets.append((self.maps.digests(w.info, writable=True), idx))
-        return codec.in_background(lambda: [kernels.touch_rows(table, idx) for table, idx in targets])
+        watching = self.page_guard.watching(self.replica.tensors)
 
-    def write_rows(self, writes: Sequence[RowWrite]) -> None:
+        def touch() -> int | None:
+            before = tensorfiles.thread_dirtied_bytes() if watching else None
+            for table, idx in targets:
+                kernels.touch_rows(table, idx)
+            after = tensorfiles.thread_dirtied_bytes() if before is not None else None
+            return None if after is None else after - before
+
+        return codec.in_background(touch)
+
+    def write_rows(self, writes: Sequence[RowWrite], touched: int | None = None) -> None:
         """Write rows and their digests into the tensor files (the page cache; see :meth:`flush`).
 
         If the stores dirtied large folios, the files are fsynced and re-cached in small pages
-        (tensorfiles.SmallPageGuard)."""
+        (tensorfiles.SmallPageGuard). ``touched``: what the touch of these rows' pages dirtied
+        on another thread just before (:meth:`_touch_in_background`)."""
         digests = self.replica.has_row_digests
         mark = self.page_guard.mark(self.replica.tensors) if writes else None
         for w in writes:
@@ -433,7 +444,8 @@ class Writer:
             self._dirty.add(w.info.id)
         if writes and self._dirty_since is None:
             self._dirty_since = time.monotonic()
-        self.page_guard.check(mark, [(w.info, len(w.rows)) for w in writes], self.replica.tensors, self._fsync_files)
+        self.page_guard.check(mark, [(w.info, len(w.rows)) for w in writes], self.replica.tensors, self._fsync_files,
+                              dirtied_elsewhere=touched or 0)
 
     def put_meta(self, key: str, value) -> None:
         """Bookkeeping that is not part of the model (follower metadata, a check's marker); lock held."""
@@ -612,6 +624,14 @@ class Writer:
 
         self.store.write(upgrade)
         replica.set_format(fmt)
+
+
+def _outcome(future):
+    """Wait for ``future`` (None: nothing to wait for); its result, or None if it failed (a touch's
+    failure only costs speed: the row stores fault as they would have)."""
+    if future is None or future.exception() is not None:
+        return None
+    return future.result()
 
 
 def _user() -> str:
