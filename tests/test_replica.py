@@ -124,10 +124,10 @@ def test_rows_are_stored_only_after_the_background_touch_of_their_pages_ended(re
         touch(table, rows)
         events.append(("touch ends", threading.get_ident()))
 
-    def recorded_write_rows(self, writes):
+    def recorded_write_rows(self, writes, **kwargs):
         if writes:
             events.append(("rows stored", threading.get_ident()))
-        return write_rows(self, writes)
+        return write_rows(self, writes, **kwargs)
 
     monkeypatch.setattr(kernels, "touch_rows", slow_touch)
     monkeypatch.setattr(writer.Writer, "write_rows", recorded_write_rows)
