@@ -37,7 +37,7 @@ def crash_next_apply(monkeypatch, point: str) -> None:
     assert point in CRASH_POINTS, point
     real_write_rows, real_settle = Writer.write_rows, Writer.settle
 
-    def write_rows(self, writes):
+    def write_rows(self, writes, **kwargs):
         if point == "before-rows":
             raise Crash
         if point == "half-rows":
@@ -49,7 +49,7 @@ def crash_next_apply(monkeypatch, point: str) -> None:
             for w in writes:
                 self.rows(w.info)[w.rows.astype(np.intp)] = w.values
             raise Crash
-        real_write_rows(self, writes)
+        real_write_rows(self, writes, **kwargs)
 
     def settle(self, change):
         if point == "before-applied":
