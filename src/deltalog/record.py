@@ -323,6 +323,13 @@ class RecordView:
         if pos != end:
             raise IntegrityError(f"{what}: {end - pos} unexplained bytes after the sections")
 
+    def tensor_names(self) -> list[str]:
+        """The names of the record's tensors, in header order (nothing decoded)."""
+        try:
+            return [str(th["name"]) for th, _spans in self._tensors]
+        except (KeyError, TypeError):
+            raise IntegrityError(f"{self.what}: malformed record header") from None
+
     def _payload(self, n: int, name: str, key: str, section: _Section) -> memoryview:
         """A section's payload, its checksum checked first (v2, once per section)."""
         if self._verified is not None and (n, key) not in self._verified:
