@@ -134,9 +134,9 @@ def test_a_partial_sync_chunk_is_applied_one_tensor_at_a_time(tmp_path, rng, mon
         peak = _peak(lambda: receive.apply_chunk(r, blob, target, "src"))
         (stored,) = read_pending(r)[1]
         receive.finish_sync(r, target, None)
-    # The stored chunk (and LMDB's copy of it), and one tensor's values with their transients;
-    # the whole chunk decoded at once measured 21 tensors' worth over the stored chunk here.
-    assert peak - 2 * len(stored) < 6 * largest, f"peak {peak / largest:.1f} tensors' worth"
+    # The stored chunk and its sections, and one tensor's values with their transients (~2 here);
+    # the whole chunk decoded at once measured 20 tensors' worth over the stored chunk twice.
+    assert peak - 2 * len(stored) < 4 * largest, f"peak {peak / largest:.1f} tensors' worth"
     _synced(dst, model, target)
 
 
@@ -156,9 +156,10 @@ def test_a_sync_of_many_chunks_finishes_one_tensor_at_a_time(tmp_path, rng):
         peak = _peak(lambda: receive.finish_sync(r, target, None))
         stored = len(r.record_blob(target))
     assert stored < 3 * largest and pending < 3 * largest  # the premise: records are small next to the values
-    # The pending chunks as read and the record's sections, plus one tensor's merged new and
-    # old values and what compressing both at once takes (~7 tensors' worth); every chunk
-    # decoded and merged at once measured 35 here.
-    assert peak - pending - stored < 9 * largest, \
+    # The record's sections, plus one tensor's merged new and old values and what compressing
+    # both at once takes (~7 tensors' worth); the chunks are read in place, not copied (they
+    # weigh about the record: copying them measured 10 here). Every chunk decoded and merged
+    # at once measured 37.
+    assert peak - stored < 8 * largest, \
         f"peak {peak / largest:.1f} tensors' worth, record {stored / largest:.2f}, chunks {pending / largest:.2f}"
     _synced(dst, model, target)

@@ -208,9 +208,13 @@ def _bits(array: np.ndarray) -> np.ndarray:
     return array.view(np.dtype(f"<u{array.dtype.itemsize}"))
 
 
-def encode_xor_values(old: np.ndarray, new: np.ndarray) -> tuple[bytes, int]:
-    """Encode ``old`` relative to ``new`` (the decoder always has ``new``)."""
-    return encode_values(np.bitwise_xor(_bits(np.ascontiguousarray(old)), _bits(np.ascontiguousarray(new))))
+def encode_xor_values(old: np.ndarray, new: np.ndarray, in_place: bool = False) -> tuple[bytes, int]:
+    """Encode ``old`` relative to ``new`` (the decoder always has ``new``).
+    ``in_place``: ``old`` is the caller's to spoil, and the xor goes into it (one array less)."""
+    bits = _bits(np.ascontiguousarray(old))
+    if in_place and bits.flags.writeable and np.shares_memory(bits, old):
+        return encode_values(np.bitwise_xor(bits, _bits(np.ascontiguousarray(new)), out=bits))
+    return encode_values(np.bitwise_xor(bits, _bits(np.ascontiguousarray(new))))
 
 
 def decode_xor_values(payload, size: int, new: np.ndarray, what: str) -> np.ndarray:

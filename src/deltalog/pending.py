@@ -15,6 +15,8 @@ which is what Replica.read_tensor stands on.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,15 +55,28 @@ def read_pending(replica: "Replica") -> tuple[dict | None, list[bytes]]:
     state's chunks. One LMDB read transaction sees one committed state.
     """
     with replica.store.read() as txn:
-        pending = replica.store.get_meta(txn, PENDING_KEY)
-        if pending is None:
-            return None, []
-        blobs = []
-        for n in range(pending["chunks"]):
-            blob = replica.store.get_meta(txn, CHUNK_KEY.format(n))
-            if blob is None:  # committed together with sync.pending: damage, not a race
-                raise IntegrityError(f"{replica.path}: pending sync chunk {n} is missing")
-            blobs.append(blob)
+        return _read_chunks(replica, txn, replica.store.get_meta)
+
+
+@contextmanager
+def pending_in_place(replica: "Replica") -> Iterator[tuple[dict | None, list[memoryview]]]:
+    """(sync.pending, its chunks) as :func:`read_pending` gives them, but as views into one
+    read transaction, not copies: valid only inside the ``with`` (the pending chunks of a
+    large sync weigh about its record; a finishing sync need not hold them twice)."""
+    with replica.store.read() as txn:
+        yield _read_chunks(replica, txn, replica.store.get_meta_blob)
+
+
+def _read_chunks(replica: "Replica", txn, get) -> tuple[dict | None, list]:
+    pending = replica.store.get_meta(txn, PENDING_KEY)
+    if pending is None:
+        return None, []
+    blobs = []
+    for n in range(pending["chunks"]):
+        blob = get(txn, CHUNK_KEY.format(n))
+        if blob is None:  # committed together with sync.pending: damage, not a race
+            raise IntegrityError(f"{replica.path}: pending sync chunk {n} is missing")
+        blobs.append(blob)
     return pending, blobs
 
 

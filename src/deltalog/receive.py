@@ -54,9 +54,11 @@ from .pending import (
     merged_tensor,
     pending_buckets,
     pending_state,
+    pending_in_place,
     pending_views,
     read_pending,
 )
+from .store import packed_bytes
 from .writer import Change, RowChange, RowWrite, Writer, create_replica
 
 if TYPE_CHECKING:
@@ -216,7 +218,7 @@ def _sealed(info, delta: rec.TensorDelta, load=None, written: bool = False) -> t
     """
     values = None if load is not None or written else delta.new
     write = RowWrite(info, delta.rows, values, kernels.row_digests(delta.new), load=load)
-    sealed = rec.compressed(delta)
+    sealed = rec.compressed(delta, spoil_old=True)  # the old values are our copy, read for the last time
     delta.new, delta.old = sealed.new, None  # the chunk's decoded record holds ``delta`` too
     return sealed, write
 
@@ -285,10 +287,12 @@ def apply_chunk(replica: "Replica", blob, target: int, source: str) -> dict:
         bucket_updates.append((info, *_bucket_maxima(t.rows, t.versions, replica.bucket_rows)))
         heap.release(nbytes)
     # The stored chunk keeps the source's claims: its digest at the target, and its history.
-    stored = [rec.encode(rec.Record(offset=target, base=head, kind="sync", time=time.time(), model_id=replica.model_id,
-                                    tensors=deltas, target=target, pre_digest=record.pre_digest,
-                                    post_digest=record.post_digest, history=record.history),
-                         replica.record_encoding)]
+    # It is joined once, into the meta value it is stored as.
+    stored = [packed_bytes(rec.encode_parts(
+        rec.Record(offset=target, base=head, kind="sync", time=time.time(), model_id=replica.model_id, tensors=deltas,
+                   target=target, pre_digest=record.pre_digest, post_digest=record.post_digest,
+                   history=record.history),
+        replica.record_encoding))]
     for d in deltas:  # in the stored chunk now: not twice in memory while LMDB copies it
         d.encoded = None
     heap.release(len(stored[0]))
@@ -299,7 +303,7 @@ def apply_chunk(replica: "Replica", blob, target: int, source: str) -> dict:
         p = store.get_meta(txn, PENDING_KEY) or {"base": head, "target": target, "source": source,
                                                   "chunks": 0, "buckets": {}}
         n = p["chunks"]
-        store.put_meta(txn, CHUNK_KEY.format(n), stored[0])
+        store.put_meta_packed(txn, CHUNK_KEY.format(n), stored[0])
         for info, buckets, versions in bucket_updates:
             entry = p["buckets"].setdefault(info.name, {"b": [], "v": [], "ov": [], "os": []})
             where = {b: i for i, b in enumerate(entry["b"])}
@@ -343,20 +347,20 @@ def finish_sync(replica: "Replica", target: int, follow: dict | None, expected: 
     pending chunks are undone and Diverged raised.
     """
     head = replica.head
-    pending, blobs = read_pending(replica)
     if target <= head:
         raise InvalidInput(f"{replica.path}: sync target {target} is not after the head {head}")
-    if pending is not None and (pending["base"] != head or pending["target"] > target):
-        raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
-    newest = rec.summarize(blobs[-1], f"{replica.path}: pending sync chunk {len(blobs) - 1}") if blobs else None
-    ours = newest is not None and newest.offset == target and newest.post_digest is not None
-    claimed = newest.post_digest if ours else expected
-    if expected is not None and claimed != expected:
-        raise TransportError(f"the source's chunks say state digest {lineage.to_hex(claimed)} at offset {target}, "
-                             f"its hello {lineage.to_hex(expected)}")
+    with pending_in_place(replica) as (pending, blobs):  # read in place: the chunks weigh about the record
+        if pending is not None and (pending["base"] != head or pending["target"] > target):
+            raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
+        newest = rec.summarize(blobs[-1], f"{replica.path}: pending sync chunk {len(blobs) - 1}") if blobs else None
+        ours = newest is not None and newest.offset == target and newest.post_digest is not None
+        claimed = newest.post_digest if ours else expected
+        if expected is not None and claimed != expected:
+            raise TransportError(f"the source's chunks say state digest {lineage.to_hex(claimed)} at offset {target}, "
+                                 f"its hello {lineage.to_hex(expected)}")
+        changes = _merged_changes(replica, blobs)  # nothing of the chunks' memory outlives the transaction
+        del blobs
     check = _check_post(replica, head, target, claimed)
-    changes = _merged_changes(replica, blobs)
-    del blobs  # the record's sections hold what it needs of them now: not held while LMDB copies it
 
     def check_or_undo(computed):
         try:

@@ -137,6 +137,12 @@ def _given(section: tuple[bytes, int]):
 
 def encode(record: Record, version: int = VERSION) -> bytes:
     """The record's bytes in encoding ``version``: 2 (what replicas store) or 1 (what goes to peers)."""
+    return b"".join(encode_parts(record, version))
+
+
+def encode_parts(record: Record, version: int = VERSION) -> list:
+    """:func:`encode`'s bytes as the pieces they are joined from, for a caller that joins them
+    into something larger without a second copy (a pending sync chunk, stored as a meta value)."""
     if record.kind not in KINDS:
         raise ValueError(f"unknown record kind {record.kind!r}")
     if version not in (1, 2):
@@ -218,19 +224,21 @@ def encode(record: Record, version: int = VERSION) -> bytes:
         digest = xxhash.xxh3_64(fixed)
         digest.update(header)
         parts = [fixed, header, _U64.pack(digest.intdigest()), *sections]
-    return b"".join(parts)
+    return parts
 
 
-def compressed(t: TensorDelta) -> TensorDelta:
+def compressed(t: TensorDelta, spoil_old: bool = False) -> TensorDelta:
     """``t`` with every section compressed now, as :func:`encode` would, and its values let go.
 
-    For a writer that builds a large record tensor by tensor (a sync source):
-    it then holds one tensor's values at a time, and encode() only assembles.
+    For a writer that builds a large record tensor by tensor (a sync source
+    or destination): it then holds one tensor's values at a time, and
+    encode() only assembles. ``spoil_old``: ``t.old`` is a copy nobody reads
+    again, so the undo section is computed in it (one array less).
     """
     done = dict(t.encoded or {})
     jobs: dict[str, object] = {"index": partial(codec.encode_indices, t.rows), "new": partial(codec.encode_values, t.new)}
     if t.old is not None:
-        jobs["old"] = partial(codec.encode_xor_values, t.old, t.new)
+        jobs["old"] = partial(codec.encode_xor_values, t.old, t.new, in_place=spoil_old)
     if t.versions is not None:
         jobs["versions"] = partial(codec.encode_values, np.asarray(t.versions, dtype="<u8"))
     todo = [key for key in jobs if key not in done]
