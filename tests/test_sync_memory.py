@@ -163,3 +163,49 @@ def test_a_sync_of_many_chunks_finishes_one_tensor_at_a_time(tmp_path, rng):
     assert peak - stored < 8 * largest, \
         f"peak {peak / largest:.1f} tensors' worth, record {stored / largest:.2f}, chunks {pending / largest:.2f}"
     _synced(dst, model, target)
+
+
+@pytest.mark.parametrize("final", [True, False], ids=["whole", "pending-chunk"])
+def test_a_chunk_handed_over_is_gone_when_lmdb_copies_what_it_became(tmp_path, rng, monkeypatch, final):
+    # The stdio server keeps no reference to a request's chunk (receive.HandedOver): when LMDB
+    # copies the record (or the stored pending chunk), only that is held, not the chunk besides.
+    # Random values: the chunk weighs what its rows do, so holding it would show.
+    from deltalog.store import LogStore
+
+    monkeypatch.setattr(receive, "KEEP_DECODED_BYTES", 0)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    model = {f"emb{i}": rng.standard_normal((ROWS, ELEMS)).astype(np.float32) for i in range(TENSORS)}
+    with Replica.init(src, model, bucket_rows=64):
+        pass
+    shutil.copytree(src, dst)
+    with Replica.open(src) as r:
+        r.commit({name: (np.arange(ROWS), values + 1) for name, values in model.items()})
+        target = r.head
+        (blob,) = list(sync_mod.source_chunks(r, 0, {}, target, 64 << 20))
+    wire = len(blob)
+    held = {}
+    put = "put_record" if final else "put_meta_packed"
+    real = getattr(LogStore, put)
+
+    def measured(self, txn, key, value):
+        held.setdefault("current", tracemalloc.get_traced_memory()[0])
+        held["value"] = len(value)
+        return real(self, txn, key, value)
+
+    monkeypatch.setattr(LogStore, put, measured)
+    with Replica.open(dst) as r, r.writing():
+        tracemalloc.start()  # it sees what is allocated from here on: the chunk as the server reads it
+        try:
+            handed = receive.HandedOver(bytearray(blob))
+            if final:
+                receive.apply_whole(r, handed, target, None)
+            else:
+                receive.apply_chunk(r, handed, target, "src")
+                receive.finish_sync(r, target, None)
+        finally:
+            tracemalloc.stop()
+    assert wire > 6 * ROWS * ELEMS  # the premise: the chunk is not small
+    # Besides what LMDB copies: ~0.2 chunks' worth (row digests, indexes); the chunk kept measured 1.2.
+    assert held["current"] - held["value"] < wire / 2, \
+        f"held {held['current'] / wire:.2f} chunks' worth, copying {held['value'] / wire:.2f}"
+    _synced(dst, {name: values for name, values in model.items()}, target)

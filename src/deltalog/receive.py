@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -189,6 +190,20 @@ def _check_post(replica: "Replica", head: int, target: int, claimed: int | None)
 KEEP_DECODED_BYTES = 16 << 20
 
 
+class HandedOver:
+    """A chunk handed to apply_whole or apply_chunk by a caller that keeps no other reference to
+    it (the stdio server's request frame), so it can go before LMDB copies what it became."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob):
+        self.blob = blob
+
+    def take(self):
+        blob, self.blob = self.blob, None
+        return blob
+
+
 def _keep_decoded(parts) -> tuple[bool, list[int]]:
     """(keep the new values decoded?, each tensor's value bytes) for a chunk's ``parts``."""
     value_bytes = [len(t.rows) * info.row_bytes for _n, info, t in parts]
@@ -250,19 +265,42 @@ def apply_whole(replica: "Replica", blob, target: int, follow: dict | None) -> i
     head = replica.head
     if pending_state(replica) is not None:
         raise IntegrityError(f"{replica.path}: a partial sync is pending; its chunks must be finished, not bypassed")
-    view, record, parts = _checked_chunk(replica, blob, target, head, rows_only=True)
-    keep, value_bytes = _keep_decoded(parts)
-    changes = []
-    for (n, info, t), nbytes in zip(parts, value_bytes):
-        old_digests, load = _received_values(replica, view, n, info, t, keep)
-        changes.append(_own_change(info, t, old_digests, load))
-        heap.release(nbytes)  # this tensor's arrays are gone: their pages too, before the next one's
+    changes, record = _received_changes(replica, blob, target, head, logged=lambda i: partial(_logged_values, replica,
+                                                                                            target, i))
     replica.writer.append(
         "sync", changes, offset=target, target=target, history=record.history,
         log=None if follow is None else (lambda txn: replica.store.put_meta(txn, FOLLOW_KEY, follow)),
         expect_digest=_check_post(replica, head, target, record.post_digest),
     )
     return sum(len(c.delta.rows) for c in changes)
+
+
+def _received_changes(replica: "Replica", chunk, target: int, head: int, logged, own: bool = True):
+    """(the changes of a received chunk, sealed tensor by tensor; the chunk's Record, values not decoded).
+
+    ``own``: each change's significance is this replica's own (a record), else the source's (a
+    stored pending chunk). ``logged(i)`` makes the ``load`` of the i-th change's row write from
+    the log, for a chunk handed over (:class:`HandedOver`): the chunk is then referenced only
+    by the sections it gives the record, and goes when they are copied into it, before LMDB
+    copies the record. Otherwise the row writes decode the chunk again (or keep the values).
+    """
+    handed = isinstance(chunk, HandedOver)
+    blob = chunk.take() if handed else chunk
+    view, record, parts = _checked_chunk(replica, blob, target, head, rows_only=True)
+    keep, value_bytes = _keep_decoded(parts)
+    changes = []
+    for i, ((n, info, t), nbytes) in enumerate(zip(parts, value_bytes)):
+        old_digests, load = _received_values(replica, view, n, info, t, keep)
+        if handed and load is not None:
+            load = logged(i)
+        if own:
+            changes.append(_own_change(info, t, old_digests, load))
+        else:  # a pending chunk: the source's significance stays, as the chunk said it; no index work
+            sealed, write = _sealed(info, t, load)
+            changes.append(RowChange(info, sealed, None, None, write))
+        heap.release(nbytes)  # this tensor's arrays are gone: their pages too, before the next one's
+    record.tensors = []  # the values' sections: the changes hold them now
+    return changes, record
 
 
 def apply_chunk(replica: "Replica", blob, target: int, source: str) -> dict:
@@ -273,19 +311,17 @@ def apply_chunk(replica: "Replica", blob, target: int, source: str) -> dict:
     tensor's values at a time.
     """
     head = replica.head
-    view, record, parts = _checked_chunk(replica, blob, target, head, rows_only=True)
     pending = pending_state(replica)
     if pending is not None and (pending["base"] != head or pending["target"] > target):
         raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
-    keep, value_bytes = _keep_decoded(parts)
-    deltas, bucket_updates, writes = [], [], []
-    for (n, info, t), nbytes in zip(parts, value_bytes):
-        _old_digests, load = _received_values(replica, view, n, info, t, keep)
-        sealed, write = _sealed(info, t, load)  # the source's significance stays, as the chunk said it
-        deltas.append(sealed)
-        writes.append(write)
-        bucket_updates.append((info, *_bucket_maxima(t.rows, t.versions, replica.bucket_rows)))
-        heap.release(nbytes)
+    store = replica.store
+    result = {}
+    changes, record = _received_changes(replica, blob, target, head, own=False,
+                                        logged=lambda i: partial(_stored_chunk_values, replica, result, i))
+    deltas = [c.delta for c in changes]
+    writes = [c.write for c in changes]
+    bucket_updates = [(c.info, *_bucket_maxima(c.delta.rows, c.delta.versions, replica.bucket_rows)) for c in changes]
+    del changes
     # The stored chunk keeps the source's claims: its digest at the target, and its history.
     # It is joined once, into the meta value it is stored as.
     stored = [packed_bytes(rec.encode_parts(
@@ -296,13 +332,11 @@ def apply_chunk(replica: "Replica", blob, target: int, source: str) -> dict:
     for d in deltas:  # in the stored chunk now: not twice in memory while LMDB copies it
         d.encoded = None
     heap.release(len(stored[0]))
-    store = replica.store
-    result = {}
 
     def log_it(txn):
         p = store.get_meta(txn, PENDING_KEY) or {"base": head, "target": target, "source": source,
                                                   "chunks": 0, "buckets": {}}
-        n = p["chunks"]
+        n = result["chunk"] = p["chunks"]
         store.put_meta_packed(txn, CHUNK_KEY.format(n), stored[0])
         for info, buckets, versions in bucket_updates:
             entry = p["buckets"].setdefault(info.name, {"b": [], "v": [], "ov": [], "os": []})
@@ -327,6 +361,20 @@ def apply_chunk(replica: "Replica", blob, target: int, source: str) -> dict:
     replica.writer.transition(Change(log=log_it, state={"applying": target}, rows=writes, durable=True,
                                      logged=stored.clear))  # only the first transaction needs it
     return {"rows": sum(len(d.rows) for d in deltas), "pending_buckets": result["pending_buckets"]}
+
+
+def _logged_values(replica: "Replica", offset: int, n: int) -> np.ndarray:
+    """The new values of tensor number ``n`` of the record at ``offset``, decoded from the log."""
+    with replica.store.read() as txn:  # decoded values are fresh arrays: nothing outlives the transaction
+        return rec.RecordView(replica.store.get_record(txn, offset), f"{replica.path}: record {offset}").new_values(n)
+
+
+def _stored_chunk_values(replica: "Replica", result: dict, n: int) -> np.ndarray:
+    """The new values of tensor number ``n`` of the pending chunk apply_chunk just stored (``result["chunk"]``)."""
+    key = CHUNK_KEY.format(result["chunk"])
+    with replica.store.read() as txn:
+        return rec.RecordView(replica.store.get_meta_blob(txn, key), f"{replica.path}: pending sync chunk "
+                              f"{result['chunk']}").new_values(n)
 
 
 def _bucket_maxima(rows: np.ndarray, versions: np.ndarray, bucket_rows: int) -> tuple[list[int], list[int]]:
