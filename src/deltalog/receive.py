@@ -439,6 +439,7 @@ def _merged_changes(replica: "Replica", blobs: list[bytes]) -> list[RowChange]:
         d = merged_tensor(views, info.name)
         if d is not None and len(d.rows):
             nbytes = d.new.nbytes + d.old.nbytes
+            heap.release(nbytes)  # what merging them took, before compressing them takes as much again
             changes.append(_own_change(info, d, written=True))  # apply_chunk wrote its rows
             del d
             heap.release(nbytes)
