@@ -1,6 +1,7 @@
 """Peak memory and wall time of one ``deltalog sync`` of N minutes of changes, A/B between two checkouts.
 
     .venv/bin/python bench/syncmem.py --size 0.25 --minutes 1 --repeat 3 [--base ../other-checkout]
+    .venv/bin/python bench/syncmem.py --size 1 --minutes 3 --chunk-bytes 4M   # the partial-sync path
 
 A (the workload of bench/run.py: ``--minutes`` simulated minutes of training
 commits) is synced into a fresh copy of B (A before those commits) once per
@@ -78,6 +79,8 @@ def main() -> None:
     p.add_argument("--size", type=float, default=0.25)
     p.add_argument("--minutes", type=int, default=1, help="simulated minutes of commits to sync")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--chunk-bytes", default=None,
+                   help="sync's --chunk-bytes (e.g. 4M): several chunks, the partial-sync path (default: one chunk)")
     p.add_argument("--base", default=None, help="another checkout (with its .venv) to compare against")
     p.add_argument("--transports", default="local,pipe")
     p.add_argument("--work", default=os.path.join(HERE, "work", "syncmem"))
@@ -123,18 +126,19 @@ def main() -> None:
                 shutil.copytree(b0, b)
                 cli = cli_of(path)
                 local_out, remote_out = os.path.join(work, "local.json"), os.path.join(work, "remote.json")
+                chunking = ["--chunk-bytes", args.chunk_bytes] if args.chunk_bytes else []
                 if transport == "local":
-                    argv = [*cli, "sync", a, b, "--json"]
+                    argv = [*cli, "sync", a, b, "--json", *chunking]
                 else:
                     remote = shlex.join([*PEAKRSS, remote_out, "--", *cli])
-                    argv = [*cli, "sync", a, f"localhost:{b}", "--json", "--ssh-command",
+                    argv = [*cli, "sync", a, f"localhost:{b}", "--json", *chunking, "--ssh-command",
                             shlex.join([sys.executable, fake_ssh]), "--remote-deltalog", remote]
                 subprocess.run(["sync"])  # the copy's dirty pages out of the way
                 time.sleep(0.2)
                 res, stdout = peak(local_out, argv)
                 out = json.loads(stdout.strip().splitlines()[-1])
-                assert out["complete"] and out["chunks"] == 1, out
-                run = {"variant": name, "transport": transport, "seconds": res["seconds"],
+                assert out["complete"] and (out["chunks"] == 1 or args.chunk_bytes), out
+                run = {"variant": name, "transport": transport, "seconds": res["seconds"], "chunks": out["chunks"],
                        "cpu_seconds": res["user_seconds"] + res["system_seconds"],  # the tree's, far end included
                        "sync_seconds": out["seconds"], "sender_anon_kib": res["peak_anon_kib"]}  # the whole tree
                 if transport != "local":

@@ -337,3 +337,32 @@ def test_a_child_forked_after_a_parallel_encode_encodes_too():
     jobs = [lambda row=row: codec.encode_values(row) for row in big]
     want = [payload for payload, _size in codec.run_jobs(jobs, big.nbytes)]
     in_forked_child(lambda: [payload for payload, _size in codec.run_jobs(jobs, big.nbytes)] == want)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("dtype", sorted(STORAGE))
+def test_an_undo_section_computed_in_place_is_the_same_bytes(rng, dtype, compiled):
+    """A destination that is done with its old values lets the xor overwrite them: same section.
+    (The compiled loops XOR while they make the byte planes and need no temporary at all.)"""
+    from deltalog import kernels
+
+    if compiled and not kernels.available():
+        pytest.skip("deltalog._kernels was not built")
+    before = kernels.set_enabled(compiled)
+    try:
+        t = make_record(rng, dtype, k=300, row_elems=7, versions=True).tensors[0]
+        want = rec.compressed(t).encoded
+        spoilt = t.old.copy()
+        assert codec.encode_xor_values(spoilt, t.new, in_place=True) == want["old"]
+        if not compiled:  # no copy made: the xor went into the old values
+            assert spoilt.tobytes() == np.bitwise_xor(t.old.view(np.uint8), t.new.view(np.uint8)).tobytes()
+        got = rec.compressed(rec.TensorDelta(t.name, t.dtype, t.rows, t.new, t.old.copy(), t.versions), spoil_old=True)
+        assert got.encoded == want and got.old is None and len(got.new) == 0
+    finally:
+        kernels.set_enabled(before)
+
+
+def test_encode_parts_join_to_the_record(rng):
+    r = make_record(rng, k=50, versions=True)
+    for version in ENCODINGS:
+        assert b"".join(rec.encode_parts(r, version)) == rec.encode(r, version)

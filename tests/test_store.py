@@ -12,7 +12,8 @@ import pytest
 from deltalog import Replica
 from deltalog.errors import IntegrityError, StorageError
 from deltalog.lmdbfile import check_data_file, newest_meta
-from deltalog.store import LogStore
+from deltalog.record import pack
+from deltalog.store import LogStore, packed_bytes
 
 
 def _short_but_healthy(path: str) -> int:
@@ -220,3 +221,21 @@ def test_a_head_that_disagrees_with_the_log_is_refused_at_open(tmp_path, commits
     _rewrite_meta(path, "state", change)
     with pytest.raises(IntegrityError, match=words):
         Replica.open(path)
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 65535, 65536, 300_000])
+def test_a_value_packed_from_pieces_is_what_pack_makes_and_reads_in_place(replica_store, n):
+    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    packed = packed_bytes([data[: n // 3], memoryview(data)[n // 3 :]])
+    assert packed == pack(data)
+    replica_store.write(lambda txn: replica_store.put_meta_packed(txn, "blob", packed))
+    with replica_store.read() as txn:
+        assert replica_store.get_meta(txn, "blob") == data
+        view = replica_store.get_meta_blob(txn, "blob")
+        assert isinstance(view, memoryview) and view == data
+
+
+def test_a_meta_value_that_is_no_byte_string_is_refused_as_a_blob(replica_store):
+    replica_store.write(lambda txn: replica_store.put_meta(txn, "blob", {"a": 1}))
+    with replica_store.read() as txn, pytest.raises(IntegrityError, match="not a byte string"):
+        replica_store.get_meta_blob(txn, "blob")

@@ -1,10 +1,11 @@
-"""Both ends of a whole sync hold one tensor's values at a time, not the chunk's.
+"""Both ends of a sync hold one tensor's values at a time, not the chunk's or the sync's.
 
 A memory bound, not a timing one: tracemalloc sees numpy's buffers and
 Python's bytes, so its peak during the destination's work, minus the
 record it must build for the log, follows the largest tensor's changed
 rows. Holding every tensor's new and old values at once (what a chunk
-applied in one piece costs) breaks it.
+applied in one piece costs, or a partial sync's chunks merged at once when
+it finishes) breaks it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 from deltalog import Replica, receive
 from deltalog import sync as sync_mod
+from deltalog.pending import read_pending
 from deltalog.verify import verify
 
 TENSORS = 8
@@ -86,3 +88,124 @@ def test_a_sync_source_reads_and_compresses_one_tensor_at_a_time(tmp_path, rng):
     # The chunk's sections and the chunk, and one tensor's values with their transients (~6 here);
     # every tensor's values at once would be 8 tensors' worth more (reading them all first measured 15).
     assert peak < 2 * len(blob) + 6 * largest, f"peak {peak / largest:.1f} tensors' worth, chunk {len(blob) / largest:.2f}"
+
+
+def _changed_everywhere(tmp_path, rng):
+    """(source, destination at offset 0, target): every row of every tensor changed at the source."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    model = _model(rng)
+    with Replica.init(src, model, bucket_rows=64):
+        pass
+    shutil.copytree(src, dst)
+    with Replica.open(src) as r:
+        r.commit({name: (np.arange(ROWS), values + 1) for name, values in model.items()})
+        target = r.head
+    return src, dst, model, target
+
+
+def _peak(work) -> int:
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _synced(dst, model, target) -> None:
+    with Replica.open(dst) as r:
+        assert r.head == target
+        for name, values in model.items():
+            assert np.array_equal(r.rows_view(name)[:], values + 1)
+    with Replica.open(dst) as r:
+        assert verify(r).ok
+
+
+def test_a_partial_sync_chunk_is_applied_one_tensor_at_a_time(tmp_path, rng, monkeypatch):
+    # One chunk of a budgeted (or bigger than one chunk) sync holding every tensor: applying it
+    # as pending state follows its largest tensor too, not the chunk.
+    monkeypatch.setattr(receive, "KEEP_DECODED_BYTES", 0)
+    src, dst, model, target = _changed_everywhere(tmp_path, rng)
+    with Replica.open(src) as r:
+        (blob,) = list(sync_mod.source_chunks(r, 0, {}, target, 64 << 20))
+    blob = bytearray(blob)
+    largest = ROWS * ELEMS * 4
+    with Replica.open(dst) as r, r.writing():
+        peak = _peak(lambda: receive.apply_chunk(r, blob, target, "src"))
+        (stored,) = read_pending(r)[1]
+        receive.finish_sync(r, target, None)
+    # The stored chunk and its sections, and one tensor's values with their transients (~2 here);
+    # the whole chunk decoded at once measured 20 tensors' worth over the stored chunk twice.
+    assert peak - 2 * len(stored) < 4 * largest, f"peak {peak / largest:.1f} tensors' worth"
+    _synced(dst, model, target)
+
+
+def test_a_sync_of_many_chunks_finishes_one_tensor_at_a_time(tmp_path, rng):
+    # Chunks of about one tensor's rows, ranked by significance so tensors spread over them:
+    # finishing merges the chunks into one record tensor by tensor.
+    src, dst, model, target = _changed_everywhere(tmp_path, rng)
+    largest = ROWS * ELEMS * 4
+    with Replica.open(src) as r:
+        chunks = [bytearray(b) for b in sync_mod.source_chunks(r, 0, {}, target, largest)]
+    assert len(chunks) >= TENSORS
+    with Replica.open(dst) as r, r.writing():
+        for blob in chunks:
+            receive.apply_chunk(r, blob, target, "src")
+        del chunks
+        pending = sum(len(b) for b in read_pending(r)[1])
+        peak = _peak(lambda: receive.finish_sync(r, target, None))
+        stored = len(r.record_blob(target))
+    assert stored < 3 * largest and pending < 3 * largest  # the premise: records are small next to the values
+    # The record's sections, plus one tensor's merged new and old values and what compressing
+    # both at once takes (~7 tensors' worth); the chunks are read in place, not copied (they
+    # weigh about the record: copying them measured 10 here). Every chunk decoded and merged
+    # at once measured 37.
+    assert peak - stored < 8 * largest, \
+        f"peak {peak / largest:.1f} tensors' worth, record {stored / largest:.2f}, chunks {pending / largest:.2f}"
+    _synced(dst, model, target)
+
+
+@pytest.mark.parametrize("final", [True, False], ids=["whole", "pending-chunk"])
+def test_a_chunk_handed_over_is_gone_when_lmdb_copies_what_it_became(tmp_path, rng, monkeypatch, final):
+    # The stdio server keeps no reference to a request's chunk (receive.HandedOver): when LMDB
+    # copies the record (or the stored pending chunk), only that is held, not the chunk besides.
+    # Random values: the chunk weighs what its rows do, so holding it would show.
+    from deltalog.store import LogStore
+
+    monkeypatch.setattr(receive, "KEEP_DECODED_BYTES", 0)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    model = {f"emb{i}": rng.standard_normal((ROWS, ELEMS)).astype(np.float32) for i in range(TENSORS)}
+    with Replica.init(src, model, bucket_rows=64):
+        pass
+    shutil.copytree(src, dst)
+    with Replica.open(src) as r:
+        r.commit({name: (np.arange(ROWS), values + 1) for name, values in model.items()})
+        target = r.head
+        (blob,) = list(sync_mod.source_chunks(r, 0, {}, target, 64 << 20))
+    wire = len(blob)
+    held = {}
+    put = "put_record" if final else "put_meta_packed"
+    real = getattr(LogStore, put)
+
+    def measured(self, txn, key, value):
+        held.setdefault("current", tracemalloc.get_traced_memory()[0])
+        held["value"] = len(value)
+        return real(self, txn, key, value)
+
+    monkeypatch.setattr(LogStore, put, measured)
+    with Replica.open(dst) as r, r.writing():
+        tracemalloc.start()  # it sees what is allocated from here on: the chunk as the server reads it
+        try:
+            handed = receive.HandedOver(bytearray(blob))
+            if final:
+                receive.apply_whole(r, handed, target, None)
+            else:
+                receive.apply_chunk(r, handed, target, "src")
+                receive.finish_sync(r, target, None)
+        finally:
+            tracemalloc.stop()
+    assert wire > 6 * ROWS * ELEMS  # the premise: the chunk is not small
+    # Besides what LMDB copies: ~0.2 chunks' worth (row digests, indexes); the chunk kept measured 1.2.
+    assert held["current"] - held["value"] < wire / 2, \
+        f"held {held['current'] / wire:.2f} chunks' worth, copying {held['value'] / wire:.2f}"
+    _synced(dst, {name: values for name, values in model.items()}, target)

@@ -224,11 +224,19 @@ def _bits(array: np.ndarray) -> np.ndarray:
     return array.view(np.dtype(f"<u{array.dtype.itemsize}"))
 
 
-def encode_xor_values(old: np.ndarray, new: np.ndarray) -> tuple[bytes, int]:
-    """Encode ``old`` relative to ``new`` (the decoder always has ``new``)."""
+def encode_xor_values(old: np.ndarray, new: np.ndarray, in_place: bool = False) -> tuple[bytes, int]:
+    """Encode ``old`` relative to ``new`` (the decoder always has ``new``).
+
+    ``in_place``: ``old`` is the caller's to spoil. The compiled pass XORs
+    while it makes the byte planes and needs no temporary either way; the
+    numpy fallback then XORs into ``old`` (one array less)."""
     if old.shape != new.shape or old.dtype.itemsize != new.dtype.itemsize:
         raise ValueError("old and new values must have the same shape and element size")
-    planes = shuffle(old, xor_with=new)  # XOR and byte planes in one pass
+    if in_place and not kernels.enabled() and old.flags.writeable and old.flags.c_contiguous:
+        bits = _bits(old)
+        planes = shuffle(np.bitwise_xor(bits, _bits(np.ascontiguousarray(new)), out=bits))
+    else:
+        planes = shuffle(old, xor_with=new)  # XOR and byte planes in one pass
     return compress(planes), planes.nbytes
 
 

@@ -15,6 +15,8 @@ which is what Replica.read_tensor stands on.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,15 +55,28 @@ def read_pending(replica: "Replica") -> tuple[dict | None, list[bytes]]:
     state's chunks. One LMDB read transaction sees one committed state.
     """
     with replica.store.read() as txn:
-        pending = replica.store.get_meta(txn, PENDING_KEY)
-        if pending is None:
-            return None, []
-        blobs = []
-        for n in range(pending["chunks"]):
-            blob = replica.store.get_meta(txn, CHUNK_KEY.format(n))
-            if blob is None:  # committed together with sync.pending: damage, not a race
-                raise IntegrityError(f"{replica.path}: pending sync chunk {n} is missing")
-            blobs.append(blob)
+        return _read_chunks(replica, txn, replica.store.get_meta)
+
+
+@contextmanager
+def pending_in_place(replica: "Replica") -> Iterator[tuple[dict | None, list[memoryview]]]:
+    """(sync.pending, its chunks) as :func:`read_pending` gives them, but as views into one
+    read transaction, not copies: valid only inside the ``with`` (the pending chunks of a
+    large sync weigh about its record; a finishing sync need not hold them twice)."""
+    with replica.store.read() as txn:
+        yield _read_chunks(replica, txn, replica.store.get_meta_blob)
+
+
+def _read_chunks(replica: "Replica", txn, get) -> tuple[dict | None, list]:
+    pending = replica.store.get_meta(txn, PENDING_KEY)
+    if pending is None:
+        return None, []
+    blobs = []
+    for n in range(pending["chunks"]):
+        blob = get(txn, CHUNK_KEY.format(n))
+        if blob is None:  # committed together with sync.pending: damage, not a race
+            raise IntegrityError(f"{replica.path}: pending sync chunk {n} is missing")
+        blobs.append(blob)
     return pending, blobs
 
 
@@ -72,25 +87,49 @@ def pending_buckets(pending: dict | None) -> dict[str, dict[int, int]]:
     return {name: dict(zip(b["b"], b["v"])) for name, b in pending["buckets"].items()}
 
 
+def pending_views(replica: "Replica", blobs: list[bytes]) -> list[rec.RecordView]:
+    """The pending chunks ``blobs`` opened for reading (headers checked), in the order they came."""
+    return [rec.RecordView(blob, f"{replica.path}: pending sync chunk {n}") for n, blob in enumerate(blobs)]
+
+
+def merged_tensor(views: list[rec.RecordView], name: str, rows_only: bool = False) -> rec.TensorDelta | None:
+    """One tensor of the pending chunks ``views`` as one delta: newest value, first old value,
+    newest version per row (None when no chunk holds it). Only that tensor is decoded, so a
+    caller going tensor by tensor holds one tensor's values at a time, not every chunk's.
+    ``rows_only``: its rows alone (no values, no versions)."""
+    parts = [t for view in views for t in view.decode(only={name}, rows_only=rows_only).tensors]
+    if not parts:
+        return None
+    if rows_only:
+        rows = np.unique(np.concatenate([d.rows for d in parts]))
+        return rec.TensorDelta(name, parts[0].dtype, rows, parts[0].new)
+    if len(parts) == 1:  # each chunk's rows are sorted and unique
+        d = parts[0]
+        return rec.TensorDelta(name, d.dtype, d.rows, d.new, d.old, d.versions)
+    rows = np.concatenate([d.rows for d in parts])
+    order = np.argsort(rows, kind="stable")  # chunks in arrival order within a row
+    rows = rows[order]
+    change = rows[1:] != rows[:-1]
+    first, last = np.r_[True, change], np.r_[change, True]
+    rows, first, last = rows[last], order[first], order[last]
+    versions = np.concatenate([d.versions for d in parts])[last]
+
+    def gathered(key: str, at: np.ndarray) -> np.ndarray:
+        # The parts' values go once joined: a tensor's values are held about twice, not three times.
+        joined = np.concatenate([getattr(d, key) for d in parts])
+        for d in parts:
+            setattr(d, key, None)
+        return joined[at]
+
+    new = gathered("new", last)
+    return rec.TensorDelta(name, parts[0].dtype, rows, new, gathered("old", first), versions)
+
+
 def _merge_pending(replica: "Replica", blobs: list[bytes]) -> dict[str, rec.TensorDelta]:
-    """Pending chunks as one delta per tensor: newest value, first old value, newest version."""
-    parts: dict[str, list[rec.TensorDelta]] = {}
-    for n, blob in enumerate(blobs):
-        record = rec.decode(blob, f"{replica.path}: pending sync chunk {n}")
-        for t in record.tensors:
-            parts.setdefault(t.name, []).append(t)
-    merged = {}
-    for name, deltas in parts.items():
-        rows = np.concatenate([d.rows for d in deltas])
-        new = np.concatenate([d.new for d in deltas])
-        old = np.concatenate([d.old for d in deltas])
-        versions = np.concatenate([d.versions for d in deltas])
-        order = np.argsort(rows, kind="stable")  # chunks in arrival order within a row
-        rows, new, old, versions = rows[order], new[order], old[order], versions[order]
-        first = np.r_[True, rows[1:] != rows[:-1]]
-        last = np.r_[rows[1:] != rows[:-1], True]
-        merged[name] = rec.TensorDelta(name, deltas[0].dtype, rows[last], new[last], old[first], versions[last])
-    return merged
+    """Pending chunks as one delta per tensor (see :func:`merged_tensor`)."""
+    views = pending_views(replica, blobs)
+    names = dict.fromkeys(name for view in views for name in view.tensor_names())
+    return {name: merged_tensor(views, name) for name in names}
 
 
 def merged_pending(replica: "Replica") -> dict[str, rec.TensorDelta]:

@@ -32,11 +32,12 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import codec, heap, kernels, layout, lineage, tensorfiles
+from . import heap, kernels, layout, lineage, tensorfiles
 from . import record as rec
 from .dtypes import row_significance
 from .errors import (
@@ -48,7 +49,17 @@ from .errors import (
     TransportError,
     UnsupportedVersion,
 )
-from .pending import CHUNK_KEY, PENDING_KEY, merged_pending, pending_buckets, pending_state, read_pending
+from .pending import (
+    CHUNK_KEY,
+    PENDING_KEY,
+    merged_tensor,
+    pending_buckets,
+    pending_state,
+    pending_in_place,
+    pending_views,
+    read_pending,
+)
+from .store import packed_bytes
 from .writer import Change, RowChange, RowWrite, Writer, create_replica
 
 if TYPE_CHECKING:
@@ -171,43 +182,72 @@ def _check_post(replica: "Replica", head: int, target: int, claimed: int | None)
     return check
 
 
-def _row_change(info, delta: rec.TensorDelta, old: np.ndarray, old_digests: np.ndarray | None) -> RowChange:
-    row_sig = row_significance(old, delta.new, info.dtype)
-    delta.old = old
-    delta.significance = float(row_sig.sum())
-    return RowChange(info, delta, row_sig, kernels.row_digests(old) if old_digests is None else old_digests)
-
-
-# A whole sync keeps the new values it decoded for the row writes while they total at
-# most this; past it, each tensor's are decoded again from the chunk when written.
-# Small syncs (every round of ``sync --follow``) then pay no second decode, and a big
-# one holds one tensor's values at a time (issue 15: memory <= 64 MiB + 2x the change).
+# A chunk's new values stay decoded for its row writes while they total at most this;
+# past it, each tensor's are decoded again from the chunk when written. Small syncs
+# (every round of ``sync --follow``, a budgeted sync's small chunks) then pay no second
+# decode, and a big chunk holds one tensor's values at a time (issue 15: memory
+# <= 64 MiB + 2x the change).
 KEEP_DECODED_BYTES = 16 << 20
 
 
-def _streamed_change(replica: "Replica", view: rec.RecordView, n: int, info, delta: rec.TensorDelta,
-                     keep: bool) -> RowChange:
-    """One tensor of a whole sync, with its values held only while they are worked on (unless ``keep``).
+class HandedOver:
+    """A chunk handed to apply_whole or apply_chunk by a caller that keeps no other reference to
+    it (the stdio server's request frame), so it can go before LMDB copies what it became."""
 
-    Memory then follows the largest tensor of the chunk, not the chunk: the
-    new values are decoded, this replica's old values gathered, and the undo
-    section encoded, tensor by tensor; what the record needs is kept encoded
-    (the received sections, stored as they came; the undo section), and the
-    new values are decoded again when they are written.
+    __slots__ = ("blob",)
+
+    def __init__(self, blob):
+        self.blob = blob
+
+    def take(self):
+        blob, self.blob = self.blob, None
+        return blob
+
+
+def _keep_decoded(parts) -> tuple[bool, list[int]]:
+    """(keep the new values decoded?, each tensor's value bytes) for a chunk's ``parts``."""
+    value_bytes = [len(t.rows) * info.row_bytes for _n, info, t in parts]
+    return sum(value_bytes) <= KEEP_DECODED_BYTES, value_bytes
+
+
+def _received_values(replica: "Replica", view: rec.RecordView, n: int, info, delta: rec.TensorDelta, keep: bool):
+    """Put tensor ``n`` of a received chunk on ``delta``: its new values, and this replica's old ones.
+
+    Returns (the old values' row digests, None on a replica without digest files;
+    how the row write gets the new values again: None when they are kept).
     """
-    new = view.new_values(n)
-    old, old_digests = replica.writer.old_rows(info, delta.rows.astype(np.intp))  # checked against the row digests
-    row_sig = row_significance(old, new, info.dtype)
+    delta.new = view.new_values(n)
+    delta.old, old_digests = replica.writer.old_rows(info, delta.rows.astype(np.intp))  # checked against the row digests
+    return old_digests, None if keep else (lambda: view.new_values(n))
+
+
+def _sealed(info, delta: rec.TensorDelta, load=None, written: bool = False) -> tuple[rec.TensorDelta, RowWrite]:
+    """(``delta`` with every section encoded now and its values let go, the write of its rows).
+
+    What a destination keeps of a tensor it is done with, so it holds one
+    tensor's values at a time, not a chunk's or a sync's: the sections (those
+    received are stored as they came; the undo section is encoded here) and
+    the new values' row digests. The write keeps the new values, or with
+    ``load`` decodes them again when the rows are written; rows already
+    ``written`` (a finished partial sync) keep only their digests.
+    """
+    values = None if load is not None or written else delta.new
+    write = RowWrite(info, delta.rows, values, kernels.row_digests(delta.new), load=load)
+    sealed = rec.compressed(delta, spoil_old=True)  # the old values are our copy, read for the last time
+    delta.new, delta.old = sealed.new, None  # the chunk's decoded record holds ``delta`` too
+    return sealed, write
+
+
+def _own_change(info, delta: rec.TensorDelta, old_digests: np.ndarray | None = None, load=None,
+                written: bool = False) -> RowChange:
+    """One tensor's part of this replica's "sync" record: ``delta`` (new values, this replica's old
+    ones) with its significance taken against those old values, sealed (:func:`_sealed`)."""
+    row_sig = row_significance(delta.old, delta.new, info.dtype)
     delta.significance = float(row_sig.sum())
     if old_digests is None:
-        old_digests = kernels.row_digests(old)
-    if "new" not in delta.encoded:  # a section in another codec: encode() compresses it again, from the arrays
-        delta.new, delta.old = new, old
-        return RowChange(info, delta, row_sig, old_digests)
-    delta.encoded["old"] = codec.encode_xor_values(old, new)
-    load = None if keep else (lambda: view.new_values(n))
-    write = RowWrite(info, delta.rows, new if keep else None, kernels.row_digests(new), load=load)
-    return RowChange(info, delta, row_sig, old_digests, write)
+        old_digests = kernels.row_digests(delta.old)
+    sealed, write = _sealed(info, delta, load, written)
+    return RowChange(info, sealed, row_sig, old_digests, write)
 
 
 def apply_whole(replica: "Replica", blob, target: int, follow: dict | None) -> int:
@@ -225,13 +265,8 @@ def apply_whole(replica: "Replica", blob, target: int, follow: dict | None) -> i
     head = replica.head
     if pending_state(replica) is not None:
         raise IntegrityError(f"{replica.path}: a partial sync is pending; its chunks must be finished, not bypassed")
-    view, record, parts = _checked_chunk(replica, blob, target, head, rows_only=True)
-    value_bytes = [len(t.rows) * info.row_bytes for _n, info, t in parts]
-    keep = sum(value_bytes) <= KEEP_DECODED_BYTES
-    changes = []
-    for (n, info, t), nbytes in zip(parts, value_bytes):
-        changes.append(_streamed_change(replica, view, n, info, t, keep))
-        heap.release(nbytes)  # this tensor's arrays are gone: their pages too, before the next one's
+    changes, record = _received_changes(replica, blob, target, head, logged=lambda i: partial(_logged_values, replica,
+                                                                                            target, i))
     replica.writer.append(
         "sync", changes, offset=target, target=target, history=record.history,
         log=None if follow is None else (lambda txn: replica.store.put_meta(txn, FOLLOW_KEY, follow)),
@@ -240,33 +275,69 @@ def apply_whole(replica: "Replica", blob, target: int, follow: dict | None) -> i
     return sum(len(c.delta.rows) for c in changes)
 
 
+def _received_changes(replica: "Replica", chunk, target: int, head: int, logged, own: bool = True):
+    """(the changes of a received chunk, sealed tensor by tensor; the chunk's Record, values not decoded).
+
+    ``own``: each change's significance is this replica's own (a record), else the source's (a
+    stored pending chunk). ``logged(i)`` makes the ``load`` of the i-th change's row write from
+    the log, for a chunk handed over (:class:`HandedOver`): the chunk is then referenced only
+    by the sections it gives the record, and goes when they are copied into it, before LMDB
+    copies the record. Otherwise the row writes decode the chunk again (or keep the values).
+    """
+    handed = isinstance(chunk, HandedOver)
+    blob = chunk.take() if handed else chunk
+    view, record, parts = _checked_chunk(replica, blob, target, head, rows_only=True)
+    keep, value_bytes = _keep_decoded(parts)
+    changes = []
+    for i, ((n, info, t), nbytes) in enumerate(zip(parts, value_bytes)):
+        old_digests, load = _received_values(replica, view, n, info, t, keep)
+        if handed and load is not None:
+            load = logged(i)
+        if own:
+            changes.append(_own_change(info, t, old_digests, load))
+        else:  # a pending chunk: the source's significance stays, as the chunk said it; no index work
+            sealed, write = _sealed(info, t, load)
+            changes.append(RowChange(info, sealed, None, None, write))
+        heap.release(nbytes)  # this tensor's arrays are gone: their pages too, before the next one's
+    record.tensors = []  # the values' sections: the changes hold them now
+    return changes, record
+
+
 def apply_chunk(replica: "Replica", blob, target: int, source: str) -> dict:
-    """Apply one chunk from a source as pending partial-sync state (atomic, durable)."""
+    """Apply one chunk from a source as pending partial-sync state (atomic, durable).
+
+    Tensor by tensor, as :func:`apply_whole`: the chunk is stored with this
+    replica's old values (its undo) and its rows written, holding one
+    tensor's values at a time.
+    """
     head = replica.head
-    _view, record, parts = _checked_chunk(replica, blob, target, head)
     pending = pending_state(replica)
     if pending is not None and (pending["base"] != head or pending["target"] > target):
         raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
-    deltas, bucket_updates, writes = [], [], []
-    for _n, info, t in parts:
-        old, _digests = replica.writer.old_rows(info, t.rows.astype(np.intp))  # checked against the row digests
-        deltas.append(rec.TensorDelta(t.name, t.dtype, t.rows, t.new, old, t.versions, t.significance,
-                                      encoded=t.encoded))
-        bucket_updates.append((info, *_bucket_maxima(t.rows, t.versions, replica.bucket_rows)))
-        writes.append(RowWrite(info, t.rows, t.new))
-    # The stored chunk keeps the source's claims: its digest at the target, and its history.
-    stored = rec.encode(rec.Record(offset=target, base=head, kind="sync", time=time.time(), model_id=replica.model_id,
-                                   tensors=deltas, target=target, pre_digest=record.pre_digest,
-                                   post_digest=record.post_digest, history=record.history),
-                        replica.record_encoding)
     store = replica.store
     result = {}
+    changes, record = _received_changes(replica, blob, target, head, own=False,
+                                        logged=lambda i: partial(_stored_chunk_values, replica, result, i))
+    deltas = [c.delta for c in changes]
+    writes = [c.write for c in changes]
+    bucket_updates = [(c.info, *_bucket_maxima(c.delta.rows, c.delta.versions, replica.bucket_rows)) for c in changes]
+    del changes
+    # The stored chunk keeps the source's claims: its digest at the target, and its history.
+    # It is joined once, into the meta value it is stored as.
+    stored = [packed_bytes(rec.encode_parts(
+        rec.Record(offset=target, base=head, kind="sync", time=time.time(), model_id=replica.model_id, tensors=deltas,
+                   target=target, pre_digest=record.pre_digest, post_digest=record.post_digest,
+                   history=record.history),
+        replica.record_encoding))]
+    for d in deltas:  # in the stored chunk now: not twice in memory while LMDB copies it
+        d.encoded = None
+    heap.release(len(stored[0]))
 
     def log_it(txn):
         p = store.get_meta(txn, PENDING_KEY) or {"base": head, "target": target, "source": source,
                                                   "chunks": 0, "buckets": {}}
-        n = p["chunks"]
-        store.put_meta(txn, CHUNK_KEY.format(n), stored)
+        n = result["chunk"] = p["chunks"]
+        store.put_meta_packed(txn, CHUNK_KEY.format(n), stored[0])
         for info, buckets, versions in bucket_updates:
             entry = p["buckets"].setdefault(info.name, {"b": [], "v": [], "ov": [], "os": []})
             where = {b: i for i, b in enumerate(entry["b"])}
@@ -287,8 +358,23 @@ def apply_chunk(replica: "Replica", blob, target: int, source: str) -> dict:
 
     # Durable: the head does not move, so nothing else would tell a machine crash
     # that these rows were lost with the page cache.
-    replica.writer.transition(Change(log=log_it, state={"applying": target}, rows=writes, durable=True))
+    replica.writer.transition(Change(log=log_it, state={"applying": target}, rows=writes, durable=True,
+                                     logged=stored.clear))  # only the first transaction needs it
     return {"rows": sum(len(d.rows) for d in deltas), "pending_buckets": result["pending_buckets"]}
+
+
+def _logged_values(replica: "Replica", offset: int, n: int) -> np.ndarray:
+    """The new values of tensor number ``n`` of the record at ``offset``, decoded from the log."""
+    with replica.store.read() as txn:  # decoded values are fresh arrays: nothing outlives the transaction
+        return rec.RecordView(replica.store.get_record(txn, offset), f"{replica.path}: record {offset}").new_values(n)
+
+
+def _stored_chunk_values(replica: "Replica", result: dict, n: int) -> np.ndarray:
+    """The new values of tensor number ``n`` of the pending chunk apply_chunk just stored (``result["chunk"]``)."""
+    key = CHUNK_KEY.format(result["chunk"])
+    with replica.store.read() as txn:
+        return rec.RecordView(replica.store.get_meta_blob(txn, key), f"{replica.path}: pending sync chunk "
+                              f"{result['chunk']}").new_values(n)
 
 
 def _bucket_maxima(rows: np.ndarray, versions: np.ndarray, bucket_rows: int) -> tuple[list[int], list[int]]:
@@ -301,29 +387,27 @@ def finish_sync(replica: "Replica", target: int, follow: dict | None, expected: 
     """Replace the pending chunks by one "sync" record at ``target`` (one transaction); returns the head.
 
     The rows are already in the tensor files (fsynced by apply_chunk, or
-    re-applied by recovery), so only the log moves. When the rows, taken as
+    re-applied by recovery), so only the log moves. The chunks are merged
+    tensor by tensor (one tensor's values in memory at a time, however many
+    chunks the sync took). When the rows, taken as
     a change of the model at the head, do not give the source's digest at
     the target (its chunks' claim, or ``expected`` from its hello), the
     pending chunks are undone and Diverged raised.
     """
     head = replica.head
-    pending, blobs = read_pending(replica)
     if target <= head:
         raise InvalidInput(f"{replica.path}: sync target {target} is not after the head {head}")
-    if pending is not None and (pending["base"] != head or pending["target"] > target):
-        raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
-    newest = rec.summarize(blobs[-1], f"{replica.path}: pending sync chunk {len(blobs) - 1}") if blobs else None
-    merged = merged_pending(replica) if pending else {}
-    changes = []
-    for info in replica.tensors:
-        d = merged.get(info.name)
-        if d is not None and len(d.rows):
-            changes.append(_row_change(info, d, d.old, None))
-    ours = newest is not None and newest.offset == target and newest.post_digest is not None
-    claimed = newest.post_digest if ours else expected
-    if expected is not None and claimed != expected:
-        raise TransportError(f"the source's chunks say state digest {lineage.to_hex(claimed)} at offset {target}, "
-                             f"its hello {lineage.to_hex(expected)}")
+    with pending_in_place(replica) as (pending, blobs):  # read in place: the chunks weigh about the record
+        if pending is not None and (pending["base"] != head or pending["target"] > target):
+            raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
+        newest = rec.summarize(blobs[-1], f"{replica.path}: pending sync chunk {len(blobs) - 1}") if blobs else None
+        ours = newest is not None and newest.offset == target and newest.post_digest is not None
+        claimed = newest.post_digest if ours else expected
+        if expected is not None and claimed != expected:
+            raise TransportError(f"the source's chunks say state digest {lineage.to_hex(claimed)} at offset {target}, "
+                                 f"its hello {lineage.to_hex(expected)}")
+        changes = _merged_changes(replica, blobs)  # nothing of the chunks' memory outlives the transaction
+        del blobs
     check = _check_post(replica, head, target, claimed)
 
     def check_or_undo(computed):
@@ -344,6 +428,22 @@ def finish_sync(replica: "Replica", target: int, follow: dict | None, expected: 
     replica.writer.append("sync", changes, offset=target, target=target, history=newest.history if newest else None,
                           log=log_it, rows_written=True, expect_digest=check_or_undo)
     return target
+
+
+def _merged_changes(replica: "Replica", blobs: list[bytes]) -> list[RowChange]:
+    """The pending chunks ``blobs`` as the changes of one record, merged and sealed tensor by
+    tensor: one tensor's values in memory at a time, never every chunk's."""
+    views = pending_views(replica, blobs)
+    changes = []
+    for info in replica.tensors:
+        d = merged_tensor(views, info.name)
+        if d is not None and len(d.rows):
+            nbytes = d.new.nbytes + d.old.nbytes
+            heap.release(nbytes)  # what merging them took, before compressing them takes as much again
+            changes.append(_own_change(info, d, written=True))  # apply_chunk wrote its rows
+            del d
+            heap.release(nbytes)
+    return changes
 
 
 def _drop_pending(store, txn, pending: dict) -> None:
@@ -372,8 +472,13 @@ def abort_pending(replica: "Replica") -> None:
 
 def _finish_abort(writer: Writer, _value) -> None:
     replica = writer.replica
-    pending = pending_state(replica)
-    undo = [RowWrite(replica.info(d.name), d.rows, d.old) for d in merged_pending(replica).values()] if pending else []
+    _pending, blobs = read_pending(replica)
+    views = pending_views(replica, blobs)
+    undo = []
+    for name in dict.fromkeys(name for view in views for name in view.tensor_names()):
+        # Each tensor's old values made when its rows are written: one tensor's values at a time.
+        rows = merged_tensor(views, name, rows_only=True).rows
+        undo.append(RowWrite(replica.info(name), rows, None, load=lambda name=name: merged_tensor(views, name).old))
 
     def drop(txn):
         current = replica.store.get_meta(txn, PENDING_KEY)

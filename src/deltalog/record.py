@@ -177,6 +177,12 @@ def encode(record: Record, version: int = VERSION, started: Sections | None = No
     ``started``: its tensors' sections, started by :func:`start_sections` for
     exactly ``record.tensors`` (the same objects, in order).
     """
+    return b"".join(encode_parts(record, version, started))
+
+
+def encode_parts(record: Record, version: int = VERSION, started: Sections | None = None) -> list:
+    """:func:`encode`'s bytes as the pieces they are joined from, for a caller that joins them
+    into something larger without a second copy (a pending sync chunk, stored as a meta value)."""
     if record.kind not in KINDS:
         raise ValueError(f"unknown record kind {record.kind!r}")
     if version not in (1, 2):
@@ -251,19 +257,21 @@ def encode(record: Record, version: int = VERSION, started: Sections | None = No
         digest = xxhash.xxh3_64(fixed)
         digest.update(header)
         parts = [fixed, header, _U64.pack(digest.intdigest()), *sections]
-    return b"".join(parts)
+    return parts
 
 
-def compressed(t: TensorDelta) -> TensorDelta:
+def compressed(t: TensorDelta, spoil_old: bool = False) -> TensorDelta:
     """``t`` with every section compressed now, as :func:`encode` would, and its values let go.
 
-    For a writer that builds a large record tensor by tensor (a sync source):
-    it then holds one tensor's values at a time, and encode() only assembles.
+    For a writer that builds a large record tensor by tensor (a sync source
+    or destination): it then holds one tensor's values at a time, and
+    encode() only assembles. ``spoil_old``: ``t.old`` is a copy nobody reads
+    again, so the undo section is computed in it (one array less).
     """
     done = dict(t.encoded or {})
     jobs: dict[str, object] = {"index": partial(codec.encode_indices, t.rows), "new": partial(codec.encode_values, t.new)}
     if t.old is not None:
-        jobs["old"] = partial(codec.encode_xor_values, t.old, t.new)
+        jobs["old"] = partial(codec.encode_xor_values, t.old, t.new, in_place=spoil_old)
     if t.versions is not None:
         jobs["versions"] = partial(codec.encode_values, np.asarray(t.versions, dtype="<u8"))
     todo = [key for key in jobs if key not in done]
@@ -355,6 +363,13 @@ class RecordView:
             raise IntegrityError(f"{what}: malformed record header") from None
         if pos != end:
             raise IntegrityError(f"{what}: {end - pos} unexplained bytes after the sections")
+
+    def tensor_names(self) -> list[str]:
+        """The names of the record's tensors, in header order (nothing decoded)."""
+        try:
+            return [str(th["name"]) for th, _spans in self._tensors]
+        except (KeyError, TypeError):
+            raise IntegrityError(f"{self.what}: malformed record header") from None
 
     def _payload(self, n: int, name: str, key: str, section: _Section) -> memoryview:
         """A section's payload, its checksum checked first (v2, once per section)."""

@@ -77,6 +77,10 @@ def serve(path: str, instream, outstream, max_frame_bytes: int = wire.DEFAULT_MA
                 _answer(outstream, "bye")
                 return 0
             method = getattr(handler, "do_" + kind, None)
+            if kind in _CHUNK_REQUESTS:
+                from .receive import HandedOver
+
+                payload = HandedOver(payload)  # no reference kept here: it can go before LMDB copies the record
             try:
                 if method is None:
                     raise TransportError(f"unknown request {kind!r}")
@@ -92,6 +96,9 @@ def serve(path: str, instream, outstream, max_frame_bytes: int = wire.DEFAULT_MA
         return 0
     finally:
         handler.close()
+
+
+_CHUNK_REQUESTS = ("apply_chunk", "apply_final")  # their payload is a chunk, handed over to the sink
 
 
 def _log_unexpected(exc: BaseException) -> None:

@@ -57,6 +57,24 @@ _registry: dict[str, list] = {}  # realpath -> [Environment, refcount, {name: da
 _registry_lock = threading.Lock()
 
 
+_BIN_HEADER = {0xC4: 2, 0xC5: 3, 0xC6: 5}  # msgpack bin 8/16/32: marker -> where the bytes start
+
+
+def packed_bytes(parts: list) -> bytes:
+    """What pack() makes of ``b"".join(parts)`` (a msgpack bin), joined once: a stored pending
+    sync chunk is a large bytes value, and its pieces need not be joined twice."""
+    n = sum(memoryview(p).nbytes for p in parts)
+    if n < 1 << 8:
+        header = bytes((0xC4, n))
+    elif n < 1 << 16:
+        header = b"\xc5" + n.to_bytes(2, "big")
+    elif n < 1 << 32:
+        header = b"\xc6" + n.to_bytes(4, "big")
+    else:
+        raise ValueError("a msgpack bin holds at most 4 GiB")
+    return b"".join([header, *parts])
+
+
 def offset_key(offset: int) -> bytes:
     return _OFFSET.pack(offset)
 
@@ -231,6 +249,25 @@ class LogStore:
 
     def put_meta(self, txn, key: str, value) -> None:
         txn.put(key.encode(), pack(value), db=self.dbs["meta"])
+
+    def get_meta_blob(self, txn, key: str) -> memoryview | None:
+        """A meta value that is one bytes string (a pending sync chunk), as a view into
+        ``txn``'s memory (LMDB's map): no copy, but valid only while ``txn`` is open."""
+        raw = txn.get(key.encode(), db=self.dbs["meta"])
+        if raw is None:
+            return None
+        view = memoryview(raw)
+        start = _BIN_HEADER.get(view[0]) if len(view) else None
+        if start is not None and start + int.from_bytes(view[1:start], "big") == len(view):
+            return view[start:]
+        value = unpack(raw, f"{self.path}: meta {key}")
+        if not isinstance(value, bytes):
+            raise IntegrityError(f"{self.path}: meta {key} is not a byte string")
+        return memoryview(value)
+
+    def put_meta_packed(self, txn, key: str, packed: bytes) -> None:
+        """Store a value packed already (:func:`packed_bytes`)."""
+        txn.put(key.encode(), packed, db=self.dbs["meta"])
 
     def delete_meta(self, txn, key: str) -> None:
         txn.delete(key.encode(), db=self.dbs["meta"])

@@ -438,9 +438,13 @@ class Writer:
         for w in writes:
             idx = w.rows.astype(np.intp)
             stored = self.maps.digests(w.info, writable=True) if digests else None  # a missing file fails first
-            self.rows(w.info)[idx] = w.loaded()
+            values = w.loaded()  # once: ``load`` may decode them
+            self.rows(w.info)[idx] = values
             if stored is not None:
-                stored[idx] = w.row_digests()
+                if w.digests is None:
+                    w.digests = kernels.row_digests(values)
+                stored[idx] = w.digests
+            del values
             self._dirty.add(w.info.id)
         if writes and self._dirty_since is None:
             self._dirty_since = time.monotonic()
