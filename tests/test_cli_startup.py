@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from deltalog import Replica
 
@@ -96,3 +97,67 @@ def test_numpy_loads_single_threaded_blas_and_children_get_the_users_environment
     assert blas_threads_seen(tmp_path, {}, "status", path, "--json") == {"load": "1", "exit": None}
     mine = blas_threads_seen(tmp_path, {"OPENBLAS_NUM_THREADS": "3"}, "status", path, "--json")
     assert mine == {"load": "3", "exit": "3"}  # the user's setting wins
+
+
+# The process entry point (the `deltalog` script, `python -m deltalog`): a read-only command runs
+# with the cyclic collector off and ends without the interpreter's teardown; any other command keeps both.
+ENTRY_PROBE = """
+import atexit, gc, json, runpy, sys
+out, how, sys.argv = sys.argv[1], sys.argv[2], ["deltalog", *sys.argv[3:]]
+seen = {}
+
+def watch(event, args):  # the collector's state while the library loads
+    if event == "import" and args[0] == "deltalog.replica" and "gc_while_loading" not in seen:
+        seen["gc_while_loading"] = gc.isenabled()
+        open(out, "w").write(json.dumps(seen))
+
+sys.addaudithook(watch)
+atexit.register(lambda: sys.stderr.write("teardown ran\\n"))
+if how == "script":
+    from deltalog.cli import entry
+    entry()
+else:
+    runpy.run_module("deltalog", run_name="__main__")
+"""
+
+
+def run_entry(tmp_path, how: str, *args: str, stdout=subprocess.PIPE) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "entry.json"
+    out.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-c", ENTRY_PROBE, str(out), how, *map(str, args)],
+                          stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120)
+    return proc, (json.loads(out.read_text()) if out.exists() else {})
+
+
+def test_the_console_script_is_the_process_entry_point():
+    import tomllib
+
+    pyproject = os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")
+    with open(pyproject, "rb") as f:
+        assert tomllib.load(f)["project"]["scripts"]["deltalog"] == "deltalog.cli:entry"
+
+
+@pytest.mark.parametrize("how", ["script", "python -m"])
+def test_a_read_only_command_skips_the_teardown_and_keeps_its_exit_code_and_output(tmp_path, how):
+    path = replica(tmp_path)
+    proc, seen = run_entry(tmp_path, how, "diff", f"{path}@0", path, "--json")
+    assert proc.returncode == 1, proc.stderr  # different: like diff(1)
+    assert json.loads(proc.stdout)["changed_rows"] == 2  # the whole output, flushed before the exit
+    assert "teardown ran" not in proc.stderr
+    assert seen == {"gc_while_loading": False}
+
+
+def test_a_read_only_command_that_fails_still_says_why_with_its_exit_code(tmp_path):
+    proc, _seen = run_entry(tmp_path, "script", "log", tmp_path / "nothing-here", "--json")
+    assert proc.returncode == 3, proc.stderr  # not a replica
+    assert json.loads(proc.stdout)["error"]["exit_code"] == 3
+    assert proc.stderr.startswith("deltalog: error: ") and "teardown ran" not in proc.stderr
+
+
+def test_a_command_that_writes_keeps_the_collector_and_the_ordinary_exit(tmp_path):
+    path = replica(tmp_path)
+    proc, seen = run_entry(tmp_path, "script", "rollback", path, "--to", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["offset"] == 2
+    assert "teardown ran" in proc.stderr
+    assert seen == {"gc_while_loading": True}

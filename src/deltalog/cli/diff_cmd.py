@@ -94,6 +94,9 @@ def command(ctx, a, b, top, tensors, force, recursive, as_json, quiet):
         ctx.exit(1)
 
 
+command.reads_only = True  # no teardown at exit, no cyclic GC (cli.reads_only)
+
+
 def _side(side: dict) -> str:
     from rich.markup import escape
 

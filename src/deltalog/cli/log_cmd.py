@@ -61,3 +61,6 @@ def command(replica, since, limit, stored, as_json):
         c.print(t)
 
     out.result({"records": records}, render)
+
+
+command.reads_only = True  # no teardown at exit, no cyclic GC (cli.reads_only)
