@@ -17,6 +17,8 @@ import pytest
 
 from deltalog import Replica
 
+from conftest import DELTALOG
+
 HEAVY = ("numpy", "lmdb", "zstandard", "msgpack", "xxhash", "rich")
 
 PROBE = """
@@ -108,8 +110,9 @@ def test_numpy_loads_single_threaded_blas_and_children_get_the_users_environment
     assert mine == {"load": "3", "exit": "3"}  # the user's setting wins
 
 
-# The process entry point (the `deltalog` script, `python -m deltalog`): a read-only command runs
-# with the cyclic collector off and ends without the interpreter's teardown; any other command keeps both.
+# The process entry point (the `deltalog` script, `python -m deltalog`): a short command (diff, status,
+# log, commit, rollback) runs with the cyclic collector off and ends without the interpreter's
+# teardown; any other command keeps both.
 ENTRY_PROBE = """
 import atexit, gc, json, runpy, sys
 out, how, sys.argv = sys.argv[1], sys.argv[2], ["deltalog", *sys.argv[3:]]
@@ -147,7 +150,7 @@ def test_the_console_script_is_the_process_entry_point():
 
 
 @pytest.mark.parametrize("how", ["script", "python -m"])
-def test_a_read_only_command_skips_the_teardown_and_keeps_its_exit_code_and_output(tmp_path, how):
+def test_a_short_command_skips_the_teardown_and_keeps_its_exit_code_and_output(tmp_path, how):
     path = replica(tmp_path)
     proc, seen = run_entry(tmp_path, how, "diff", f"{path}@0", path, "--json")
     assert proc.returncode == 1, proc.stderr  # different: like diff(1)
@@ -156,17 +159,30 @@ def test_a_read_only_command_skips_the_teardown_and_keeps_its_exit_code_and_outp
     assert seen == {"gc_while_loading": False}
 
 
-def test_a_read_only_command_that_fails_still_says_why_with_its_exit_code(tmp_path):
+def test_a_short_command_that_fails_still_says_why_with_its_exit_code(tmp_path):
     proc, _seen = run_entry(tmp_path, "script", "log", tmp_path / "nothing-here", "--json")
     assert proc.returncode == 3, proc.stderr  # not a replica
     assert json.loads(proc.stdout)["error"]["exit_code"] == 3
     assert proc.stderr.startswith("deltalog: error: ") and "teardown ran" not in proc.stderr
 
 
-def test_a_command_that_writes_keeps_the_collector_and_the_ordinary_exit(tmp_path):
+def test_a_rollback_that_skips_the_teardown_is_durable_and_whole(tmp_path):
     path = replica(tmp_path)
     proc, seen = run_entry(tmp_path, "script", "rollback", path, "--to", "0", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["offset"] == 2
+    assert "teardown ran" not in proc.stderr and seen == {"gc_while_loading": False}
+    with Replica.open(path) as r:  # what the process wrote before its quick exit is all there
+        initial = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)  # as replica() made it
+        assert r.head == 2 and np.array_equal(r.rows_view("emb"), initial)
+    verified = subprocess.run([*DELTALOG, "verify", path, "--json"], capture_output=True, text=True, timeout=120)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_long_command_keeps_the_collector_and_the_ordinary_exit(tmp_path):
+    path = replica(tmp_path)
+    proc, seen = run_entry(tmp_path, "script", "verify", path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True
     assert "teardown ran" in proc.stderr
     assert seen == {"gc_while_loading": True}

@@ -66,26 +66,28 @@ class _Commands(click.Group):
         name, command, rest = super().resolve_command(ctx, args)
         global _ran
         _ran = command
-        if _owns_process and not reads_only(command):
-            gc.enable()  # a command that writes, or runs long, collects cycles as usual
+        if _owns_process and not quick_exit(command):
+            gc.enable()  # a command that runs long, or leaves work behind, collects cycles as usual
         return name, command, rest
 
 
-_ran: click.Command | None = None  # the command this process ran (entry: may it skip teardown?)
+_ran: click.Command | None = None  # the command this process ran (entry: may it skip the teardown?)
 _owns_process = False  # set by entry(): this interpreter runs one command, then ends
 
 
-def reads_only(command: click.Command | None) -> bool:
-    """Whether a command is marked ``command.reads_only = True`` (in its ``_cmd`` module).
+def quick_exit(command: click.Command | None) -> bool:
+    """Whether a command is marked ``command.quick_exit = True`` (in its ``_cmd`` module).
 
-    Such a command (diff, status, log) writes nothing but its output, closes
-    what it opens before it returns (its replicas are ``with`` blocks), leaves
-    no work running, and is short. Run by :func:`entry`, it runs with the
-    cyclic garbage collector off and its process ends without the
-    interpreter's teardown. (verify is not one: it can run for long on a
-    damaged replica, where garbage cycles should be collected.)
+    Such a command (diff, status, log, commit, rollback) is short, closes
+    what it opens before it returns (replicas in ``with`` or ``finally``
+    blocks; a record is durable before commit or rollback returns), and
+    leaves no work running and no file but stdout/stderr with buffered
+    data. Run by :func:`entry`, it runs with the cyclic garbage collector off
+    and its process ends without the interpreter's teardown. (verify is not
+    one: it can run long on a damaged replica, where cycles should be
+    collected; nor are sync and the servers.)
     """
-    return bool(getattr(command, "reads_only", False))
+    return bool(getattr(command, "quick_exit", False))
 
 
 @click.group(cls=_Commands, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -140,24 +142,27 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def entry() -> None:
-    """The ``deltalog`` process: :func:`main`, then, after a read-only command, an exit without teardown.
+    """The ``deltalog`` process: :func:`main`, then, after a quick-exit command, an exit without teardown.
 
     The interpreter's teardown (cyclic collections over every object numpy,
     click and deltalog created, module clearing, atexit) costs ~20 ms, and
     the collector's passes over the same objects while they load ~15 ms more,
-    neither of which a read-only command needs: it runs with the collector
-    off and ends with ``os._exit`` once stdout and stderr are flushed, with
-    the same exit code. What that skips is nothing such a command needs: by
-    then it has closed what it opened (a repair Replica.open made is durable
-    before close returns), the only exit handler is concurrent.futures'
-    join of the diff pool's idle threads, and no other file has buffered
-    data. Any other command keeps the collector and the ordinary exit.
+    neither of which a short command needs: one marked ``quick_exit`` runs
+    with the collector off and ends with ``os._exit`` once stdout and stderr
+    are flushed, with the same exit code. That skips nothing such a command
+    needs: by then it has closed what it opened (a record, and any repair
+    Replica.open made, is durable before close returns; tensor pages not yet
+    fsynced belong to the page cache, which an exit leaves as it is), the
+    only exit handler is concurrent.futures' join of idle pool threads, and
+    no other file has buffered data. It is a gentler end than the kill -9 a
+    replica must survive at any moment. Any other command keeps the
+    collector and the ordinary exit.
     """
     global _owns_process
     _owns_process = True
-    gc.disable()  # loading is all allocation and no garbage; resolve_command turns it back on for writers
+    gc.disable()  # loading is all allocation and no garbage; resolve_command turns it back on for long commands
     code = _run(sys.argv[1:])
-    if not reads_only(_ran):
+    if not quick_exit(_ran):
         gc.enable()
         sys.exit(code)
     try:
@@ -165,7 +170,7 @@ def entry() -> None:
         sys.stderr.flush()
     except BrokenPipeError:
         code = 0  # as in _run: the reader has gone, not an error
-    os._exit(code if isinstance(code, int) else 0)
+    os._exit(code)
 
 
 def _run(args: list[str]) -> int:

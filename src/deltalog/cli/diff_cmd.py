@@ -94,7 +94,7 @@ def command(ctx, a, b, top, tensors, force, recursive, as_json, quiet):
         ctx.exit(1)
 
 
-command.reads_only = True  # no teardown at exit, no cyclic GC (cli.reads_only)
+command.quick_exit = True  # no cyclic GC, no teardown at exit (cli.quick_exit)
 
 
 def _side(side: dict) -> str:

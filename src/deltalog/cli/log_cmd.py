@@ -63,4 +63,4 @@ def command(replica, since, limit, stored, as_json):
     out.result({"records": records}, render)
 
 
-command.reads_only = True  # no teardown at exit, no cyclic GC (cli.reads_only)
+command.quick_exit = True  # no cyclic GC, no teardown at exit (cli.quick_exit)
