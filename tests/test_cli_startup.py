@@ -1,8 +1,9 @@
-"""What the `deltalog` command imports before it does its work (start-up time, issue 15).
+"""What the `deltalog` command imports before it does its work, and how it ends (issue 15).
 
 Each test runs the real entry point in a fresh interpreter and records
-``sys.modules`` at exit: which modules a command loads is deterministic,
-where its start-up time is not.
+``sys.modules`` at exit, or whether the collector ran while loading and the
+interpreter's teardown at exit: which modules a command loads and how it
+exits are deterministic, where its start-up time is not.
 """
 
 from __future__ import annotations
@@ -133,11 +134,11 @@ else:
 """
 
 
-def run_entry(tmp_path, how: str, *args: str, stdout=subprocess.PIPE) -> tuple[subprocess.CompletedProcess, dict]:
+def run_entry(tmp_path, how: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "entry.json"
     out.unlink(missing_ok=True)
     proc = subprocess.run([sys.executable, "-c", ENTRY_PROBE, str(out), how, *map(str, args)],
-                          stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120)
     return proc, (json.loads(out.read_text()) if out.exists() else {})
 
 
