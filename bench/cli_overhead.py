@@ -26,18 +26,23 @@ Target (issue 15): <= 0.15 s. With ``--base-cli`` a second build's command is
 timed in the same alternation (A/B on a busy machine). A build whose deltalog
 modules have no valid .pyc (an editable install not set up by
 scripts/setup.sh, with PYTHONDONTWRITEBYTECODE set) compiles them on every
-run, ~50 ms: the report says so.
+run, ~50 ms: the report says so. ``--cpu`` adds the same table in CPU time
+(user + system, the library's process-wide): on a shared machine it moves
+less than wall time with the other load, and a rollback's wall time moves with
+its O_DSYNC log writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -53,13 +58,23 @@ def cli() -> list[str]:
     return [script] if os.path.exists(script) else [PY, "-m", "deltalog"]
 
 
-def wall(argv: list[str], ok=(0,)) -> float:
-    started = time.perf_counter()
+class Timing(NamedTuple):
+    wall: float
+    cpu: float  # user + system seconds
+
+
+def _cpu(who=resource.RUSAGE_SELF) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wall(argv: list[str], ok=(0,)) -> Timing:
+    cpu, started = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
     if proc.returncode not in ok:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr[-1500:]}")
-    return seconds
+    return Timing(seconds, _cpu(resource.RUSAGE_CHILDREN) - cpu)  # the children reaped meanwhile: this one
 
 
 # Run by the CLI's own interpreter: how many of deltalog's modules have no valid cached bytecode
@@ -114,25 +129,25 @@ def commit_minutes(path: str, args, minutes: int, seed: int) -> None:
             r.commit(stream.step(lambda name, rows: r.rows_view(name)[rows].copy()))
 
 
-def lib_diff(path: str, back: int) -> float:
+def lib_diff(path: str, back: int) -> Timing:
     """The library call alone: both sides opened (fresh maps) before the timer, as run.py times it."""
     from deltalog.diff import diff, open_sides
 
     with open_sides([f"{path}@head~{back}", path]) as (a, b):
-        started = time.perf_counter()
+        cpu, started = _cpu(), time.perf_counter()
         diff(a, b, top=10)
-        return time.perf_counter() - started
+        return Timing(time.perf_counter() - started, _cpu() - cpu)
 
 
-def lib_rollback(path: str, to: int, reason: str) -> float:
+def lib_rollback(path: str, to: int, reason: str) -> Timing:
     """The library call alone, on a replica opened before the timer and closed after it."""
     from deltalog.replica import Replica
     from deltalog.rollback import rollback
 
     with Replica.open(path) as r:
-        started = time.perf_counter()
+        cpu, started = _cpu(), time.perf_counter()
         rollback(r, to, reason=reason)
-        return time.perf_counter() - started
+        return Timing(time.perf_counter() - started, _cpu() - cpu)
 
 
 def head_and_target(path: str, back: int) -> tuple[int, int]:
@@ -161,6 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="startup,diff,rollback", help="sections: startup,diff,rollback")
     p.add_argument("--base-cli", metavar="PATH",
                    help="another deltalog executable (e.g. a worktree of main) timed alternately with this one")
+    p.add_argument("--cpu", action="store_true", help="also report CPU time (user + system)")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     path = os.path.join(args.work, f"a-{args.size:g}")
@@ -169,7 +185,10 @@ def main(argv=None) -> int:
     clis = {"CLI": cli()}
     if args.base_cli:
         clis["base CLI"] = [args.base_cli]
-    rows = []  # (what, library seconds or None, {cli: seconds})
+    rows = []  # (what, library Timing or None, {cli: Timing}), medians
+
+    def median(timings: list[Timing]) -> Timing | None:
+        return Timing(*(statistics.median(t) for t in zip(*timings))) if timings else None
 
     def alternate(run_lib, argv_of, ok=(0,)):
         lib, walls = [], {name: [] for name in clis}
@@ -178,7 +197,7 @@ def main(argv=None) -> int:
                 lib.append(run_lib())
             for name, cmd in clis.items():
                 walls[name].append(wall(argv_of(cmd), ok=ok))
-        return (statistics.median(lib) if lib else None), {n: statistics.median(v) for n, v in walls.items()}
+        return median(lib), {n: median(v) for n, v in walls.items()}
 
     try:
         for cmd in clis.values():
@@ -199,9 +218,9 @@ def main(argv=None) -> int:
 
             def lib_run():
                 head, to = head_and_target(path, args.rollback_back)
-                seconds = lib_rollback(path, to, "bench")
+                timing = lib_rollback(path, to, "bench")
                 lib_rollback(path, head, "bench: roll forward")
-                return seconds
+                return timing
 
             def cli_argv(cmd):
                 state["head"], to = head_and_target(path, args.rollback_back)
@@ -213,24 +232,27 @@ def main(argv=None) -> int:
                 for name, cmd in clis.items():
                     walls[name].append(wall(cli_argv(cmd)))
                     lib_rollback(path, state["head"], "bench: roll forward")
-            rows.append((f"rollback A --to head~{args.rollback_back}", statistics.median(lib),
-                         {n: statistics.median(v) for n, v in walls.items()}))
+            rows.append((f"rollback A --to head~{args.rollback_back}", median(lib),
+                         {n: median(v) for n, v in walls.items()}))
     finally:
         if not args.keep:
             shutil.rmtree(path, ignore_errors=True)
     print(f"\nmedians of {args.repeat} (--size {args.size:g}); " +
           "; ".join(f"{name}: {' '.join(cmd)}" for name, cmd in clis.items()))
-    header = f"{'':34} {'library':>9}" + "".join(f" {name:>10} {name + ' - lib':>14}" for name in clis)
-    print(header)
     worst = 0.0
-    for what, lib_s, walls in rows:
-        line = f"{what:34} {fmt(lib_s) if lib_s is not None else '-':>9}"
-        for name in clis:
-            gap = None if lib_s is None else walls[name] - lib_s
-            if gap is not None and name == "CLI":
-                worst = max(worst, gap)
-            line += f" {fmt(walls[name]):>10} {fmt(gap) if gap is not None else '-':>14}"
-        print(line)
+    for field in ("wall", "cpu") if args.cpu else ("wall",):
+        if args.cpu:
+            print(f"{field} time:")
+        print(f"{'':34} {'library':>9}" + "".join(f" {name:>10} {name + ' - lib':>14}" for name in clis))
+        for what, lib_t, walls in rows:
+            lib_s = None if lib_t is None else getattr(lib_t, field)
+            line = f"{what:34} {fmt(lib_s) if lib_s is not None else '-':>9}"
+            for name in clis:
+                gap = None if lib_s is None else getattr(walls[name], field) - lib_s
+                if gap is not None and name == "CLI" and field == "wall":
+                    worst = max(worst, gap)
+                line += f" {fmt(getattr(walls[name], field)):>10} {fmt(gap) if gap is not None else '-':>14}"
+            print(line)
     for name, cmd in clis.items():
         if stale := stale_bytecode(cmd):
             print(f"note: {name}: {stale} deltalog modules have no valid .pyc, compiled on every run "
