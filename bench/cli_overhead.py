@@ -23,18 +23,26 @@ median of ``--repeat`` runs of:
 CLI - library is what the command adds: interpreter start, imports, opening,
 closing (munmap of the pages the call touched, LMDB), output, interpreter exit.
 Target (issue 15): <= 0.15 s. With ``--base-cli`` a second build's command is
-timed in the same alternation (A/B on a busy machine).
+timed in the same alternation (A/B on a busy machine). A build whose deltalog
+modules have no valid .pyc (an editable install not set up by
+scripts/setup.sh, with PYTHONDONTWRITEBYTECODE set) compiles them on every
+run, ~50 ms: the report says so. ``--cpu`` adds the same table in CPU time
+(user + system, the library's process-wide): on a shared machine it moves
+less than wall time with the other load, and a rollback's wall time moves with
+its O_DSYNC log writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -50,13 +58,53 @@ def cli() -> list[str]:
     return [script] if os.path.exists(script) else [PY, "-m", "deltalog"]
 
 
-def wall(argv: list[str], ok=(0,)) -> float:
-    started = time.perf_counter()
+class Timing(NamedTuple):
+    wall: float
+    cpu: float  # user + system seconds
+
+
+def _cpu(who=resource.RUSAGE_SELF) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wall(argv: list[str], ok=(0,)) -> Timing:
+    cpu, started = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
     if proc.returncode not in ok:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr[-1500:]}")
-    return seconds
+    return Timing(seconds, _cpu(resource.RUSAGE_CHILDREN) - cpu)  # the children reaped meanwhile: this one
+
+
+# Run by the CLI's own interpreter: how many of deltalog's modules have no valid cached bytecode
+# (an editable install is not byte-compiled; with PYTHONDONTWRITEBYTECODE set nothing caches it).
+_STALE_BYTECODE = r"""
+import importlib.util, os, sys, deltalog
+root, stale = os.path.dirname(deltalog.__file__), 0
+for d, _s, files in os.walk(root):
+    for f in files:
+        if f.endswith(".py"):
+            src = os.path.join(d, f)
+            try:
+                with open(importlib.util.cache_from_source(src), "rb") as pyc:
+                    head = pyc.read(16)
+                st = os.stat(src)
+                ok = int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF \
+                    and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF
+            except OSError:
+                ok = False
+            stale += not ok
+print(stale)
+"""
+
+
+def stale_bytecode(cmd: list[str]) -> int:
+    """Modules of the deltalog that ``cmd`` runs that each run compiles from source (0: all cached)."""
+    script = cmd[0] if len(cmd) == 1 else None
+    python = cmd[0] if script is None else os.path.join(os.path.dirname(script), "python")
+    proc = subprocess.run([python, "-c", _STALE_BYTECODE], capture_output=True, text=True)
+    return int(proc.stdout) if proc.returncode == 0 else -1
 
 
 def build(path: str, args) -> None:
@@ -81,25 +129,25 @@ def commit_minutes(path: str, args, minutes: int, seed: int) -> None:
             r.commit(stream.step(lambda name, rows: r.rows_view(name)[rows].copy()))
 
 
-def lib_diff(path: str, back: int) -> float:
+def lib_diff(path: str, back: int) -> Timing:
     """The library call alone: both sides opened (fresh maps) before the timer, as run.py times it."""
     from deltalog.diff import diff, open_sides
 
     with open_sides([f"{path}@head~{back}", path]) as (a, b):
-        started = time.perf_counter()
+        cpu, started = _cpu(), time.perf_counter()
         diff(a, b, top=10)
-        return time.perf_counter() - started
+        return Timing(time.perf_counter() - started, _cpu() - cpu)
 
 
-def lib_rollback(path: str, to: int, reason: str) -> float:
+def lib_rollback(path: str, to: int, reason: str) -> Timing:
     """The library call alone, on a replica opened before the timer and closed after it."""
     from deltalog.replica import Replica
     from deltalog.rollback import rollback
 
     with Replica.open(path) as r:
-        started = time.perf_counter()
+        cpu, started = _cpu(), time.perf_counter()
         rollback(r, to, reason=reason)
-        return time.perf_counter() - started
+        return Timing(time.perf_counter() - started, _cpu() - cpu)
 
 
 def head_and_target(path: str, back: int) -> tuple[int, int]:
@@ -128,6 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="startup,diff,rollback", help="sections: startup,diff,rollback")
     p.add_argument("--base-cli", metavar="PATH",
                    help="another deltalog executable (e.g. a worktree of main) timed alternately with this one")
+    p.add_argument("--cpu", action="store_true", help="also report CPU time (user + system)")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     path = os.path.join(args.work, f"a-{args.size:g}")
@@ -136,7 +185,10 @@ def main(argv=None) -> int:
     clis = {"CLI": cli()}
     if args.base_cli:
         clis["base CLI"] = [args.base_cli]
-    rows = []  # (what, library seconds or None, {cli: seconds})
+    rows = []  # (what, library Timing or None, {cli: Timing}), medians
+
+    def median(timings: list[Timing]) -> Timing | None:
+        return Timing(*(statistics.median(t) for t in zip(*timings))) if timings else None
 
     def alternate(run_lib, argv_of, ok=(0,)):
         lib, walls = [], {name: [] for name in clis}
@@ -145,7 +197,7 @@ def main(argv=None) -> int:
                 lib.append(run_lib())
             for name, cmd in clis.items():
                 walls[name].append(wall(argv_of(cmd), ok=ok))
-        return (statistics.median(lib) if lib else None), {n: statistics.median(v) for n, v in walls.items()}
+        return median(lib), {n: median(v) for n, v in walls.items()}
 
     try:
         for cmd in clis.values():
@@ -166,9 +218,9 @@ def main(argv=None) -> int:
 
             def lib_run():
                 head, to = head_and_target(path, args.rollback_back)
-                seconds = lib_rollback(path, to, "bench")
+                timing = lib_rollback(path, to, "bench")
                 lib_rollback(path, head, "bench: roll forward")
-                return seconds
+                return timing
 
             def cli_argv(cmd):
                 state["head"], to = head_and_target(path, args.rollback_back)
@@ -180,24 +232,31 @@ def main(argv=None) -> int:
                 for name, cmd in clis.items():
                     walls[name].append(wall(cli_argv(cmd)))
                     lib_rollback(path, state["head"], "bench: roll forward")
-            rows.append((f"rollback A --to head~{args.rollback_back}", statistics.median(lib),
-                         {n: statistics.median(v) for n, v in walls.items()}))
+            rows.append((f"rollback A --to head~{args.rollback_back}", median(lib),
+                         {n: median(v) for n, v in walls.items()}))
     finally:
         if not args.keep:
             shutil.rmtree(path, ignore_errors=True)
     print(f"\nmedians of {args.repeat} (--size {args.size:g}); " +
           "; ".join(f"{name}: {' '.join(cmd)}" for name, cmd in clis.items()))
-    header = f"{'':34} {'library':>9}" + "".join(f" {name:>10} {name + ' - lib':>14}" for name in clis)
-    print(header)
     worst = 0.0
-    for what, lib_s, walls in rows:
-        line = f"{what:34} {fmt(lib_s) if lib_s is not None else '-':>9}"
-        for name in clis:
-            gap = None if lib_s is None else walls[name] - lib_s
-            if gap is not None and name == "CLI":
-                worst = max(worst, gap)
-            line += f" {fmt(walls[name]):>10} {fmt(gap) if gap is not None else '-':>14}"
-        print(line)
+    for field in ("wall", "cpu") if args.cpu else ("wall",):
+        if args.cpu:
+            print(f"{field} time:")
+        print(f"{'':34} {'library':>9}" + "".join(f" {name:>10} {name + ' - lib':>14}" for name in clis))
+        for what, lib_t, walls in rows:
+            lib_s = None if lib_t is None else getattr(lib_t, field)
+            line = f"{what:34} {fmt(lib_s) if lib_s is not None else '-':>9}"
+            for name in clis:
+                gap = None if lib_s is None else getattr(walls[name], field) - lib_s
+                if gap is not None and name == "CLI" and field == "wall":
+                    worst = max(worst, gap)
+                line += f" {fmt(getattr(walls[name], field)):>10} {fmt(gap) if gap is not None else '-':>14}"
+            print(line)
+    for name, cmd in clis.items():
+        if stale := stale_bytecode(cmd):
+            print(f"note: {name}: {stale} deltalog modules have no valid .pyc, compiled on every run "
+                  f"(scripts/setup.sh byte-compiles them)")
     verdict = "PASS" if worst <= TARGET_GAP else "MISS"
     print(f"{verdict}: largest CLI - library gap {fmt(worst)} (target <= {fmt(TARGET_GAP)})")
     return 0

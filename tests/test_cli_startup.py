@@ -1,8 +1,9 @@
-"""What the `deltalog` command imports before it does its work (start-up time, issue 15).
+"""What the `deltalog` command imports before it does its work, and how it ends (issue 15).
 
 Each test runs the real entry point in a fresh interpreter and records
-``sys.modules`` at exit: which modules a command loads is deterministic,
-where its start-up time is not.
+``sys.modules`` at exit, or whether the collector ran while loading and the
+interpreter's teardown at exit: which modules a command loads and how it
+exits are deterministic, where its start-up time is not.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from deltalog import Replica
+
+from conftest import DELTALOG
 
 HEAVY = ("numpy", "lmdb", "zstandard", "msgpack", "xxhash", "rich")
 
@@ -66,6 +70,15 @@ def test_a_diff_of_replicas_does_not_load_the_checkpoint_readers(tmp_path):
     assert "deltalog.checkpoint" not in modules and "zipfile" not in modules
 
 
+def test_reading_commands_do_not_load_what_only_writers_need(tmp_path):
+    # shutil (with bz2 and lzma) removes and copies directories; getpass and socket name a record's
+    # user and host: ~5 ms of imports that diff, status and log never use.
+    path = replica(tmp_path)
+    for args in (["diff", f"{path}@0", path, "--json"], ["status", path, "--json"], ["log", path, "--json"]):
+        modules = modules_loaded(tmp_path, *args)
+        assert not {"shutil", "bz2", "lzma", "getpass", "socket"} & modules, args
+
+
 BLAS_PROBE = """
 import atexit, json, os, sys
 seen = {}
@@ -96,3 +109,81 @@ def test_numpy_loads_single_threaded_blas_and_children_get_the_users_environment
     assert blas_threads_seen(tmp_path, {}, "status", path, "--json") == {"load": "1", "exit": None}
     mine = blas_threads_seen(tmp_path, {"OPENBLAS_NUM_THREADS": "3"}, "status", path, "--json")
     assert mine == {"load": "3", "exit": "3"}  # the user's setting wins
+
+
+# The process entry point (the `deltalog` script, `python -m deltalog`): a short command (diff, status,
+# log, commit, rollback) runs with the cyclic collector off and ends without the interpreter's
+# teardown; any other command keeps both.
+ENTRY_PROBE = """
+import atexit, gc, json, runpy, sys
+out, how, sys.argv = sys.argv[1], sys.argv[2], ["deltalog", *sys.argv[3:]]
+seen = {}
+
+def watch(event, args):  # the collector's state while the library loads
+    if event == "import" and args[0] == "deltalog.replica" and "gc_while_loading" not in seen:
+        seen["gc_while_loading"] = gc.isenabled()
+        open(out, "w").write(json.dumps(seen))
+
+sys.addaudithook(watch)
+atexit.register(lambda: sys.stderr.write("teardown ran\\n"))
+if how == "script":
+    from deltalog.cli import entry
+    entry()
+else:
+    runpy.run_module("deltalog", run_name="__main__")
+"""
+
+
+def run_entry(tmp_path, how: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "entry.json"
+    out.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-c", ENTRY_PROBE, str(out), how, *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+    return proc, (json.loads(out.read_text()) if out.exists() else {})
+
+
+def test_the_console_script_is_the_process_entry_point():
+    import tomllib
+
+    pyproject = os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")
+    with open(pyproject, "rb") as f:
+        assert tomllib.load(f)["project"]["scripts"]["deltalog"] == "deltalog.cli:entry"
+
+
+@pytest.mark.parametrize("how", ["script", "python -m"])
+def test_a_short_command_skips_the_teardown_and_keeps_its_exit_code_and_output(tmp_path, how):
+    path = replica(tmp_path)
+    proc, seen = run_entry(tmp_path, how, "diff", f"{path}@0", path, "--json")
+    assert proc.returncode == 1, proc.stderr  # different: like diff(1)
+    assert json.loads(proc.stdout)["changed_rows"] == 2  # the whole output, flushed before the exit
+    assert "teardown ran" not in proc.stderr
+    assert seen == {"gc_while_loading": False}
+
+
+def test_a_short_command_that_fails_still_says_why_with_its_exit_code(tmp_path):
+    proc, _seen = run_entry(tmp_path, "script", "log", tmp_path / "nothing-here", "--json")
+    assert proc.returncode == 3, proc.stderr  # not a replica
+    assert json.loads(proc.stdout)["error"]["exit_code"] == 3
+    assert proc.stderr.startswith("deltalog: error: ") and "teardown ran" not in proc.stderr
+
+
+def test_a_rollback_that_skips_the_teardown_is_durable_and_whole(tmp_path):
+    path = replica(tmp_path)
+    proc, seen = run_entry(tmp_path, "script", "rollback", path, "--to", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["offset"] == 2
+    assert "teardown ran" not in proc.stderr and seen == {"gc_while_loading": False}
+    with Replica.open(path) as r:  # what the process wrote before its quick exit is all there
+        initial = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)  # as replica() made it
+        assert r.head == 2 and np.array_equal(r.rows_view("emb"), initial)
+    verified = subprocess.run([*DELTALOG, "verify", path, "--json"], capture_output=True, text=True, timeout=120)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_long_command_keeps_the_collector_and_the_ordinary_exit(tmp_path):
+    path = replica(tmp_path)
+    proc, seen = run_entry(tmp_path, "script", "verify", path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True
+    assert "teardown ran" in proc.stderr
+    assert seen == {"gc_while_loading": True}

@@ -1,5 +1,5 @@
 """`python -m deltalog`: the same as the `deltalog` command."""
 
-from .cli import main
+from .cli import entry
 
-main()
+entry()

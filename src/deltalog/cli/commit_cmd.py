@@ -60,3 +60,6 @@ def command(replica, checkpoint, message, allow_nonfinite, recursive, wait, as_j
                     f"{human_bytes(summary.nbytes)} logged, significance {summary.significance:.4g}")
 
     out.result(data, render)
+
+
+command.quick_exit = True  # no cyclic GC, no teardown at exit (cli.quick_exit)

@@ -94,6 +94,9 @@ def command(ctx, a, b, top, tensors, force, recursive, as_json, quiet):
         ctx.exit(1)
 
 
+command.quick_exit = True  # no cyclic GC, no teardown at exit (cli.quick_exit)
+
+
 def _side(side: dict) -> str:
     from rich.markup import escape
 

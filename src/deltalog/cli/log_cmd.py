@@ -61,3 +61,6 @@ def command(replica, since, limit, stored, as_json):
         c.print(t)
 
     out.result({"records": records}, render)
+
+
+command.quick_exit = True  # no cyclic GC, no teardown at exit (cli.quick_exit)

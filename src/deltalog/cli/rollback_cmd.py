@@ -57,3 +57,6 @@ def command(replica, to, reason, dry_run, wait, as_json, quiet):
                     f"new head {result.offset} (was {result.previous_head})")
 
     out.result(result.to_json(), render)
+
+
+command.quick_exit = True  # no cyclic GC, no teardown at exit (cli.quick_exit)

@@ -34,6 +34,9 @@ def command(ctx, replicas, timeout, ssh_command, remote_deltalog, token_file, as
     return _fleet(ctx, replicas, transport_options(timeout, ssh_command, remote_deltalog, token_file), as_json)
 
 
+command.quick_exit = True  # no cyclic GC, no teardown at exit (cli.quick_exit)
+
+
 def _detailed(replica, as_json):
     from ..lag import refresh
     from ..replica import Replica
