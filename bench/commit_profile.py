@@ -4,7 +4,8 @@
         [--reader-between] [--dirty-background-mib N]
 
 One float32 table of 64-dim rows (256 B a row), --gib of it, in bench/work/commit-profile
-(deleted at the end); 3 warm-up commits, then 27 timed ones of random distinct rows. This is
+(deleted at the end); 3 warm-up commits, then --commits (27) timed ones of random distinct rows,
+each made before its timer starts. This is
 the by-hand companion of bench/run.py's commit section: the same path, one size, with the
 profile that says which step (the synced LMDB commits, encoding, the bucket index) bounds it.
 
@@ -55,6 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows-per-commit", type=int, default=8192)
     parser.add_argument("--gib", type=float, default=1.0, help="size of the table")
+    parser.add_argument("--commits", type=int, default=27,
+                        help="timed commits (27; a few hundred show the steady state of a long-lived writer: "
+                             "its maps populated, and past 30 s or 1024 records a flush of the tensor files)")
     parser.add_argument("--profile", action="store_true", help="print the 25 costliest calls (cumulative)")
     parser.add_argument("--cold", action="store_true",
                         help="drop the page cache after init (root; as after a reboot, or when other files evicted "
@@ -78,13 +82,13 @@ def main() -> None:
             os.sync()
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("1")
-        batches = []
-        for _ in range(30):
+        def batch() -> tuple[np.ndarray, np.ndarray]:
             idx = np.unique(rng.integers(0, rows, args.rows_per_commit))
-            batches.append((idx, rng.standard_normal((len(idx), 64)).astype(np.float32)))
+            return idx, rng.standard_normal((len(idx), 64)).astype(np.float32)
+
         with Replica.open(os.path.join(WORK, "r")) as r:
-            for idx, values in batches[:3]:
-                r.commit({"emb": (idx, values)})
+            for _ in range(3):
+                r.commit({"emb": batch()})
             if args.reader_between:
                 _backup_reads(r)
             guard = getattr(r.writer, "page_guard", None)  # deltalog before the guard has none
@@ -92,30 +96,32 @@ def main() -> None:
             profile = cProfile.Profile() if args.profile else None
             if steps is not None:
                 steps.clear()
-            dirtied = _dirtied_bytes()
-            started, n = time.perf_counter(), 0
-            if profile:
-                profile.enable()
+            n = 0
             each = []  # (seconds, bytes dirtied, rows) of each timed commit
-            for idx, values in batches[3:]:
+            for _ in range(args.commits):
+                idx, values = batch()
+                if profile:
+                    profile.enable()
                 began, dirtied_before = time.perf_counter(), _dirtied_bytes()
                 r.commit({"emb": (idx, values)})
                 each.append((time.perf_counter() - began, _dirtied_bytes() - dirtied_before, len(idx)))
+                if profile:
+                    profile.disable()
                 n += len(idx)
-            if profile:
-                profile.disable()
-            seconds = time.perf_counter() - started
-            dirtied = _dirtied_bytes() - dirtied
+            seconds = sum(t for t, _d, _n in each)
+            dirtied = sum(d for _t, d, _n in each) if _dirtied_bytes() >= 0 else -1
             timed = {name: list(entry) for name, entry in (steps or {}).items()}  # close() flushes: not counted
             if guard is not None:
                 recaches = guard.recaches - recaches
         print(f"{args.rows_per_commit} rows per commit, {args.gib:g} GiB table: {n / seconds:,.0f} rows/s "
-              f"({seconds / 27 * 1000:.1f} ms per commit)")
+              f"({seconds / len(each) * 1000:.1f} ms per commit, {len(each)} commits)")
         print(f"  per commit: p50 {np.median([t for t, _d, _n in each]) * 1000:.1f} ms, "
-              f"first {each[0][0] * 1000:.1f} ms, slowest {max(t for t, _d, _n in each) * 1000:.1f} ms")
+              f"first {each[0][0] * 1000:.1f} ms, p99 {np.percentile([t for t, _d, _n in each], 99) * 1000:.1f} ms, "
+              f"slowest {max(t for t, _d, _n in each) * 1000:.1f} ms")
         if steps is not None:
             for name, (spent, faults, calls) in timed.items():
-                print(f"  {name}: {spent / 27 * 1000:.1f} ms and {faults / 27:,.0f} minor faults per commit ({calls} calls)")
+                print(f"  {name}: {spent / len(each) * 1000:.1f} ms and {faults / len(each):,.0f} minor faults per commit "
+                      f"({calls} calls)")
             if dirtied >= 0:
                 print(f"  dirtied by the kernel's count (log writes included): {dirtied / n / 1024:,.1f} KiB per row written "
                       f"(first timed commit {each[0][1] / each[0][2] / 1024:,.1f}, the others "
