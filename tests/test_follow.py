@@ -729,3 +729,44 @@ def test_follow_over_ssh_pull_and_push(tmp_path, sshd):  # noqa: F811
     assert_exact(a, x)
     assert_exact(a, y)
     assert parse_spec(sshd.location(a)).scheme == "ssh"
+
+
+def test_a_followers_checkpoint_runs_beside_its_rounds(small_replica, tmp_path, rng, monkeypatch):
+    """The follower's fsync of its tensor files (every FOLLOW_FLUSH_SECONDS) runs on a thread of its
+    own: rounds go on applying while it runs (it took a second and more at 1 GiB and stalled every
+    update behind it), and `flushed` moves to what it covered once it is done."""
+    from deltalog import writer
+    from deltalog.transport import local
+
+    path, model = small_replica
+    dst = tmp_path / "f"
+    monkeypatch.setattr(local, "FOLLOW_FLUSH_SECONDS", 0.0)  # every round is due for one
+    gate, passed = threading.Event(), []
+    real_fsync = writer.Writer._fsync_paths
+
+    def gated_fsync(self, paths):
+        if threading.current_thread().name == "deltalog-checkpoint":
+            passed.append(gate.wait(timeout=30))  # held until a round applied behind it
+        real_fsync(self, paths)
+
+    monkeypatch.setattr(writer.Writer, "_fsync_paths", gated_fsync)
+    with Replica.open(path) as r:
+        r.commit(random_update(rng, model))
+    stopper, events = Stopper(), []
+    t = _run_follow(path, dst, stopper, events, interval=0.05)
+    try:
+        wait_until(lambda: head_of(dst) == 1, 20, "the first sync")
+        with Replica.open(path) as r:
+            r.commit(random_update(rng, model))
+        wait_until(lambda: head_of(dst) == 2, 20, "a round while the checkpoint is held")
+        assert not passed  # still held: that round did not wait for it
+        gate.set()
+        wait_until(lambda: passed and Replica.open(dst).state.flushed >= 1, 20, "flushed to the checkpoint")
+    finally:
+        gate.set()
+        stopper.request()
+        t.join(30)
+    assert not t.is_alive() and passed and all(passed)
+    with Replica.open(dst) as r:
+        assert r.state.settled and r.state.flushed >= 1
+        assert verify_replica(r).ok

@@ -143,3 +143,26 @@ def test_after_a_reboot_unflushed_records_are_reapplied(tmp_path, rng, monkeypat
         assert r.state.settled and r.state.flushed == r.head
         assert_same(r, model)
         assert verify(r).ok
+
+
+def test_a_background_checkpoint_moves_flushed_only_to_what_it_covered(tmp_path, rng, monkeypatch):
+    """Writer.start_checkpoint fsyncs on another thread with no lock held; finish_checkpoint then
+    records its offset (not the head the writer reached meanwhile), and refuses when the model at
+    that offset is no longer the one it started from."""
+    path = tmp_path / "r"
+    model = random_model(rng)
+    Replica.init(path, model).close()
+    with Replica.open(path) as r:
+        with r.writing():
+            r.commit(random_update(rng, model))
+            r.writer.defer_flush()
+            checkpoint = r.writer.start_checkpoint()
+            assert checkpoint is not None and checkpoint.offset == 1
+            r.commit(random_update(rng, model))  # while it runs
+            r.writer.defer_flush()
+            assert r.writer.finish_checkpoint(checkpoint)
+            assert r.state.flushed == 1 and r.head == 2
+            later = r.writer.start_checkpoint()
+            monkeypatch.setattr(type(r), "state_digest_at", lambda self, offset: 12345)  # as after a revert
+            assert not r.writer.finish_checkpoint(later)
+            assert r.state.flushed == 1

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -482,24 +483,68 @@ class Writer:
 
     # -- durability ---------------------------------------------------------------------
 
+    def _file_paths(self) -> list[str]:
+        """Every tensor file and row digest file of the model."""
+        paths = []
+        for info in self.replica.tensors:
+            if info.nbytes:
+                paths.append(self.maps.path(info))
+            if self.replica.has_row_digests and info.rows:
+                paths.append(self.maps.digest_path(info))
+        return paths
+
+    def _fsync_paths(self, paths: Sequence[str]) -> None:
+        try:
+            for path in paths:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)  # all dirty pages of the file, whichever mapping wrote them
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot write tensor files: {exc.strerror}") from None
+
     def _fsync_files(self) -> None:
         """fsync every tensor file and row digest file: an earlier writer that was killed may have
         left pages of files this handle never wrote."""
-        try:
-            for info in self.replica.tensors:
-                paths = [self.maps.path(info)] if info.nbytes else []
-                if self.replica.has_row_digests and info.rows:
-                    paths.append(self.maps.digest_path(info))
-                for path in paths:
-                    fd = os.open(path, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)  # all dirty pages of the file, whichever mapping wrote them
-                    finally:
-                        os.close(fd)
-        except OSError as exc:
-            raise StorageError(f"{self.path}: cannot write tensor files: {exc.strerror}") from None
+        self._fsync_paths(self._file_paths())
         self._dirty.clear()
         self._dirty_since = None
+
+    def start_checkpoint(self) -> "Checkpoint | None":
+        """Start fsyncing the tensor files on another thread, as :meth:`flush` would, without
+        holding anything: a follower keeps applying rounds meanwhile (an fsync of a table that
+        random rows dirtied all over takes a second or more, and stalled every update behind it).
+        :meth:`finish_checkpoint` then moves ``flushed``. None when the state cannot be vouched
+        for (unsettled, or no state digest to check the model against later).
+        """
+        state = self.replica.state
+        if not state.settled or state.applied != state.head or state.digest is None:
+            return None
+        paths = self._file_paths()
+        checkpoint = Checkpoint(state.applied, state.digest)
+        checkpoint.thread = threading.Thread(target=checkpoint.run, args=(self._fsync_paths, paths),
+                                             name="deltalog-checkpoint", daemon=True)
+        checkpoint.thread.start()
+        self.defer_flush()  # close() need not fsync what the checkpoint covers
+        return checkpoint
+
+    def finish_checkpoint(self, checkpoint: "Checkpoint") -> bool:
+        """Once ``checkpoint`` has fsynced every file (it waits for that), record ``flushed`` =
+        its offset (lock held), if that still says the truth: the head has not gone back below
+        it and the model at that offset is the one it started from (a revert since then could
+        have rewritten rows the fsync saw). True if ``flushed`` moved."""
+        checkpoint.thread.join()
+        if checkpoint.error is not None:
+            return False
+        self._require_lock()
+        state = self.replica.state
+        if state.head < checkpoint.offset or state.flushed >= checkpoint.offset:
+            return False
+        if self.replica.state_digest_at(checkpoint.offset) != checkpoint.digest:
+            return False
+        self.store.write(lambda txn: self._put_state(txn, flushed=checkpoint.offset))
+        return True
 
     def flush(self) -> None:
         """fsync the tensor files and record that they are durable up to ``applied`` (lock held)."""
@@ -626,6 +671,27 @@ class Writer:
 
         self.store.write(upgrade)
         replica.set_format(fmt)
+
+
+@dataclass
+class Checkpoint:
+    """An fsync of every tensor file running on another thread (:meth:`Writer.start_checkpoint`):
+    every row of the model at ``offset`` (state digest ``digest``) was in the page cache before it began."""
+
+    offset: int
+    digest: int
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+    def run(self, fsync: Callable[[Sequence[str]], None], paths: Sequence[str]) -> None:
+        try:
+            fsync(paths)
+        except BaseException as exc:  # noqa: BLE001 - reported by finish_checkpoint: flushed stays where it is
+            self.error = exc
+
+    @property
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
 
 
 def _outcome(future):

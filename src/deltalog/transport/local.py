@@ -199,6 +199,7 @@ class LocalSink:
         self._handles: dict[str, object] = {}
         self._wait = 0.0
         self._applied = False  # this round wrote rows (else a no-op round: a moment to flush)
+        self._checkpoint = None  # a background fsync of the tensor files (Writer.start_checkpoint), running or done
         self._idle_round = False
         self._identity: tuple | None = None  # the replica's files when opened (see _current_identity)
 
@@ -210,6 +211,7 @@ class LocalSink:
             if not dry_run and self._identity == self._current_identity():
                 self._stack.enter_context(self.replica.writing(wait))
                 if self._identity == self._current_identity():  # nothing replaced it while we waited
+                    self._end_checkpoint(only_if_done=True)
                     return receive.sink_state(self.replica)
                 self._release()
             self._drop_replica()
@@ -465,16 +467,42 @@ class LocalSink:
         self._release()
         self._flush_on_schedule()
         replica = self.replica
-        if replica.writer.unflushed:  # due now: what Replica.close would have done
-            replica.writer.flush_if_free()
+        if replica.writer.unflushed:  # due now: what Replica.close would have done, but not in the way
+            if self._checkpoint is None:
+                self._checkpoint = replica.writer.start_checkpoint()
+            if self._checkpoint is None:  # nothing it could vouch for: the plain flush
+                replica.writer.flush_if_free()
+            else:
+                replica.writer.defer_flush()  # one is running: the next is due a schedule from now
         self._applied = False
         self._idle_round = False
+
+    def _end_checkpoint(self, only_if_done: bool) -> None:
+        """Record what a finished background checkpoint made durable (lock held), or, with
+        ``only_if_done``, leave one that is still running for a later round."""
+        checkpoint = self._checkpoint
+        if checkpoint is None or (only_if_done and not checkpoint.done):
+            return
+        self._checkpoint = None
+        self.replica.writer.finish_checkpoint(checkpoint)
 
     def _release(self) -> None:
         self._stack.close()
         self._stack = ExitStack()
 
     def _drop_replica(self) -> None:
+        if self._checkpoint is not None:  # let it end first: what it made durable is recorded if the lock is free
+            checkpoint, self._checkpoint = self._checkpoint, None
+            writer = self.replica.writer if self.replica is not None else None
+            if writer is not None and writer.held:
+                writer.finish_checkpoint(checkpoint)
+            elif writer is not None and writer.lock.try_acquire():
+                try:
+                    writer.finish_checkpoint(checkpoint)
+                finally:
+                    writer.lock.release()
+            else:
+                checkpoint.thread.join()
         if self.replica is not None:
             self._flush_on_schedule()
             self.replica.close()
