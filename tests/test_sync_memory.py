@@ -65,12 +65,7 @@ def test_a_whole_sync_holds_one_tensor_of_values_at_a_time(tmp_path, rng, monkey
     # (holding the whole chunk decoded measured 22 here).
     assert peak - stored < (6 + kept) * largest, \
         f"peak {peak / largest:.1f} tensors' worth, record {stored / largest:.2f}"
-    with Replica.open(dst) as r:
-        assert r.head == target
-        for name, values in model.items():
-            assert np.array_equal(r.rows_view(name)[:], values + 1)
-    with Replica.open(dst) as r:
-        assert verify(r).ok
+    _synced(dst, model, target)
 
 
 def test_a_sync_source_reads_and_compresses_one_tensor_at_a_time(tmp_path, rng):
@@ -90,10 +85,10 @@ def test_a_sync_source_reads_and_compresses_one_tensor_at_a_time(tmp_path, rng):
     assert peak < 2 * len(blob) + 6 * largest, f"peak {peak / largest:.1f} tensors' worth, chunk {len(blob) / largest:.2f}"
 
 
-def _changed_everywhere(tmp_path, rng):
+def _changed_everywhere(tmp_path, rng, model=None):
     """(source, destination at offset 0, target): every row of every tensor changed at the source."""
     src, dst = tmp_path / "src", tmp_path / "dst"
-    model = _model(rng)
+    model = _model(rng) if model is None else model
     with Replica.init(src, model, bucket_rows=64):
         pass
     shutil.copytree(src, dst)
@@ -173,14 +168,9 @@ def test_a_chunk_handed_over_is_gone_when_lmdb_copies_what_it_became(tmp_path, r
     from deltalog.store import LogStore
 
     monkeypatch.setattr(receive, "KEEP_DECODED_BYTES", 0)
-    src, dst = tmp_path / "src", tmp_path / "dst"
     model = {f"emb{i}": rng.standard_normal((ROWS, ELEMS)).astype(np.float32) for i in range(TENSORS)}
-    with Replica.init(src, model, bucket_rows=64):
-        pass
-    shutil.copytree(src, dst)
+    src, dst, model, target = _changed_everywhere(tmp_path, rng, model)
     with Replica.open(src) as r:
-        r.commit({name: (np.arange(ROWS), values + 1) for name, values in model.items()})
-        target = r.head
         (blob,) = list(sync_mod.source_chunks(r, 0, {}, target, 64 << 20))
     wire = len(blob)
     held = {}
