@@ -166,3 +166,25 @@ def test_a_background_checkpoint_moves_flushed_only_to_what_it_covered(tmp_path,
             monkeypatch.setattr(type(r), "state_digest_at", lambda self, offset: 12345)  # as after a revert
             assert not r.writer.finish_checkpoint(later)
             assert r.state.flushed == 1
+
+
+def test_a_background_checkpoint_that_cannot_write_says_so(tmp_path, rng, monkeypatch):
+    """An fsync error on the checkpoint's thread is raised where it is finished, as flush() raises it."""
+    from deltalog import writer
+    from deltalog.errors import StorageError
+
+    path = tmp_path / "r"
+    model = random_model(rng)
+    Replica.init(path, model).close()
+
+    def failing(self, paths):
+        raise StorageError(f"{self.path}: cannot write tensor files: Input/output error")
+
+    with Replica.open(path) as r, r.writing():
+        r.commit(random_update(rng, model))
+        monkeypatch.setattr(writer.Writer, "_fsync_paths", failing)
+        checkpoint = r.writer.start_checkpoint()
+        with pytest.raises(StorageError, match="cannot write tensor files"):
+            r.writer.finish_checkpoint(checkpoint)
+        assert r.state.flushed == 0
+        monkeypatch.undo()

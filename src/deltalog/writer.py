@@ -533,10 +533,11 @@ class Writer:
         """Once ``checkpoint`` has fsynced every file (it waits for that), record ``flushed`` =
         its offset (lock held), if that still says the truth: the head has not gone back below
         it and the model at that offset is the one it started from (a revert since then could
-        have rewritten rows the fsync saw). True if ``flushed`` moved."""
+        have rewritten rows the fsync saw). True if ``flushed`` moved; the fsync's own error
+        (StorageError: the files could not be written) is raised, as :meth:`flush` would."""
         checkpoint.thread.join()
         if checkpoint.error is not None:
-            return False
+            raise checkpoint.error
         self._require_lock()
         state = self.replica.state
         if state.head < checkpoint.offset or state.flushed >= checkpoint.offset:
@@ -686,7 +687,7 @@ class Checkpoint:
     def run(self, fsync: Callable[[Sequence[str]], None], paths: Sequence[str]) -> None:
         try:
             fsync(paths)
-        except BaseException as exc:  # noqa: BLE001 - reported by finish_checkpoint: flushed stays where it is
+        except BaseException as exc:  # noqa: BLE001 - raised by finish_checkpoint, on the writer's thread
             self.error = exc
 
     @property

@@ -491,22 +491,29 @@ class LocalSink:
         self._stack = ExitStack()
 
     def _drop_replica(self) -> None:
-        if self._checkpoint is not None:  # let it end first: what it made durable is recorded if the lock is free
-            checkpoint, self._checkpoint = self._checkpoint, None
-            writer = self.replica.writer if self.replica is not None else None
-            if writer is not None and writer.held:
+        try:
+            self._end_checkpoint_unlocked()
+        finally:  # closed even when the checkpoint could not write (its error is raised after)
+            if self.replica is not None:
+                self._flush_on_schedule()
+                self.replica.close()
+                self.replica = None
+
+    def _end_checkpoint_unlocked(self) -> None:
+        """Let a background checkpoint end; record what it made durable if the lock is free."""
+        if self._checkpoint is None:
+            return
+        checkpoint, self._checkpoint = self._checkpoint, None
+        writer = self.replica.writer if self.replica is not None else None
+        if writer is not None and writer.held:
+            writer.finish_checkpoint(checkpoint)
+        elif writer is not None and writer.lock.try_acquire():
+            try:
                 writer.finish_checkpoint(checkpoint)
-            elif writer is not None and writer.lock.try_acquire():
-                try:
-                    writer.finish_checkpoint(checkpoint)
-                finally:
-                    writer.lock.release()
-            else:
-                checkpoint.thread.join()
-        if self.replica is not None:
-            self._flush_on_schedule()
-            self.replica.close()
-            self.replica = None
+            finally:
+                writer.lock.release()
+        else:
+            checkpoint.thread.join()
 
     def close(self) -> None:
         for fh in self._handles.values():
