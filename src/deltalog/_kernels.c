@@ -66,6 +66,37 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *
     return 0;
 }
 
+/* Several buffers of one call, released together (HOLD returns NULL from the caller on failure). */
+#define MAX_BUFFERS 8
+
+typedef struct {
+    Py_buffer views[MAX_BUFFERS];
+    int held;
+} Buffers;
+
+static void release_all(Buffers *held) {
+    while (held->held > 0)
+        PyBuffer_Release(&held->views[--held->held]);
+}
+
+/* The buffer of obj (NULL for None when optional), kept in held for release_all. */
+static Py_buffer *hold(Buffers *held, PyObject *obj, int writable, int optional, const char *what) {
+    if (obj == Py_None && optional)
+        return NULL;
+    Py_buffer *view = &held->views[held->held];
+    if (get_buffer(obj, view, writable, what) < 0)
+        return (Py_buffer *)-1;
+    held->held++;
+    return view;
+}
+
+#define HOLD(var, obj, writable, optional, what)                     \
+    Py_buffer *var = hold(&held, obj, writable, optional, what);    \
+    if (var == (Py_buffer *)-1) {                                   \
+        release_all(&held);                                         \
+        return NULL;                                                \
+    }
+
 /* -- gather_rows(src, row_bytes, index, out, digests) ------------------------ */
 
 /* Rows far apart in a large map each cost a TLB miss and a cache miss; asking
@@ -206,20 +237,16 @@ static PyObject *touch_rows(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_ssize_t row_bytes;
     if (!PyArg_ParseTuple(args, "OnO", &table_obj, &row_bytes, &index_obj))
         return NULL;
-    Py_buffer table, index;
-    if (get_buffer(table_obj, &table, 1, "table") < 0)
-        return NULL;
-    if (get_buffer(index_obj, &index, 0, "index") < 0) {
-        PyBuffer_Release(&table);
-        return NULL;
-    }
-    Py_ssize_t n = index.len / 8, rows = row_bytes > 0 ? table.len / row_bytes : 0;
-    const int64_t *idx = (const int64_t *)index.buf;
-    int ok = row_bytes > 0 && index.len % 8 == 0;
+    Buffers held = {.held = 0};
+    HOLD(table, table_obj, 1, 0, "table");
+    HOLD(index, index_obj, 0, 0, "index");
+    Py_ssize_t n = index->len / 8, rows = row_bytes > 0 ? table->len / row_bytes : 0;
+    const int64_t *idx = (const int64_t *)index->buf;
+    int shaped = row_bytes > 0 && index->len % 8 == 0, ok = shaped;
     for (Py_ssize_t i = 0; ok && i < n; i++)
         ok = idx[i] >= 0 && idx[i] < rows;
     if (ok) {
-        volatile unsigned char *base = (volatile unsigned char *)table.buf;
+        volatile unsigned char *base = (volatile unsigned char *)table->buf;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t i = 0; i < n; i++) {
             volatile unsigned char *first = base + idx[i] * row_bytes, *last = first + row_bytes - 1;
@@ -228,10 +255,9 @@ static PyObject *touch_rows(PyObject *Py_UNUSED(self), PyObject *args) {
         }
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&table);
-    PyBuffer_Release(&index);
+    release_all(&held);
     if (!ok) {
-        PyErr_SetString(PyExc_ValueError, row_bytes > 0 && index.len % 8 == 0 ? OUT_OF_RANGE : "bad row_bytes or index");
+        PyErr_SetString(PyExc_ValueError, shaped ? OUT_OF_RANGE : "bad row_bytes or index");
         return NULL;
     }
     Py_RETURN_NONE;
@@ -265,25 +291,16 @@ static PyObject *shuffle_planes(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_ssize_t itemsize;
     if (!PyArg_ParseTuple(args, "OnOO", &src_obj, &itemsize, &out_obj, &xor_obj))
         return NULL;
-    Py_buffer src, out, with;
-    int have_xor = xor_obj != Py_None;
-    if (get_buffer(src_obj, &src, 0, "src") < 0)
-        return NULL;
-    if (get_buffer(out_obj, &out, 1, "out") < 0) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
-    if (have_xor && get_buffer(xor_obj, &with, 0, "xor_with") < 0) {
-        PyBuffer_Release(&src);
-        PyBuffer_Release(&out);
-        return NULL;
-    }
-    int ok = itemsize >= 1 && src.len % itemsize == 0 && out.len == src.len && (!have_xor || with.len == src.len);
+    Buffers held = {.held = 0};
+    HOLD(src, src_obj, 0, 0, "src");
+    HOLD(out, out_obj, 1, 0, "out");
+    HOLD(with, xor_obj, 0, 1, "xor_with");
+    int ok = itemsize >= 1 && src->len % itemsize == 0 && out->len == src->len && (!with || with->len == src->len);
     if (ok) {
-        const unsigned char *restrict a = (const unsigned char *)src.buf;
-        const unsigned char *restrict b = have_xor ? (const unsigned char *)with.buf : NULL;
-        unsigned char *restrict o = (unsigned char *)out.buf;
-        Py_ssize_t n = src.len / itemsize;
+        const unsigned char *restrict a = (const unsigned char *)src->buf;
+        const unsigned char *restrict b = with ? (const unsigned char *)with->buf : NULL;
+        unsigned char *restrict o = (unsigned char *)out->buf;
+        Py_ssize_t n = src->len / itemsize;
         Py_BEGIN_ALLOW_THREADS
         if (itemsize == 4) { /* float32, the common case: whole words, four stores */
             unsigned char *restrict o0 = o, *restrict o1 = o + n, *restrict o2 = o + 2 * n, *restrict o3 = o + 3 * n;
@@ -315,10 +332,7 @@ static PyObject *shuffle_planes(PyObject *Py_UNUSED(self), PyObject *args) {
         }
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&out);
-    if (have_xor)
-        PyBuffer_Release(&with);
+    release_all(&held);
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "src, out (and xor_with) must be the same whole number of items");
         return NULL;
@@ -566,36 +580,6 @@ static inline int compare_loop(Comparison *c, const int kind) {
     c->max_abs = top;
     return 0;
 }
-
-#define MAX_BUFFERS 8
-
-typedef struct {
-    Py_buffer views[MAX_BUFFERS];
-    int held;
-} Buffers;
-
-static void release_all(Buffers *held) {
-    while (held->held > 0)
-        PyBuffer_Release(&held->views[--held->held]);
-}
-
-/* The buffer of obj (NULL for None when optional), kept in held for release_all. */
-static Py_buffer *hold(Buffers *held, PyObject *obj, int writable, int optional, const char *what) {
-    if (obj == Py_None && optional)
-        return NULL;
-    Py_buffer *view = &held->views[held->held];
-    if (get_buffer(obj, view, writable, what) < 0)
-        return (Py_buffer *)-1;
-    held->held++;
-    return view;
-}
-
-#define HOLD(var, obj, writable, optional, what)                     \
-    Py_buffer *var = hold(&held, obj, writable, optional, what);    \
-    if (var == (Py_buffer *)-1) {                                   \
-        release_all(&held);                                         \
-        return NULL;                                                \
-    }
 
 static Py_ssize_t kind_itemsize(int kind) {
     switch (kind) {
