@@ -25,6 +25,7 @@ record undoable.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import NamedTuple
@@ -135,23 +136,27 @@ def _given(section: tuple[bytes, int]):
     return lambda: section
 
 
+def _tensor_jobs(t: TensorDelta, spoil_old: bool = False) -> tuple[dict[str, Callable], int]:
+    """The jobs that compress ``t``'s sections, by key in record order (a section given encoded is
+    handed back as it is), and the value bytes they read. ``spoil_old``: see :func:`compressed`."""
+    done = t.encoded or {}
+    jobs: dict[str, Callable] = {"index": partial(codec.encode_indices, t.rows),
+                                 "new": partial(codec.encode_values, t.new)}
+    if t.old is not None or "old" in done:
+        jobs["old"] = partial(codec.encode_xor_values, t.old, t.new, in_place=spoil_old)
+    if t.versions is not None:
+        jobs["versions"] = partial(codec.encode_values, np.asarray(t.versions, dtype="<u8"))
+    value_bytes = sum(a.nbytes for key, a in (("new", t.new), ("old", t.old)) if a is not None and key not in done)
+    return {key: _given(done[key]) if key in done else job for key, job in jobs.items()}, value_bytes
+
+
 def _section_jobs(tensors: list[TensorDelta]) -> tuple[list, int]:
     """The jobs that compress the sections of ``tensors``, in record order, and the value bytes they read."""
-    jobs = []
-    value_bytes = 0
+    jobs, value_bytes = [], 0
     for t in tensors:
-        done = t.encoded or {}
-        jobs.append(_given(done["index"]) if "index" in done else partial(codec.encode_indices, t.rows))
-        jobs.append(_given(done["new"]) if "new" in done else partial(codec.encode_values, t.new))
-        value_bytes += 0 if "new" in done else t.new.nbytes
-        if "old" in done:
-            jobs.append(_given(done["old"]))
-        elif t.old is not None:
-            jobs.append(partial(codec.encode_xor_values, t.old, t.new))
-            value_bytes += t.old.nbytes
-        if t.versions is not None:
-            jobs.append(_given(done["versions"]) if "versions" in done
-                        else partial(codec.encode_values, np.asarray(t.versions, dtype="<u8")))
+        mine, nbytes = _tensor_jobs(t)
+        jobs.extend(mine.values())
+        value_bytes += nbytes
     return jobs, value_bytes
 
 
@@ -268,15 +273,8 @@ def compressed(t: TensorDelta, spoil_old: bool = False) -> TensorDelta:
     encode() only assembles. ``spoil_old``: ``t.old`` is a copy nobody reads
     again, so the undo section is computed in it (one array less).
     """
-    done = dict(t.encoded or {})
-    jobs: dict[str, object] = {"index": partial(codec.encode_indices, t.rows), "new": partial(codec.encode_values, t.new)}
-    if t.old is not None:
-        jobs["old"] = partial(codec.encode_xor_values, t.old, t.new, in_place=spoil_old)
-    if t.versions is not None:
-        jobs["versions"] = partial(codec.encode_values, np.asarray(t.versions, dtype="<u8"))
-    todo = [key for key in jobs if key not in done]
-    nbytes = t.new.nbytes * (1 + (t.old is not None))
-    done.update(zip(todo, codec.run_jobs([jobs[key] for key in todo], nbytes)))
+    jobs, nbytes = _tensor_jobs(t, spoil_old)
+    done = {**(t.encoded or {}), **dict(zip(jobs, codec.run_jobs(list(jobs.values()), nbytes)))}
     row_elems = int(t.new.shape[1]) if t.new.ndim == 2 else 0
     return replace(t, new=np.empty((0, row_elems), t.new.dtype), old=None, encoded=done)
 
