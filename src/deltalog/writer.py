@@ -120,9 +120,10 @@ class RowWrite:
     # tensor's values in memory at once (a sync destination decodes them again).
     load: Callable[[], np.ndarray] | None = None
 
-    def row_digests(self) -> np.ndarray:
+    def row_digests(self, values: np.ndarray | None = None) -> np.ndarray:
+        """The row digests of the new values (``values``: them, loaded already)."""
         if self.digests is None:
-            self.digests = kernels.row_digests(self.loaded())
+            self.digests = kernels.row_digests(self.loaded() if values is None else values)
         return self.digests
 
     def loaded(self) -> np.ndarray:
@@ -440,9 +441,7 @@ class Writer:
             values = w.loaded()  # once: ``load`` may decode them
             self.rows(w.info)[idx] = values
             if stored is not None:
-                if w.digests is None:
-                    w.digests = kernels.row_digests(values)
-                stored[idx] = w.digests
+                stored[idx] = w.row_digests(values)
             del values
             self._dirty.add(w.info.id)
         if writes and self._dirty_since is None:
@@ -521,11 +520,7 @@ class Writer:
         state = self.replica.state
         if not state.settled or state.applied != state.head or state.digest is None:
             return None
-        paths = self._file_paths()
-        checkpoint = Checkpoint(state.applied, state.digest)
-        checkpoint.thread = threading.Thread(target=checkpoint.run, args=(self._fsync_paths, paths),
-                                             name="deltalog-checkpoint", daemon=True)
-        checkpoint.thread.start()
+        checkpoint = Checkpoint(state.applied, state.digest, self._fsync_paths, self._file_paths())
         self.defer_flush()  # close() need not fsync what the checkpoint covers
         return checkpoint
 
@@ -585,13 +580,23 @@ class Writer:
 
     def flush_if_free(self) -> bool:
         """Flush now if no other writer holds the lock; True if it did (a handle between its changes)."""
+        return self._if_free(self.flush)
+
+    def finish_checkpoint_if_free(self, checkpoint: "Checkpoint") -> None:
+        """:meth:`finish_checkpoint` if no other writer holds the lock; else only wait for its fsync
+        (``flushed`` then stays where it is)."""
+        if not self._if_free(lambda: self.finish_checkpoint(checkpoint)):
+            checkpoint.thread.join()
+
+    def _if_free(self, work: Callable[[], None]) -> bool:
+        """Run ``work`` holding the lock: this handle's, or taken for it if it is free; True if it ran."""
         if self.lock.held:
-            self.flush()
+            work()
             return True
         if not self.lock.try_acquire():
             return False
         try:
-            self.flush()
+            work()
         finally:
             self.lock.release()
         return True
@@ -674,17 +679,17 @@ class Writer:
         replica.set_format(fmt)
 
 
-@dataclass
 class Checkpoint:
-    """An fsync of every tensor file running on another thread (:meth:`Writer.start_checkpoint`):
+    """An fsync of every tensor file, started on a thread of its own (:meth:`Writer.start_checkpoint`):
     every row of the model at ``offset`` (state digest ``digest``) was in the page cache before it began."""
 
-    offset: int
-    digest: int
-    thread: threading.Thread | None = None
-    error: BaseException | None = None
+    def __init__(self, offset: int, digest: int, fsync: Callable[[Sequence[str]], None], paths: Sequence[str]):
+        self.offset, self.digest = offset, digest
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fsync, paths), name="deltalog-checkpoint", daemon=True)
+        self.thread.start()
 
-    def run(self, fsync: Callable[[Sequence[str]], None], paths: Sequence[str]) -> None:
+    def _run(self, fsync: Callable[[Sequence[str]], None], paths: Sequence[str]) -> None:
         try:
             fsync(paths)
         except BaseException as exc:  # noqa: BLE001 - raised by finish_checkpoint, on the writer's thread
@@ -692,7 +697,7 @@ class Checkpoint:
 
     @property
     def done(self) -> bool:
-        return self.thread is None or not self.thread.is_alive()
+        return not self.thread.is_alive()
 
 
 def _outcome(future):

@@ -478,13 +478,13 @@ class LocalSink:
         self._idle_round = False
 
     def _end_checkpoint(self, only_if_done: bool) -> None:
-        """Record what a finished background checkpoint made durable (lock held), or, with
-        ``only_if_done``, leave one that is still running for a later round."""
+        """Record what a background checkpoint made durable, once it ended (if the lock is ours or
+        free), or, with ``only_if_done``, leave one that is still running for a later round."""
         checkpoint = self._checkpoint
         if checkpoint is None or (only_if_done and not checkpoint.done):
             return
         self._checkpoint = None
-        self.replica.writer.finish_checkpoint(checkpoint)
+        self.replica.writer.finish_checkpoint_if_free(checkpoint)
 
     def _release(self) -> None:
         self._stack.close()
@@ -492,28 +492,13 @@ class LocalSink:
 
     def _drop_replica(self) -> None:
         try:
-            self._end_checkpoint_unlocked()
+            if self.replica is not None:
+                self._end_checkpoint(only_if_done=False)
         finally:  # closed even when the checkpoint could not write (its error is raised after)
             if self.replica is not None:
                 self._flush_on_schedule()
                 self.replica.close()
                 self.replica = None
-
-    def _end_checkpoint_unlocked(self) -> None:
-        """Let a background checkpoint end; record what it made durable if the lock is free."""
-        if self._checkpoint is None:
-            return
-        checkpoint, self._checkpoint = self._checkpoint, None
-        writer = self.replica.writer if self.replica is not None else None
-        if writer is not None and writer.held:
-            writer.finish_checkpoint(checkpoint)
-        elif writer is not None and writer.lock.try_acquire():
-            try:
-                writer.finish_checkpoint(checkpoint)
-            finally:
-                writer.lock.release()
-        else:
-            checkpoint.thread.join()
 
     def close(self) -> None:
         for fh in self._handles.values():
