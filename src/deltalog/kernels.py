@@ -89,8 +89,6 @@ def row_digests(values: np.ndarray) -> np.ndarray:
     return out
 
 
-
-
 def touch_rows(table: np.ndarray, rows: np.ndarray) -> None:
     """Fault the pages of rows ``rows`` of a writable (rows, ...) map in as writable, contents unchanged.
 
@@ -104,6 +102,7 @@ def touch_rows(table: np.ndarray, rows: np.ndarray) -> None:
         return
     row_bytes = table.itemsize * int(np.prod(table.shape[1:], dtype=np.int64))
     _kernels.touch_rows(table.reshape(-1).view(np.uint8), row_bytes, np.asarray(rows, dtype=np.int64))
+
 
 def shuffle_planes(array: np.ndarray, xor_with: np.ndarray | None = None) -> np.ndarray:
     """The byte planes of a C-contiguous array, shape (itemsize, elements), uint8: plane j holds
@@ -126,6 +125,7 @@ def shuffle_planes(array: np.ndarray, xor_with: np.ndarray | None = None) -> np.
     for j in range(itemsize):  # one plane at a time: ~1.4x faster than a transposed copy
         out[j] = elements[:, j]
     return out
+
 
 @dataclass
 class RowComparison:

@@ -701,9 +701,7 @@ def _build_from_snapshot(staging: str, path: str, hello: dict, manifest: dict) -
         digest += lineage.tensor_sum(info.id, tensorfiles.map_digests(tensorfiles.digest_path(dst), info, False))
     digest &= lineage.MASK
     _check_claim(f"{path}: snapshot {offset}", manifest, digest)
-    tensorfiles.recache_model_files(  # syncs store rows into them: see there
-        tensorfiles.live_file_paths(os.path.join(staging, tensorfiles.TENSOR_DIR), infos),
-        tensorfiles.model_file_bytes(infos))
+    tensorfiles.recache_live_files(os.path.join(staging, tensorfiles.TENSOR_DIR), infos)
     tensorfiles.fsync_dir(os.path.join(staging, tensorfiles.TENSOR_DIR))
     log_dir = os.path.join(staging, layout.LOG_DIR)
     shutil.rmtree(log_dir, ignore_errors=True)  # a half-made log from a crashed attempt

@@ -318,9 +318,7 @@ class Replica:
                 arrays.append((info, arr))
             tensorfiles.fsync_dir(os.path.join(tmp, tensorfiles.TENSOR_DIR))
             manifest = tensorfiles.write_snapshot(tmp, 0, model_id, arrays)
-            tensorfiles.recache_model_files(  # commits store rows into them: see there
-                tensorfiles.live_file_paths(os.path.join(tmp, tensorfiles.TENSOR_DIR), infos),
-                tensorfiles.model_file_bytes(infos))
+            tensorfiles.recache_live_files(os.path.join(tmp, tensorfiles.TENSOR_DIR), infos)
             model = {"model_id": model_id, "bucket_rows": int(bucket_rows), "tensors": [i.to_meta() for i in infos],
                      "created": time.time()}
             create_replica(tmp, path, model=model, offset=0, manifest=manifest,

@@ -156,6 +156,12 @@ def recache_model_files(paths: Iterable[str], model_bytes: int) -> None:
             recache_in_small_pages(path)
 
 
+def recache_live_files(tensor_dir: str, infos: list[TensorInfo]) -> None:
+    """:func:`recache_model_files` of every live file of a model (under ``tensor_dir``), after it
+    wrote them all in bulk: commits and syncs then store rows into small pages."""
+    recache_model_files(live_file_paths(tensor_dir, infos), model_file_bytes(infos))
+
+
 # Row stores that dirty more than small pages could (small_page_bytes, a worst case) hit
 # large folios (SmallPageGuard): a 256-byte row dirties at most its 4 KiB page and its
 # digest's page in small pages, up to 2 MiB in a large folio. The margin absorbs a digest
@@ -577,7 +583,8 @@ def copy_snapshot_into_tensors(replica_dir: str, manifest: dict) -> None:
     """Overwrite the tensor files with a snapshot's files, in place, fsynced (bounded memory);
     then write each one's row digest file (snapshots carry none: their files are checksummed whole)."""
     snap = snapshot_path(replica_dir, manifest["offset"])
-    for n, entry in enumerate(manifest["tensors"]):
+    infos = [TensorInfo(n, e["name"], e["dtype"], tuple(e["shape"])) for n, e in enumerate(manifest["tensors"])]
+    for info, entry in zip(infos, manifest["tensors"]):
         src = os.path.join(snap, entry["file"])
         dst = os.path.join(replica_dir, TENSOR_DIR, entry["file"])
         with open(src, "rb") as fin, open(dst, "r+b" if os.path.exists(dst) else "wb") as fout:
@@ -586,7 +593,5 @@ def copy_snapshot_into_tensors(replica_dir: str, manifest: dict) -> None:
             fout.truncate()
             fout.flush()
             os.fsync(fout.fileno())
-        info = TensorInfo(n, entry["name"], entry["dtype"], tuple(entry["shape"]))
         write_digests_of_file(dst, info)
-    infos = [TensorInfo(n, e["name"], e["dtype"], tuple(e["shape"])) for n, e in enumerate(manifest["tensors"])]
-    recache_model_files(live_file_paths(os.path.join(replica_dir, TENSOR_DIR), infos), model_file_bytes(infos))
+    recache_live_files(os.path.join(replica_dir, TENSOR_DIR), infos)
