@@ -366,3 +366,68 @@ def test_encode_parts_join_to_the_record(rng):
     r = make_record(rng, k=50, versions=True)
     for version in ENCODINGS:
         assert b"".join(rec.encode_parts(r, version)) == rec.encode(r, version)
+
+
+# -- values relative to the destination's (a sync chunk's base-xor codec) -------------------
+
+
+def test_values_relative_to_a_nearby_base_cost_fewer_bytes(rng):
+    """What the codec is for: training moves values a little, so XORed with what the destination
+    holds, the sign, exponent and top mantissa bits cancel."""
+    base = (rng.random((20_000, 64), dtype=np.float32) - np.float32(0.5)) * np.float32(0.1)
+    new = base - np.float32(0.001) * rng.standard_normal(base.shape, dtype=np.float32)
+    assert len(codec.encode_xor_values(base, new)[0]) < 0.9 * len(codec.encode_values(new)[0])
+
+
+def chunk_with_base(rng, dtype="float32"):
+    r = make_record(rng, dtype, k=50, with_old=False, versions=True)
+    t = r.tensors[0]
+    base = np.ascontiguousarray(np.flip(t.new, axis=0))
+    r.kind = "sync"
+    r.tensors = [rec.TensorDelta(t.name, t.dtype, t.rows, t.new, None, t.versions, 1.0, base=base)]
+    return r, t.new, base
+
+
+@pytest.mark.parametrize("version", ENCODINGS)
+@pytest.mark.parametrize("dtype", sorted(STORAGE))
+def test_a_chunk_relative_to_the_destination_decodes_only_with_its_values(rng, version, dtype):
+    r, new, base = chunk_with_base(rng, dtype)
+    blob = rec.encode(r, version)
+    view = rec.RecordView(blob)
+    assert view.needs_base(0)
+    back = view.new_values(0, base=base)
+    assert back.dtype == new.dtype and back.tobytes() == new.tobytes()  # any bits: NaNs, infinities
+    with pytest.raises(IntegrityError, match="relative to a destination"):
+        view.new_values(0)
+    with pytest.raises(IntegrityError, match="relative to a destination"):
+        rec.decode(blob)  # verify, replay and the log never see such a record; a reader of one refuses it
+
+
+@pytest.mark.parametrize("stored", ENCODINGS)
+def test_a_relative_section_is_the_destinations_undo_as_it_came(rng, stored):
+    """The destination stores the section it received as its undo section (no second compression):
+    new XOR base, decoded against the new values, is the base it held."""
+    r, new, base = chunk_with_base(rng)
+    kept = rec.decode(rec.encode(r, 1), rows_only=True, keep_encoded=True).tensors[0]
+    assert set(kept.encoded) == {"index", "old", "versions"}  # never the new values as they came
+    mine = rec.TensorDelta(kept.name, kept.dtype, kept.rows, new, base.copy(), kept.versions, 1.0, kept.encoded)
+    record = rec.Record(offset=7, base=6, kind="sync", time=1.0, model_id="m", tensors=[rec.compressed(mine)])
+    blob = rec.encode(record, stored)
+    assert bytes(kept.encoded["old"][0]) in blob
+    back = rec.decode(blob).tensors[0]
+    assert back.new.tobytes() == new.tobytes() and back.old.tobytes() == base.tobytes()
+
+
+def test_compressed_keeps_the_codec_of_new_values(rng):
+    r, new, base = chunk_with_base(rng)
+    r.tensors = [rec.compressed(r.tensors[0])]
+    assert r.tensors[0].base is None and r.tensors[0].new_codec == codec.BASE_XOR_VALUES
+    view = rec.RecordView(rec.encode(r, 1))
+    assert view.new_values(0, base=base).tobytes() == new.tobytes()
+
+
+def test_new_values_of_an_unknown_codec_are_refused(rng):
+    r = make_record(rng, with_old=False)
+    r.tensors[0].new_codec = "lz4-someday"
+    with pytest.raises(IntegrityError, match="unknown codec 'lz4-someday'"):
+        rec.decode(rec.encode(r, 2))

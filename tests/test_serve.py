@@ -700,6 +700,12 @@ def test_chunks_query_form_and_bad_parameters(server):
         status, _, body = request(server.url, "/v1/chunks" + query)
         assert status == 400, query
         assert json.loads(body)["error"]["type"] == "InvalidInput"
+    status, _, body = request(server.url, "/v1/chunks?since=0&max_chunk_bytes=100000&base_values=1")
+    assert status == 200  # values relative to the destination's, asked in a query string
+    for body in (b'{"since": 0, "base_values": "yes"}', b'{"since": 0, "base_values": true, "advanced": {"e": {"0": 1}}}'):
+        status, _, answer = request(server.url, "/v1/chunks", method="POST", body=body,
+                                    headers={"Content-Type": "application/json"})
+        assert status == 400 and "base_values" in json.loads(answer)["error"]["message"], body
     status, _, body = request(server.url, "/v1/chunks", method="POST", body=b'{"since": 0, "advanced": [1, 2]}',
                               headers={"Content-Type": "application/json"})
     assert status == 400

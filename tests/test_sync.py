@@ -848,3 +848,89 @@ def test_bwlimit_paces_snapshot_pieces_before_asking_for_them(tmp_path, rng):
     for when, total in asked:  # never ahead of the rate: each piece's bytes were paid for before it moved
         assert when >= total / rate - 1e-9
     assert_synced(src, dst)
+
+
+# -- values relative to the destination's own ---------------------------------------------------
+
+
+@pytest.fixture
+def chunk_codecs(monkeypatch):
+    """The codecs of the new values in every chunk the engine hands to a sink, whatever the
+    transport (the engine runs in this process; the far end of ssh or http does not)."""
+    seen: list[set[str]] = []
+
+    def spy(method):
+        def wrapper(self, blob, *args, **kwargs):
+            view = rec.RecordView(blob)
+            seen.append({"base-xor" if view.needs_base(n) else "plain" for n in range(len(view.tensor_names()))})
+            return method(self, blob, *args, **kwargs)
+        return wrapper
+
+    from deltalog.transport.local import LocalSink
+    from deltalog.transport.ssh import SshSink
+
+    for cls in (LocalSink, SshSink):
+        monkeypatch.setattr(cls, "apply_final", spy(cls.apply_final))
+        monkeypatch.setattr(cls, "apply_chunk", spy(cls.apply_chunk))
+    return seen
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 64])  # one chunk (its record at once) or several (pending first)
+def test_values_cross_a_network_relative_to_the_destination(way, tmp_path, rng, chunk_codecs, chunk_bytes):
+    """Over ssh and http a chunk's values are sent relative to the destination's own (fewer bytes),
+    between two local directories as they are; either way the destination ends up bitwise the source."""
+    src, model = new_source(tmp_path, rng)
+    dst = tmp_path / "dst"
+    do_sync(way, src, dst)
+    advance(src, rng, model, commits=10)
+    with Replica.open(src) as r:  # a hot row written again and again: one step away from B's value
+        for i in range(5):
+            r.commit({"item_emb": ([7], np.full((1, 8), i, np.float32))})
+    result = do_sync(way, src, dst, chunk_bytes=chunk_bytes)
+    assert result.complete and (result.chunks > 2) == (chunk_bytes is not None)
+    expected = {"plain"} if way.name == "local" else {"base-xor"}
+    assert chunk_codecs and all(codecs == expected for codecs in chunk_codecs)
+    assert_synced(src, dst)
+    with Replica.open(dst) as b:  # the log stores plain values and its own undo, as for any sync
+        for _offset, blob in b.iter_record_blobs():
+            view = rec.RecordView(blob)
+            assert not any(view.needs_base(n) for n in range(len(view.tensor_names())))
+        assert b.read_tensor("item_emb")[7, 0] == 4
+
+
+def test_a_partial_sync_is_continued_with_plain_values(tmp_path, rng, chunk_codecs, request):
+    """The rows a destination holds ahead of its head are not at ``since``: no relative values then."""
+    way = Way("ssh-pull", request)
+    server = request.getfixturevalue("sshd")
+    way.options = TransportOptions(ssh_command=server.ssh_command, remote_deltalog=server.remote_deltalog)
+    src, model = new_source(tmp_path, rng)
+    dst = tmp_path / "dst"
+    do_sync(way, src, dst)
+    advance(src, rng, model, commits=10)
+    chunk_codecs.clear()
+    assert not do_sync(way, src, dst, max_bytes=1, chunk_bytes=1).complete
+    assert chunk_codecs == [{"base-xor"}]
+    chunk_codecs.clear()
+    assert do_sync(way, src, dst).complete
+    assert chunk_codecs and all(codecs == {"plain"} for codecs in chunk_codecs)
+    assert_synced(src, dst)
+
+
+def test_a_peer_that_does_not_name_the_codec_gets_plain_values(tmp_path, rng, chunk_codecs, request, monkeypatch):
+    """An older destination's state names no chunk codecs: it is sent values it decodes."""
+    from deltalog import receive
+
+    way = Way("ssh-pull", request)
+    server = request.getfixturevalue("sshd")
+    way.options = TransportOptions(ssh_command=server.ssh_command, remote_deltalog=server.remote_deltalog)
+    src, model = new_source(tmp_path, rng)
+    dst = tmp_path / "dst"
+    do_sync(way, src, dst)
+    advance(src, rng, model)
+    real = receive.sink_state
+    monkeypatch.setattr(receive, "sink_state", lambda replica: {k: v for k, v in real(replica).items()
+                                                                if k != "chunk_codecs"})
+    chunk_codecs.clear()
+    assert do_sync(way, src, dst).complete
+    assert chunk_codecs == [{"plain"}]
+    assert_synced(src, dst)

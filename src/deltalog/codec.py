@@ -11,6 +11,12 @@ Every codec turns a numpy array into bytes and back, losslessly:
   (~1.19x vs ~1.08x for fp32); level 1 is as good as higher levels here.
 - ``xor-shuffle-zstd`` for the values a row had before: XORed with the new
   values first, so for small SGD steps the high bits cancel (~1.4-1.65x).
+- ``base-xor-shuffle-zstd``, on the wire only (a sync chunk for a destination
+  that said it decodes it): the new values XORed with the destination's own
+  values of those rows, byte-shuffled (1.31x where plain values give 1.17x on
+  bench/workload.py's stream). Those bytes are exactly the destination's undo
+  section (``xor-shuffle-zstd`` of the values it replaces), so it stores them
+  as they came and compresses only the new values, as it did before.
 
 Decoding is bounded: the caller states the exact decoded size, and a frame
 that decompresses to anything else is an IntegrityError, so a hostile or
@@ -34,6 +40,7 @@ from .errors import IntegrityError
 INDEX = "delta-zstd"
 VALUES = "shuffle-zstd"
 XOR_VALUES = "xor-shuffle-zstd"
+BASE_XOR_VALUES = "base-xor-shuffle-zstd"  # a chunk's new values, relative to the destination's
 
 T = TypeVar("T")
 
@@ -241,5 +248,7 @@ def encode_xor_values(old: np.ndarray, new: np.ndarray, in_place: bool = False) 
 
 
 def decode_xor_values(payload, size: int, new: np.ndarray, what: str) -> np.ndarray:
-    bits = decode_values(payload, size, np.dtype(f"<u{new.dtype.itemsize}"), new.shape, what)
-    return np.bitwise_xor(bits, _bits(new)).view(new.dtype)
+    """The values encoded relative to ``new`` (an undo section; a chunk's values relative to the base)."""
+    bits = decode_values(payload, size, np.dtype(f"<u{new.dtype.itemsize}"), new.shape, what)  # a new array
+    return np.bitwise_xor(bits, _bits(np.ascontiguousarray(new)), out=bits).view(new.dtype)
+

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import heap, kernels, layout, lineage, tensorfiles
+from . import codec, heap, kernels, layout, lineage, tensorfiles
 from . import record as rec
 from .dtypes import row_significance
 from .errors import (
@@ -92,6 +92,7 @@ def sink_state(replica: "Replica") -> dict:
         "advanced": pending_buckets(pending),
         "pending_target": None if pending is None else pending["target"],
         "pending_buckets": 0 if pending is None else sum(len(b["b"]) for b in pending["buckets"].values()),
+        "chunk_codecs": [codec.BASE_XOR_VALUES],  # what this destination decodes, beyond plain values
     }
 
 
@@ -216,8 +217,8 @@ def _received_values(replica: "Replica", view: rec.RecordView, n: int, info, del
     Returns (the old values' row digests, None on a replica without digest files;
     how the row write gets the new values again: None when they are kept).
     """
-    delta.new = view.new_values(n)
     delta.old, old_digests = replica.writer.old_rows(info, delta.rows.astype(np.intp))  # checked against the row digests
+    delta.new = view.new_values(n, base=delta.old if view.needs_base(n) else None)
     return old_digests, None if keep else (lambda: view.new_values(n))
 
 
@@ -282,7 +283,9 @@ def _received_changes(replica: "Replica", chunk, target: int, head: int, logged,
     stored pending chunk). ``logged(i)`` makes the ``load`` of the i-th change's row write from
     the log, for a chunk handed over (:class:`HandedOver`): the chunk is then referenced only
     by the sections it gives the record, and goes when they are copied into it, before LMDB
-    copies the record. Otherwise the row writes decode the chunk again (or keep the values).
+    copies the record. So does a tensor whose values came relative to ours (the values they
+    were relative to are overwritten by then). Otherwise the row writes decode the chunk again
+    (or keep the values).
     """
     handed = isinstance(chunk, HandedOver)
     blob = chunk.take() if handed else chunk
@@ -291,7 +294,7 @@ def _received_changes(replica: "Replica", chunk, target: int, head: int, logged,
     changes = []
     for i, ((n, info, t), nbytes) in enumerate(zip(parts, value_bytes)):
         old_digests, load = _received_values(replica, view, n, info, t, keep)
-        if handed and load is not None:
+        if (handed or view.needs_base(n)) and load is not None:  # relative values: the old ones are gone then
             load = logged(i)
         if own:
             changes.append(_own_change(info, t, old_digests, load))

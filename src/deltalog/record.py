@@ -80,6 +80,16 @@ class TensorDelta:
     # empty (0, row_elems) array and ``old`` None (a sync destination streams tensor by
     # tensor; "old" is then its xor-shuffle-zstd section against the new values).
     encoded: dict[str, tuple[bytes | memoryview, int]] | None = None
+    # A chunk for a peer that decodes it: the destination's values of these rows at the
+    # record's base, so that ``new`` is sent relative to them (codec.BASE_XOR_VALUES;
+    # never stored). ``new_codec`` says how the "new" section is encoded, and stays when
+    # the values are let go (:func:`compressed`).
+    base: np.ndarray | None = None
+    new_codec: str = codec.VALUES
+
+    def __post_init__(self):
+        if self.base is not None:
+            self.new_codec = codec.BASE_XOR_VALUES
 
 
 @dataclass
@@ -140,8 +150,9 @@ def _tensor_jobs(t: TensorDelta, spoil_old: bool = False) -> tuple[dict[str, Cal
     """The jobs that compress ``t``'s sections, by key in record order (a section given encoded is
     handed back as it is), and the value bytes they read. ``spoil_old``: see :func:`compressed`."""
     done = t.encoded or {}
-    jobs: dict[str, Callable] = {"index": partial(codec.encode_indices, t.rows),
-                                 "new": partial(codec.encode_values, t.new)}
+    encode_new = (partial(codec.encode_values, t.new) if t.base is None
+                  else partial(codec.encode_xor_values, t.base, t.new))  # XOR is symmetric: base relative to new
+    jobs: dict[str, Callable] = {"index": partial(codec.encode_indices, t.rows), "new": encode_new}
     if t.old is not None or "old" in done:
         jobs["old"] = partial(codec.encode_xor_values, t.old, t.new, in_place=spoil_old)
     if t.versions is not None:
@@ -209,7 +220,7 @@ def encode_parts(record: Record, version: int = VERSION, started: Sections | Non
         layout = {}
         for key, codec_name, present in (
             ("index", codec.INDEX, True),
-            ("new", codec.VALUES, True),
+            ("new", t.new_codec, True),
             ("old", codec.XOR_VALUES, t.old is not None or "old" in (t.encoded or {})),
             ("versions", codec.VALUES, t.versions is not None),
         ):
@@ -276,7 +287,7 @@ def compressed(t: TensorDelta, spoil_old: bool = False) -> TensorDelta:
     jobs, nbytes = _tensor_jobs(t, spoil_old)
     done = {**(t.encoded or {}), **dict(zip(jobs, codec.run_jobs(list(jobs.values()), nbytes)))}
     row_elems = int(t.new.shape[1]) if t.new.ndim == 2 else 0
-    return replace(t, new=np.empty((0, row_elems), t.new.dtype), old=None, encoded=done)
+    return replace(t, new=np.empty((0, row_elems), t.new.dtype), old=None, base=None, encoded=done)
 
 
 # -- reading -------------------------------------------------------------------
@@ -411,6 +422,8 @@ class RecordView:
                     ours = {"index": codec.INDEX, "new": codec.VALUES, "versions": codec.VALUES}
                     encoded = {key: (spans[key].payload, spans[key].size)  # views into the blob: no copy
                                for key, name_of_codec in ours.items() if key in spans and spans[key].codec == name_of_codec}
+                    if spans["new"].codec == codec.BASE_XOR_VALUES:  # new XOR base: the reader's undo section
+                        encoded["old"] = (spans["new"].payload, spans["new"].size)
                 if rows_only:
                     tensors.append(TensorDelta(name, dtype_name, rows, np.empty((0, row_elems), dtype),
                                                None, versions, float(th["significance"]), encoded))
@@ -427,20 +440,38 @@ class RecordView:
         except (KeyError, TypeError, ValueError):
             raise IntegrityError(f"{what}: malformed record header") from None
 
-    def new_values(self, n: int) -> np.ndarray:
+    def new_values(self, n: int, base: np.ndarray | None = None) -> np.ndarray:
         """The new values of tensor number ``n`` (in header order) alone: a reader that holds
-        one tensor's values at a time (a sync destination) decodes them when it needs them."""
+        one tensor's values at a time (a sync destination) decodes them when it needs them.
+        ``base``: its own values of those rows, for a chunk sent relative to them
+        (:meth:`needs_base`)."""
         try:
             th, spans = self._tensors[n]
-            return self._new_values(n, th, spans)
+            return self._new_values(n, th, spans, base)
         except (KeyError, TypeError, ValueError):
             raise IntegrityError(f"{self.what}: malformed record header") from None
 
-    def _new_values(self, n: int, th: dict, spans: dict[str, _Section]) -> np.ndarray:
+    def needs_base(self, n: int) -> bool:
+        """Whether tensor number ``n``'s new values are relative to the reader's (a chunk's)."""
+        try:
+            return self._tensors[n][1]["new"].codec == codec.BASE_XOR_VALUES
+        except (KeyError, TypeError, IndexError):
+            raise IntegrityError(f"{self.what}: malformed record header") from None
+
+    def _new_values(self, n: int, th: dict, spans: dict[str, _Section], base: np.ndarray | None = None) -> np.ndarray:
         section = spans["new"]
-        return codec.decode_values(self._payload(n, th["name"], "new", section), section.size,
-                                   storage_dtype(th["dtype"]), (int(th["count"]), int(th["row_elems"])),
-                                   f"{self.what}, tensor {th['name']!r}")
+        where = f"{self.what}, tensor {th['name']!r}"
+        shape = (int(th["count"]), int(th["row_elems"]))
+        if section.codec == codec.VALUES:
+            return codec.decode_values(self._payload(n, th["name"], "new", section), section.size,
+                                       storage_dtype(th["dtype"]), shape, where)
+        if section.codec == codec.BASE_XOR_VALUES and base is not None:
+            if base.shape != shape or base.dtype != storage_dtype(th["dtype"]):
+                raise ValueError(f"{where}: the base values given do not fit the section")
+            return codec.decode_xor_values(self._payload(n, th["name"], "new", section), section.size, base, where)
+        if section.codec == codec.BASE_XOR_VALUES:  # only a destination holding the base decodes it
+            raise IntegrityError(f"{where}: its new values are relative to a destination's, which this reader lacks")
+        raise IntegrityError(f"{where}: unknown codec {section.codec!r} for new values")
 
 
 def _identity(header: dict) -> dict:

@@ -427,7 +427,9 @@ class RelayReader:
             raise IntegrityError(f"{self.store.url}/{entry['key']}: segment does not match the head that names it")
         return header, blobs
 
-    def chunks(self, since: int, advanced, target: int, max_chunk_bytes: int):
+    def chunks(self, since: int, advanced, target: int, max_chunk_bytes: int, base_values: bool = False):
+        """``base_values`` is not honoured: a relay's segments are shared by every puller, so they
+        hold plain values (its hello names no chunk codecs, so the engine never asks)."""
         from .sync import normalise_advanced
 
         head = self.refresh()

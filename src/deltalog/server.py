@@ -837,6 +837,7 @@ class _Handler(BaseHTTPRequestHandler):
                     from .sync import source_plan
 
                     params.pop("max_chunk_bytes")
+                    params.pop("base_values")
                     self._send_json(source_plan(self._replica(), **params))
         elif m := _SNAPSHOT.fullmatch(path):
             self._route = "/v1/snapshots/{offset}"
@@ -1090,9 +1091,17 @@ class _Handler(BaseHTTPRequestHandler):
         advanced = raw.get("advanced")
         if advanced is not None and not isinstance(advanced, dict):
             raise InvalidInput("advanced must map tensor names to {bucket: version}")
+        base_values = raw.get("base_values", False)
+        if query is not None:  # a query string's words
+            base_values = {"0": False, "false": False, "1": True, "true": True}.get(base_values, base_values)
+        if not isinstance(base_values, bool):
+            raise InvalidInput("base_values must be true or false")
+        if base_values and advanced:
+            raise InvalidInput("base_values needs a destination without a partial sync (no advanced buckets)")
         if target is None:
             target = self._replica().head
-        return {"since": since, "advanced": advanced or {}, "target": target, "max_chunk_bytes": max_chunk_bytes}
+        return {"since": since, "advanced": advanced or {}, "target": target, "max_chunk_bytes": max_chunk_bytes,
+                "base_values": base_values}
 
     def _read_body(self) -> dict | None:
         length = self.headers.get("Content-Length")

@@ -157,7 +157,8 @@ class _SourceHandler:
     def do_chunks(self, header, payload, out) -> None:
         a = _args(header, payload)
         n = 0
-        for blob in self.source.chunks(a["since"], a.get("advanced") or {}, a["target"], a["max_chunk_bytes"]):
+        for blob in self.source.chunks(a["since"], a.get("advanced") or {}, a["target"], a["max_chunk_bytes"],
+                                       base_values=a.get("base_values") is True):
             wire.write_frame(out, {"type": "chunk", "n": n}, blob)
             n += 1
         _answer(out, "end", chunks=n)

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import record as rec
-from . import heap, lineage, tensorfiles
+from . import codec, heap, lineage, tensorfiles
 from .dtypes import row_significance
 from .errors import (
     IntegrityError,
@@ -76,6 +76,7 @@ def source_hello(replica: Replica) -> dict:
         "snapshots": sorted(s["offset"] for s in replica.snapshots()),
         "time": time.time(),
         "head_time": head_time(replica, state.head),
+        "chunk_codecs": [codec.BASE_XOR_VALUES],  # what this source can send (Source.chunks)
     }
 
 
@@ -281,12 +282,17 @@ def source_history(replica: Replica, since: int, target: int) -> list:
     return out
 
 
-def source_chunks(replica: Replica, since: int, advanced, target: int, max_chunk_bytes: int) -> Iterator[bytes]:
+def source_chunks(replica: Replica, since: int, advanced, target: int, max_chunk_bytes: int,
+                  base_values: bool = False) -> Iterator[bytes]:
     """Encoded "sync" records bringing a replica at ``since`` to ``target`` (see Source.chunks).
 
     When everything fits in one chunk the order of buckets does not matter,
-    so the records' values are not decompressed to rank them.
+    so the records' values are not decompressed to rank them. ``base_values``:
+    send the new values relative to the values at ``since`` (the destination's;
+    codec.BASE_XOR_VALUES), for a destination that holds no partial sync.
     """
+    if base_values and advanced:
+        raise InvalidInput("values relative to the destination's need a destination without a partial sync")
     advanced = normalise_advanced(advanced)
     _check_range(replica, since, target)
     max_chunk_bytes = max(1, int(max_chunk_bytes))
@@ -305,14 +311,14 @@ def source_chunks(replica: Replica, since: int, advanced, target: int, max_chunk
         batch.append((ti, start, stop))
         size += (stop - start) * row_cost[ti]
         if size >= max_chunk_bytes:
-            yield _encode_chunk(replica, changes, batch, since, target, claims)
+            yield _encode_chunk(replica, changes, batch, since, target, claims, base_values)
             claims["history"] = None
             batch, size = [], 0
     if batch:
-        yield _encode_chunk(replica, changes, batch, since, target, claims)
+        yield _encode_chunk(replica, changes, batch, since, target, claims, base_values)
 
 
-def _encode_chunk(replica, changes, batch, since, target, claims: dict) -> bytes:
+def _encode_chunk(replica, changes, batch, since, target, claims: dict, base_values: bool = False) -> bytes:
     picked: dict[int, list[np.ndarray]] = {}
     for ti, start, stop in batch:
         picked.setdefault(ti, []).append(np.arange(start, stop))
@@ -326,9 +332,12 @@ def _encode_chunk(replica, changes, batch, since, target, claims: dict) -> bytes
         ch, idx = changes[ti], sel[ti]
         name = ch.info.name
         _head, values = values_at(replica, target, {name: rows_by_name[name]})  # at target, whatever the head now
+        base = values_at(replica, since, {name: rows_by_name[name]})[1].pop(name) if base_values else None
         tensors.append(rec.compressed(rec.TensorDelta(name, ch.info.dtype, rows_by_name[name], values.pop(name),
-                                                      None, ch.versions[idx], float(ch.row_sig[idx].sum()))))
-        heap.release(len(idx) * ch.info.row_bytes)  # that tensor's values are gone: their pages too
+                                                      None, ch.versions[idx], float(ch.row_sig[idx].sum()),
+                                                      base=base)))
+        del base
+        heap.release(len(idx) * ch.info.row_bytes * (2 if base_values else 1))  # that tensor's values are gone
     record = rec.Record(offset=target, base=since, kind="sync", time=time.time(), model_id=replica.model_id,
                         tensors=tensors, target=target, **claims)
     return rec.encode(record, RECORD_VERSION)  # for a peer: the wire's encoding, whatever the log stores
@@ -667,7 +676,8 @@ def sync(
         result.stopped_by = "deadline"
         sink.note_follow(follow)
         return finish_result()
-    stream = source.chunks(since, advanced, target, _chunk_bytes(budget, chunk_bytes))
+    relative = {"base_values": True} if _values_relative(source, sink, hello, state, advanced) else {}
+    stream = source.chunks(since, advanced, target, _chunk_bytes(budget, chunk_bytes), **relative)
     # A sync that is one chunk is applied as its final record at once (Sink.apply_final)
     # when the destination has no partial state; a wrapper sink (guard) opts out by
     # not defining the method on its class.
@@ -723,6 +733,22 @@ def sync(
     else:
         sink.note_follow(follow)
     return finish_result()
+
+
+def _values_relative(source, sink, hello: dict, state: dict, advanced: dict) -> bool:
+    """Whether to ask for values relative to the destination's own (codec.BASE_XOR_VALUES).
+
+    They cost fewer bytes on the wire (1.36x compression where plain values
+    give 1.17x on bench/workload.py's stream) for a second read of the log at
+    the source and a compression more at the destination, so: when both ends
+    name the codec (older peers do not), when a network lies between them
+    (not two local directories), and when the destination holds no partial
+    sync, so that every row it is sent is at ``since``, what the values are
+    relative to.
+    """
+    spoken = all(codec.BASE_XOR_VALUES in (d.get("chunk_codecs") or ()) for d in (hello, state))
+    local = getattr(source, "local", False) and getattr(sink, "local", False)
+    return spoken and not local and not advanced and not state.get("pending_target")
 
 
 def _check_lineage(hello: dict, state: dict, sink, source_name: str, destination_name: str) -> str | None:

@@ -23,8 +23,10 @@ hello (Source.hello)::
      "tensors": [{"name": str, "dtype": str, "shape": [int, ...]}, ...],   # model order
      "snapshots": [offset, ...],                                          # ascending
      "time": float,         # source clock when hello was answered (lag_seconds)
-     "head_time": float|None}  # when the model's writer made the head state (deltalog.history.head_time);
+     "head_time": float|None,  # when the model's writer made the head state (deltalog.history.head_time);
                                # optional: older peers do not send it
+     "chunk_codecs": [str]}    # optional: codecs beyond plain values the source sends when asked
+                               # (["base-xor-shuffle-zstd"], formats/FORMAT.md section 4)
 
 advanced (the destination's partial-sync state, Source.chunks)::
 
@@ -40,7 +42,7 @@ sink state (Sink.begin)::
 
     {"exists": bool, "model_id": str|None, "head": int, "state_digest": str|None, "oldest_offset": int,
      "bucket_rows": int, "tensors": [...], "advanced": {...}, "pending_target": int|None,
-     "pending_buckets": int}
+     "pending_buckets": int, "chunk_codecs": [str]}   # the last optional: what the destination decodes
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class Source(Protocol):
         ...
 
     def chunks(
-        self, since: int, advanced: dict[str, dict[int, int]], target: int, max_chunk_bytes: int
+        self, since: int, advanced: dict[str, dict[int, int]], target: int, max_chunk_bytes: int,
+        base_values: bool = False,
     ) -> Iterator[bytes]:
         """Encoded record blobs bringing a replica at ``since`` to ``target``.
 
@@ -92,6 +95,11 @@ class Source(Protocol):
         newer than ``since`` (a partial sync): a bucket whose source version
         is not newer is skipped, and within a newer one only rows written
         after the held version are sent.
+
+        ``base_values``: the new values are sent XORed with the source's
+        values at ``since``, which the destination holds
+        (``base-xor-shuffle-zstd``, fewer bytes); asked by the engine only of
+        a source whose hello names the codec, and never with ``advanced``.
 
         OffsetNotRetained if ``since`` is older than the source's oldest
         offset or ``target`` is not retained (the engine then falls back to a

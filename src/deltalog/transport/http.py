@@ -99,11 +99,15 @@ class HttpSource:
         return hello
 
     def chunks(
-        self, since: int, advanced: dict[str, dict[int, int]], target: int, max_chunk_bytes: int
+        self, since: int, advanced: dict[str, dict[int, int]], target: int, max_chunk_bytes: int,
+        base_values: bool = False,
     ) -> Iterator[bytes]:
         from ..wire import pack
 
-        body = pack({"since": since, "advanced": advanced or {}, "target": target, "max_chunk_bytes": max_chunk_bytes})
+        request = {"since": since, "advanced": advanced or {}, "target": target, "max_chunk_bytes": max_chunk_bytes}
+        if base_values:  # only asked of a server whose hello names the codec; older ones never see the key
+            request["base_values"] = True
+        body = pack(request)
         conn = self._new_connection()
         self._streams.add(conn)
         try:

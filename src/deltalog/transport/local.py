@@ -50,6 +50,8 @@ class LocalSource:
     that was replaced. A chunk stream is never open across a hello.
     """
 
+    local = True  # no network between it and a local sink: chunks go as plain values (sync._values_relative)
+
     def __init__(self, path: str):
         self.path = path
         self.replica = Replica.open(path)
@@ -101,8 +103,8 @@ class LocalSource:
     def plan(self, since: int, advanced, target: int) -> dict:
         return sync_mod.source_plan(self.replica, since, advanced, target)
 
-    def chunks(self, since: int, advanced, target: int, max_chunk_bytes: int):
-        return sync_mod.source_chunks(self.replica, since, advanced, target, max_chunk_bytes)
+    def chunks(self, since: int, advanced, target: int, max_chunk_bytes: int, base_values: bool = False):
+        return sync_mod.source_chunks(self.replica, since, advanced, target, max_chunk_bytes, base_values)
 
     def snapshot_manifest(self, offset: int) -> dict:
         return sync_mod.source_snapshot_manifest(self.replica, offset)
@@ -185,6 +187,8 @@ def check_manifest_matches_model(hello: dict, manifest: dict) -> None:
 
 class LocalSink:
     """A replica directory we write into (created by a snapshot transfer when missing)."""
+
+    local = True
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)

@@ -248,10 +248,13 @@ class SshSource:
         _h, data = self.conn.request("plan", {"since": since, "advanced": advanced, "target": target}, expect="plan")
         return wire.unpack(data, "plan")
 
-    def chunks(self, since: int, advanced, target: int, max_chunk_bytes: int) -> Iterator[bytes]:
+    def chunks(self, since: int, advanced, target: int, max_chunk_bytes: int,
+               base_values: bool = False) -> Iterator[bytes]:
         conn = self.conn
-        conn.send({"type": "chunks"}, wire.pack({"since": since, "advanced": advanced, "target": target,
-                                                 "max_chunk_bytes": max_chunk_bytes}))
+        request = {"since": since, "advanced": advanced, "target": target, "max_chunk_bytes": max_chunk_bytes}
+        if base_values:  # only asked of a source whose hello names the codec; older ones never see the key
+            request["base_values"] = True
+        conn.send({"type": "chunks"}, wire.pack(request))
         conn.busy = True
         while True:
             header, data = conn.read()
