@@ -934,3 +934,61 @@ def test_a_peer_that_does_not_name_the_codec_gets_plain_values(tmp_path, rng, ch
     assert do_sync(way, src, dst).complete
     assert chunk_codecs == [{"plain"}]
     assert_synced(src, dst)
+
+
+# -- when a destination's tensor files are fsynced ------------------------------------------------
+
+
+def test_a_one_shot_sync_returns_once_its_record_is_durable(tmp_path, rng, monkeypatch):
+    """Like commit and rollback: the sync record is synced, the rows follow the WAL-checkpoint schedule
+    (no fsync of every file it touched at exit), and a machine crash that loses them is repaired
+    from the log."""
+    from deltalog import writer as writer_mod
+
+    src, model = new_source(tmp_path, rng)
+    dst = tmp_path / "dst"
+    assert run_cli("sync", src, dst, "--json").returncode == 0
+    with Replica.open(dst) as b:
+        before_head, before_flushed = b.head, b.state.flushed
+    advance(src, rng, model)
+    tensors = os.path.join(dst, "tensors")
+    before = {f: open(os.path.join(tensors, f), "rb").read() for f in os.listdir(tensors)}
+    proc = run_cli("sync", src, dst, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["complete"], proc.stderr
+    with Replica.open(dst) as b:
+        assert (b.state.flushed, b.state.settled) == (before_flushed, True) and b.head > before_head
+    for f, data in before.items():  # a machine crash: the page cache's writes since 'flushed' are lost
+        with open(os.path.join(tensors, f), "wb") as out:
+            out.write(data)
+    monkeypatch.setattr(writer_mod, "_BOOT_ID", "another-boot")
+    with Replica.open(dst) as b:  # the reboot is seen: the sync record is applied again
+        assert b.state.settled and b.state.flushed == b.head
+    assert_synced(src, dst)
+
+
+def test_the_next_sync_fsyncs_what_an_earlier_one_left_once_it_is_old(tmp_path, rng, monkeypatch):
+    """Rows a sync left to the page cache are fsynced by the next sync before it writes, once they are
+    FLUSH_SECONDS old (cheap then: the kernel wrote them back), so recovery never has much to redo."""
+    from deltalog.transport import local
+
+    src, model = new_source(tmp_path, rng)
+    dst = tmp_path / "dst"
+    assert run_cli("sync", src, dst).returncode == 0
+    advance(src, rng, model)
+    assert run_cli("sync", src, dst).returncode == 0
+    with Replica.open(dst) as b:
+        deferred = b.head
+        assert b.state.flushed < deferred
+    advance(src, rng, model)
+    monkeypatch.setattr(local, "_flushed_at", {})  # a new process, as cron starts one
+    way = Way("local", None)
+    assert do_sync(way, src, dst).complete  # the records are younger than FLUSH_SECONDS: left alone
+    with Replica.open(dst) as b:
+        assert b.state.flushed < deferred
+    advance(src, rng, model)
+    monkeypatch.setattr(local, "_flushed_at", {})
+    monkeypatch.setattr(local, "FLUSH_SECONDS", 0.0)  # now they are old enough
+    assert do_sync(way, src, dst).complete
+    with Replica.open(dst) as b:
+        assert b.state.flushed > deferred and b.state.flushed < b.head  # the earlier rows, not its own
+    assert_synced(src, dst)
