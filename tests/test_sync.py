@@ -774,11 +774,42 @@ def test_a_deadline_already_passed_moves_nothing_even_for_a_one_chunk_sync(way, 
     with Replica.open(dst) as b:
         assert b.head == before and b.pending_sync() is None
     new = tmp_path / "new"  # a first sync: not even the snapshot transfer is started
+    beside = sorted(os.listdir(tmp_path))
     result = do_sync(way, src, new, deadline=0.0)
     assert not result.complete and result.stopped_by == "deadline" and result.bytes_sent == 0
-    assert not new.exists()
+    assert sorted(os.listdir(tmp_path)) == beside  # neither the replica nor an empty staging directory
+    assert run_cli("status", new).returncode == 3
     assert do_sync(way, src, dst, deadline=600.0).complete
     assert_synced(src, dst)
+
+
+def test_a_first_sync_waiting_on_a_staging_that_its_holder_removes_starts_a_new_one(tmp_path):
+    """The holder of a staging directory that moved nothing removes it when it ends; a sync that
+    waited for its lock must not then build in a directory that is gone, under a lock no one sees."""
+    import threading
+
+    from deltalog.layout import sync_staging_path
+    from deltalog.lock import WriterLock
+    from deltalog.transport.local import LocalSink
+
+    dst = tmp_path / "new"
+    staging = sync_staging_path(str(dst))
+    os.makedirs(staging)
+    holder = WriterLock(staging)
+    holder.acquire()
+    sink, began = LocalSink(str(dst)), threading.Event()
+    waiter = threading.Thread(target=lambda: (sink.begin(wait=30.0), began.set()))
+    waiter.start()
+    time.sleep(0.2)  # the sink is waiting for the lock
+    shutil.rmtree(staging)
+    holder.release()
+    waiter.join(30)
+    try:
+        assert began.is_set()
+        assert os.path.isdir(staging) and sink._staging_lock.still_linked()
+    finally:
+        sink.close()
+    assert not os.path.exists(staging)  # it moved nothing either
 
 
 def test_the_deadline_stops_before_the_first_chunk_asked_for_after_it(tmp_path, rng):
