@@ -90,3 +90,21 @@ def test_ssh_replica_row(fleet, sshd):  # noqa: F811
     human = run_cli("status", fleet / "a", loc, env={"DELTALOG_SSH": sshd.ssh_command,
                                                      "DELTALOG_REMOTE": sshd.remote_deltalog})
     assert human.returncode == 0 and loc in human.stdout, human.stderr
+
+
+def test_a_sync_in_several_chunks_reports_the_writers_time_of_its_head(fleet):
+    """The source's history rides on the first chunk only: the record that a sync of several chunks
+    ends with must still stand for the writer's records, their times and kinds."""
+    from deltalog import Replica
+
+    a, c = fleet / "a8", fleet / "c"
+    with Replica.init(a, {"emb": np.zeros((300, 8), np.float32)}, bucket_rows=8) as r:
+        r.commit({"emb": ([1, 2], np.ones((2, 8), np.float32))})
+        r.commit({"emb": (np.arange(300), np.full((300, 8), 2, np.float32))})  # a at 2: every bucket
+    sync = json.loads(run_cli("sync", a, c, "--max-bytes", "1G", "--chunk-bytes", "1K", "--json", check=True).stdout)
+    assert sync["complete"] and sync["chunks"] > 1
+    made = {e["offset"]: e["time"] for e in json.loads(run_cli("log", a, "--json", check=True).stdout)["records"]}
+    ra, rc = json.loads(run_cli("status", a, c, "--json", check=True).stdout)
+    assert rc["head"] == ra["head"] == 2 and rc["head_time"] == ra["head_time"] == made[2]
+    synced = json.loads(run_cli("log", c, "--json", check=True).stdout)["records"]
+    assert [(e["offset"], e["kind"], e["time"]) for e in synced] == [(1, "commit", made[1]), (2, "commit", made[2])]
