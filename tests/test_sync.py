@@ -355,6 +355,24 @@ def test_destination_behind_the_source_retention_gets_a_snapshot(way, tmp_path, 
         assert b.oldest_offset == manifest["offset"]
 
 
+def test_a_first_sync_from_a_snapshot_head_keeps_the_time_it_was_made(way, tmp_path, rng):
+    """Compacted to its head, a source has no record that says when its head was made; the snapshot's
+    manifest does, and every transport carries it to the new replica (status: head_time, lag_seconds)."""
+    from deltalog.compact import compact
+    from deltalog.history import head_time
+
+    src, _model = new_source(tmp_path, rng, commits=3)
+    with Replica.open(src) as r:
+        made = head_time(r, r.head)
+        compact(r)
+        assert r.oldest_offset == r.head and head_time(r, r.head) == made
+    dst = tmp_path / "dst"
+    result = do_sync(way, src, dst)
+    assert result.complete and result.snapshot_offset == result.head
+    with Replica.open(dst) as b:
+        assert head_time(b, b.head) == made
+
+
 def test_another_models_deltas_are_refused(way, tmp_path, rng):
     src, _ = new_source(tmp_path, rng, commits=2)
     other = tmp_path / "other"

@@ -599,7 +599,11 @@ def _bucket_entries(replica_tensors, bucket_rows: int, manifest: dict):
 
 
 def _local_manifest(manifest: dict, digest: int) -> dict:
-    return {**{k: manifest[k] for k in ("offset", "model_id", "tensors")}, "state_digest": lineage.to_hex(digest)}
+    local = {**{k: manifest[k] for k in ("offset", "model_id", "tensors")}, "state_digest": lineage.to_hex(digest)}
+    made_at = tensorfiles.manifest_time(manifest)
+    if made_at is not None:
+        local["time"] = made_at
+    return local
 
 
 def restore_snapshot(replica: "Replica", manifest: dict, staged: str | None = None) -> None:

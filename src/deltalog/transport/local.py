@@ -387,10 +387,14 @@ class LocalSink:
         offset = int(manifest["offset"])
         local_manifest = {"offset": offset, "model_id": manifest["model_id"], "tensors": local_tensors,
                           "bucket_versions": manifest.get("bucket_versions") or {}}
+        made_at = tensorfiles.manifest_time(manifest)
+        if made_at is not None:  # when the writer made this state: head_time once it is our head
+            local_manifest["time"] = made_at
         partial = self._partial
         os.remove(os.path.join(partial, TRANSFER))
         with open(os.path.join(partial, tensorfiles.MANIFEST), "w") as f:
-            json.dump({k: local_manifest[k] for k in ("offset", "model_id", "tensors")}, f, indent=1)
+            json.dump({k: local_manifest[k] for k in ("offset", "model_id", "tensors", "time") if k in local_manifest},
+                      f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         tensorfiles.fsync_dir(partial)
