@@ -162,3 +162,51 @@ def test_help_lists_every_command_and_the_exit_codes():
     for command in ("init", "commit", "status", "log", "verify"):
         assert command in proc.stdout
     assert "Exit codes" in proc.stdout
+
+
+def _into_a_reader_that_leaves(args, lines: int) -> tuple[int, str]:
+    """Run the CLI with stdout into a 4 KiB pipe whose reader takes ``lines`` lines and closes it
+    (0: closed before the command starts, as `| true`); return the exit code and stderr."""
+    import fcntl
+    import subprocess
+
+    from conftest import DELTALOG
+
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 4096)  # a reader of the command's first lines, not its whole output
+    if lines == 0:
+        os.close(read_fd)
+    proc = subprocess.Popen([*DELTALOG, *map(str, args)], stdout=write_fd, stderr=subprocess.PIPE, text=True)
+    os.close(write_fd)
+    if lines:
+        with os.fdopen(read_fd, "rb") as reader:
+            for _ in range(lines):
+                assert reader.readline()
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.fixture
+def long_history(tmp_path, rng):
+    model = random_model(rng)
+    with Replica.init(tmp_path / "a", model, bucket_rows=32) as r:
+        for step in range(200):
+            r.commit({"item_emb": (np.array([step]), np.full((1, 8), step, np.float32))})
+    return tmp_path / "a"
+
+
+@pytest.mark.parametrize("args", [["log", "{a}"], ["status", *["{a}"] * 40]], ids=["log", "status of 40"])
+def test_output_into_head_exits_0_with_nothing_on_stderr(long_history, args):
+    args = [a.format(a=long_history) for a in args]
+    assert len(run_cli(*args, check=True).stdout) > 4096  # more than the pipe holds: head leaves mid-output
+    assert _into_a_reader_that_leaves(args, lines=1) == (0, "")
+
+
+@pytest.mark.parametrize("args", [
+    ["log", "{a}"], ["log", "{a}", "--json"], ["status", "{a}"], ["status", "{a}", "{a}", "{a}", "--json"],
+    ["diff", "{a}@3", "{a}"], ["verify", "{a}"], ["--help"],
+], ids=lambda args: " ".join(args))
+def test_a_reader_that_leaves_changes_neither_the_exit_code_nor_stderr(long_history, args):
+    args = [a.format(a=long_history) for a in args]
+    code = run_cli(*args).returncode  # read to the end: the command's own code (diff: 1, differences)
+    assert _into_a_reader_that_leaves(args, lines=0) == (code, "")

@@ -355,6 +355,24 @@ def test_destination_behind_the_source_retention_gets_a_snapshot(way, tmp_path, 
         assert b.oldest_offset == manifest["offset"]
 
 
+def test_a_first_sync_from_a_snapshot_head_keeps_the_time_it_was_made(way, tmp_path, rng):
+    """Compacted to its head, a source has no record that says when its head was made; the snapshot's
+    manifest does, and every transport carries it to the new replica (status: head_time, lag_seconds)."""
+    from deltalog.compact import compact
+    from deltalog.history import head_time
+
+    src, _model = new_source(tmp_path, rng, commits=3)
+    with Replica.open(src) as r:
+        made = head_time(r, r.head)
+        compact(r)
+        assert r.oldest_offset == r.head and head_time(r, r.head) == made
+    dst = tmp_path / "dst"
+    result = do_sync(way, src, dst)
+    assert result.complete and result.snapshot_offset == result.head
+    with Replica.open(dst) as b:
+        assert head_time(b, b.head) == made
+
+
 def test_another_models_deltas_are_refused(way, tmp_path, rng):
     src, _ = new_source(tmp_path, rng, commits=2)
     other = tmp_path / "other"
@@ -774,11 +792,42 @@ def test_a_deadline_already_passed_moves_nothing_even_for_a_one_chunk_sync(way, 
     with Replica.open(dst) as b:
         assert b.head == before and b.pending_sync() is None
     new = tmp_path / "new"  # a first sync: not even the snapshot transfer is started
+    beside = sorted(os.listdir(tmp_path))
     result = do_sync(way, src, new, deadline=0.0)
     assert not result.complete and result.stopped_by == "deadline" and result.bytes_sent == 0
-    assert not new.exists()
+    assert sorted(os.listdir(tmp_path)) == beside  # neither the replica nor an empty staging directory
+    assert run_cli("status", new).returncode == 3
     assert do_sync(way, src, dst, deadline=600.0).complete
     assert_synced(src, dst)
+
+
+def test_a_first_sync_waiting_on_a_staging_that_its_holder_removes_starts_a_new_one(tmp_path):
+    """The holder of a staging directory that moved nothing removes it when it ends; a sync that
+    waited for its lock must not then build in a directory that is gone, under a lock no one sees."""
+    import threading
+
+    from deltalog.layout import sync_staging_path
+    from deltalog.lock import WriterLock
+    from deltalog.transport.local import LocalSink
+
+    dst = tmp_path / "new"
+    staging = sync_staging_path(str(dst))
+    os.makedirs(staging)
+    holder = WriterLock(staging)
+    holder.acquire()
+    sink, began = LocalSink(str(dst)), threading.Event()
+    waiter = threading.Thread(target=lambda: (sink.begin(wait=30.0), began.set()))
+    waiter.start()
+    time.sleep(0.2)  # the sink is waiting for the lock
+    shutil.rmtree(staging)
+    holder.release()
+    waiter.join(30)
+    try:
+        assert began.is_set()
+        assert os.path.isdir(staging) and sink._staging_lock.still_linked()
+    finally:
+        sink.close()
+    assert not os.path.exists(staging)  # it moved nothing either
 
 
 def test_the_deadline_stops_before_the_first_chunk_asked_for_after_it(tmp_path, rng):

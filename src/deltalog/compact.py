@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from . import lineage, tensorfiles
 from .errors import IntegrityError, InvalidInput, OffsetNotRetained, StorageError, UnsupportedVersion
+from .history import head_time
 from .replay import tensors_at
 from .lock import pid_alive
 from .replica import Replica
@@ -187,7 +188,8 @@ def compact(
                     os.makedirs(staging)
                     # write_snapshot consumes the generator one tensor at a time: memory stays bounded by one tensor
                     manifest = tensorfiles.write_snapshot(
-                        staging, horizon, replica.model_id, tensors_at(replica, horizon, progress)
+                        staging, horizon, replica.model_id, tensors_at(replica, horizon, progress),
+                        made_at=head_time(replica, horizon),  # its record goes: the manifest keeps its time
                     )
                 except OSError as exc:
                     raise StorageError(
@@ -265,7 +267,8 @@ def compact_from_tensors(replica: Replica, wait: float = 0.0) -> CompactResult:
             try:
                 os.makedirs(staging)
                 manifest = tensorfiles.write_snapshot(
-                    staging, state.head, replica.model_id, [(t, replica.rows_view(t.name)) for t in replica.tensors]
+                    staging, state.head, replica.model_id, [(t, replica.rows_view(t.name)) for t in replica.tensors],
+                    made_at=head_time(replica, state.head),
                 )
             except OSError as exc:
                 raise StorageError(f"{root}: cannot write the snapshot: {exc.strerror}",

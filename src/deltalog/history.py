@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from . import lineage
+from . import lineage, tensorfiles
 from . import record as rec
 from .errors import InvalidInput, OffsetNotRetained
 from .pending import head_values
@@ -206,8 +206,12 @@ def head_time(replica: Replica, head: int) -> float | None:
 
     The time of the record at the head; for a sync record, the time of the
     source record it stands for (its history), so every replica at offset h
-    reports the primary's time of h, however many hops away. None when the
-    head is a snapshot with no record at it (a fresh init, a compaction).
+    reports the primary's time of h, however many hops away. When the head
+    is a snapshot with no record at it (a fresh init, a compaction that
+    folded every record, a first sync from a source at its snapshot), the
+    time its manifest keeps: init's, or that of the record it was taken at,
+    carried along by every sync that copies it. None only for a snapshot
+    written before manifests kept it (see :func:`head_time_unknown`).
     This is what fleet lag in seconds is measured with: how much older the
     model a replica holds is than the newest one.
     """
@@ -216,7 +220,16 @@ def head_time(replica: Replica, head: int) -> float | None:
             if e["offset"] == head:
                 return float(e["time"])
         return float(s.time)
+    for manifest in replica.snapshots():
+        if manifest["offset"] == head:
+            return tensorfiles.manifest_time(manifest)
     return None
+
+
+def head_time_unknown(head: int) -> str:
+    """Why :func:`head_time` is None: the words status shows instead of a time."""
+    return (f"head {head} is a snapshot written before snapshot manifests kept the time of their state: "
+            "unknown until the next record")
 
 
 def log_entries(replica: Replica, since: int = -1, stored: bool = False) -> list[dict]:

@@ -67,6 +67,18 @@ class WriterLock:
         except LockHeld:
             return False
 
+    def still_linked(self) -> bool:
+        """Whether the held lock's file is still the one at its path.
+
+        A process that waited for the lock of a staging directory may get it
+        only after its holder removed the directory (a first sync that moved
+        nothing leaves nothing behind): that lock guards nothing.
+        """
+        try:
+            return self._fd is not None and os.path.samestat(os.fstat(self._fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None

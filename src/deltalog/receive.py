@@ -404,6 +404,7 @@ def finish_sync(replica: "Replica", target: int, follow: dict | None, expected: 
         if pending is not None and (pending["base"] != head or pending["target"] > target):
             raise IntegrityError(f"{replica.path}: pending sync to {pending['target']} does not fit a sync to {target}")
         newest = rec.summarize(blobs[-1], f"{replica.path}: pending sync chunk {len(blobs) - 1}") if blobs else None
+        history = _carried_history(replica, blobs)
         ours = newest is not None and newest.offset == target and newest.post_digest is not None
         claimed = newest.post_digest if ours else expected
         if expected is not None and claimed != expected:
@@ -428,9 +429,19 @@ def finish_sync(replica: "Replica", target: int, follow: dict | None, expected: 
 
     # `flushed` stays where it is: after a machine crash the log re-applies this
     # record too, which is harmless (absolute values).
-    replica.writer.append("sync", changes, offset=target, target=target, history=newest.history if newest else None,
+    replica.writer.append("sync", changes, offset=target, target=target, history=history,
                           log=log_it, rows_written=True, expect_digest=check_or_undo)
     return target
+
+
+def _carried_history(replica: "Replica", blobs: list) -> list | None:
+    """The source's history a pending sync's chunks carry: the first chunk of a run has it, the
+    others None (sync.source_chunks), so the newest chunk of a sync that took several has none."""
+    for n, blob in enumerate(blobs):
+        history = rec.summarize(blob, f"{replica.path}: pending sync chunk {n}").history
+        if history is not None:
+            return history
+    return None
 
 
 def _merged_changes(replica: "Replica", blobs: list[bytes]) -> list[RowChange]:
@@ -591,7 +602,11 @@ def _bucket_entries(replica_tensors, bucket_rows: int, manifest: dict):
 
 
 def _local_manifest(manifest: dict, digest: int) -> dict:
-    return {**{k: manifest[k] for k in ("offset", "model_id", "tensors")}, "state_digest": lineage.to_hex(digest)}
+    local = {**{k: manifest[k] for k in ("offset", "model_id", "tensors")}, "state_digest": lineage.to_hex(digest)}
+    made_at = tensorfiles.manifest_time(manifest)
+    if made_at is not None:
+        local["time"] = made_at
+    return local
 
 
 def restore_snapshot(replica: "Replica", manifest: dict, staged: str | None = None) -> None:

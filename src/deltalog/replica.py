@@ -317,10 +317,11 @@ class Replica:
                 )
                 arrays.append((info, arr))
             tensorfiles.fsync_dir(os.path.join(tmp, tensorfiles.TENSOR_DIR))
-            manifest = tensorfiles.write_snapshot(tmp, 0, model_id, arrays)
+            created = time.time()  # init makes the state at offset 0: its snapshot's time
+            manifest = tensorfiles.write_snapshot(tmp, 0, model_id, arrays, made_at=created)
             tensorfiles.recache_live_files(os.path.join(tmp, tensorfiles.TENSOR_DIR), infos)
             model = {"model_id": model_id, "bucket_rows": int(bucket_rows), "tensors": [i.to_meta() for i in infos],
-                     "created": time.time()}
+                     "created": created}
             create_replica(tmp, path, model=model, offset=0, manifest=manifest,
                            digest=lineage.from_hex(manifest["state_digest"]))
         except OSError as exc:
@@ -870,8 +871,11 @@ class Replica:
                     bad = np.flatnonzero(digests != stored[start : start + len(digests)])
                     if len(bad):
                         raise self.digest_error(t.name, start + int(bad[0]))
+        from .history import head_time
+
         manifest = tensorfiles.write_snapshot(
-            self.path, state.head, self.model_id, [(t, self.writer.rows(t)) for t in self._tensors]
+            self.path, state.head, self.model_id, [(t, self.writer.rows(t)) for t in self._tensors],
+            made_at=head_time(self, state.head),
         )
         written = lineage.from_hex(manifest["state_digest"])
         if state.digest is not None and written != state.digest:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import math
 import os
 # shutil is imported where it is used: it loads bz2 and lzma, ~2 ms of every command (issue 15).
 import time
@@ -322,6 +323,15 @@ def model_file_bytes(infos: Iterable[TensorInfo]) -> int:
     return sum(i.nbytes + i.rows * DIGEST_DTYPE.itemsize for i in infos)
 
 
+def manifest_time(manifest: dict) -> float | None:
+    """A snapshot manifest's ``time`` (when the model's writer made its state), or None: older
+    manifests have none, and one from a peer is only trusted to be a finite number."""
+    made = manifest.get("time")
+    if isinstance(made, (int, float)) and not isinstance(made, bool) and math.isfinite(made):
+        return float(made)
+    return None
+
+
 def snapshot_dirname(offset: int) -> str:
     return f"{offset:020d}"
 
@@ -521,12 +531,15 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_snapshot(replica_dir: str, offset: int, model_id: str, tensors: Iterable[tuple[TensorInfo, np.ndarray]]) -> dict:
+def write_snapshot(replica_dir: str, offset: int, model_id: str, tensors: Iterable[tuple[TensorInfo, np.ndarray]],
+                   made_at: float | None = None) -> dict:
     """Write an immutable snapshot of ``tensors`` (arrays in storage dtype) at ``offset``.
 
     Returns the manifest, with the state digest of what it holds (computed
-    from the arrays as they are written: deltalog.lineage). Any partial
-    directory from an earlier crash is replaced.
+    from the arrays as they are written: deltalog.lineage) and ``time``, when
+    the model's writer made that state (``made_at``; left out when unknown):
+    once the records up to ``offset`` are compacted away, nothing else says
+    it. Any partial directory from an earlier crash is replaced.
     """
     import shutil
 
@@ -544,6 +557,8 @@ def write_snapshot(replica_dir: str, offset: int, model_id: str, tensors: Iterab
         files.append({**info.to_meta(), "nbytes": info.nbytes, "xxh3": digest})
         state += rows_state_sum(info, array.reshape(info.rows, info.row_elems))
     manifest = {"offset": offset, "model_id": model_id, "tensors": files, "state_digest": lineage.to_hex(state)}
+    if made_at is not None:
+        manifest["time"] = float(made_at)
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()

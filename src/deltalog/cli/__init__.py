@@ -28,6 +28,7 @@ Exit codes: 0 ok; 1 differences found / sync incomplete; 2 usage error;
 6 model mismatch; 7 offset not retained; 8 transport; 9 lock held;
 10 check failed; 11 invalid input; 12 storage (disk full);
 13 diverged (another history); 20 internal.
+A reader that stops early (| head) is no error: the exit code stays the command's own.
 Pass --debug (or DELTALOG_DEBUG=1) for a traceback on errors."""
 
 
@@ -162,18 +163,69 @@ def entry() -> None:
     _owns_process = True
     gc.disable()  # loading is all allocation and no garbage; resolve_command turns it back on for long commands
     code = _run(sys.argv[1:])
+    _flush_or_drop(sys.stdout)  # what is still buffered; a gone reader changes neither the code nor stderr
+    _flush_or_drop(sys.stderr)
     if not quick_exit(_ran):
         gc.enable()
         sys.exit(code)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:
-        code = 0  # as in _run: the reader has gone, not an error
     os._exit(code)
 
 
+class _ReaderMayLeave:
+    """sys.stdout or sys.stderr while a command runs: a reader that has gone (``| head``) is no error.
+
+    At the first EPIPE the stream's file descriptor is pointed at /dev/null,
+    and the command runs on to its end and exits with its own code (diff
+    still 1 on differences, verify 5 on damage), with nothing on stderr.
+    Left to them, click turns an EPIPE into a silent exit 1 and rich raises
+    SystemExit(1); the same exit 1 as "differences found", which a
+    ``set -o pipefail`` script cannot tell from a real one.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _drop(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        _flush_or_drop(self._stream)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _flush_or_drop(stream) -> None:
+    try:
+        stream.flush()
+    except BrokenPipeError:
+        _drop(stream)
+
+
+def _drop(stream) -> None:
+    """Send the rest of ``stream``, and what it still buffers, to /dev/null: its reader has gone."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 def _run(args: list[str]) -> int:
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ReaderMayLeave(stdout), _ReaderMayLeave(stderr)
+    try:
+        return _run_command(args)
+    finally:
+        if isinstance(sys.stdout, _ReaderMayLeave):  # a command may have replaced it (serve --stdio)
+            sys.stdout = stdout
+        if isinstance(sys.stderr, _ReaderMayLeave):
+            sys.stderr = stderr
+
+
+def _run_command(args: list[str]) -> int:
     _blas_single_threaded_while_numpy_loads()
     debug = "--debug" in args or bool(os.environ.get("DELTALOG_DEBUG"))
     want_json = "--json" in args
@@ -188,9 +240,6 @@ def _run(args: list[str]) -> int:
     except KeyboardInterrupt:
         click.echo("deltalog: interrupted", err=True)
         code = 130
-    except BrokenPipeError:
-        code = 0  # e.g. `deltalog log | head`: the reader has gone, not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except Exception as exc:  # noqa: BLE001 - the single place errors become exit codes
         from ..errors import DeltalogError
 

@@ -75,6 +75,8 @@ def render(group: click.Group, version: str, exit_codes: dict[int, str]) -> str:
     out += [".SH EXIT STATUS"]
     for code, meaning in sorted(exit_codes.items()):
         out += [".TP", f"\\fB{code}\\fR", _escape(meaning)]
+    out += [".PP", _escape("A reader that stops early (| head) is not an error: the command runs to its end, "
+                           "exits with its own code and prints nothing on stderr.")]
     out += [".SH ENVIRONMENT"]
     for name, meaning in ENVIRONMENT:
         out += [".TP", f"\\fB{_escape(name)}\\fR", _escape(meaning)]

@@ -83,7 +83,8 @@ def _lag_line(status: dict) -> str:
             + ("" if lag is None else f"; last at the source's head {lag:.1f} s ago"))
 
 
-_ROW = ("location", "model_id", "head", "state_digest", "head_time", "lag_offsets", "lag_seconds", "error")
+_ROW = ("location", "model_id", "head", "state_digest", "head_time", "head_time_unknown", "lag_offsets", "lag_seconds",
+        "error")
 
 
 def _probe(text: str, options) -> dict:
@@ -94,13 +95,15 @@ def _probe(text: str, options) -> dict:
     row["location"] = text
     if parse_spec(text).scheme == "local":
         from .. import lineage
-        from ..history import head_time
+        from ..history import head_time, head_time_unknown
         from ..replica import Replica
 
         with Replica.open(text) as r:
             state = r.state  # one read: the head and its digest belong together
             row.update(model_id=r.model_id, head=state.head, state_digest=lineage.to_hex(state.digest),
                        head_time=head_time(r, state.head))
+        if row["head_time"] is None:
+            row["head_time_unknown"] = head_time_unknown(state.head)
         return row
     source = open_source(text, options)
     try:
@@ -109,6 +112,9 @@ def _probe(text: str, options) -> dict:
         source.close()
     row.update(model_id=hello.get("model_id"), head=hello.get("head"), state_digest=hello.get("state_digest"),
                head_time=hello.get("head_time"))
+    if row["head_time"] is None:
+        row["head_time_unknown"] = ("it does not say when its head was made (an older deltalog, or a snapshot "
+                                    "written before snapshot manifests kept that time)")
     return row
 
 
@@ -157,7 +163,10 @@ def _fleet(ctx, replicas, options, as_json):
             model = model if len(model) <= 12 else model[:11] + "~"
             lag = row["lag_seconds"]
             c.print(f"{row['location']:<{width}}  {model:<12}  {row['head']:>8}  {str(row['state_digest']):<16}  "
-                    f"{row['lag_offsets']:>6}  {'-' if lag is None else f'{lag:.1f}'}", markup=False)
+                    f"{row['lag_offsets']:>6}  {'?' if lag is None else f'{lag:.1f}'}", markup=False)
+        for row in rows:  # why a lag in seconds is missing, rather than a bare "?"
+            if row["error"] is None and row["lag_seconds"] is None and row["head_time_unknown"]:
+                c.print(f"{row['location']}: lag in seconds unknown: {row['head_time_unknown']}", markup=False)
 
     out.result(rows, render)
     return code

@@ -7,7 +7,9 @@ deltalog.receive, which applies it), whatever the transport.
 A destination that does not exist yet is staged beside its final name, in
 ``.<name>.deltalog-sync/`` (locked with the same flock as a replica's
 writer lock), and renamed into place only when complete; an interrupted
-snapshot transfer resumes from the bytes already there.
+snapshot transfer resumes from the bytes already there. One that received
+no byte (a deadline that expired first) removes the directory again: a first
+sync that did not finish leaves either bytes to resume from or nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .. import sync as sync_mod
 from ..dtypes import STORAGE
 from ..errors import IntegrityError, InvalidInput, NotAReplica, StorageError, TransportError
 from ..layout import LOG_DIR, is_replica, sync_staging_path
-from ..lock import WriterLock
+from ..lock import LOCK_FILE, WriterLock
 from ..replica import Replica
 from ..writer import FLUSH_SECONDS, boot_id
 
@@ -241,8 +243,8 @@ class LocalSink:
                 raise StorageError(f"{staging}: cannot create ({exc.strerror})") from None
             lock = WriterLock(staging)
             lock.acquire(wait)
-            if is_replica(self.path):  # another sync created it while we waited
-                lock.release()
+            if is_replica(self.path) or not lock.still_linked():  # another sync created it, or removed
+                lock.release()                                    # its empty staging, while we waited
                 continue
             self._staging, self._staging_lock = staging, lock
             return self._new_state()
@@ -390,10 +392,14 @@ class LocalSink:
         offset = int(manifest["offset"])
         local_manifest = {"offset": offset, "model_id": manifest["model_id"], "tensors": local_tensors,
                           "bucket_versions": manifest.get("bucket_versions") or {}}
+        made_at = tensorfiles.manifest_time(manifest)
+        if made_at is not None:  # when the writer made this state: head_time once it is our head
+            local_manifest["time"] = made_at
         partial = self._partial
         os.remove(os.path.join(partial, TRANSFER))
         with open(os.path.join(partial, tensorfiles.MANIFEST), "w") as f:
-            json.dump({k: local_manifest[k] for k in ("offset", "model_id", "tensors")}, f, indent=1)
+            json.dump({k: local_manifest[k] for k in ("offset", "model_id", "tensors", "time") if k in local_manifest},
+                      f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         tensorfiles.fsync_dir(partial)
@@ -532,5 +538,21 @@ class LocalSink:
         self._release()
         self._drop_replica()
         if self._staging_lock is not None:
+            if not _holds_received_bytes(self._staging):  # a first sync that moved nothing leaves nothing
+                shutil.rmtree(self._staging, ignore_errors=True)
             self._staging_lock.release()
-            self._staging_lock = None
+            self._staging_lock = self._staging = None
+
+
+def _holds_received_bytes(staging: str) -> bool:
+    """Whether a first sync's staging directory holds snapshot bytes the next run would resume from
+    (anything but its lock file and the transfer's bookkeeping)."""
+    for root, _dirs, files in os.walk(staging):
+        for name in files:
+            if name not in (LOCK_FILE, TRANSFER):
+                try:
+                    if os.path.getsize(os.path.join(root, name)):
+                        return True
+                except OSError:
+                    pass
+    return False
