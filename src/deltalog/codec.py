@@ -6,7 +6,8 @@ Every codec turns a numpy array into bytes and back, losslessly:
   narrowest unsigned width that holds them, byte-shuffled, zstd. A run of
   contiguous rows (a dense layer) becomes a run of 1s: almost free.
 - ``shuffle-zstd`` for values: the bytes of each element split into planes
-  (all first bytes, then all second bytes, ...), then zstd level 1.
+  (all first bytes, then all second bytes, ...), then zstd level 1 (tuned: see
+  ``_compressor``).
   Exponent bytes of nearby floats repeat, so planes compress better
   (~1.19x vs ~1.08x for fp32); level 1 is as good as higher levels here.
 - ``xor-shuffle-zstd`` for the values a row had before: XORed with the new
@@ -51,12 +52,21 @@ _MULTITHREAD_BYTES = 4 << 20  # below this, zstd's worker hand-off costs more th
 _THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
+# Level 1, but matches of at least 7 bytes and a 256-entry hash table: what compresses
+# in a record is the sign-and-exponent plane of its values, whose short "matches" are
+# chance repeats that cost more than the literals they replace, and a small table stays
+# in cache. On bench/run.py's records: 1.9x faster on values, and 0.6 % smaller.
+_MIN_MATCH, _HASH_LOG = 7, 8
+
+
 def _compressor(nbytes: int) -> zstandard.ZstdCompressor:
     threads = _THREADS if nbytes >= _MULTITHREAD_BYTES and _THREADS > 1 else 0
     key = f"cctx{threads}"
     c = getattr(_local, key, None)
     if c is None:
-        c = zstandard.ZstdCompressor(level=1, write_content_size=True, threads=threads)
+        params = zstandard.ZstdCompressionParameters(compression_level=1, min_match=_MIN_MATCH, hash_log=_HASH_LOG,
+                                                     write_content_size=1, threads=threads)
+        c = zstandard.ZstdCompressor(compression_params=params)
         setattr(_local, key, c)
     return c
 
