@@ -129,7 +129,6 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
     """
     started = time.monotonic()  # --deadline counts from here: connecting to SRC is part of the run
     from ..errors import InvalidInput
-    from ..sync import sync
     from ..transport import open_sink, open_source, parse_spec
 
     out = Output(as_json, quiet)
@@ -156,9 +155,20 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
     if follow:
         return _follow(src, dst, options, out, interval=interval, max_bytes=max_bytes, deadline=deadline,
                        bwlimit=bwlimit, wait=wait, chunk_bytes=chunk_bytes)
-    source = open_source(src, options)
+    # A push opens its ssh end first: the handshake and the far deltalog's start (~0.4 s) go on while
+    # this side loads the engine and opens SRC (a pull's ssh end is SRC: first anyway).
+    sink = open_sink(dst, options) if d_spec.scheme == "ssh" else None
     try:
-        sink = open_sink(dst, options)
+        source = open_source(src, options)
+    except BaseException:
+        if sink is not None:
+            sink.close()
+        raise
+    from ..sync import sync
+
+    try:
+        if sink is None:
+            sink = open_sink(dst, options)
         if check:
             from ..guard import GuardedSink
 

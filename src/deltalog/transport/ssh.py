@@ -67,7 +67,12 @@ KEEPALIVE = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
 
 
 class SshConnection:
-    """One ``deltalog serve --stdio`` process at the end of an ssh pipe."""
+    """One ``deltalog serve --stdio`` process at the end of an ssh pipe.
+
+    The hello is sent at once but its answer is read when the connection is
+    first used: ssh's handshake and the far deltalog's start (~0.4 s) then go
+    on while this side does its own work (imports, opening a local replica).
+    """
 
     def __init__(self, spec, options, role: str):
         self.spec = spec
@@ -93,15 +98,31 @@ class SshConnection:
         self.wfile = io.BufferedWriter(self.proc.stdin, 1 << 16)
         self.busy = False  # a chunk stream is half read: the pipe cannot carry another request
         self.closed = False
-        self.hello = {}
+        self.role = role
+        self._hello: dict | None = None  # the far end's answer to our hello, once read
+        self._greet(send_only=True)
+
+    @property
+    def hello(self) -> dict:
+        """What the far end said in answer to our hello (read now if not yet)."""
+        self._greet()
+        return self._hello
+
+    def _greet(self, send_only: bool = False) -> None:
+        if self._hello is not None:
+            return
         try:
-            self.send(wire.hello_request(role))
-            answer, payload = self.read()
+            if send_only:
+                self._send(wire.hello_request(self.role))
+                return
+            answer, payload = self._read()
             wire.check_hello(answer)
-            if answer.get("role") != role:
-                raise TransportError(f"{spec.text}: the remote answered as a {answer.get('role')}, not a {role}")
-            self.hello = wire.unpack(payload, "hello") if payload else {}
+            if answer.get("role") != self.role:
+                raise TransportError(f"{self.spec.text}: the remote answered as a {answer.get('role')}, "
+                                     f"not a {self.role}")
+            self._hello = wire.unpack(payload, "hello") if payload else {}
         except BaseException:
+            self._hello = None
             self.busy = True  # no goodbye: just hang up
             self.close()
             raise
@@ -147,6 +168,10 @@ class SshConnection:
         return TransportError(message, hint=hint)
 
     def send(self, header: dict, payload=b"") -> None:
+        self._greet()  # its errors (no deltalog there, another protocol) come before any request's
+        self._send(header, payload)
+
+    def _send(self, header: dict, payload=b"") -> None:
         if self.closed:
             raise TransportError(f"{self.spec.text}: connection already closed")
         try:
@@ -155,6 +180,10 @@ class SshConnection:
             raise self._explain(exc) from None
 
     def read(self) -> tuple[dict, bytearray]:
+        self._greet()
+        return self._read()
+
+    def _read(self) -> tuple[dict, bytearray]:
         try:
             return wire.read_frame(self.rfile)
         except TransportError as exc:
@@ -180,6 +209,8 @@ class SshConnection:
         self.closed = True
         if self._hung:
             self.proc.kill()
+        if self._hello is None:  # never used: no goodbye, the far end exits on EOF (and ssh with it)
+            self.busy = True
         if not self.busy and self.proc.poll() is None:
             try:
                 wire.write_frame(self.wfile, {"type": "bye"})
@@ -207,12 +238,12 @@ class SshSource:
     def __init__(self, spec, options):
         self.spec = spec
         self.conn = _open(spec, options, "source")
-        self._hello = self.conn.hello  # the handshake's: fresh for the first hello() only
+        self._fresh = True  # the handshake's hello serves the first hello() only
 
     def hello(self) -> dict:
-        if self._hello is not None:
-            hello, self._hello = self._hello, None
-            return hello
+        if self._fresh:
+            self._fresh = False
+            return self.conn.hello
         _h, data = self.conn.request("hello", expect="hello")
         return wire.unpack(data, "hello")
 
