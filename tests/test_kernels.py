@@ -293,3 +293,34 @@ def test_touch_rows_leaves_every_byte_as_it_was(tmp_path, row_bytes):
             kernels.touch_rows(table, np.array([rows]))
         del table
     assert path.read_bytes() == data.tobytes()
+
+
+@compiled
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(0, 40), elems=st.integers(1, 70))
+@SETTINGS
+def test_row_significance_compiled_and_numpy_agree(dtype, seed, rows, elems):
+    """A record's significance, compiled: numpy's sums (to rounding: numpy sums pairwise), with a
+    NaN counting 0 and an infinity (or an overflow) the cap, as the numpy code counts them."""
+    from deltalog.dtypes import row_significance
+
+    rng = np.random.default_rng(seed)
+    old = rng.standard_normal((rows, elems)).astype(dtype)
+    new = (old + rng.standard_normal(old.shape) * 10.0 ** rng.integers(-6, 3)).astype(dtype)
+    special = np.array([np.nan, np.inf, -np.inf, np.finfo(dtype).max, -np.finfo(dtype).max], dtype=dtype)
+    for _ in range(rng.integers(0, 4) if rows else 0):
+        (new if rng.random() < 0.5 else old)[rng.integers(rows), rng.integers(elems)] = rng.choice(special)
+    compiled_sums = kernels.row_abs_sums(old, new, dtype)
+    before = kernels.set_enabled(False)
+    try:
+        assert kernels.row_abs_sums(old, new, dtype) is None
+        with np.errstate(over="ignore"):  # two changes near the dtype's max overflow a float64 sum: inf both ways
+            reference = row_significance(old, new, dtype)
+    finally:
+        kernels.set_enabled(before)
+    assert compiled_sums.dtype == np.float64 and np.allclose(compiled_sums, reference, rtol=1e-12, atol=0)
+
+
+def test_row_significance_leaves_other_dtypes_to_numpy():
+    rows = np.zeros((3, 4), dtype=np.int32)
+    assert kernels.row_abs_sums(rows, rows + 1, "int32") is None

@@ -181,4 +181,19 @@ def compare_rows(a: np.ndarray, b: np.ndarray, dtype: str, rows: np.ndarray | No
     return RowComparison(status, squares, sum_abs, max_abs, None if bad_a < 0 else bad_a, None if bad_b < 0 else bad_b)
 
 
-__all__ = ["RowComparison", "available", "compare_rows", "enabled", "gather_rows", "row_digests", "set_enabled"]
+def row_abs_sums(old: np.ndarray, new: np.ndarray, dtype: str) -> np.ndarray | None:
+    """Per row, sum |new - old| in float64, NaN as 0 and infinities capped: dtypes.row_significance
+    in one pass (to rounding); None where it is not compiled or not for this dtype (float32 and
+    float64 rows, the others go to numpy)."""
+    kind = _KINDS.get(dtype)
+    if not _enabled or kind not in (0, 1) or old.ndim != 2 or old.shape != new.shape or not old.shape[1]:
+        return None
+    storage = STORAGE[dtype]
+    out = np.empty(len(old), dtype=np.float64)
+    _kernels.row_abs_sums(np.ascontiguousarray(old, dtype=storage), np.ascontiguousarray(new, dtype=storage),
+                          kind, old.shape[1], out)
+    return out
+
+
+__all__ = ["RowComparison", "available", "compare_rows", "enabled", "gather_rows", "row_abs_sums", "row_digests",
+           "set_enabled"]
