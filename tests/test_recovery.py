@@ -188,3 +188,46 @@ def test_a_background_checkpoint_that_cannot_write_says_so(tmp_path, rng, monkey
             r.writer.finish_checkpoint(checkpoint)
         assert r.state.flushed == 0
         monkeypatch.undo()
+
+
+def test_the_scheduled_fsync_runs_beside_the_commits(tmp_path, rng, monkeypatch):
+    """The WAL checkpoint that comes due every FLUSH_SECONDS no longer stalls the commit that finds it
+    due: its fsync runs on another thread, a later commit records what it made durable, and close
+    waits for one still running. Without a boot id the fsync stays in line (recovery could not
+    tell a reboot)."""
+    import threading
+
+    from deltalog import writer
+
+    path = tmp_path / "r"
+    model = random_model(rng)
+    Replica.init(path, model).close()
+    monkeypatch.setattr(writer, "FLUSH_SECONDS", 0.0)  # due at every commit
+    release = threading.Event()
+    real_fsync = writer.Writer._fsync_paths
+
+    def slow_fsync(self, paths):
+        assert release.wait(30), "the fsync was never released"
+        real_fsync(self, paths)
+
+    monkeypatch.setattr(writer.Writer, "_fsync_paths", slow_fsync)
+    with Replica.open(path) as r:
+        r.commit(random_update(rng, model))  # comes due: the checkpoint starts and the commit returns
+        assert r.state.flushed == 0 and r.head == 1
+        r.commit(random_update(rng, model))  # the fsync still runs: nothing recorded, none started
+        assert r.state.flushed == 0
+        release.set()
+        r.writer._checkpoint.thread.join(30)
+        r.commit(random_update(rng, model))  # records what the checkpoint covered: offset 1
+        assert r.state.flushed == 1 and r.head == 3
+        release.clear()
+        r.commit(random_update(rng, model))  # the next one starts, from the head it leaves (4)
+        assert r.writer._checkpoint is not None and r.writer._checkpoint.offset == 4
+        threading.Timer(0.2, release.set).start()
+    with Replica.open(path) as r:  # close waited for it and recorded it, then flushed the rest
+        assert r.state.flushed == r.head == 4
+    monkeypatch.setattr(writer, "_BOOT_ID", "")
+    release.set()
+    with Replica.open(path) as r:
+        r.commit(random_update(rng, model))
+        assert r.writer._checkpoint is None and r.state.flushed == r.head == 5

@@ -358,14 +358,17 @@ class Replica:
         cache like a long-running writer's, and after a machine crash recovery re-applies their
         records from the log (``flushed`` stays behind). A short-lived command uses it to return
         once its record is durable, as the library call does."""
-        if self.writer.unflushed:
-            if flush or self.writer.flush_due():
-                self.writer.flush_if_free()
-            else:
-                self.writer.defer_flush()
-        self.maps.forget()
-        self.writer.lock.release()
-        self.store.close()
+        try:
+            self.writer.end_checkpoint()  # an fsync of the schedule's, still running
+            if self.writer.unflushed:
+                if flush or self.writer.flush_due():
+                    self.writer.flush_if_free()
+                else:
+                    self.writer.defer_flush()
+        finally:  # released even when the files could not be written (that error is raised after)
+            self.maps.forget()
+            self.writer.lock.release()
+            self.store.close()
 
     def __enter__(self) -> "Replica":
         return self
