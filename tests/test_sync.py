@@ -947,11 +947,16 @@ def test_values_cross_a_network_relative_to_the_destination(way, tmp_path, rng, 
         assert b.read_tensor("item_emb")[7, 0] == 4
 
 
+def ssh_pull(request) -> Way:
+    """The ssh-pull way alone, for a test about what the engine asks of a remote source."""
+    server = request.getfixturevalue("sshd")
+    return Way("ssh-pull", request, options=TransportOptions(ssh_command=server.ssh_command,
+                                                             remote_deltalog=server.remote_deltalog))
+
+
 def test_a_partial_sync_is_continued_with_plain_values(tmp_path, rng, chunk_codecs, request):
     """The rows a destination holds ahead of its head are not at ``since``: no relative values then."""
-    way = Way("ssh-pull", request)
-    server = request.getfixturevalue("sshd")
-    way.options = TransportOptions(ssh_command=server.ssh_command, remote_deltalog=server.remote_deltalog)
+    way = ssh_pull(request)
     src, model = new_source(tmp_path, rng)
     dst = tmp_path / "dst"
     do_sync(way, src, dst)
@@ -969,9 +974,7 @@ def test_a_peer_that_does_not_name_the_codec_gets_plain_values(tmp_path, rng, ch
     """An older destination's state names no chunk codecs: it is sent values it decodes."""
     from deltalog import receive
 
-    way = Way("ssh-pull", request)
-    server = request.getfixturevalue("sshd")
-    way.options = TransportOptions(ssh_command=server.ssh_command, remote_deltalog=server.remote_deltalog)
+    way = ssh_pull(request)
     src, model = new_source(tmp_path, rng)
     dst = tmp_path / "dst"
     do_sync(way, src, dst)
