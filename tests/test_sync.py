@@ -797,6 +797,9 @@ def test_a_deadline_already_passed_moves_nothing_even_for_a_one_chunk_sync(way, 
     assert not result.complete and result.stopped_by == "deadline" and result.bytes_sent == 0
     assert sorted(os.listdir(tmp_path)) == beside  # neither the replica nor an empty staging directory
     assert run_cli("status", new).returncode == 3
+    said = sync_cli(way, src, new, "--deadline", "0")  # and the command says so, not "it resumes"
+    assert said.returncode == 1 and "before anything moved" in said.stdout + said.stderr, said.stderr
+    assert "resumes" not in said.stdout + said.stderr
     assert do_sync(way, src, dst, deadline=600.0).complete
     assert_synced(src, dst)
 

@@ -370,6 +370,9 @@ def _summary(c, r, src: str, dst: str) -> None:
         c.print(f"{dst} is up to date at offset {r.head}")
     elif r.complete:
         c.print(f"synced {src} -> {dst}: {start} -> {r.head}, {moved}, {r.seconds:.2f} s")
+    elif r.head is None and not r.bytes_sent:  # a first sync that moved nothing this time
+        c.print(f"incomplete: {src} -> {dst} stopped by {_stopper(r)} before anything moved; {dst} is not a "
+                f"replica yet: run the sync again, with more time or bytes")
     elif r.head is None:  # a first sync that stopped during the snapshot transfer
         c.print(f"incomplete: {src} -> {dst} stopped by {_stopper(r)} after {moved}; {dst} is not a replica "
                 f"until the snapshot is complete: run the same sync again, it resumes")
