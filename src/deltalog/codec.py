@@ -261,4 +261,3 @@ def decode_xor_values(payload, size: int, new: np.ndarray, what: str) -> np.ndar
     """The values encoded relative to ``new`` (an undo section; a chunk's values relative to the base)."""
     bits = decode_values(payload, size, np.dtype(f"<u{new.dtype.itemsize}"), new.shape, what)  # a new array
     return np.bitwise_xor(bits, _bits(np.ascontiguousarray(new)), out=bits).view(new.dtype)
-
