@@ -556,17 +556,31 @@ class Writer:
         # own while changes go on, and a later change records what it made durable:
         # in line, the fsync of a table that random rows dirtied all over stalled one
         # commit in every 30 s for most of a second (bench/run.py: 0.84 s at 1 GiB).
-        running = self._checkpoint
-        if running is not None:
-            if running.done:
-                self._checkpoint = None
-                self.finish_checkpoint(running)
-            return
-        if self._dirty and self.flush_due():
-            # Without a boot id a reboot could not be told apart: durable before it returns.
+        if self._checkpoint is not None:
+            self.finish_checkpoint_if_done()
+        elif self._dirty and self.flush_due():
+            self.checkpoint_in_background()
+
+    def checkpoint_in_background(self) -> None:
+        """The WAL checkpoint that is due, on a thread of its own (:meth:`start_checkpoint`); one at
+        a time: while one runs, the next is due a schedule from now. In line (if the lock is ours
+        or free) when the state cannot be vouched for, or without a boot id: a reboot could not be
+        told apart, so the files must be durable before the change returns. The writer's own
+        schedule and a follower's (transport.local.LocalSink) both start it."""
+        if self._checkpoint is None:
             self._checkpoint = self.start_checkpoint() if boot_id() else None
             if self._checkpoint is None:
-                self.flush()
+                self.flush_if_free()
+                return
+        self.defer_flush()
+
+    def finish_checkpoint_if_done(self) -> None:
+        """Record what the background checkpoint made durable once it has ended (if the lock is ours
+        or free); one still running is left for later."""
+        running = self._checkpoint
+        if running is not None and running.done:
+            self._checkpoint = None
+            self.finish_checkpoint_if_free(running)
 
     def end_checkpoint(self) -> None:
         """Wait for the schedule's background fsync, if one runs, and record what it made durable

@@ -205,7 +205,6 @@ class LocalSink:
         self._handles: dict[str, object] = {}
         self._wait = 0.0
         self._applied = False  # this round wrote rows (else a no-op round: a moment to flush)
-        self._checkpoint = None  # a background fsync of the tensor files (Writer.start_checkpoint), running or done
         self._idle_round = False
         self._identity: tuple | None = None  # the replica's files when opened (see _current_identity)
 
@@ -217,7 +216,7 @@ class LocalSink:
             if not dry_run and self._identity == self._current_identity():
                 self._stack.enter_context(self.replica.writing(wait))
                 if self._identity == self._current_identity():  # nothing replaced it while we waited
-                    self._end_checkpoint(only_if_done=True)
+                    self.replica.writer.finish_checkpoint_if_done()
                     return receive.sink_state(self.replica)
                 self._release()
             self._drop_replica()
@@ -496,37 +495,22 @@ class LocalSink:
         self._flush_on_schedule()
         replica = self.replica
         if replica.writer.unflushed:  # due now: what Replica.close would have done, but not in the way
-            if self._checkpoint is None:
-                self._checkpoint = replica.writer.start_checkpoint()
-            if self._checkpoint is None:  # nothing it could vouch for: the plain flush
-                replica.writer.flush_if_free()
-            else:
-                replica.writer.defer_flush()  # one is running: the next is due a schedule from now
+            replica.writer.checkpoint_in_background()
         self._applied = False
         self._idle_round = False
-
-    def _end_checkpoint(self, only_if_done: bool) -> None:
-        """Record what a background checkpoint made durable, once it ended (if the lock is ours or
-        free), or, with ``only_if_done``, leave one that is still running for a later round."""
-        checkpoint = self._checkpoint
-        if checkpoint is None or (only_if_done and not checkpoint.done):
-            return
-        self._checkpoint = None
-        self.replica.writer.finish_checkpoint_if_free(checkpoint)
 
     def _release(self) -> None:
         self._stack.close()
         self._stack = ExitStack()
 
     def _drop_replica(self) -> None:
+        if self.replica is None:
+            return
         try:
-            if self.replica is not None:
-                self._end_checkpoint(only_if_done=False)
-        finally:  # closed even when the checkpoint could not write (its error is raised after)
-            if self.replica is not None:
-                self._flush_on_schedule()
-                self.replica.close()
-                self.replica = None
+            self._flush_on_schedule()
+            self.replica.close()  # waits for a background checkpoint; releases everything even if it failed
+        finally:
+            self.replica = None
 
     def close(self) -> None:
         for fh in self._handles.values():
