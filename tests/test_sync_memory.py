@@ -199,3 +199,45 @@ def test_a_chunk_handed_over_is_gone_when_lmdb_copies_what_it_became(tmp_path, r
     assert held["current"] - held["value"] < wire / 2, \
         f"held {held['current'] / wire:.2f} chunks' worth, copying {held['value'] / wire:.2f}"
     _synced(dst, {name: values for name, values in model.items()}, target)
+
+
+@pytest.mark.parametrize("spill", [True, False], ids=["spilled", "in-memory"])
+def test_a_large_record_is_joined_in_the_page_cache_not_the_heap(tmp_path, rng, monkeypatch, spill):
+    # LMDB copies the record it is given into pages of its own: joined in the heap, the record
+    # would be there twice while it is logged. From spill.SPILL_BYTES on it is joined in an
+    # unnamed file instead, so the heap holds little of it while LMDB copies it, and the
+    # replica's directory is left as it was.
+    import os
+
+    from deltalog import spill as spill_mod
+    from deltalog.store import LogStore
+
+    monkeypatch.setattr(receive, "KEEP_DECODED_BYTES", 0)
+    monkeypatch.setattr(spill_mod, "SPILL_BYTES", 0 if spill else 1 << 40)
+    model = {f"emb{i}": rng.standard_normal((ROWS, ELEMS)).astype(np.float32) for i in range(TENSORS)}
+    src, dst, model, target = _changed_everywhere(tmp_path, rng, model)
+    with Replica.open(src) as r:
+        (blob,) = list(sync_mod.source_chunks(r, 0, {}, target, 64 << 20))
+    held = {}
+    real = LogStore.put_record
+
+    def measured(self, txn, offset, value):
+        held["current"] = tracemalloc.get_traced_memory()[0]
+        held["value"] = len(value)
+        return real(self, txn, offset, value)
+
+    monkeypatch.setattr(LogStore, "put_record", measured)
+    before = sorted(os.listdir(dst))
+    with Replica.open(dst) as r, r.writing():
+        tracemalloc.start()
+        try:
+            receive.apply_whole(r, receive.HandedOver(bytearray(blob)), target, None)
+        finally:
+            tracemalloc.stop()
+    assert held["value"] > 6 * ROWS * ELEMS  # the premise: the record is not small
+    if spill:  # row digests and indexes: ~0.2 records' worth; the record joined in the heap is 1 more
+        assert held["current"] < held["value"] / 2, f"held {held['current'] / held['value']:.2f} records' worth"
+    else:
+        assert held["current"] > held["value"]
+    assert sorted(os.listdir(dst)) == before
+    _synced(dst, model, target)

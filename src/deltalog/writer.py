@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import codec, heap, kernels, layout, lineage, tensorfiles
+from . import codec, heap, kernels, layout, lineage, spill, tensorfiles
 from . import record as rec
 from .errors import DeltalogError, StorageError, UnsupportedVersion
 from .lock import WriterLock
@@ -340,9 +340,10 @@ class Writer:
         )
         encoding = self.replica.record_encoding
         if any(t.encoded for t in record.tensors):  # a sync's sections, given encoded: encode only joins them
-            blob = rec.encode(record, encoding)
-            for t in record.tensors:  # in the blob now: not twice in memory while LMDB copies it
+            parts = rec.encode_parts(record, encoding)
+            for t in record.tensors:  # the parts hold them now: joined, they go (not twice in memory)
                 t.encoded = None
+            blob = spill.join(parts, self.replica.path)  # a large one in the page cache: LMDB copies it
             heap.release(len(blob))  # about what the sections weighed
             encoded = [blob]
             del blob
@@ -354,7 +355,7 @@ class Writer:
                 for c in changes:
                     self.bump_buckets(txn, c.info, c.delta.rows, c.row_sig, offset, c.delta.versions)
             finally:
-                blob = encoded[0] if isinstance(encoded[0], bytes) else encoded[0].result()  # never left running
+                blob = encoded[0].result() if isinstance(encoded[0], Future) else encoded[0]  # never left running
             encoded[0] = blob  # the body may run again (after the map grows): encode once
             self.store.put_record(txn, offset, blob)
             if log is not None:
