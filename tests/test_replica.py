@@ -105,8 +105,9 @@ def test_a_record_that_fails_to_encode_writes_nothing(replica, monkeypatch):
 
 
 
-def _record_touches(monkeypatch, events):
-    """Make the touch of pages slow and log it, and log row stores, into ``events``."""
+def test_rows_are_stored_only_after_the_background_touch_of_their_pages_ended(replica, monkeypatch):
+    """The writer faults the pages in on another thread (same bytes stored back) while the log
+    fsyncs; a row stored before that thread is done could be overwritten with its old byte."""
     import threading
     import time
 
@@ -114,6 +115,7 @@ def _record_touches(monkeypatch, events):
 
     if not kernels.enabled():
         pytest.skip("the touch needs the compiled loops")
+    events = []
     touch, write_rows = kernels.touch_rows, writer.Writer.write_rows
 
     def slow_touch(table, rows):
@@ -129,60 +131,12 @@ def _record_touches(monkeypatch, events):
 
     monkeypatch.setattr(kernels, "touch_rows", slow_touch)
     monkeypatch.setattr(writer.Writer, "write_rows", recorded_write_rows)
-
-
-def _touches_ended(events) -> bool:
-    """Some touch ran, and each that started has ended (the tensor file's, the row digests')."""
-    names = [name for name, _thread in events]
-    return bool(names) and names.count("touch starts") == names.count("touch ends") and names[-1] == "touch ends"
-
-
-@pytest.mark.parametrize("big_model", [False, True], ids=["touched-at-the-fsync", "touched-early"])
-def test_rows_are_stored_only_after_the_background_touch_of_their_pages_ended(replica, monkeypatch, big_model):
-    """The writer faults the pages in on another thread (same bytes stored back): while the log
-    fsyncs, or from the start of the commit for a model whose pages writeback keeps cleaning
-    (past half of dirty_background). A row stored before that thread is done could be
-    overwritten with its old byte."""
-    import threading
-
-    from deltalog import tensorfiles
-
-    events = []
-    _record_touches(monkeypatch, events)
-    monkeypatch.setattr(tensorfiles, "prefers_small_pages", lambda model_bytes: big_model)
     values = np.full((2, replica.info("item_emb").row_elems), 3.0, np.float32)
     replica.commit({"item_emb": ([1, 7], values)})
     names = [name for name, _thread in events]
     assert names.index("rows stored") > max(i for i, name in enumerate(names) if name == "touch ends")
     assert events[0][1] != threading.get_ident()  # it did run on another thread
     assert np.array_equal(replica.read_tensor("item_emb")[[1, 7]], values)
-
-
-def test_an_early_touch_never_outlives_its_commit(replica, monkeypatch):
-    """A big model's commit starts touching its rows' pages before it knows whether anything
-    changed: a commit that changes nothing, or fails, still returns only once the touch ended
-    (a touch left running could store an old byte back over the next commit's row)."""
-    from deltalog import replica as replica_module
-    from deltalog import tensorfiles
-
-    events = []
-    _record_touches(monkeypatch, events)
-    monkeypatch.setattr(tensorfiles, "prefers_small_pages", lambda model_bytes: True)
-    current = replica.read_tensor("item_emb")[[3, 4]]
-    assert replica.commit({"item_emb": ([3, 4], current)}) == 0  # nothing changed: nothing appended
-    assert _touches_ended(events)
-
-    events.clear()
-
-    def failing_significance(*args, **kwargs):
-        raise RuntimeError("significance failed")
-
-    monkeypatch.setattr(replica_module, "row_significance", failing_significance)
-    with pytest.raises(RuntimeError, match="significance failed"):
-        replica.commit({"item_emb": ([3], current[:1] + 1)})
-    assert _touches_ended(events)
-    assert replica.head == 0
-
 
 def test_a_child_forked_after_a_commit_commits_too(tmp_path, model):
     """A commit encodes on a background thread; a forked child has none of the parent's threads."""

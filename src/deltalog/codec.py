@@ -98,23 +98,21 @@ def run_jobs(jobs: list[Callable[[], T]], nbytes: int) -> list[T]:
     return list(_pool.map(lambda job: job(), jobs))
 
 
-_background: dict[str, ThreadPoolExecutor] = {}  # a thread per lane
+_background: ThreadPoolExecutor | None = None
 
 
-def in_background(job: Callable[[], T], lane: str = "encode") -> "Future[T]":
-    """Start ``job`` on the thread of ``lane`` and return its future, so the caller overlaps other
-    work with it (a commit fills the bucket index while its record compresses).
+def in_background(job: Callable[[], T]) -> "Future[T]":
+    """Start ``job`` on a thread of its own and return its future, so the caller overlaps other work
+    with it (a commit fills the bucket index while its record compresses).
 
     Not on the section pool: ``job`` may itself wait on that pool (encode does),
     and holding one of its few workers while waiting would serialise the sections.
-    Jobs of one lane run in order; another lane's job does not wait behind them
-    (a commit's touch of its pages runs beside its record's compression).
     """
+    global _background
     with _pool_lock:
-        executor = _background.get(lane)
-        if executor is None:
-            executor = _background[lane] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"deltalog-{lane}")
-    return executor.submit(job)
+        if _background is None:
+            _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltalog-encode")
+    return _background.submit(job)
 
 
 _inherited: list = []  # what a forked child must never free (see below)
@@ -128,7 +126,7 @@ def _forget_pool_in_child() -> None:
     """
     global _pool, _pool_lock, _local, _background
     _inherited.append((_pool, _local, _background))
-    _pool, _pool_lock, _local, _background = None, threading.Lock(), threading.local(), {}
+    _pool, _pool_lock, _local, _background = None, threading.Lock(), threading.local(), None
 
 
 os.register_at_fork(after_in_child=_forget_pool_in_child)

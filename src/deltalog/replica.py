@@ -57,7 +57,7 @@ from .lock import WriterLock, pid_alive
 from .pending import head_values, merged_pending
 from .store import LogStore
 from .tensorfiles import TensorInfo
-from .writer import RowChange, State, Writer, create_replica, wait_for
+from .writer import RowChange, State, Writer, create_replica
 
 DEFAULT_BUCKET_ROWS = 1024
 T = TypeVar("T")
@@ -798,34 +798,27 @@ class Replica:
         offset = head + 1 if offset is None else int(offset)
         if offset <= head:
             raise InvalidInput(f"{self.path}: offset {offset} is not after the head {head}")
-        # A big model's pages fault in, writable, on another thread from here on
-        # (Writer.touch_early). No row is stored before it ends, and it never outlives this call.
-        touch = self.writer.touch_early([(info, rows) for info, rows, _new in deltas])
-        try:
-            kept = []
-            for info, rows, new in deltas:
-                old, old_digests = self.writer.old_rows(info, rows.astype(np.intp))  # checked: they become undo values
-                if drop_unchanged:
-                    keep = rows_differ(old, new)
-                    if not keep.all():
-                        rows, new, old, old_digests = rows[keep], new[keep], old[keep], old_digests[keep]
-                if len(rows):
-                    kept.append((info, rec.TensorDelta(info.name, info.dtype, rows, new, old), old_digests))
-            if not kept and kind == "commit":
-                return head
-            # The sections compress on other cores while this thread works out the significance,
-            # the state digest and the bucket index (the record's header comes last).
-            started = rec.start_sections([delta for _info, delta, _digests in kept]) if kept else None
-            changes = []
-            for info, delta, old_digests in kept:
-                row_sig = row_significance(delta.old, delta.new, info.dtype)
-                delta.significance = float(row_sig.sum())
-                changes.append(RowChange(info, delta, row_sig, old_digests))
-            self.writer.append(kind, changes, offset=offset, reason=reason, target=target, started=started,
-                               touch=touch)
-            return offset
-        finally:
-            wait_for(touch)
+        kept = []
+        for info, rows, new in deltas:
+            old, old_digests = self.writer.old_rows(info, rows.astype(np.intp))  # checked: they become undo values
+            if drop_unchanged:
+                keep = rows_differ(old, new)
+                if not keep.all():
+                    rows, new, old, old_digests = rows[keep], new[keep], old[keep], old_digests[keep]
+            if len(rows):
+                kept.append((info, rec.TensorDelta(info.name, info.dtype, rows, new, old), old_digests))
+        if not kept and kind == "commit":
+            return head
+        # The sections compress on other cores while this thread works out the significance,
+        # the state digest and the bucket index (the record's header comes last).
+        started = rec.start_sections([delta for _info, delta, _digests in kept]) if kept else None
+        changes = []
+        for info, delta, old_digests in kept:
+            row_sig = row_significance(delta.old, delta.new, info.dtype)
+            delta.significance = float(row_sig.sum())
+            changes.append(RowChange(info, delta, row_sig, old_digests))
+        self.writer.append(kind, changes, offset=offset, reason=reason, target=target, started=started)
+        return offset
 
     def flush(self) -> None:
         """fsync the tensor files and record that they are durable up to ``applied``."""

@@ -40,7 +40,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -161,7 +160,6 @@ class Change:
     settle: Callable[[Txn], None] | None = None  # the second transaction's own writes
     settled: dict = field(default_factory=dict)  # meta/state fields it sets besides applied, applying, boot, gen
     logged: Callable[[], None] | None = None  # called once the first transaction committed (frees what only it used)
-    touch: Future | None = None  # the touch of ``rows``' pages, started early (Writer.touch_ahead)
 
 
 class Writer:
@@ -258,15 +256,13 @@ class Writer:
                 state = self.store.get_meta(txn, "state")
                 self._put_state(txn, **{"applying": change.state.get("head", state["head"]), **change.state})
 
-            touching = change.touch if change.touch is not None else self._touch_in_background(change.rows)
+            touching = self._touch_in_background(change.rows)
             try:
                 self.store.write(first)
             finally:
-                touched = wait_for(touching)  # waits: no row is stored while the touch runs
+                touched = _outcome(touching)  # waits: no row is stored while the touch runs
             if change.logged is not None:
                 change.logged()
-        elif change.touch is not None:
-            touched = wait_for(change.touch)
         self.write_rows(change.rows, touched=touched)
         if change.apply is not None:
             change.apply()
@@ -314,7 +310,6 @@ class Writer:
         rows_written: bool = False,
         expect_digest: Callable[[int], None] | None = None,
         started: rec.Sections | None = None,
-        touch: Future | None = None,
     ) -> rec.Record:
         """Log and apply one record of ``changes`` at ``offset``, on top of the head (lock held).
 
@@ -326,7 +321,6 @@ class Writer:
         partial sync's chunks). ``rows_written``: the rows are already in the
         tensor files (a finished partial sync), so the change is one transaction.
         ``started``: the deltas' sections, already compressing (rec.start_sections).
-        ``touch``: the touch of the rows' pages, started by :meth:`touch_ahead`.
         """
         state = self.replica.state
         pre = state.digest
@@ -363,7 +357,7 @@ class Writer:
 
         new_state = {"head": offset, "applying": offset, "digest": post}
         self.transition(Change(log=log_it, state=new_state, rows=() if rows_written else [c.write for c in changes],
-                               logged=encoded.clear, touch=touch))
+                               logged=encoded.clear))
         return record
 
     def fold(self, horizon: int, manifest: dict, clear_buckets: bool = False) -> tuple[int, int, list[int]]:
@@ -411,52 +405,29 @@ class Writer:
             versions = np.maximum.reduceat(np.asarray(row_versions, dtype=np.uint64), starts)
         self.store.bump_buckets(txn, info.id, buckets[starts], versions, sums)
 
-    def touch_ahead(self, targets: Sequence[tuple[TensorInfo, np.ndarray]], lane: str = "touch") -> Future | None:
-        """Start faulting in, writable, the pages that rows ``targets`` (info, sorted row indices)
-        will be stored into, on another thread, as soon as a change knows its rows: the faults
-        (several microseconds each where writeback cleaned the pages, a big model's case) then
-        overlap the change's gather, compression and first transaction. The future says what
-        the touch dirtied (for the page guard: None when it does not watch); None: no touch.
-
-        Contents stay unchanged, so this may run before the record is durable, but no row may
-        be stored while it runs: the caller waits for the future (``_outcome``) before any
-        write, on every path (a touch storing back a byte after a new value replaced it would
-        undo that value)."""
-        if not targets or not kernels.enabled():
+    def _touch_in_background(self, writes: Sequence[RowWrite]):
+        """Start faulting in, writable, the pages ``writes`` will store into (their tensor files and
+        row digest files), on another thread while the first transaction commits and fsyncs; a
+        future of what that thread dirtied (for the page guard: None when it does not watch), or None.
+        Contents stay unchanged, so this may run before the record is durable."""
+        if not writes or not kernels.enabled():
             return None
-        jobs = []
-        for info, rows in targets:
-            idx = rows.astype(np.int64)
-            jobs.append((self.rows(info), idx))  # the maps are opened here, on the writer's thread
+        targets = []
+        for w in writes:
+            idx = w.rows.astype(np.int64)
+            targets.append((self.rows(w.info), idx))  # the maps are opened here, on the writer's thread
             if self.replica.has_row_digests:
-                jobs.append((self.maps.digests(info, writable=True), idx))
+                targets.append((self.maps.digests(w.info, writable=True), idx))
         watching = self.page_guard.watching(self.replica.tensors)
 
         def touch() -> int | None:
             before = tensorfiles.thread_dirtied_bytes() if watching else None
-            for table, idx in jobs:
+            for table, idx in targets:
                 kernels.touch_rows(table, idx)
             after = tensorfiles.thread_dirtied_bytes() if before is not None else None
             return None if after is None else after - before
 
-        return codec.in_background(touch, lane=lane)
-
-    def touch_early(self, targets: Sequence[tuple[TensorInfo, np.ndarray]]) -> Future | None:
-        """:meth:`touch_ahead` as soon as a change knows its rows, for a model whose pages
-        writeback keeps cleaning (one past half of the kernel's dirty_background threshold:
-        tensorfiles.prefers_small_pages), where every row store faults: starting then, the
-        faults overlap the gather and the compression (4 GiB, 64 k rows a commit: 250 k ->
-        310-360 k rows/s). A smaller model's pages stay dirty and writable, so its touch costs
-        little and waits for the first transaction's fsync, when the cores are idle; None then."""
-        if not self.page_guard.watching(self.replica.tensors):
-            return None
-        return self.touch_ahead(targets)
-
-    def _touch_in_background(self, writes: Sequence[RowWrite]):
-        """:meth:`touch_ahead` for the rows of ``writes`` when the first transaction begins, queued
-        behind the record's compression (the encode lane): it then runs while that transaction
-        fsyncs, on a core nothing else wants."""
-        return self.touch_ahead([(w.info, w.rows) for w in writes], lane="encode")
+        return codec.in_background(touch)
 
     def write_rows(self, writes: Sequence[RowWrite], touched: int | None = None) -> None:
         """Write rows and their digests into the tensor files (the page cache; see :meth:`flush`).
@@ -764,7 +735,7 @@ class Checkpoint:
         return not self.thread.is_alive()
 
 
-def wait_for(future):
+def _outcome(future):
     """Wait for ``future`` (None: nothing to wait for); its result, or None if it failed (a touch's
     failure only costs speed: the row stores fault as they would have)."""
     if future is None or future.exception() is not None:
