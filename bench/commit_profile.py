@@ -1,13 +1,18 @@
 """Where a commit's time goes: rows/s of Replica.commit at one batch size, optionally under cProfile.
 
     .venv/bin/python bench/commit_profile.py --rows-per-commit 8192 --gib 1 [--profile] [--steps] \
-        [--reader-between] [--dirty-background-mib N]
+        [--reader-between] [--dirty-background-mib N] [--workload bench]
 
 One float32 table of 64-dim rows (256 B a row), --gib of it, in bench/work/commit-profile
 (deleted at the end); 3 warm-up commits, then --commits (27) timed ones of random distinct rows,
 each made before its timer starts. This is
 the by-hand companion of bench/run.py's commit section: the same path, one size, with the
 profile that says which step (the synced LMDB commits, encoding, the bucket index) bounds it.
+``--workload bench`` commits bench/run.py's own stream instead (bench/workload.py's model at
+--gib: Zipf-drawn embedding rows, ~8 k a step at 1 GiB and ~23 k at 4 GiB, plus the 3.3 MB of
+dense layers every step; --rows-per-commit is then ignored), its steps made before the timer
+against a copy of the model. Every run also prints the CPU time (user + system, every thread
+of the process) the timed commits took: on 2 cores, that over 2 is the floor of their wall time.
 
 --steps times the steps that touch the kernel (the LMDB transactions, the row writes into the
 tensor maps, the fsync of the tensor files) with the minor page faults they take, and reports
@@ -41,6 +46,7 @@ import pstats
 import resource
 import shutil
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -48,6 +54,9 @@ import numpy as np
 from deltalog import Replica, tensorfiles
 from deltalog import store as store_module
 from deltalog import writer as writer_module
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workload  # noqa: E402  (bench/workload.py)
 
 WORK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "work", "commit-profile")
 
@@ -69,26 +78,26 @@ def main() -> None:
                         help="evict the live files and cat them to /dev/null between warm-up and timed commits")
     parser.add_argument("--dirty-background-mib", type=int, default=None,
                         help="set vm.dirty_background_bytes to this many MiB for the run (root; restored)")
+    parser.add_argument("--workload", choices=("uniform", "bench"), default="uniform",
+                        help="uniform: one table, random distinct rows (default); bench: bench/run.py's stream")
     args = parser.parse_args()
     steps = _instrument() if args.steps else None
     restore = _set_dirty_background(args.dirty_background_mib << 20) if args.dirty_background_mib else None
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
     try:
-        rng = np.random.default_rng(1)
-        rows = int(args.gib * (1 << 30) / 256)
-        Replica.init(os.path.join(WORK, "r"), {"emb": np.zeros((rows, 64), np.float32)}, bucket_rows=1024).close()
+        if args.workload == "bench":
+            batch = _bench_steps(os.path.join(WORK, "r"), args.gib, 3 + args.commits)
+        else:
+            batch = _uniform_steps(os.path.join(WORK, "r"), args.gib, args.rows_per_commit)
         if args.cold:
             os.sync()
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("1")
-        def batch() -> tuple[np.ndarray, np.ndarray]:
-            idx = np.unique(rng.integers(0, rows, args.rows_per_commit))
-            return idx, rng.standard_normal((len(idx), 64)).astype(np.float32)
 
         with Replica.open(os.path.join(WORK, "r")) as r:
             for _ in range(3):
-                r.commit({"emb": batch()})
+                r.commit(batch())
             if args.reader_between:
                 _backup_reads(r)
             guard = getattr(r.writer, "page_guard", None)  # deltalog before the guard has none
@@ -98,23 +107,29 @@ def main() -> None:
                 steps.clear()
             n = 0
             each = []  # (seconds, bytes dirtied, rows) of each timed commit
+            cpu = 0.0
             for _ in range(args.commits):
-                idx, values = batch()
+                updates = batch()
+                rows = sum(len(idx) for idx, _values in updates.values())
                 if profile:
                     profile.enable()
+                cpu_before = _cpu_seconds()
                 began, dirtied_before = time.perf_counter(), _dirtied_bytes()
-                r.commit({"emb": (idx, values)})
-                each.append((time.perf_counter() - began, _dirtied_bytes() - dirtied_before, len(idx)))
+                r.commit(updates)
+                each.append((time.perf_counter() - began, _dirtied_bytes() - dirtied_before, rows))
+                cpu += _cpu_seconds() - cpu_before
                 if profile:
                     profile.disable()
-                n += len(idx)
+                n += rows
             seconds = sum(t for t, _d, _n in each)
             dirtied = sum(d for _t, d, _n in each) if _dirtied_bytes() >= 0 else -1
             timed = {name: list(entry) for name, entry in (steps or {}).items()}  # close() flushes: not counted
             if guard is not None:
                 recaches = guard.recaches - recaches
-        print(f"{args.rows_per_commit} rows per commit, {args.gib:g} GiB table: {n / seconds:,.0f} rows/s "
-              f"({seconds / len(each) * 1000:.1f} ms per commit, {len(each)} commits)")
+        what = (f"{args.rows_per_commit} rows per commit, {args.gib:g} GiB table" if args.workload == "uniform"
+                else f"bench workload, {n / len(each):,.0f} rows per commit, {args.gib:g} GiB model")
+        print(f"{what}: {n / seconds:,.0f} rows/s ({seconds / len(each) * 1000:.1f} ms per commit, {len(each)} commits)")
+        print(f"  CPU (user + system, all threads): {cpu / len(each) * 1000:.1f} ms per commit")
         print(f"  per commit: p50 {np.median([t for t, _d, _n in each]) * 1000:.1f} ms, "
               f"first {each[0][0] * 1000:.1f} ms, p99 {np.percentile([t for t, _d, _n in each], 99) * 1000:.1f} ms, "
               f"slowest {max(t for t, _d, _n in each) * 1000:.1f} ms")
@@ -133,6 +148,43 @@ def main() -> None:
         shutil.rmtree(WORK, ignore_errors=True)
         if restore is not None:
             restore()
+
+
+def _uniform_steps(path: str, gib: float, rows_per_commit: int):
+    """Make a one-table replica at ``path``; the maker of its commits' updates (random distinct rows)."""
+    rng = np.random.default_rng(1)
+    rows = int(gib * (1 << 30) / 256)
+    Replica.init(path, {"emb": np.zeros((rows, 64), np.float32)}, bucket_rows=1024).close()
+
+    def batch() -> dict:
+        idx = np.unique(rng.integers(0, rows, rows_per_commit))
+        return {"emb": (idx, rng.standard_normal((len(idx), 64)).astype(np.float32))}
+
+    return batch
+
+
+def _bench_steps(path: str, gib: float, count: int):
+    """Make bench/run.py's model at ``path``; the maker of ``count`` steps of its stream, made now
+    against a copy of the model (each step's values follow from the ones before)."""
+    specs = workload.model_spec(gib)
+    model = workload.make_model(specs, seed=0)
+    Replica.init(path, model, bucket_rows=1024, model_id="deltalog-bench").close()
+    current = {name: values.reshape(values.shape[0], -1) for name, values in model.items()}
+    stream = workload.Stream(specs, seed=1)
+    steps = []
+    for _ in range(count):
+        updates = stream.step(lambda name, rows: np.array(current[name][rows]))
+        for name, (rows, values) in updates.items():
+            current[name][rows] = values.reshape(len(rows), -1)
+        steps.append(updates)
+    del model, current
+    made = iter(steps)
+    return lambda: next(made)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _backup_reads(r: Replica) -> None:
