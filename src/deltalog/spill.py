@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import mmap
-import tempfile
 
 from .errors import StorageError
 
@@ -40,6 +39,8 @@ def join(parts: list, directory: str) -> bytes | mmap.mmap:
         joined = b"".join(parts)
         parts.clear()
         return joined
+    import tempfile  # here: it loads shutil, which commands that only read (diff, status, log) never need
+
     try:
         with tempfile.TemporaryFile(dir=directory) as f:
             for i in range(len(parts)):
