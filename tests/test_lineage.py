@@ -368,6 +368,30 @@ def test_verify_checks_snapshot_digests(tmp_path, rng):
     assert any("snapshot 0: its files give state digest" in p for p in problems), problems
 
 
+def test_a_replica_made_from_a_snapshot_keeps_and_checks_its_sources_state_digest(tmp_path, rng, monkeypatch):
+    # The source's manifest says the snapshot's state digest: the new replica checks its files
+    # against it before adopting them, and its own manifest.json says it too.
+    from deltalog import sync as sync_mod
+    from deltalog.errors import IntegrityError
+
+    _model, a, b = synced_pair(tmp_path, rng, rows=40)
+    with Replica.open(a) as r:
+        claimed = r.snapshots()[0]["state_digest"]
+    (written,) = [json.load(open(p)) for p in (b / "snapshots").glob("*/manifest.json")]
+    assert written["state_digest"] == claimed
+
+    real = sync_mod.source_snapshot_manifest
+
+    def lying(replica, offset):
+        manifest = real(replica, offset)
+        return {**manifest, "state_digest": lineage.to_hex(lineage.from_hex(manifest["state_digest"]) ^ 2)}
+
+    monkeypatch.setattr(sync_mod, "source_snapshot_manifest", lying)
+    with pytest.raises(IntegrityError, match="its manifest says"):
+        do_sync(a, tmp_path / "c")
+    assert not (tmp_path / "c" / "DELTALOG").exists()
+
+
 # -- diff ----------------------------------------------------------------------------------------------------
 
 

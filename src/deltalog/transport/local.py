@@ -394,11 +394,13 @@ class LocalSink:
         made_at = tensorfiles.manifest_time(manifest)
         if made_at is not None:  # when the writer made this state: head_time once it is our head
             local_manifest["time"] = made_at
+        if manifest.get("state_digest"):  # the source's claim: checked against the files before they are adopted
+            local_manifest["state_digest"] = manifest["state_digest"]
         partial = self._partial
         os.remove(os.path.join(partial, TRANSFER))
         with open(os.path.join(partial, tensorfiles.MANIFEST), "w") as f:
-            json.dump({k: local_manifest[k] for k in ("offset", "model_id", "tensors", "time") if k in local_manifest},
-                      f, indent=1)
+            json.dump({k: local_manifest[k] for k in ("offset", "model_id", "tensors", "state_digest", "time")
+                       if k in local_manifest}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         tensorfiles.fsync_dir(partial)
