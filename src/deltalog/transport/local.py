@@ -394,8 +394,9 @@ class LocalSink:
         made_at = tensorfiles.manifest_time(manifest)
         if made_at is not None:  # when the writer made this state: head_time once it is our head
             local_manifest["time"] = made_at
-        if manifest.get("state_digest"):  # the source's claim: checked against the files before they are adopted
-            local_manifest["state_digest"] = manifest["state_digest"]
+        claimed = lineage.from_hex(manifest.get("state_digest"))
+        if claimed is not None:  # the source's claim: checked against the files before they are adopted
+            local_manifest["state_digest"] = lineage.to_hex(claimed)
         partial = self._partial
         os.remove(os.path.join(partial, TRANSFER))
         with open(os.path.join(partial, tensorfiles.MANIFEST), "w") as f:
