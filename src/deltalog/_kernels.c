@@ -720,7 +720,7 @@ static PyObject *row_abs_sums(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_ssize_t row_elems;
     if (!PyArg_ParseTuple(args, "OOinO", &old_obj, &new_obj, &kind, &row_elems, &out_obj))
         return NULL;
-    Py_ssize_t itemsize = kind == KIND_F32 ? 4 : kind == KIND_F64 ? 8 : 0;
+    Py_ssize_t itemsize = kind == KIND_F32 || kind == KIND_F64 ? kind_itemsize(kind) : 0;  /* floats only */
     if (!itemsize || row_elems <= 0) {
         PyErr_SetString(PyExc_ValueError, "row_abs_sums: float32 or float64 rows of at least one element");
         return NULL;
