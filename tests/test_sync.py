@@ -1047,3 +1047,115 @@ def test_the_next_sync_fsyncs_what_an_earlier_one_left_once_it_is_old(tmp_path, 
     with Replica.open(dst) as b:
         assert b.state.flushed > deferred and b.state.flushed < b.head  # the earlier rows, not its own
     assert_synced(src, dst)
+
+
+def _destination_behind(tmp_path, rng):
+    """(source, destination one commit behind it, the source's head)."""
+    from conftest import random_model
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    model = random_model(rng, rows=400, dim=16)
+    Replica.init(src, model, bucket_rows=32).close()
+    shutil.copytree(src, dst)
+    with Replica.open(src) as r:
+        r.commit({name: (np.arange(0, len(v), 3), v[::3] + 1) for name, v in model.items() if v.ndim})
+        return src, dst, r.head
+
+
+def _slow_touch_events(monkeypatch):
+    """Record, in order, the touch-ahead's start, each page touch's start and end (the first one
+    slow), the old values' reads and the row stores of a sync destination."""
+    import threading
+
+    from deltalog import kernels, writer
+
+    if not kernels.enabled():
+        pytest.skip("the touch needs the compiled loops")
+    events = []
+    touch, touch_ahead = kernels.touch_rows, writer.Writer.touch_ahead
+    old_rows, write_rows = writer.Writer.old_rows, writer.Writer.write_rows
+
+    def slow_touch(table, rows):
+        events.append(("touch starts", threading.get_ident()))
+        if sum(name == "touch starts" for name, _ in events) == 1:
+            time.sleep(0.3)  # longer than decoding the chunk: what comes after must wait for it
+        touch(table, rows)
+        events.append(("touch ends", threading.get_ident()))
+
+    def recorded(name, fn):
+        def call(self, *args, **kwargs):
+            events.append((name, threading.get_ident()))
+            return fn(self, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(kernels, "touch_rows", slow_touch)
+    monkeypatch.setattr(writer.Writer, "touch_ahead", recorded("touch ahead", touch_ahead))
+    monkeypatch.setattr(writer.Writer, "old_rows", recorded("old values read", old_rows))
+    monkeypatch.setattr(writer.Writer, "write_rows",
+                        lambda self, writes, **kw: (writes and events.append(("rows stored", 0)), write_rows(self, writes, **kw))[1])
+    return events
+
+
+def test_a_sync_destination_touches_the_rows_pages_once_before_it_reads_their_old_values(tmp_path, rng, monkeypatch):
+    """The destination knows the rows from the chunk's index: their pages fault in, writable, on
+    another thread while it decodes and re-encodes the chunk, instead of behind the log's fsync
+    after it; the row stores still wait for that thread, and no second touch is started."""
+    from deltalog import receive
+
+    src, dst, target = _destination_behind(tmp_path, rng)
+    with Replica.open(src) as r:
+        (blob,) = list(sync_mod.source_chunks(r, 0, {}, target, 64 << 20))
+    events = _slow_touch_events(monkeypatch)
+    with Replica.open(dst) as r, r.writing():
+        receive.apply_whole(r, bytearray(blob), target, None)
+        tensors = len(r.tensors) - 1  # all but the scalar
+    names = [name for name, _ in events]
+    assert "touch ahead" in names and names.index("touch ahead") < names.index("old values read")
+    assert names.count("touch starts") == 2 * tensors  # each tensor's rows and row digests, once
+    last_touch = max(i for i, name in enumerate(names) if name == "touch ends")
+    assert names.index("rows stored") > last_touch
+    with Replica.open(src) as a, Replica.open(dst) as b:
+        for info in a.tensors:
+            assert np.array_equal(bits(a.read_tensor(info.name)), bits(b.read_tensor(info.name)))
+
+
+def test_a_sync_destination_that_fails_after_its_touch_ahead_waits_for_it(tmp_path, rng, monkeypatch):
+    """A chunk refused half way (a damaged row of ours) must not leave the touch running over maps
+    that the replica is about to close: giving up the lock waits for it."""
+    from deltalog import receive
+    from deltalog.errors import IntegrityError
+
+    src, dst, target = _destination_behind(tmp_path, rng)
+    with Replica.open(src) as r:
+        (blob,) = list(sync_mod.source_chunks(r, 0, {}, target, 64 << 20))
+    with Replica.open(dst) as r:
+        damaged = r.maps.rows(r.info("bias"), writable=True)
+        damaged[3] = damaged[3] + 1  # a row the chunk rewrites, no longer its digest
+        del damaged
+    events = _slow_touch_events(monkeypatch)
+    with Replica.open(dst) as r:
+        with pytest.raises(IntegrityError), r.writing():
+            receive.apply_whole(r, bytearray(blob), target, None)
+        names = [name for name, _ in events]
+        assert "old values read" in names and "rows stored" not in names
+        assert names.count("touch ends") == names.count("touch starts") > 0  # over before the lock went
+        assert r.head == 0
+
+
+def test_waiting_for_a_process_returns_its_status_or_times_out():
+    """ssh's end is waited for on a pidfd where there is one (Popen.wait polls every 50 ms)."""
+    from deltalog.transport.ssh import _wait_for_exit
+
+    quick = subprocess.Popen(["sh", "-c", "exit 3"])
+    _wait_for_exit(quick, 10.0)
+    assert quick.returncode == 3
+    _wait_for_exit(quick, 10.0)  # already reaped: still its status
+    assert quick.returncode == 3
+    slow = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            _wait_for_exit(slow, 0.05)
+        assert slow.returncode is None
+    finally:
+        slow.kill()
+        slow.wait()

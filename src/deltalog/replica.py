@@ -366,6 +366,7 @@ class Replica:
                 else:
                     self.writer.defer_flush()
         finally:  # released even when the files could not be written (that error is raised after)
+            self.writer.end_touch_ahead()  # its thread stores into the maps about to go
             self.maps.forget()
             self.writer.lock.release()
             self.store.close()

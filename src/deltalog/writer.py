@@ -178,6 +178,7 @@ class Writer:
         self._dirty_since: float | None = None  # when rows were first written after the last flush
         self._checkpoint: Checkpoint | None = None  # the schedule's fsync, running beside the changes
         self.page_guard = tensorfiles.SmallPageGuard(self.maps)  # large folios brought back by other readers
+        self._touching_ahead = None  # touch_ahead's future, until the next transition takes it
 
     # -- the lock ---------------------------------------------------------------
 
@@ -211,7 +212,10 @@ class Writer:
                 self.upgrade()
             yield
         finally:
-            self.lock.release()
+            try:
+                self.end_touch_ahead()  # not left running once the lock is given up
+            finally:
+                self.lock.release()
 
     # -- what a change reads first --------------------------------------------------
 
@@ -257,7 +261,9 @@ class Writer:
                 state = self.store.get_meta(txn, "state")
                 self._put_state(txn, **{"applying": change.state.get("head", state["head"]), **change.state})
 
-            touching = self._touch_in_background(change.rows)
+            touching, self._touching_ahead = self._touching_ahead, None  # this change's rows (touch_ahead)
+            if touching is None:
+                touching = self._touch_in_background(change.rows)
             try:
                 self.store.write(first)
             finally:
@@ -406,7 +412,23 @@ class Writer:
             versions = np.maximum.reduceat(np.asarray(row_versions, dtype=np.uint64), starts)
         self.store.bump_buckets(txn, info.id, buckets[starts], versions, sums)
 
-    def _touch_in_background(self, writes: Sequence[RowWrite]):
+    def touch_ahead(self, rows: Sequence[tuple[TensorInfo, np.ndarray]]) -> None:
+        """Start the page touch of the next change's rows now (lock held), for a caller that knows
+        them long before it has the change: a sync destination, which reads and re-encodes a chunk
+        tensor by tensor first. Its write faults are then taken on another core meanwhile, not
+        behind the log's fsync, and its own reads of those rows fault no more. The next
+        transition takes it as its own touch. Every row store waits for it, and so do the
+        lock's release and the replica's close: it never runs over maps that go away."""
+        self._require_lock()
+        self.end_touch_ahead()
+        self._touching_ahead = self._touch_in_background([(info, r) for info, r in rows])
+
+    def end_touch_ahead(self) -> None:
+        """Wait for a :meth:`touch_ahead` still running (it does nothing then)."""
+        touching, self._touching_ahead = self._touching_ahead, None
+        _outcome(touching)
+
+    def _touch_in_background(self, writes: Sequence[RowWrite | tuple[TensorInfo, np.ndarray]]):
         """Start faulting in, writable, the pages ``writes`` will store into (their tensor files and
         row digest files), on another thread while the first transaction commits and fsyncs; a
         future of what that thread dirtied (for the page guard: None when it does not watch), or None.
@@ -415,10 +437,11 @@ class Writer:
             return None
         targets = []
         for w in writes:
-            idx = w.rows.astype(np.int64)
-            targets.append((self.rows(w.info), idx))  # the maps are opened here, on the writer's thread
+            info, rows = (w.info, w.rows) if isinstance(w, RowWrite) else w
+            idx = rows.astype(np.int64)
+            targets.append((self.rows(info), idx))  # the maps are opened here, on the writer's thread
             if self.replica.has_row_digests:
-                targets.append((self.maps.digests(w.info, writable=True), idx))
+                targets.append((self.maps.digests(info, writable=True), idx))
         watching = self.page_guard.watching(self.replica.tensors)
 
         def touch() -> int | None:
@@ -436,6 +459,7 @@ class Writer:
         If the stores dirtied large folios, the files are fsynced and re-cached in small pages
         (tensorfiles.SmallPageGuard). ``touched``: what the touch of these rows' pages dirtied
         on another thread just before (:meth:`_touch_in_background`)."""
+        self.end_touch_ahead()  # a store racing the touch's store of the old byte could lose its value
         digests = self.replica.has_row_digests
         mark = self.page_guard.mark(self.replica.tensors) if writes else None
         for w in writes:
