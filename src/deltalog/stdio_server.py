@@ -244,6 +244,8 @@ class _SinkHandler:
 
 def main_stdio(path: str) -> int:
     """Run :func:`serve` on this process's stdin/stdout, keeping stdout for frames only."""
+    for fd in (sys.stdin.fileno(), sys.stdout.fileno()):  # pipes from and to sshd
+        wire.widen_pipe(fd)
     proto_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=1 << 16)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints (ours or a library's) go to stderr
     sys.stdout = sys.stderr

@@ -146,6 +146,25 @@ def write_frame(stream, header: dict, payload=b"") -> int:
 # -- handshake and errors ----------------------------------------------------------
 
 
+PIPE_BYTES = 1 << 20  # Linux's default cap for an unprivileged process (/proc/sys/fs/pipe-max-size)
+
+
+def widen_pipe(fd: int) -> None:
+    """Give the pipe behind ``fd`` a 1 MiB buffer instead of 64 KiB (Linux; elsewhere nothing).
+
+    A chunk crossing ssh goes through two pipes (into ssh, out of sshd),
+    and with 64 KiB buffers every 64 KiB was a hand-off between processes:
+    11 MB took ~0.14 s on loopback here, ~0.04 s with 1 MiB. Refused (the
+    user's pipe quota, not a pipe): the default stays, only slower.
+    """
+    import fcntl  # POSIX only; the module stays importable elsewhere
+
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+    except OSError:
+        pass
+
+
 def hello_request(role: str, **extra) -> dict:
     """The client's first message. ``role`` is "source" (we pull) or "sink" (we push)."""
     return {"type": "hello", "magic": MAGIC, "protocol": PROTOCOL_VERSION, "min_protocol": MIN_PROTOCOL_VERSION,

@@ -110,6 +110,8 @@ class SshConnection:
         except OSError as exc:
             raise TransportError(f"cannot run {ssh[0]!r}: {exc.strerror}",
                                  hint="install an ssh client or pass --ssh-command") from None
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            wire.widen_pipe(pipe.fileno())
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._stderr_thread = threading.Thread(target=self._drain_stderr, daemon=True)
         self._stderr_thread.start()
