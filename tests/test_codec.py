@@ -431,3 +431,59 @@ def test_new_values_of_an_unknown_codec_are_refused(rng):
     r.tensors[0].new_codec = "lz4-someday"
     with pytest.raises(IntegrityError, match="unknown codec 'lz4-someday'"):
         rec.decode(rec.encode(r, 2))
+
+
+def _recording_job(costs: dict, log: list, fail: str | None = None):
+    """A job that notes what is in flight (by cost) while it runs, and returns its item doubled."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    running: dict = {}
+
+    def job(item):
+        with lock:
+            running[item] = costs[item]
+            log.append(sum(running.values()))
+        time.sleep(0.03)
+        with lock:
+            del running[item]
+        if item == fail:
+            raise ValueError(item)
+        return item * 2
+
+    return job
+
+
+def test_pairs_run_two_at_a_time_within_the_costliest_alone_and_keep_their_order(monkeypatch):
+    monkeypatch.setattr(codec, "_THREADS", 2)
+    costs = {"a": 4 << 20, "big": 10 << 20, "b": 3 << 20, "c": 3 << 20, "d": 6 << 20}
+    in_flight: list = []
+    items = list(costs)
+    out = codec.map_in_pairs(_recording_job(costs, in_flight), items, [costs[i] for i in items])
+    assert out == [i * 2 for i in items]
+    assert max(in_flight) <= costs["big"]  # never more than the costliest held alone
+    assert max(in_flight) > max(costs[i] for i in items if i != "big")  # but pairs did run together
+
+
+def test_pairs_stop_at_a_failure_with_nothing_left_running(monkeypatch):
+    monkeypatch.setattr(codec, "_THREADS", 2)
+    costs = {"a": 4 << 20, "b": 4 << 20, "c": 4 << 20, "d": 4 << 20}
+    in_flight: list = []
+    items = list(costs)
+    job = _recording_job(costs, in_flight, fail="a")
+    with pytest.raises(ValueError):
+        codec.map_in_pairs(job, items, [costs[i] for i in items])
+    started = len(in_flight)
+    assert started < len(items)  # stopped submitting
+    import time
+    time.sleep(0.1)
+    assert len(in_flight) == started  # and nothing was still queued to start
+
+
+def test_small_work_is_not_handed_to_threads(monkeypatch):
+    import threading
+
+    seen = []
+    codec.map_in_pairs(lambda i: seen.append(threading.get_ident()), [1, 2, 3], [100, 100, 100])
+    assert set(seen) == {threading.get_ident()}

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import numpy as np
@@ -115,6 +115,42 @@ def in_background(job: Callable[[], T]) -> "Future[T]":
     return _background.submit(job)
 
 
+_pair_pool: ThreadPoolExecutor | None = None
+
+
+def map_in_pairs(job: Callable[[T], object], items: list[T], costs: list[int]) -> list:
+    """``[job(item) for item in items]``, two at a time while no two together cost more than the
+    costliest one alone (its bytes of values, say), so the peak stays what one-at-a-time had.
+
+    For a loop over tensors whose work is mostly serial (a sync source walks
+    the log record by record for each tensor's old values): the small ones
+    then share both cores, while the largest runs alone. The costliest go
+    first. Below _PARALLEL_BYTES in all, one at a time. On a pool of its
+    own: ``job`` may wait on the section pool.
+    """
+    global _pair_pool
+    if sum(costs) < _PARALLEL_BYTES or len(items) < 2 or _THREADS < 2:
+        return [job(item) for item in items]
+    with _pool_lock:
+        if _pair_pool is None:
+            _pair_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltalog-pair")
+    budget = max(costs)
+    futures: list = [None] * len(items)
+    running: dict = {}  # future -> its cost
+    try:
+        for i in sorted(range(len(items)), key=lambda i: -costs[i]):
+            while running and sum(running.values()) + costs[i] > budget:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    del running[f]
+                    f.result()  # a failure stops the loop here
+            futures[i] = _pair_pool.submit(job, items[i])
+            running[futures[i]] = costs[i]
+    finally:
+        wait(running)  # nothing left running when this returns or raises
+    return [f.result() for f in futures]
+
+
 _inherited: list = []  # what a forked child must never free (see below)
 
 
@@ -124,9 +160,9 @@ def _forget_pool_in_child() -> None:
     The parent's are kept, never freed: freeing a multithreaded zstd context
     joins its worker threads, which do not exist in the child (it would hang).
     """
-    global _pool, _pool_lock, _local, _background
-    _inherited.append((_pool, _local, _background))
-    _pool, _pool_lock, _local, _background = None, threading.Lock(), threading.local(), None
+    global _pool, _pool_lock, _local, _background, _pair_pool
+    _inherited.append((_pool, _local, _background, _pair_pool))
+    _pool, _pool_lock, _local, _background, _pair_pool = None, threading.Lock(), threading.local(), None, None
 
 
 os.register_at_fork(after_in_child=_forget_pool_in_child)

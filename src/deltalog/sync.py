@@ -327,17 +327,21 @@ def _encode_chunk(replica, changes, batch, since, target, claims: dict, base_val
         idx = np.sort(np.concatenate(idx))
         sel[ti] = idx
         rows_by_name[changes[ti].info.name] = changes[ti].rows[idx]
-    tensors = []
-    for ti in sorted(sel, key=lambda t: changes[t].info.id):  # one tensor's values in memory at a time
+
+    def sealed(ti: int) -> rec.TensorDelta:  # a tensor's sections; its values go once they are compressed
         ch, idx = changes[ti], sel[ti]
         name = ch.info.name
         _head, values = values_at(replica, target, {name: rows_by_name[name]})  # at target, whatever the head now
         base = values_at(replica, since, {name: rows_by_name[name]})[1].pop(name) if base_values else None
-        tensors.append(rec.compressed(rec.TensorDelta(name, ch.info.dtype, rows_by_name[name], values.pop(name),
-                                                      None, ch.versions[idx], float(ch.row_sig[idx].sum()),
-                                                      base=base)))
+        out = rec.compressed(rec.TensorDelta(name, ch.info.dtype, rows_by_name[name], values.pop(name), None,
+                                             ch.versions[idx], float(ch.row_sig[idx].sum()), base=base))
         del base
         heap.release(len(idx) * ch.info.row_bytes * (2 if base_values else 1))  # that tensor's values are gone
+        return out
+
+    # At most the largest tensor's values in memory at a time: it alone, or smaller ones in pairs.
+    order = sorted(sel, key=lambda t: changes[t].info.id)
+    tensors = codec.map_in_pairs(sealed, order, [len(sel[ti]) * changes[ti].info.row_bytes for ti in order])
     record = rec.Record(offset=target, base=since, kind="sync", time=time.time(), model_id=replica.model_id,
                         tensors=tensors, target=target, **claims)
     return rec.encode(record, RECORD_VERSION)  # for a peer: the wire's encoding, whatever the log stores
