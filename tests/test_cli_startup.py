@@ -187,3 +187,29 @@ def test_a_long_command_keeps_the_collector_and_the_ordinary_exit(tmp_path):
     assert json.loads(proc.stdout)["ok"] is True
     assert "teardown ran" in proc.stderr
     assert seen == {"gc_while_loading": True}
+
+
+def test_sync_and_its_far_end_keep_the_collector_but_end_without_the_teardown(tmp_path):
+    """Both may run long (--follow), so they collect cycles; both close everything before they
+    return, and the far end's teardown was time its client waited for after the goodbye."""
+    from deltalog import wire
+
+    path = replica(tmp_path)
+    proc, seen = run_entry(tmp_path, "script", "sync", path, tmp_path / "copy", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["to_offset"] == 1
+    assert "teardown ran" not in proc.stderr and seen == {"gc_while_loading": True}
+    with Replica.open(tmp_path / "copy") as r:  # what it wrote before it ended is all there
+        assert r.head == 1 and np.array_equal(r.rows_view("emb")[[1, 5]], np.ones((2, 4), np.float32))
+
+    out = tmp_path / "entry.json"
+    out.unlink()
+    server = subprocess.Popen([sys.executable, "-c", ENTRY_PROBE, str(out), "script", "serve", "--stdio", path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wire.write_frame(server.stdin, wire.hello_request("source"))
+    assert wire.read_frame(server.stdout)[0]["type"] == "hello"
+    wire.write_frame(server.stdin, {"type": "bye"})
+    assert wire.read_frame(server.stdout)[0]["type"] == "bye"
+    _, err = server.communicate(timeout=60)
+    assert server.returncode == 0 and b"teardown ran" not in err
+    assert json.loads(out.read_text()) == {"gc_while_loading": True}

@@ -91,6 +91,19 @@ def quick_exit(command: click.Command | None) -> bool:
     return bool(getattr(command, "quick_exit", False))
 
 
+def ends_without_teardown(command: click.Command | None) -> bool:
+    """Whether the process may end with ``os._exit`` once the command returned: a quick-exit
+    command, or one marked ``command.ends_without_teardown = True`` (sync and serve --stdio).
+
+    Those may run long, so they keep the collector, but like the quick ones
+    they have closed everything when they return (replicas, the ssh process
+    waited for, the far end's lock released) and leave no thread with work
+    to do. The far end of a sync over ssh spent ~17 ms in the teardown
+    after its client's goodbye, which the client waited for.
+    """
+    return quick_exit(command) or bool(getattr(command, "ends_without_teardown", False))
+
+
 @click.group(cls=_Commands, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
               help="Show the version, and whether the compiled row loops are in use, and exit.")
@@ -143,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def entry() -> None:
-    """The ``deltalog`` process: :func:`main`, then, after a quick-exit command, an exit without teardown.
+    """The ``deltalog`` process: :func:`main`, then, after a quick-exit command (or sync, or serve:
+    :func:`ends_without_teardown`), an exit without teardown.
 
     The interpreter's teardown (cyclic collections over every object numpy,
     click and deltalog created, module clearing, atexit) costs ~20 ms, and
@@ -165,7 +179,7 @@ def entry() -> None:
     code = _run(sys.argv[1:])
     _flush_or_drop(sys.stdout)  # what is still buffered; a gone reader changes neither the code nor stderr
     _flush_or_drop(sys.stderr)
-    if not quick_exit(_ran):
+    if not ends_without_teardown(_ran):
         gc.enable()
         sys.exit(code)
     os._exit(code)

@@ -25,3 +25,6 @@ def command(replica, stdio):
     from ..stdio_server import main_stdio
 
     return main_stdio(replica)
+
+
+command.ends_without_teardown = True  # closes all it opens before it returns (cli.ends_without_teardown)

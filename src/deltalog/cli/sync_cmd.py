@@ -390,3 +390,6 @@ def _partial(buckets: int, target) -> str:
 
 def _stopper(r) -> str:
     return "a signal" if r.stopped_by == "signal" else f"--{r.stopped_by}"
+
+
+command.ends_without_teardown = True  # closes all it opens before it returns (cli.ends_without_teardown)
