@@ -373,6 +373,13 @@ class RecordView:
         if pos != end:
             raise IntegrityError(f"{what}: {end - pos} unexplained bytes after the sections")
 
+    def tensor_rows(self) -> dict[str, int]:
+        """{name: how many rows the record holds of it}, from the header (nothing decoded)."""
+        try:
+            return {str(th["name"]): int(th["count"]) for th, _spans in self._tensors}
+        except (KeyError, TypeError, ValueError):
+            raise IntegrityError(f"{self.what}: malformed record header") from None
+
     def tensor_names(self) -> list[str]:
         """The names of the record's tensors, in header order (nothing decoded)."""
         try:
