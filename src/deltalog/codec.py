@@ -261,7 +261,63 @@ def decode_indices(payload, size: int, count: int, what: str) -> np.ndarray:
 
 # -- values ------------------------------------------------------------------
 
-def encode_values(values: np.ndarray) -> tuple[bytes, int]:
+# With ``by_plane``, a section from this size on has its byte planes made and compressed one
+# at a time (one zstd frame all the same, decoded as before): it then needs a plane's worth
+# of memory besides its values and its output, not the values' worth again. It costs time
+# (numpy's strided copy per plane: ~2x for plain values), so only a sync destination, whose
+# memory is bounded by the change, asks for it; below this size the one-pass kernel is used.
+PLANE_BY_PLANE_BYTES = 4 << 20
+
+
+class _Output:
+    """Where a streamed frame is written: one buffer of zstd's worst-case size, of which only
+    the pages written are ever memory (numpy leaves a large allocation untouched)."""
+
+    def __init__(self, nbytes: int):
+        self.buf = np.empty(nbytes + (nbytes >> 8) + (1 << 17), dtype=np.uint8)
+        self.size = 0
+
+    def write(self, data) -> int:
+        n = len(data)
+        if self.size + n > len(self.buf):  # past zstd's bound: cannot happen, but never overflow
+            grown = np.empty(2 * (self.size + n), dtype=np.uint8)
+            grown[: self.size] = self.buf[: self.size]
+            self.buf = grown
+        self.buf[self.size : self.size + n] = np.frombuffer(data, dtype=np.uint8)
+        self.size += n
+        return n
+
+    def payload(self) -> memoryview:
+        return memoryview(self.buf[: self.size])
+
+
+def _compress_by_plane(values: np.ndarray, xor_with: np.ndarray | None = None) -> tuple[memoryview, int]:
+    """What ``compress(shuffle(values, xor_with))`` encodes, holding one byte plane at a time."""
+    itemsize = values.dtype.itemsize
+    nbytes = values.nbytes
+    elements = np.ascontiguousarray(values).reshape(-1).view(np.uint8).reshape(-1, itemsize)
+    other = None if xor_with is None else np.ascontiguousarray(xor_with).reshape(-1).view(np.uint8).reshape(-1, itemsize)
+    stream = _compressor(0).compressobj(size=nbytes)  # zstd's own workers would copy what they read
+    out = _Output(nbytes)
+    plane = np.empty(len(elements), dtype=np.uint8)
+    for j in range(itemsize):
+        if other is None:
+            np.copyto(plane, elements[:, j])
+        else:
+            np.bitwise_xor(elements[:, j], other[:, j], out=plane)
+        out.write(stream.compress(plane))
+    out.write(stream.flush())
+    return out.payload(), nbytes
+
+
+def _plane_by_plane(values: np.ndarray, by_plane: bool) -> bool:
+    return by_plane and values.nbytes >= PLANE_BY_PLANE_BYTES and values.dtype.itemsize > 1
+
+
+def encode_values(values: np.ndarray, by_plane: bool = False) -> tuple[bytes, int]:
+    """Values as ``shuffle-zstd``: (payload, decoded size). ``by_plane``: see PLANE_BY_PLANE_BYTES."""
+    if _plane_by_plane(values, by_plane):
+        return _compress_by_plane(values)
     planes = shuffle(values)
     return compress(planes), planes.nbytes
 
@@ -277,14 +333,18 @@ def _bits(array: np.ndarray) -> np.ndarray:
     return array.view(np.dtype(f"<u{array.dtype.itemsize}"))
 
 
-def encode_xor_values(old: np.ndarray, new: np.ndarray, in_place: bool = False) -> tuple[bytes, int]:
+def encode_xor_values(old: np.ndarray, new: np.ndarray, in_place: bool = False,
+                      by_plane: bool = False) -> tuple[bytes, int]:
     """Encode ``old`` relative to ``new`` (the decoder always has ``new``).
 
     ``in_place``: ``old`` is the caller's to spoil. The compiled pass XORs
     while it makes the byte planes and needs no temporary either way; the
-    numpy fallback then XORs into ``old`` (one array less)."""
+    numpy fallback then XORs into ``old`` (one array less). ``by_plane``:
+    see PLANE_BY_PLANE_BYTES."""
     if old.shape != new.shape or old.dtype.itemsize != new.dtype.itemsize:
         raise ValueError("old and new values must have the same shape and element size")
+    if _plane_by_plane(old, by_plane):
+        return _compress_by_plane(old, new)
     if in_place and not kernels.enabled() and old.flags.writeable and old.flags.c_contiguous:
         bits = _bits(old)
         planes = shuffle(np.bitwise_xor(bits, _bits(np.ascontiguousarray(new)), out=bits))

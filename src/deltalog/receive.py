@@ -234,7 +234,8 @@ def _sealed(info, delta: rec.TensorDelta, load=None, written: bool = False) -> t
     """
     values = None if load is not None or written else delta.new
     write = RowWrite(info, delta.rows, values, kernels.row_digests(delta.new), load=load)
-    sealed = rec.compressed(delta, spoil_old=True)  # the old values are our copy, read for the last time
+    # The old values are our copy, read for the last time; a destination's memory follows the change.
+    sealed = rec.compressed(delta, spoil_old=True, low_memory=True)
     delta.new, delta.old = sealed.new, None  # the chunk's decoded record holds ``delta`` too
     return sealed, write
 

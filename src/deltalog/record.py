@@ -146,15 +146,16 @@ def _given(section: tuple[bytes, int]):
     return lambda: section
 
 
-def _tensor_jobs(t: TensorDelta, spoil_old: bool = False) -> tuple[dict[str, Callable], int]:
+def _tensor_jobs(t: TensorDelta, spoil_old: bool = False, low_memory: bool = False) -> tuple[dict[str, Callable], int]:
     """The jobs that compress ``t``'s sections, by key in record order (a section given encoded is
-    handed back as it is), and the value bytes they read. ``spoil_old``: see :func:`compressed`."""
+    handed back as it is), and the value bytes they read. ``spoil_old``, ``low_memory``: see
+    :func:`compressed`."""
     done = t.encoded or {}
-    encode_new = (partial(codec.encode_values, t.new) if t.base is None
+    encode_new = (partial(codec.encode_values, t.new, by_plane=low_memory) if t.base is None
                   else partial(codec.encode_xor_values, t.base, t.new))  # XOR is symmetric: base relative to new
     jobs: dict[str, Callable] = {"index": partial(codec.encode_indices, t.rows), "new": encode_new}
     if t.old is not None or "old" in done:
-        jobs["old"] = partial(codec.encode_xor_values, t.old, t.new, in_place=spoil_old)
+        jobs["old"] = partial(codec.encode_xor_values, t.old, t.new, in_place=spoil_old, by_plane=low_memory)
     if t.versions is not None:
         jobs["versions"] = partial(codec.encode_values, np.asarray(t.versions, dtype="<u8"))
     value_bytes = sum(a.nbytes for key, a in (("new", t.new), ("old", t.old)) if a is not None and key not in done)
@@ -276,15 +277,17 @@ def encode_parts(record: Record, version: int = VERSION, started: Sections | Non
     return parts
 
 
-def compressed(t: TensorDelta, spoil_old: bool = False) -> TensorDelta:
+def compressed(t: TensorDelta, spoil_old: bool = False, low_memory: bool = False) -> TensorDelta:
     """``t`` with every section compressed now, as :func:`encode` would, and its values let go.
 
     For a writer that builds a large record tensor by tensor (a sync source
     or destination): it then holds one tensor's values at a time, and
     encode() only assembles. ``spoil_old``: ``t.old`` is a copy nobody reads
     again, so the undo section is computed in it (one array less).
+    ``low_memory``: a large section is compressed a byte plane at a time
+    (codec.PLANE_BY_PLANE_BYTES), slower but without a copy of its values.
     """
-    jobs, nbytes = _tensor_jobs(t, spoil_old)
+    jobs, nbytes = _tensor_jobs(t, spoil_old, low_memory)
     done = {**(t.encoded or {}), **dict(zip(jobs, codec.run_jobs(list(jobs.values()), nbytes)))}
     row_elems = int(t.new.shape[1]) if t.new.ndim == 2 else 0
     return replace(t, new=np.empty((0, row_elems), t.new.dtype), old=None, base=None, encoded=done)
