@@ -342,3 +342,22 @@ def test_a_destination_compressing_plane_by_plane_syncs_exactly(tmp_path, rng, m
                 for t in record.tensors:  # the undo values decode to what the rows held before
                     _head, before = values_at(a, 0, {t.name: t.rows})
                     assert np.array_equal(t.old, before[t.name])
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_a_source_encodes_tensors_in_pairs_only_for_a_small_chunk(tmp_path, rng, monkeypatch, paired):
+    """Pairs cost a second thread's heap: a chunk past PAIRED_CHUNK_BYTES goes one tensor at a time."""
+    import threading
+
+    from deltalog import codec
+
+    monkeypatch.setattr(codec, "_THREADS", 2)
+    monkeypatch.setattr(sync_mod, "PAIRED_CHUNK_BYTES", (1 << 40) if paired else 0)
+    src, _dst, target, _names = _uneven_change(tmp_path, rng)
+    threads, values_at = set(), sync_mod.values_at
+    monkeypatch.setattr(sync_mod, "values_at",
+                        lambda *a, **k: (threads.add(threading.get_ident()), values_at(*a, **k))[1])
+    with Replica.open(src) as r:
+        (blob,) = list(sync_mod.source_chunks(r, 0, {}, target, 64 << 20))
+    assert (threading.get_ident() not in threads) == paired and len(threads) == (2 if paired else 1)
+    assert len(blob) > 0
