@@ -314,7 +314,7 @@ def _plane_by_plane(values: np.ndarray, by_plane: bool) -> bool:
     return by_plane and values.nbytes >= PLANE_BY_PLANE_BYTES and values.dtype.itemsize > 1
 
 
-def encode_values(values: np.ndarray, by_plane: bool = False) -> tuple[bytes, int]:
+def encode_values(values: np.ndarray, by_plane: bool = False) -> tuple[bytes | memoryview, int]:
     """Values as ``shuffle-zstd``: (payload, decoded size). ``by_plane``: see PLANE_BY_PLANE_BYTES."""
     if _plane_by_plane(values, by_plane):
         return _compress_by_plane(values)
@@ -334,7 +334,7 @@ def _bits(array: np.ndarray) -> np.ndarray:
 
 
 def encode_xor_values(old: np.ndarray, new: np.ndarray, in_place: bool = False,
-                      by_plane: bool = False) -> tuple[bytes, int]:
+                      by_plane: bool = False) -> tuple[bytes | memoryview, int]:
     """Encode ``old`` relative to ``new`` (the decoder always has ``new``).
 
     ``in_place``: ``old`` is the caller's to spoil. The compiled pass XORs
