@@ -294,7 +294,7 @@ def _received_changes(replica: "Replica", chunk, target: int, head: int, logged,
     keep, value_bytes = _keep_decoded(parts)
     # Largest first: a tensor's values and their transients come on top of the sections sealed
     # before it, so the largest one's come when the fewest are held (4 GiB, a minute of
-    # changes: peak +155 -> +126 MiB). The changes keep the chunk's order.
+    # changes: the far end's peak +154..159 -> +141..142 MiB). The changes keep the chunk's order.
     order = sorted(range(len(parts)), key=lambda i: -value_bytes[i])
     # The rows are known now, long before the record: their pages fault in on another core
     # while this one decodes and re-encodes, and the reads of their old values fault no more.

@@ -157,10 +157,15 @@ def widen_pipe(fd: int) -> None:
     11 MB took ~0.14 s on loopback here, ~0.04 s with 1 MiB. Refused (the
     user's pipe quota, not a pipe): the default stays, only slower.
     """
-    import fcntl  # POSIX only; the module stays importable elsewhere
-
     try:
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+        import fcntl  # POSIX only; the module stays importable elsewhere
+    except ImportError:
+        return
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+    if set_size is None:
+        return
+    try:
+        fcntl.fcntl(fd, set_size, PIPE_BYTES)
     except OSError:
         pass
 
