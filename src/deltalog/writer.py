@@ -263,7 +263,7 @@ class Writer:
 
             touching, self._touching_ahead = self._touching_ahead, None  # this change's rows (touch_ahead)
             if touching is None:
-                touching = self._touch_in_background(change.rows)
+                touching = self._touch_in_background([(w.info, w.rows) for w in change.rows])
             try:
                 self.store.write(first)
             finally:
@@ -421,24 +421,24 @@ class Writer:
         lock's release and the replica's close: it never runs over maps that go away."""
         self._require_lock()
         self.end_touch_ahead()
-        self._touching_ahead = self._touch_in_background([(info, r) for info, r in rows])
+        self._touching_ahead = self._touch_in_background(rows)
 
     def end_touch_ahead(self) -> None:
         """Wait for a :meth:`touch_ahead` still running (it does nothing then)."""
         touching, self._touching_ahead = self._touching_ahead, None
         _outcome(touching)
 
-    def _touch_in_background(self, writes: Sequence[RowWrite | tuple[TensorInfo, np.ndarray]]):
-        """Start faulting in, writable, the pages ``writes`` will store into (their tensor files and
-        row digest files), on another thread while the first transaction commits and fsyncs; a
-        future of what that thread dirtied (for the page guard: None when it does not watch), or None.
-        Contents stay unchanged, so this may run before the record is durable."""
-        if not writes or not kernels.enabled():
+    def _touch_in_background(self, rows: Sequence[tuple[TensorInfo, np.ndarray]]):
+        """Start faulting in, writable, the pages that ``rows`` (info, row indices) will be stored
+        into (their tensor files and row digest files), on another thread while the first
+        transaction commits and fsyncs; a future of what that thread dirtied (for the page guard:
+        None when it does not watch), or None. Contents stay unchanged, so this may run before the
+        record is durable."""
+        if not rows or not kernels.enabled():
             return None
         targets = []
-        for w in writes:
-            info, rows = (w.info, w.rows) if isinstance(w, RowWrite) else w
-            idx = rows.astype(np.int64)
+        for info, indices in rows:
+            idx = indices.astype(np.int64)
             targets.append((self.rows(info), idx))  # the maps are opened here, on the writer's thread
             if self.replica.has_row_digests:
                 targets.append((self.maps.digests(info, writable=True), idx))
