@@ -150,6 +150,41 @@ def test_rollback_writes_only_rows_changed_since_target(tmp_path):
         assert result.rows <= sum(len(v) for v in changed.values())
 
 
+def _maps_of(path: str) -> dict[str, list[str]]:
+    """{tensor file name: the permissions of each of this process's maps of it} (/proc/self/maps)."""
+    found: dict[str, list[str]] = {}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith(os.path.join(path, "tensors") + os.sep):
+                found.setdefault(os.path.basename(fields[5]), []).append(fields[1])
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_a_writing_handle_reads_through_the_map_it_writes_through(tmp_path, monkeypatch):
+    """A rollback reads every changed row, then writes it: one map per file, not a read-only one
+    and a writable one (twice the page faults, twice the unmapping at close)."""
+    path, states = build(tmp_path, 5, commits=10)
+    seen = []
+    append_record = Replica.append_record
+    monkeypatch.setattr(Replica, "append_record", lambda self, *a, **k: (seen.append(_maps_of(path)),
+                                                                          append_record(self, *a, **k))[1])
+    with Replica.open(path) as r:
+        r.rows_view("emb")
+        assert _maps_of(path)[r.info("emb").file] == ["r--s"]  # a reader maps read-only
+        rollback(r, 3)
+        seen.append(_maps_of(path))
+        assert len(seen) == 2 and seen[0], seen  # the rows read (before the record), and after it
+        for maps in seen:
+            assert all(perms == ["rw-s"] for perms in maps.values()), maps
+        assert not r.rows_view("emb").flags.writeable
+        with pytest.raises(ValueError):
+            r.rows_view("emb")[0, 0] = 1.0
+        assert_state(r, states[3])
+    assert _maps_of(path) == {}  # closed: nothing left mapped
+
+
 def test_rollback_to_current_state_appends_nothing(tmp_path):
     path, states = build(tmp_path, 4, commits=5)
     with Replica.open(path) as r:

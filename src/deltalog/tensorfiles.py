@@ -388,6 +388,8 @@ class TensorMaps:
         self.dir = os.path.join(replica_dir, TENSOR_DIR)
         self._maps: dict[tuple[str, bool], np.ndarray] = {}
         self._identity: dict[str, tuple[int, int]] = {}
+        self.reads_share_writes = False  # set once this handle writes: see _map
+
 
     def path(self, info: TensorInfo) -> str:
         return os.path.join(self.dir, info.file)
@@ -404,12 +406,26 @@ class TensorMaps:
         return self._map(info, info.digest_file, map_digests, writable)
 
     def _map(self, info: TensorInfo, name: str, mapper, writable: bool) -> np.ndarray:
-        view = self._maps.get((name, writable))
-        if view is None:
+        """The map of one file; a read gets a read-only view of the writable map once there is one.
+
+        A handle that writes (``reads_share_writes``, set when it takes the
+        writer lock) reads through the map it writes through. Two maps of one
+        file are two sets of page-table entries for the same pages: a
+        rollback at 4 GiB read every changed row through one map and wrote it
+        through the other, faulting both in and tearing both down at close
+        (~150 ms of unmapping each).
+        """
+        through_writes = writable or self.reads_share_writes
+        if (name, through_writes) not in self._maps:
             path = os.path.join(self.dir, name)
-            view = self._maps[name, writable] = mapper(path, info, writable)
+            if through_writes:
+                written = self._maps[name, True] = mapper(path, info, True)
+                read = self._maps[name, False] = written.view()  # replaces a read-only map: it goes with its last view
+                read.flags.writeable = False
+            else:
+                self._maps[name, False] = mapper(path, info, False)
             self._note(path)
-        return view
+        return self._maps[name, writable]
 
     def forget(self) -> None:
         """Drop every map (files were replaced, or the process is about to lose them)."""

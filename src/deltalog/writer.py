@@ -204,6 +204,7 @@ class Writer:
             yield
             return
         self.lock.acquire(wait)
+        self.maps.reads_share_writes = True
         try:
             self.recover()  # re-reads meta/format first: another process may have upgraded it
             if not replica.writable_format:
