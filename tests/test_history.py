@@ -142,8 +142,23 @@ def test_a_v1_record_in_the_log_is_checked_whole_by_every_reader(replica):
     [[], [4, 5], []],
     [[], []],
 ])
-def test_sorted_union_is_the_sorted_distinct_rows(chunks):
+@pytest.mark.parametrize("bound", [None, 10, 1000, 6])  # 10: a mask; 1000: too sparse for one; 6: rows past it
+def test_sorted_union_is_the_sorted_distinct_rows(chunks, bound):
     arrays = [np.array(c, dtype=np.uint64) for c in chunks]
-    got = history.sorted_union(arrays)
+    got = history.sorted_union(arrays, bound)
     assert got.dtype == np.uint64
     assert got.tolist() == sorted(set().union(*map(set, chunks)))
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_sorted_union_marks_a_dense_change_and_sorts_a_sparse_one(monkeypatch, dense):
+    rng = np.random.default_rng(3)
+    bound = 50_000 if dense else 5_000_000
+    chunks = [np.unique(rng.integers(0, 50_000, 2_000)).astype(np.uint64) for _ in range(20)]
+    want = np.unique(np.concatenate(chunks))
+    sorts = []
+    real_sort = np.sort
+    monkeypatch.setattr(np, "sort", lambda *a, **k: sorts.append(1) or real_sort(*a, **k))
+    got = history.sorted_union(chunks, bound)
+    assert got.dtype == np.uint64 and np.array_equal(got, want)
+    assert bool(sorts) != dense  # 40,000 rows of a 50,000-row table: a mask, no sort

@@ -665,8 +665,9 @@ def _diff_by_log(a: ReplicaSide, b: ReplicaSide, anchor: int, results: list[Tens
             for name, rows in changed_rows(replica, min(x, y), max(x, y)).items():
                 touched.setdefault(name, []).append(rows)
     candidates = []
+    bounds = {info.name: info.rows for info in a.replica.tensors}  # one model: checked before
     for t in results:
-        cand = sorted_union(touched.get(t.name, []))
+        cand = sorted_union(touched.get(t.name, []), bounds.get(t.name))
         if cand.size:
             candidates.append((t, cand))
     sides = (_Rows(a, names := [t.name for t in results]), _Rows(b, names))

@@ -91,15 +91,21 @@ def changed_rows(replica: Replica, since: int, upto: int | None = None) -> dict[
         for t in record.tensors:
             parts.setdefault(t.name, []).append(t.rows)
     _check_not_compacted_meanwhile(replica, since)
-    return {name: sorted_union(chunks) for name, chunks in parts.items()}
+    bounds = {info.name: info.rows for info in replica.tensors}
+    return {name: sorted_union(chunks, bounds.get(name)) for name, chunks in parts.items()}
 
 
-def sorted_union(chunks: list[np.ndarray]) -> np.ndarray:
+def sorted_union(chunks: list[np.ndarray], bound: int | None = None) -> np.ndarray:
     """The sorted distinct values of some sorted, strictly increasing arrays (the row indices of records).
 
     Runs of consecutive rows (a dense layer, rewritten by every record) that
-    overlap or touch are one run: no sort. Otherwise a sort and a mask
-    (numpy's unique and its quicksort are slower here).
+    overlap or touch are one run: no sort. When the rows are all below
+    ``bound`` (the tensor's row count) and the chunks hold more than an
+    eighth of that many, a mask of ``bound`` bytes: a minute of a 4 GiB
+    model's training, 100 records of ``item_emb`` (17 M rows, 8.4 M-row
+    table), took 290 ms to sort and takes 90 ms to mark. Otherwise a sort and
+    a mask of the sorted rows (numpy's unique and its quicksort are slower
+    here), which costs what the change costs whatever the table's size.
     """
     chunks = [c for c in chunks if len(c)]
     if len(chunks) == 1:
@@ -109,6 +115,11 @@ def sorted_union(chunks: list[np.ndarray]) -> np.ndarray:
     run = _one_run(chunks)
     if run is not None:
         return np.arange(run[0], run[1] + 1, dtype=np.uint64)
+    if bound is not None and 8 * sum(len(c) for c in chunks) >= bound and all(int(c[-1]) < bound for c in chunks):
+        seen = np.zeros(bound, dtype=bool)
+        for c in chunks:
+            seen[c.astype(np.intp, copy=False)] = True
+        return np.flatnonzero(seen).astype(np.uint64)
     merged = np.sort(np.concatenate(chunks), kind="stable")  # timsort merges the sorted runs
     if len(merged) < 2:
         return merged
