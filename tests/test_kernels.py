@@ -277,6 +277,32 @@ def test_shuffle_planes_refuses_arrays_of_different_sizes():
 
 
 @compiled
+@pytest.mark.parametrize("dtype", ["<f4", "<f8", "<u2", "<u1", "<u8"])
+@pytest.mark.parametrize("count", [0, 1, 7, 4097])
+@pytest.mark.parametrize("with_xor", [False, True])
+def test_join_planes_undoes_shuffle_planes_compiled_and_numpy(dtype, count, with_xor):
+    rng = np.random.default_rng(count)
+    array = rng.integers(0, 256, count * np.dtype(dtype).itemsize, dtype=np.uint8).view(dtype)
+    other = rng.integers(0, 256, array.nbytes, dtype=np.uint8).view(dtype) if with_xor else None
+    planes = _reference_planes(array, other).reshape(-1)
+    for compiled_loops in (True, False):
+        before = kernels.set_enabled(compiled_loops)
+        try:
+            joined = kernels.join_planes(planes, np.dtype(dtype), other)
+        finally:
+            kernels.set_enabled(before)
+        assert joined.dtype == np.dtype(dtype) and joined.tobytes() == array.tobytes()
+        assert joined.flags.writeable and not np.shares_memory(joined, planes)
+
+
+def test_join_planes_refuses_buffers_that_do_not_fit():
+    with pytest.raises(ValueError, match="whole number"):
+        kernels.join_planes(np.zeros(6, np.uint8), np.dtype("<f4"))
+    with pytest.raises(ValueError, match="size"):
+        kernels.join_planes(np.zeros(8, np.uint8), np.dtype("<f4"), np.zeros(3, np.float32))
+
+
+@compiled
 @pytest.mark.parametrize("row_bytes", [1, 8, 256, 4100])  # 4100: rows straddle pages
 def test_touch_rows_leaves_every_byte_as_it_was(tmp_path, row_bytes):
     import mmap

@@ -340,6 +340,73 @@ static PyObject *shuffle_planes(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- join_planes(planes, itemsize, out, xor_with) ------------------------------
+ *
+ * The inverse of shuffle_planes: out[i*itemsize + j] =
+ * planes[j*n + i], XORed with the same byte of xor_with when it is given (an
+ * undo section decoded against the new values, a chunk's values against the
+ * destination's). Every record read decodes its value sections this way;
+ * numpy needs a strided copy per plane (~1.5 GB/s here) and a second pass
+ * for the XOR.
+ */
+
+static inline void words4(const unsigned char *restrict p0, const unsigned char *restrict p1,
+                          const unsigned char *restrict p2, const unsigned char *restrict p3, Py_ssize_t n,
+                          const unsigned char *restrict b, unsigned char *restrict o) {
+    if (b) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t w = (uint32_t)p0[i] | (uint32_t)p1[i] << 8 | (uint32_t)p2[i] << 16 | (uint32_t)p3[i] << 24, x;
+            memcpy(&x, b + 4 * i, 4);
+            w ^= x;
+            memcpy(o + 4 * i, &w, 4);
+        }
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t w = (uint32_t)p0[i] | (uint32_t)p1[i] << 8 | (uint32_t)p2[i] << 16 | (uint32_t)p3[i] << 24;
+            memcpy(o + 4 * i, &w, 4);
+        }
+    }
+}
+
+static PyObject *join_planes(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *src_obj, *out_obj, *xor_obj;
+    Py_ssize_t itemsize;
+    if (!PyArg_ParseTuple(args, "OnOO", &src_obj, &itemsize, &out_obj, &xor_obj))
+        return NULL;
+    Buffers held = {.held = 0};
+    HOLD(src, src_obj, 0, 0, "planes");
+    HOLD(out, out_obj, 1, 0, "out");
+    HOLD(with, xor_obj, 0, 1, "xor_with");
+    int ok = itemsize >= 1 && src->len % itemsize == 0 && out->len == src->len && (!with || with->len == src->len);
+    if (ok) {
+        const unsigned char *restrict p = (const unsigned char *)src->buf;
+        const unsigned char *restrict b = with ? (const unsigned char *)with->buf : NULL;
+        unsigned char *restrict o = (unsigned char *)out->buf;
+        Py_ssize_t n = src->len / itemsize;
+        Py_BEGIN_ALLOW_THREADS
+        if (itemsize == 4) { /* float32, the common case: four loads, one word store */
+            words4(p, p + n, p + 2 * n, p + 3 * n, n, b, o);
+        } else {
+            for (Py_ssize_t j = 0; j < itemsize; j++) {
+                const unsigned char *plane = p + j * n;
+                if (b)
+                    for (Py_ssize_t i = 0; i < n; i++)
+                        o[i * itemsize + j] = plane[i] ^ b[i * itemsize + j];
+                else
+                    for (Py_ssize_t i = 0; i < n; i++)
+                        o[i * itemsize + j] = plane[i];
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    release_all(&held);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "planes, out (and xor_with) must be the same whole number of items");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* -- compare_rows(a, b, row_bytes, kind, index, a_digests, b_digests, status, squares) --
  *
  * Compares rows of A and B in place (a and b may be whole memory-mapped
@@ -758,6 +825,8 @@ static PyMethodDef methods[] = {
     {"shuffle_planes", shuffle_planes, METH_VARARGS,
      "shuffle_planes(src, itemsize, out, xor_with): out gets the byte planes of src (XORed with xor_with "
      "unless None)."},
+    {"join_planes", join_planes, METH_VARARGS,
+     "join_planes(planes, itemsize, out, xor_with): the elements of byte planes (shuffle_planes' inverse)."},
     {"compare_rows", compare_rows, METH_VARARGS,
      "compare_rows(a, b, row_bytes, kind, index, a_digests, b_digests, status, squares) -> "
      "(sum_abs, max_abs, bad_a, bad_b): see _kernels.c."},

@@ -202,22 +202,15 @@ def shuffle(array: np.ndarray, xor_with: np.ndarray | None = None) -> np.ndarray
     return kernels.shuffle_planes(np.ascontiguousarray(array), other)
 
 
-def unshuffle(planes: bytes, dtype: np.dtype) -> np.ndarray:
-    """The array whose byte planes are ``planes``: a new, writable array."""
-    joined = _join_planes(np.frombuffer(planes, dtype=np.uint8), dtype)
-    return joined.copy() if dtype.itemsize == 1 else joined  # one byte per element: still a view of ``planes``
+def unshuffle(planes: bytes, dtype: np.dtype, xor_with: np.ndarray | None = None) -> np.ndarray:
+    """The array whose byte planes are ``planes`` (XORed with ``xor_with``, bitwise, when given):
+    a new, writable 1-d array."""
+    return kernels.join_planes(np.frombuffer(planes, dtype=np.uint8), dtype, xor_with)
 
 
 def _join_planes(raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The elements whose byte planes are the uint8 array ``raw`` (``raw`` itself, viewed, for 1-byte elements)."""
-    itemsize = dtype.itemsize
-    if itemsize == 1:
-        return raw.view(dtype)
-    n = raw.size // itemsize
-    out = np.empty((n, itemsize), dtype=np.uint8)
-    for j in range(itemsize):  # one plane at a time: ~5x faster than a transposed copy (bench/RESULTS.md)
-        out[:, j] = raw[j * n : (j + 1) * n]
-    return out.reshape(-1).view(dtype)
+    return raw.view(dtype) if dtype.itemsize == 1 else kernels.join_planes(raw, dtype)
 
 
 # -- row indices -------------------------------------------------------------
@@ -322,11 +315,12 @@ def encode_values(values: np.ndarray, by_plane: bool = False) -> tuple[bytes | m
     return compress(planes), planes.nbytes
 
 
-def decode_values(payload, size: int, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
+def decode_values(payload, size: int, dtype: np.dtype, shape: tuple[int, ...], what: str,
+                  xor_with: np.ndarray | None = None) -> np.ndarray:
     if size != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
         raise IntegrityError(f"{what}: section size does not match its shape")
     raw = decompress(payload, size, what)
-    return unshuffle(raw, dtype).reshape(shape)
+    return unshuffle(raw, dtype, xor_with).reshape(shape)
 
 
 def _bits(array: np.ndarray) -> np.ndarray:
@@ -355,5 +349,4 @@ def encode_xor_values(old: np.ndarray, new: np.ndarray, in_place: bool = False,
 
 def decode_xor_values(payload, size: int, new: np.ndarray, what: str) -> np.ndarray:
     """The values encoded relative to ``new`` (an undo section; a chunk's values relative to the base)."""
-    bits = decode_values(payload, size, np.dtype(f"<u{new.dtype.itemsize}"), new.shape, what)  # a new array
-    return np.bitwise_xor(bits, _bits(np.ascontiguousarray(new)), out=bits).view(new.dtype)
+    return decode_values(payload, size, new.dtype, new.shape, what, xor_with=new)  # a new array

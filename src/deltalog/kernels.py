@@ -127,6 +127,29 @@ def shuffle_planes(array: np.ndarray, xor_with: np.ndarray | None = None) -> np.
     return out
 
 
+def join_planes(planes: np.ndarray, dtype: np.dtype, xor_with: np.ndarray | None = None) -> np.ndarray:
+    """The elements (a new 1-d array of ``dtype``) whose byte planes are the uint8 array ``planes``:
+    shuffle_planes' inverse, each element XORed with the same one of ``xor_with`` when given. One
+    compiled pass; numpy copies plane by plane, then XORs."""
+    itemsize = dtype.itemsize
+    if planes.size % itemsize:
+        raise ValueError("planes must hold a whole number of elements")
+    out = np.empty(planes.size // itemsize, dtype=dtype)
+    raw = out.view(np.uint8)
+    other = None if xor_with is None else np.ascontiguousarray(xor_with).reshape(-1).view(np.uint8)
+    if other is not None and other.size != raw.size:
+        raise ValueError("xor_with must have the size of the elements")
+    if _enabled:
+        _kernels.join_planes(planes, itemsize, raw, other)
+        return out
+    elements, n = raw.reshape(-1, itemsize), out.size
+    for j in range(itemsize):  # one plane at a time: ~5x faster than a transposed copy
+        elements[:, j] = planes[j * n : (j + 1) * n]
+    if other is not None:
+        np.bitwise_xor(raw, other, out=raw)
+    return out
+
+
 @dataclass
 class RowComparison:
     """compare_rows' answer for n rows of A and B."""
