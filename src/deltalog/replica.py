@@ -778,6 +778,8 @@ class Replica:
 
         ``updates`` maps name -> (rows, values) as for :meth:`commit`.
         ``offset`` defaults to head + 1 (and must be after the head).
+        ``drop_unchanged``: rows that already hold their values are left out,
+        and when none is left nothing is appended and the head is returned.
         """
         if not self.writer.held:
             raise DeltalogError("append_record needs the writer lock: call it inside Replica.writing()")
@@ -808,7 +810,7 @@ class Replica:
                     rows, new, old, old_digests = rows[keep], new[keep], old[keep], old_digests[keep]
             if len(rows):
                 kept.append((info, rec.TensorDelta(info.name, info.dtype, rows, new, old), old_digests))
-        if not kept and kind == "commit":
+        if not kept and (kind == "commit" or drop_unchanged):
             return head
         # The sections compress on other cores while this thread works out the significance,
         # the state digest and the bucket index (the record's header comes last).

@@ -76,20 +76,35 @@ def rollback(replica: Replica, to: int, reason: str | None = None, wait: float =
             return result
         rows = changed_rows(replica, to)
         _head, wanted = values_at(replica, to, rows)
-        updates = {}
-        for name, idx in rows.items():
-            _h, current = replica.read_rows(name, idx)
-            differs = rows_differ(current, wanted[name])
-            if differs.any():
-                updates[name] = (idx[differs], wanted[name][differs])
-        if not updates:  # the tensors already hold the target's values
+        if dry_run:
+            restored = _differing(replica, rows, wanted)
+        else:
+            # The record's own read of the current rows (its undo values) drops the rows that
+            # already hold the target's values: no second read of every changed row here.
+            updates = {name: (idx, wanted[name]) for name, idx in rows.items() if len(idx)}
+            del wanted
+            offset = replica.append_record("rollback", updates, reason=reason, target=to, drop_unchanged=True)
+            if offset == head:  # the tensors already hold the target's values: nothing appended
+                return result
+            result.offset = offset
+            summary = next(replica.iter_summaries(since=offset - 1, upto=offset))
+            restored = {t["name"]: t["rows"] for t in summary.tensors}
+        if not restored:  # the tensors already hold the target's values
             return result
-        if not dry_run:
-            result.offset = replica.append_record("rollback", updates, reason=reason, target=to, drop_unchanged=True)
         result.changed = True
-        result.tensors = [{"name": name, "rows": int(len(r))} for name, (r, _v) in updates.items()]
+        result.tensors = [{"name": name, "rows": int(n)} for name, n in restored.items()]
         result.rows = sum(t["rows"] for t in result.tensors)
         return result
+
+
+def _differing(replica: Replica, rows: dict, wanted: dict) -> dict[str, int]:
+    """{name: how many of its ``rows`` do not hold the ``wanted`` values now}, tensors without any left out."""
+    counts = {}
+    for name, idx in rows.items():
+        _h, current = replica.read_rows(name, idx)
+        if n := int(rows_differ(current, wanted[name]).sum()):
+            counts[name] = n
+    return counts
 
 
 __all__ = ["RollbackResult", "rollback"]
