@@ -101,9 +101,9 @@ def sorted_union(chunks: list[np.ndarray], bound: int | None = None) -> np.ndarr
     Runs of consecutive rows (a dense layer, rewritten by every record) that
     overlap or touch are one run: no sort. When the rows are all below
     ``bound`` (the tensor's row count) and the chunks hold more than an
-    eighth of that many, a mask of ``bound`` bytes: a minute of a 4 GiB
-    model's training, 100 records of ``item_emb`` (17 M rows, 8.4 M-row
-    table), took 290 ms to sort and takes 90 ms to mark. Otherwise a sort and
+    eighth of that many, a mask of ``bound`` bytes: 100 records of a 4 GiB
+    model's log held 17 M row indices of ``item_emb`` (an 8.4 M-row table),
+    which took 290 ms to sort and take 90 ms to mark. Otherwise a sort and
     a mask of the sorted rows (numpy's unique and its quicksort are slower
     here), which costs what the change costs whatever the table's size.
     """

@@ -82,7 +82,6 @@ def rollback(replica: Replica, to: int, reason: str | None = None, wait: float =
             # The record's own read of the current rows (its undo values) drops the rows that
             # already hold the target's values: no second read of every changed row here.
             updates = {name: (idx, wanted[name]) for name, idx in rows.items() if len(idx)}
-            del wanted
             offset = replica.append_record("rollback", updates, reason=reason, target=to, drop_unchanged=True)
             if offset == head:  # the tensors already hold the target's values: nothing appended
                 return result

@@ -390,7 +390,6 @@ class TensorMaps:
         self._identity: dict[str, tuple[int, int]] = {}
         self.reads_share_writes = False  # set once this handle writes: see _map
 
-
     def path(self, info: TensorInfo) -> str:
         return os.path.join(self.dir, info.file)
 
