@@ -286,58 +286,71 @@ static inline void planes4(const unsigned char *restrict a, Py_ssize_t n, unsign
     }
 }
 
-static PyObject *shuffle_planes(PyObject *Py_UNUSED(self), PyObject *args) {
+static void shuffle_loop(const unsigned char *restrict a, const unsigned char *restrict b, unsigned char *restrict o,
+                         Py_ssize_t n, Py_ssize_t itemsize) {
+    if (itemsize == 4) { /* float32, the common case: whole words, four stores */
+        unsigned char *restrict o0 = o, *restrict o1 = o + n, *restrict o2 = o + 2 * n, *restrict o3 = o + 3 * n;
+        if (b) { /* XOR a block into L1 first: the two simple loops vectorize, the fused one does not */
+            uint32_t block[SHUFFLE_BLOCK];
+            for (Py_ssize_t start = 0; start < n; start += SHUFFLE_BLOCK) {
+                Py_ssize_t m = n - start < SHUFFLE_BLOCK ? n - start : SHUFFLE_BLOCK;
+                for (Py_ssize_t i = 0; i < m; i++) {
+                    uint32_t w, x;
+                    memcpy(&w, a + 4 * (start + i), 4);
+                    memcpy(&x, b + 4 * (start + i), 4);
+                    block[i] = w ^ x;
+                }
+                planes4((const unsigned char *)block, m, o0 + start, o1 + start, o2 + start, o3 + start);
+            }
+        } else {
+            planes4(a, n, o0, o1, o2, o3);
+        }
+        return;
+    }
+    for (Py_ssize_t j = 0; j < itemsize; j++) {
+        unsigned char *plane = o + j * n;
+        if (b)
+            for (Py_ssize_t i = 0; i < n; i++)
+                plane[i] = a[i * itemsize + j] ^ b[i * itemsize + j];
+        else
+            for (Py_ssize_t i = 0; i < n; i++)
+                plane[i] = a[i * itemsize + j];
+    }
+}
+
+/* The Python side of shuffle_planes and join_planes: (src, itemsize, out, xor_with), the
+ * buffers checked to be the same whole number of items, ``loop`` run without the GIL. */
+typedef void (*PlanesLoop)(const unsigned char *restrict, const unsigned char *restrict, unsigned char *restrict,
+                           Py_ssize_t, Py_ssize_t);
+
+static PyObject *planes_call(PyObject *args, PlanesLoop loop, const char *src_name) {
     PyObject *src_obj, *out_obj, *xor_obj;
     Py_ssize_t itemsize;
     if (!PyArg_ParseTuple(args, "OnOO", &src_obj, &itemsize, &out_obj, &xor_obj))
         return NULL;
     Buffers held = {.held = 0};
-    HOLD(src, src_obj, 0, 0, "src");
+    HOLD(src, src_obj, 0, 0, src_name);
     HOLD(out, out_obj, 1, 0, "out");
     HOLD(with, xor_obj, 0, 1, "xor_with");
     int ok = itemsize >= 1 && src->len % itemsize == 0 && out->len == src->len && (!with || with->len == src->len);
     if (ok) {
-        const unsigned char *restrict a = (const unsigned char *)src->buf;
-        const unsigned char *restrict b = with ? (const unsigned char *)with->buf : NULL;
-        unsigned char *restrict o = (unsigned char *)out->buf;
-        Py_ssize_t n = src->len / itemsize;
+        const unsigned char *a = (const unsigned char *)src->buf;
+        const unsigned char *b = with ? (const unsigned char *)with->buf : NULL;
+        unsigned char *o = (unsigned char *)out->buf;
         Py_BEGIN_ALLOW_THREADS
-        if (itemsize == 4) { /* float32, the common case: whole words, four stores */
-            unsigned char *restrict o0 = o, *restrict o1 = o + n, *restrict o2 = o + 2 * n, *restrict o3 = o + 3 * n;
-            if (b) { /* XOR a block into L1 first: the two simple loops vectorize, the fused one does not */
-                uint32_t block[SHUFFLE_BLOCK];
-                for (Py_ssize_t start = 0; start < n; start += SHUFFLE_BLOCK) {
-                    Py_ssize_t m = n - start < SHUFFLE_BLOCK ? n - start : SHUFFLE_BLOCK;
-                    for (Py_ssize_t i = 0; i < m; i++) {
-                        uint32_t w, x;
-                        memcpy(&w, a + 4 * (start + i), 4);
-                        memcpy(&x, b + 4 * (start + i), 4);
-                        block[i] = w ^ x;
-                    }
-                    planes4((const unsigned char *)block, m, o0 + start, o1 + start, o2 + start, o3 + start);
-                }
-            } else {
-                planes4(a, n, o0, o1, o2, o3);
-            }
-        } else {
-            for (Py_ssize_t j = 0; j < itemsize; j++) {
-                unsigned char *plane = o + j * n;
-                if (b)
-                    for (Py_ssize_t i = 0; i < n; i++)
-                        plane[i] = a[i * itemsize + j] ^ b[i * itemsize + j];
-                else
-                    for (Py_ssize_t i = 0; i < n; i++)
-                        plane[i] = a[i * itemsize + j];
-            }
-        }
+        loop(a, b, o, src->len / itemsize, itemsize);
         Py_END_ALLOW_THREADS
     }
     release_all(&held);
     if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "src, out (and xor_with) must be the same whole number of items");
+        PyErr_Format(PyExc_ValueError, "%s, out (and xor_with) must be the same whole number of items", src_name);
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *shuffle_planes(PyObject *Py_UNUSED(self), PyObject *args) {
+    return planes_call(args, shuffle_loop, "src");
 }
 
 /* -- join_planes(planes, itemsize, out, xor_with) ------------------------------
@@ -368,43 +381,25 @@ static inline void words4(const unsigned char *restrict p0, const unsigned char 
     }
 }
 
+static void join_loop(const unsigned char *restrict p, const unsigned char *restrict b, unsigned char *restrict o,
+                      Py_ssize_t n, Py_ssize_t itemsize) {
+    if (itemsize == 4) { /* float32, the common case: four loads, one word store */
+        words4(p, p + n, p + 2 * n, p + 3 * n, n, b, o);
+        return;
+    }
+    for (Py_ssize_t j = 0; j < itemsize; j++) {
+        const unsigned char *plane = p + j * n;
+        if (b)
+            for (Py_ssize_t i = 0; i < n; i++)
+                o[i * itemsize + j] = plane[i] ^ b[i * itemsize + j];
+        else
+            for (Py_ssize_t i = 0; i < n; i++)
+                o[i * itemsize + j] = plane[i];
+    }
+}
+
 static PyObject *join_planes(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *src_obj, *out_obj, *xor_obj;
-    Py_ssize_t itemsize;
-    if (!PyArg_ParseTuple(args, "OnOO", &src_obj, &itemsize, &out_obj, &xor_obj))
-        return NULL;
-    Buffers held = {.held = 0};
-    HOLD(src, src_obj, 0, 0, "planes");
-    HOLD(out, out_obj, 1, 0, "out");
-    HOLD(with, xor_obj, 0, 1, "xor_with");
-    int ok = itemsize >= 1 && src->len % itemsize == 0 && out->len == src->len && (!with || with->len == src->len);
-    if (ok) {
-        const unsigned char *restrict p = (const unsigned char *)src->buf;
-        const unsigned char *restrict b = with ? (const unsigned char *)with->buf : NULL;
-        unsigned char *restrict o = (unsigned char *)out->buf;
-        Py_ssize_t n = src->len / itemsize;
-        Py_BEGIN_ALLOW_THREADS
-        if (itemsize == 4) { /* float32, the common case: four loads, one word store */
-            words4(p, p + n, p + 2 * n, p + 3 * n, n, b, o);
-        } else {
-            for (Py_ssize_t j = 0; j < itemsize; j++) {
-                const unsigned char *plane = p + j * n;
-                if (b)
-                    for (Py_ssize_t i = 0; i < n; i++)
-                        o[i * itemsize + j] = plane[i] ^ b[i * itemsize + j];
-                else
-                    for (Py_ssize_t i = 0; i < n; i++)
-                        o[i * itemsize + j] = plane[i];
-            }
-        }
-        Py_END_ALLOW_THREADS
-    }
-    release_all(&held);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "planes, out (and xor_with) must be the same whole number of items");
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return planes_call(args, join_loop, "planes");
 }
 
 /* -- compare_rows(a, b, row_bytes, kind, index, a_digests, b_digests, status, squares) --
