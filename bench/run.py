@@ -1511,11 +1511,34 @@ def parse_args(argv=None):
     return args
 
 
+def claim_work_dir(work: str):
+    """An open file holding an exclusive flock on ``work``/run.lock (with this pid in it), kept
+    for the whole run. A second run with the same --work would delete this one's replicas at
+    its start (and both figures would be the machine shared between them): it stops instead."""
+    import fcntl
+
+    os.makedirs(work, exist_ok=True)
+    lock = open(os.path.join(work, "run.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        raise SystemExit(f"another bench/run.py (pid {holder}) is running in {work}: wait for it to end, "
+                         "or give this one another --work") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not os.path.exists(os.path.join(os.path.dirname(PY), "deltalog")):
         print(f"note: {PY} has no deltalog script beside it; run with .venv/bin/python", file=sys.stderr)
     ensure_tools()
+    claimed = claim_work_dir(args.work)  # noqa: F841 (held until the process ends)
     bench = Bench(args)
     bench.run_all()
     results = bench.results
