@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -337,6 +340,47 @@ def test_a_child_forked_after_a_parallel_encode_encodes_too():
     jobs = [lambda row=row: codec.encode_values(row) for row in big]
     want = [payload for payload, _size in codec.run_jobs(jobs, big.nbytes)]
     in_forked_child(lambda: [payload for payload, _size in codec.run_jobs(jobs, big.nbytes)] == want)
+
+
+_RETAINED_AFTER_LARGE_SECTIONS = """
+import numpy as np
+from deltalog import codec
+def anon_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+planes = codec.shuffle(np.random.default_rng(0).standard_normal(8 << 20).astype(np.float32))  # 32 MiB
+before = anon_mib()
+codec.run_jobs([lambda: len(codec.compress(planes))] * 2, 2 * planes.nbytes)  # on the pool's threads
+codec.compress(planes)  # and on this one
+print(anon_mib() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_large_sections_leave_no_compression_buffers_behind():
+    """zstd's multithreaded context keeps its workers' buffers for as long as it lives (16 MiB
+    after a 32 MiB input): kept per thread, every thread that once compressed a large section
+    held them (a sync destination's peak memory, issue 15)."""
+    # A fixed mmap threshold: freed buffers go back to the system, not to malloc's arenas,
+    # so what is left is what is still allocated.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+    out = subprocess.run([sys.executable, "-c", _RETAINED_AFTER_LARGE_SECTIONS], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert float(out) < 8, f"{float(out):.1f} MiB of anonymous memory kept after compressing"
+
+
+@pytest.mark.skipif(codec._THREADS < 2, reason="one core: zstd's own workers are never asked for")
+def test_sections_side_by_side_compress_on_one_thread_each(monkeypatch):
+    """The section pool already puts one section on each core: a multithreaded zstd context
+    there would only add workers (and their buffers). Alone, a large section gets one."""
+    asked = []
+    parameters = codec._parameters
+    monkeypatch.setattr(codec, "_parameters", lambda threads: asked.append(threads) or parameters(threads))
+    planes = codec.shuffle(np.random.default_rng(0).standard_normal(2 << 20).astype(np.float32))  # 8 MiB
+    codec.run_jobs([lambda: codec.compress(planes)] * 2, 2 * planes.nbytes)
+    assert all(threads == 0 for threads in asked), asked
+    codec.compress(planes)
+    assert asked[-1] == codec._THREADS
 
 
 @pytest.mark.parametrize("compiled", [True, False])

@@ -60,15 +60,20 @@ _MIN_MATCH, _HASH_LOG = 7, 8
 
 
 def _compressor(nbytes: int) -> zstandard.ZstdCompressor:
-    threads = _THREADS if nbytes >= _MULTITHREAD_BYTES and _THREADS > 1 else 0
-    key = f"cctx{threads}"
-    c = getattr(_local, key, None)
+    if nbytes >= _MULTITHREAD_BYTES and _THREADS > 1 and not getattr(_local, "side_by_side", False):
+        # Made for this call, not kept: a multithreaded context holds on to its workers' buffers
+        # (16 MiB after a 64 MB input) for as long as it lives, and every thread that compressed a
+        # large section kept one. Making one costs nothing measurable next to compressing 4 MiB.
+        return zstandard.ZstdCompressor(compression_params=_parameters(_THREADS))
+    c = getattr(_local, "cctx", None)
     if c is None:
-        params = zstandard.ZstdCompressionParameters(compression_level=1, min_match=_MIN_MATCH, hash_log=_HASH_LOG,
-                                                     write_content_size=1, threads=threads)
-        c = zstandard.ZstdCompressor(compression_params=params)
-        setattr(_local, key, c)
+        c = _local.cctx = zstandard.ZstdCompressor(compression_params=_parameters(0))
     return c
+
+
+def _parameters(threads: int) -> zstandard.ZstdCompressionParameters:
+    return zstandard.ZstdCompressionParameters(compression_level=1, min_match=_MIN_MATCH, hash_log=_HASH_LOG,
+                                               write_content_size=1, threads=threads)
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -94,8 +99,17 @@ def run_jobs(jobs: list[Callable[[], T]], nbytes: int) -> list[T]:
         return [job() for job in jobs]
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="deltalog-codec")
+            _pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="deltalog-codec",
+                                       initializer=_compress_side_by_side)
     return list(_pool.map(lambda job: job(), jobs))
+
+
+def _compress_side_by_side() -> None:
+    """Mark a section pool thread: its sections compress next to each other, one per core, so
+    each with zstd's single-threaded context. Two multithreaded ones would put twice the
+    workers on the cores, and their buffers on top (two 48 MiB sections side by side: 1.2x
+    slower, +30 MiB at the peak)."""
+    _local.side_by_side = True
 
 
 _background: ThreadPoolExecutor | None = None
