@@ -86,27 +86,32 @@ def main() -> None:
     p.add_argument("--work", default=os.path.join(HERE, "work", "syncmem"))
     p.add_argument("--json", default=None, help="write the raw runs here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", action="store_true",
+                   help="leave the work dir (A, B's copy, the fake ssh) for another run with --reuse")
+    p.add_argument("--reuse", action="store_true",
+                   help="run on the work dir a --keep run left (same --size, --minutes, --seed), not a new one")
     args = p.parse_args()
 
-    from deltalog import Replica
-
     work = os.path.abspath(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
     a, b0, b = (os.path.join(work, n) for n in ("a", "b0", "b"))
     specs = workload.model_spec(args.size)
-    row_bytes = {s.name: s.row_bytes for s in specs}
-    ra = Replica.init(a, workload.make_model(specs, seed=args.seed), bucket_rows=1024, model_id="deltalog-bench")
-    shutil.copytree(a, b0)  # a follower at A's first offset
-    stream = workload.Stream(specs, seed=args.seed + 1)
-    changed: dict[str, list[np.ndarray]] = {}
-    for _ in range(args.minutes * 12):
-        updates = stream.step(lambda name, rows: np.array(ra.rows_view(name)[rows]))
-        ra.commit(updates)
-        for name, (rows, _v) in updates.items():
-            changed.setdefault(name, []).append(rows)
-    ra.close()
-    changed_bytes = sum(len(np.unique(np.concatenate(v))) * row_bytes[k] for k, v in changed.items())
+    made = {"size": args.size, "minutes": args.minutes, "seed": args.seed}
+    made_path = os.path.join(work, "made.json")
+    if args.reuse:
+        try:
+            with open(made_path) as f:
+                kept = json.load(f)
+        except OSError:
+            sys.exit(f"syncmem: nothing to reuse in {work}: run once with --keep first")
+        if {k: kept.get(k) for k in made} != made:
+            sys.exit(f"syncmem: {work} holds a run of {kept}, not {made}: run with --keep again")
+        changed_bytes = kept["changed_bytes"]
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        changed_bytes = make_pair(a, b0, specs, args.minutes, args.seed)
+        with open(made_path, "w") as f:
+            json.dump({**made, "changed_bytes": changed_bytes}, f)
     model_bytes = sum(s.nbytes for s in specs)
     print(f"model {model_bytes / MiB:.1f} MiB, {args.minutes} minute(s) of commits: "
           f"{changed_bytes / MiB:.2f} MiB of rows changed", flush=True)
@@ -163,7 +168,29 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "changed_bytes": changed_bytes, "idle_anon_kib": idle, "runs": runs}, f)
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        print(f"kept {work} (--reuse runs on it; delete it well before timing anything: bench/README.md)")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def make_pair(a: str, b0: str, specs, minutes: int, seed: int) -> int:
+    """A at the end of ``minutes`` of the bench workload's commits, B0 a copy of A before them;
+    returns the bytes of the rows they changed."""
+    from deltalog import Replica
+
+    row_bytes = {s.name: s.row_bytes for s in specs}
+    ra = Replica.init(a, workload.make_model(specs, seed=seed), bucket_rows=1024, model_id="deltalog-bench")
+    shutil.copytree(a, b0)  # a follower at A's first offset
+    stream = workload.Stream(specs, seed=seed + 1)
+    changed: dict[str, list[np.ndarray]] = {}
+    for _ in range(minutes * 12):
+        updates = stream.step(lambda name, rows: np.array(ra.rows_view(name)[rows]))
+        ra.commit(updates)
+        for name, (rows, _v) in updates.items():
+            changed.setdefault(name, []).append(rows)
+    ra.close()
+    return sum(len(np.unique(np.concatenate(v))) * row_bytes[k] for k, v in changed.items())
 
 
 if __name__ == "__main__":
