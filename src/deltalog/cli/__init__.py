@@ -67,8 +67,12 @@ class _Commands(click.Group):
         name, command, rest = super().resolve_command(ctx, args)
         global _ran
         _ran = command
-        if _owns_process and not quick_exit(command):
-            gc.enable()  # a command that runs long, or leaves work behind, collects cycles as usual
+        if _owns_process:
+            from .. import heap  # here, not at the top: --help loads no ctypes
+
+            heap.bound_retention()  # before the command's first large array
+            if not quick_exit(command):
+                gc.enable()  # a command that runs long, or leaves work behind, collects cycles as usual
         return name, command, rest
 
 
