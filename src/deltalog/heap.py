@@ -34,9 +34,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 # mapping of its own, given back when it is freed, and at most 16 MiB of free heap is kept.
 # Adaptive, glibc kept up to twice the largest array freed so far (it raises both to that
 # size, up to 32 MiB): a sync destination of a 4 GiB model held 30-50 MiB of freed arrays
-# at its peak (bench/syncmem.py --size 4 --minutes 3: +276..+304 MiB -> +247..+253).
+# at its peak (bench/syncmem.py --size 4 --minutes 3 --chunk-bytes 64M: +289 -> +236..+243 MiB).
 MMAP_THRESHOLD_BYTES = 4 << 20
 TRIM_THRESHOLD_BYTES = 16 << 20
+
 # Below this, what was freed is not worth a release: the next arrays would fault their
 # pages in again (a sync of a few MiB measured ~5% slower releasing after every tensor).
 WORTH_BYTES = 4 << 20
