@@ -89,7 +89,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true",
                    help="leave the work dir (A, B's copy, the fake ssh) for another run with --reuse")
     p.add_argument("--reuse", action="store_true",
-                   help="run on the work dir a --keep run left (same --size, --minutes, --seed), not a new one")
+                   help="run on the work dir a --keep run left (same --size, --minutes, --seed), not a new one; "
+                        "it is left in place again")
     args = p.parse_args()
 
     work = os.path.abspath(args.work)
@@ -168,7 +169,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "changed_bytes": changed_bytes, "idle_anon_kib": idle, "runs": runs}, f)
-    if args.keep:
+    if args.keep or args.reuse:
         print(f"kept {work} (--reuse runs on it; delete it well before timing anything: bench/README.md)")
     else:
         shutil.rmtree(work, ignore_errors=True)
