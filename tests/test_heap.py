@@ -10,6 +10,7 @@ are process-wide, and glibc's adaptation cannot be undone.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,8 +40,11 @@ print(anon_mib() - before)
 
 
 def retained_mib(mode: str) -> float:
+    # glibc's own defaults: a MALLOC_* variable or a tunable in the caller's environment would
+    # fix the thresholds before the probe does (or instead of it).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, "-c", RETAINED_PROBE, mode], check=True, capture_output=True, text=True,
-                         timeout=120).stdout
+                         timeout=120, env=env).stdout
     return float(out)
 
 
