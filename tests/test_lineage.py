@@ -26,7 +26,7 @@ from deltalog import Replica, lineage, receive
 from deltalog import record as rec
 from deltalog.compact import compact
 from deltalog.diff import ReplicaSide, diff
-from deltalog.errors import Diverged
+from deltalog.errors import Diverged, OffsetNotRetained
 from deltalog.replay import repair_in_place
 from deltalog.rollback import rollback
 from deltalog.sync import sync
@@ -228,6 +228,48 @@ def test_a_follower_with_a_stray_commit_is_refused_until_reseeded(tmp_path, rng)
         assert (ra.head, ra.state_digest) == (rb.head, rb.state_digest) and verify(rb).ok
     assert run_cli("diff", a, b).returncode == 0
     assert run_cli("sync", a, b).returncode == 0  # and it follows again
+
+
+def test_compaction_keeps_the_state_digests_of_the_records_it_drops(tmp_path, rng, monkeypatch):
+    """meta/past_digests: each dropped offset's post digest (and a dropped snapshot's), the newest
+    store.PAST_DIGESTS_KEPT of them; not retained offsets all the same; forgotten by a rebase."""
+    from deltalog import store as store_mod
+
+    model = random_model(rng, rows=60)
+    a = tmp_path / "a"
+    with Replica.init(a, model, bucket_rows=8) as r:
+        for _ in range(6):
+            r.commit(random_update(rng, model))
+        before = {o: r.state_digest_at(o) for o in range(r.head + 1)}
+        compact(r, keep_records=2)  # drops snapshot 0 and records 1..4
+        assert r.oldest_offset == 4
+        assert {o: r.past_state_digest(o) for o in range(4)} == {o: before[o] for o in range(4)}
+        assert r.past_state_digest(5) is None and r.past_state_digest(-1) is None
+        with pytest.raises(OffsetNotRetained):  # a digest kept is no retained offset
+            ReplicaSide.at(r, 2)
+        monkeypatch.setattr(store_mod, "PAST_DIGESTS_KEPT", 3)
+        for _ in range(3):
+            r.commit(random_update(rng, model))
+        compact(r, keep_records=1)  # head 9: drops snapshot 4 and records 5..8; 0..8 known, the newest 3 kept
+        with r.store.read() as txn:
+            offsets, _digests = r.store.past_digests(txn)
+        assert offsets.tolist() == [6, 7, 8]
+        assert [r.past_state_digest(o) for o in (5, 6)] == [None, before[6]]
+        # A value that cannot be read proves nothing: unknown, never an error.
+        r.store.write(lambda txn: r.store.put_meta(txn, "past_digests", {"offsets": b"\x01", "digests": b""}))
+        assert r.past_state_digest(6) is None
+    b = tmp_path / "b"
+    assert run_cli("sync", a, b).returncode == 0
+    with Replica.open(b) as r:  # a history of b's own, compacted
+        r.commit(random_update(rng, model))
+        r.commit(random_update(rng, model))
+        compact(r)
+        own = r.head - 1
+        assert r.past_state_digest(own) is not None
+    proc = run_cli("sync", a, b, "--reseed")
+    assert proc.returncode == 0, proc.stderr
+    with Replica.open(b) as r:  # b's old history is not a's: its past digests went with it
+        assert r.past_state_digest(own) is None
 
 
 def test_equal_heads_with_different_models_are_refused(tmp_path, rng):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import bits, random_model, random_update, run_cli
-from deltalog import Replica
+from deltalog import Replica, lineage
 from deltalog.errors import ModelMismatch, TransportError
 from deltalog.objstore import ObjectStore, PreconditionFailed
 from deltalog.relay import HEAD_KEY, publish, read_head
@@ -226,6 +226,20 @@ def test_pull_into_a_diverged_replica_is_refused(relay_url, tmp_path, rng):
         assert r.head == 4
     assert run_cli("sync", relay_url, serving, "--reseed").returncode == 0
     assert_replicas_equal(primary, serving)
+
+
+def test_the_relay_vouches_only_for_states_it_published(tmp_path, rng):
+    """RelayReader.state_digest_at: what sync asks a source about a replica older than its oldest
+    offset. A published head (or snapshot) has the primary's digest; an offset inside a segment has none."""
+    from deltalog.relay import RelayReader
+
+    url = f"file://{tmp_path}/relay"
+    primary, _serving = published_and_pulled(url, tmp_path, rng, commits=3, more=2)  # published: 0, 3, 5
+    reader = RelayReader(ObjectStore(url))
+    with Replica.open(primary) as r:
+        for offset in (0, 3, 5):
+            assert reader.state_digest_at(offset) == lineage.to_hex(r.state_digest_at(offset)), offset
+    assert reader.state_digest_at(4) is None and reader.state_digest_at(9) is None
 
 
 def test_publishing_another_model_is_refused(relay_url, tmp_path, rng):

@@ -339,21 +339,77 @@ def test_chain_through_a_follower(way, tmp_path, rng):
     assert_synced(b, c)
 
 
+def _compact_to_head(path) -> int:
+    from deltalog.compact import compact
+
+    with Replica.open(path) as r:
+        compact(r)
+        return r.oldest_offset
+
+
+def _compact_as_before_past_digests(path) -> int:
+    """What a deltalog that kept no past digests left: a snapshot at head, the log before it dropped."""
+    with Replica.open(path) as r, r.writing():
+        manifest = r.make_snapshot()
+        r.store.write(lambda txn: (r.store.delete_records(txn, manifest["offset"]),
+                                   r.store.put_meta(txn, "oldest", manifest["offset"])))
+        return manifest["offset"]
+
+
 def test_destination_behind_the_source_retention_gets_a_snapshot(way, tmp_path, rng):
+    """A follower whose head the source compacted away is proven to hold the source's history by the
+    state digest compaction kept for that offset, then gets the source's snapshot and the log after it."""
     src, model = new_source(tmp_path, rng)
     dst = tmp_path / "dst"
     do_sync(way, src, dst)
     advance(src, rng, model, commits=5)
-    with Replica.open(src) as r, r.writing():  # compact: a snapshot at head, the log before it dropped
-        manifest = r.make_snapshot()
-        r.store.write(lambda txn: (r.store.delete_records(txn, manifest["offset"]),
-                                   r.store.put_meta(txn, "oldest", manifest["offset"])))
+    oldest = _compact_to_head(src)
     advance(src, rng, model, commits=5)
     result = do_sync(way, src, dst)
-    assert result.complete and result.snapshot_offset == manifest["offset"] and not result.created
+    assert result.complete and result.snapshot_offset == oldest and not result.created
     assert_synced(src, dst)
     with Replica.open(dst) as b:
-        assert b.oldest_offset == manifest["offset"]
+        assert b.oldest_offset == oldest
+
+
+def test_a_diverged_destination_behind_the_source_retention_is_refused(way, tmp_path, rng):
+    """A stray commit on a follower stays refused (exit 13, nothing written) after the source compacted
+    past the follower's head: that the source can no longer send records from there does not make
+    replacing the follower's own history by its snapshot any less a loss. --reseed still does it."""
+    src, model = new_source(tmp_path, rng, commits=3)
+    dst = tmp_path / "dst"
+    assert do_sync(way, src, dst).complete
+    _stray_commit(dst)
+    advance(src, rng, model, commits=3)
+    _compact_to_head(src)
+    before = _log_of(dst)
+    for args in ((), ("--dry-run",), ("--max-bytes", "2K")):
+        proc = sync_cli(way, src, dst, "--json", *args)
+        assert proc.returncode == 13, proc.stderr
+        err = json.loads(proc.stdout)["error"]
+        assert err["type"] == "Diverged" and "--reseed" in err["hint"] and "Traceback" not in proc.stderr
+        assert _log_of(dst) == before
+    proc = sync_cli(way, src, dst, "--reseed", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert_synced(src, dst)
+
+
+def test_an_unprovable_destination_behind_the_source_retention_is_refused(way, tmp_path, rng):
+    """A source compacted before it kept past digests cannot vouch for a follower's head: the sync
+    refuses (exit 7, naming --reseed) and writes nothing, faithful follower or not."""
+    src, model = new_source(tmp_path, rng)
+    dst = tmp_path / "dst"
+    assert do_sync(way, src, dst).complete
+    advance(src, rng, model, commits=5)
+    oldest = _compact_as_before_past_digests(src)
+    before = _log_of(dst)
+    proc = sync_cli(way, src, dst, "--json")
+    assert proc.returncode == 7, proc.stderr
+    err = json.loads(proc.stdout)["error"]
+    assert err["type"] == "OffsetNotRetained" and "--reseed" in err["hint"] and f"oldest offset {oldest}" in err["message"]
+    assert _log_of(dst) == before
+    assert sync_cli(way, src, dst, "--reseed").returncode == 0
+    assert_synced(src, dst)
 
 
 def test_a_first_sync_from_a_snapshot_head_keeps_the_time_it_was_made(way, tmp_path, rng):

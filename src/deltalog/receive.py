@@ -656,6 +656,7 @@ def restore_snapshot(replica: "Replica", manifest: dict, staged: str | None = No
         store.put_snapshot(txn, local)
         store.put_meta(txn, "oldest", offset)
         store.delete_meta(txn, UNCONFIRMED_KEY)  # it described a head this replica no longer has
+        store.clear_past_digests(txn)  # they were its old history's, not the source's
 
     intent = {"offset": offset, "staged": None if staged is None else os.path.basename(staged)}
     replica.writer.run_intent(RESTORE_KEY, intent, log=rebase, head=offset, applied=offset, applying=offset,

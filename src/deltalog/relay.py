@@ -405,6 +405,26 @@ class RelayReader:
             at = seg["end"]
         return path
 
+    def state_digest_at(self, offset: int) -> str | None:
+        """The relay's state digest at ``offset`` (hex) where its head object names one: the head,
+        a snapshot, a segment's start or end, a published head; else None (sync then cannot prove a replica older
+        than the relay's oldest snapshot holds its history)."""
+        head = self.refresh()
+        if int(offset) == int(head["head"]):
+            return head["state_digest"]
+        for s in head["snapshots"]:
+            if int(s["offset"]) == offset and s.get("state_digest"):
+                return s["state_digest"]
+        for e in head["segments"]:
+            if e["start"] == offset:
+                return e["pre_digest"]
+            if e["end"] == offset:
+                return e["post_digest"]
+        for end, digest in head.get("boundaries") or []:
+            if int(end) == offset:
+                return digest
+        return None
+
     def _digest_at(self, offset: int, first: dict, header: dict) -> int:
         """The relay's state digest at ``offset``, where a puller starts inside segment ``first``."""
         if first["start"] == offset:

@@ -435,6 +435,17 @@ class Replica:
                     return lineage.from_hex(manifest.get("state_digest"))
         return None
 
+    def past_state_digest(self, offset: int) -> int | None:
+        """The state digest at an offset whose record compaction dropped, or None when it was not
+        kept (meta/past_digests: the newest store.PAST_DIGESTS_KEPT of them; none before this
+        version compacted, none after a reseed replaced the log). Such an offset is not retained:
+        nothing can be rebuilt there, but a follower that stands on it can be proven to hold this
+        replica's history (sync)."""
+        with self.store.read() as txn:
+            offsets, digests = self.store.past_digests(txn)
+        i = int(np.searchsorted(offsets, np.uint64(offset))) if offset >= 0 else len(offsets)
+        return int(digests[i]) if i < len(offsets) and int(offsets[i]) == offset else None
+
     def digest_of_files(self) -> int:
         """The state digest of the model at the head, computed from the row digest files
         (rows a pending partial sync wrote ahead of the head count at their head values)."""

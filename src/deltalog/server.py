@@ -18,6 +18,9 @@ when the server has a token):
     GET  /v1/wait?since=H&timeout=T         long-poll: answers {head, changed} as soon as the head
                                             differs from H, or after T seconds (default 30, at
                                             most 600) with the head unchanged (sync --follow)
+    GET  /v1/digest?offset=H                {offset, state_digest}: the state digest at H (null when
+                                            unknown), also at an offset compaction dropped (sync
+                                            proves a far-behind replica holds this history with it)
     GET  /metrics                           Prometheus text
 
 Files are streamed with ``socket.sendfile`` from descriptors opened before
@@ -829,6 +832,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._route = "/v1/wait"
             if self._method_ok("GET"):
                 self._wait(query)
+        elif path == "/v1/digest":
+            self._route = "/v1/digest"
+            if self._method_ok("GET"):
+                self._digest(query)
         elif path == "/v1/plan":
             self._route = "/v1/plan"
             if self._method_ok("GET", "POST"):
@@ -1017,6 +1024,20 @@ class _Handler(BaseHTTPRequestHandler):
 
         head = self.server.head_watcher.wait(since, timeout, gone)
         self._send_json({"head": head, "changed": head != since})
+
+    def _digest(self, query: str) -> None:
+        """GET /v1/digest?offset=H: {offset, state_digest} (hex, or null when the replica has none
+        there); an offset compaction dropped is answered from the digests it kept."""
+        from .sync import source_state_digest_at
+
+        raw = {k: v[-1] for k, v in parse_qs(query or "", keep_blank_values=True).items()}
+        try:
+            offset = int(raw["offset"])
+        except (KeyError, ValueError):
+            raise InvalidInput("offset (an integer) is required") from None
+        if not 0 <= offset <= _MAX_U64:
+            raise InvalidInput("offset must be an offset")
+        self._send_json({"offset": offset, "state_digest": source_state_digest_at(self._replica(), offset)})
 
     # -- the record stream ----------------------------------------------------------------
 

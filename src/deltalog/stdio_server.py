@@ -9,7 +9,9 @@ role:
   ``wait`` ({since, timeout}: answered ``head`` {head} as soon as PATH's
   head differs from ``since``, or at the timeout; the long-poll of ``sync
   --follow``), ``plan``, ``chunks`` (answered by a stream of ``chunk``
-  frames and an ``end`` frame), ``snapshot_manifest``, ``read_snapshot_file``;
+  frames and an ``end`` frame), ``snapshot_manifest``, ``read_snapshot_file``,
+  ``digest_at`` ({offset}: answered ``digest`` {digest}, PATH's state digest
+  there, including an offset compaction dropped; nil when it has none);
 - ``sink`` (the client pushes into PATH, this process applies): requests
   ``begin``, ``apply_chunk``, ``apply_final`` (the only chunk of a sync,
   applied as its record; header {target, follow}), ``finish`` ({target,
@@ -166,6 +168,10 @@ class _SourceHandler:
     def do_snapshot_manifest(self, header, payload, out) -> None:
         a = _args(header, payload)
         _answer(out, "manifest", self.source.snapshot_manifest(a["offset"]))
+
+    def do_digest_at(self, header, payload, out) -> None:
+        a = _args(header, payload)
+        _answer(out, "digest", {"digest": self.source.state_digest_at(int(a["offset"]))})
 
     def do_read_snapshot_file(self, header, payload, out) -> None:
         a = _args(header, payload)

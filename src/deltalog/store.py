@@ -42,6 +42,9 @@ _BUCKET_VALUE = struct.Struct(">Qd")
 _BUCKET_KEY_DTYPE = np.dtype([("tensor", ">u4"), ("bucket", ">u8")])  # the same layouts, for arrays of them
 _BUCKET_VALUE_DTYPE = np.dtype([("version", ">u8"), ("significance", ">f8")])
 
+PAST_DIGESTS_KEPT = 1 << 20  # meta/past_digests keeps the newest this many (16 MiB of offsets and digests)
+_PAST_DIGESTS_KEY = "past_digests"
+
 _FULL_DISK_BYTES = 16 << 20  # below this much free space an EIO from a write is taken for a full disk
 
 
@@ -390,6 +393,45 @@ class LogStore:
 
     def delete_snapshot(self, txn, offset: int) -> None:
         txn.delete(offset_key(offset), db=self.dbs["snapshots"])
+
+    # -- the state digests at offsets compaction dropped (formats/FORMAT.md, meta/past_digests) --
+
+    def past_digests(self, txn) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, state digests) of states whose records compaction dropped, offsets ascending.
+
+        Empty when there are none, and when the value is malformed: a
+        digest that cannot be read proves nothing, so it counts as unknown
+        (a sync that needed it refuses).
+        """
+        empty = np.empty(0, dtype=np.uint64)
+        try:
+            value = self.get_meta(txn, _PAST_DIGESTS_KEY)
+            offsets = np.frombuffer(value["offsets"], dtype="<u8")
+            digests = np.frombuffer(value["digests"], dtype="<u8")
+        except (IntegrityError, TypeError, KeyError, ValueError):
+            return empty, empty
+        if len(offsets) != len(digests) or (len(offsets) > 1 and not np.all(offsets[1:] > offsets[:-1])):
+            return empty, empty
+        return offsets.astype(np.uint64), digests.astype(np.uint64)
+
+    def add_past_digests(self, txn, offsets, digests) -> None:
+        """Keep the state digests of offsets whose records are being dropped (newest PAST_DIGESTS_KEPT)."""
+        if not len(offsets):
+            return
+        old_offsets, old_digests = self.past_digests(txn)
+        offsets = np.concatenate([old_offsets, np.asarray(offsets, dtype=np.uint64)])
+        digests = np.concatenate([old_digests, np.asarray(digests, dtype=np.uint64)])
+        # Sorted by offset, the newest of a repeated offset kept (np.unique keeps the first: reverse).
+        order = np.lexsort((-np.arange(len(offsets)), offsets))
+        offsets, digests = offsets[order], digests[order]
+        first = np.r_[True, offsets[1:] != offsets[:-1]]
+        offsets, digests = offsets[first][-PAST_DIGESTS_KEPT:], digests[first][-PAST_DIGESTS_KEPT:]
+        self.put_meta(txn, _PAST_DIGESTS_KEY, {"offsets": offsets.astype("<u8").tobytes(),
+                                               "digests": digests.astype("<u8").tobytes()})
+
+    def clear_past_digests(self, txn) -> None:
+        """Forget them: the replica took on another history (a snapshot from its source replaced its log)."""
+        self.delete_meta(txn, _PAST_DIGESTS_KEY)
 
     def usage_bytes(self) -> int:
         info, stat = self.env.info(), self.env.stat()

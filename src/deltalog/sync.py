@@ -258,6 +258,17 @@ def source_plan(replica: Replica, since: int, advanced, target: int) -> dict:
     }
 
 
+def source_state_digest_at(replica: Replica, offset: int) -> str | None:
+    """The source's state digest at ``offset`` (hex), or None when it cannot vouch for one: a
+    retained offset's, else one whose record compaction dropped (Replica.past_state_digest).
+    What proves that a destination older than the source's oldest offset holds its history."""
+    offset = int(offset)
+    if offset < 0 or offset > replica.head:
+        return None
+    digest = replica.state_digest_at(offset)
+    return lineage.to_hex(digest if digest is not None else replica.past_state_digest(offset))
+
+
 HISTORY_LIMIT = 10_000  # source records one sync record names at most (every rollback is kept)
 
 
@@ -587,6 +598,8 @@ def sync(
 
     # --- snapshot transfer: a new destination, one older than the source keeps, or a reseed
     need_snapshot = not state["exists"] or state["head"] < hello["oldest_offset"] or reseed
+    if existed and not reseed and state["head"] < hello["oldest_offset"]:
+        _check_lineage_before_oldest(source, hello, state, source_name, destination_name)
     if not need_snapshot:
         unchecked = _check_lineage(hello, state, sink, source_name, destination_name)
     if not need_snapshot and state["head"] >= target:
@@ -788,6 +801,28 @@ def _check_lineage(hello: dict, state: dict, sink, source_name: str, destination
         if at != theirs:
             raise diverged(destination_name, target, lineage.from_hex(at), lineage.from_hex(theirs), source_name)
     return None
+
+
+def _check_lineage_before_oldest(source, hello: dict, state: dict, source_name: str, destination_name: str) -> None:
+    """Refuse to replace a destination older than the source's oldest offset unless it is proven to
+    hold the source's model at its head: the source's state digest there (compaction keeps the
+    digests of the records it drops) must be the destination's. Replacing it otherwise would drop,
+    unnoticed, whatever another history gave it (a stray commit, a failover primary's writes).
+
+    Diverged when the digests differ; OffsetNotRetained when the source has none for that offset
+    (it compacted before it kept them, keeps only the newest, or is an older deltalog)."""
+    head, mine = state["head"], lineage.from_hex(state.get("state_digest"))
+    ask = getattr(source, "state_digest_at", None)
+    theirs = lineage.from_hex(ask(head)) if ask is not None and mine is not None else None
+    if theirs is None:
+        raise OffsetNotRetained(
+            f"{destination_name}: its head {head} is older than {source_name}'s oldest offset "
+            f"{hello['oldest_offset']}, and {source_name} has no state digest for offset {head}, "
+            f"so {destination_name} cannot be proven to hold its history",
+            hint=f"pass --reseed to replace {destination_name} by the source's snapshot and log",
+        )
+    if theirs != mine:
+        raise diverged(destination_name, head, mine, theirs, source_name)
 
 
 def _mark_only(stream, peek: bool, may_read: Callable[[], bool] = lambda: True):

@@ -383,14 +383,35 @@ class Writer:
                 self.store.clear_buckets(txn)
             self.store.put_snapshot(txn, manifest)
             self.store.put_meta(txn, "oldest", horizon)
-            folded["removed"] = sum(1 for _ in self.store.iter_records(txn, upto=horizon))
+            past = self._digests_dropped(txn, horizon)
+            folded["removed"] = len(past)
             folded["freed"] = self.store.delete_records(txn, upto=horizon)
-            folded["dropped"] = [m["offset"] for m in self.store.get_snapshots(txn) if m["offset"] < horizon]
-            for offset in folded["dropped"]:
-                self.store.delete_snapshot(txn, offset)
+            dropped = [m for m in self.store.get_snapshots(txn) if m["offset"] < horizon]
+            folded["dropped"] = [m["offset"] for m in dropped]
+            for m in dropped:
+                self.store.delete_snapshot(txn, m["offset"])
+                past[m["offset"]] = lineage.from_hex(m.get("state_digest"))
+            known = sorted((o, d) for o, d in past.items() if d is not None)
+            self.store.add_past_digests(txn, [o for o, _d in known], [d for _o, d in known])
 
         self.transition(Change(log=fold))
         return folded["removed"], folded["freed"], folded["dropped"]
+
+    def _digests_dropped(self, txn, horizon: int) -> dict[int, int | None]:
+        """{offset: its state digest (None: unknown)} of every record at or before ``horizon``.
+
+        Compaction keeps them (meta/past_digests) so that a follower whose
+        head it dropped can still be proven to hold this history (sync).
+        A record whose header cannot be read counts as unknown: compaction
+        from the tensor files drops a damaged log.
+        """
+        past = {}
+        for offset, blob in self.store.iter_records(txn, upto=horizon):
+            try:
+                past[offset] = rec.summarize(blob, f"{self.path}: record {offset}").post_digest
+            except DeltalogError:
+                past[offset] = None
+        return past
 
     def register_snapshot(self, manifest: dict) -> None:
         """Register a complete snapshot directory (lock held)."""

@@ -36,6 +36,7 @@ def command(replica, host, port, token_file, max_connections, timeout, as_json, 
     POST /v1/chunks                     record stream for 'deltalog sync http://HOST:PORT DST'
     GET /v1/wait?since=H&timeout=T      long-poll: answers {head, changed} when the head
                                         is no longer H, or after T s ('sync --follow')
+    GET /v1/digest?offset=H             {offset, state_digest}: the model's digest at H
     GET /metrics                        Prometheus metrics
 
     Downloads support Range requests (curl -C -), so an interrupted one

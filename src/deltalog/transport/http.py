@@ -159,6 +159,25 @@ class HttpSource:
             raise TransportError(f"{self.url}: the server sent a manifest that is not snapshot {offset}'s")
         return manifest
 
+    def state_digest_at(self, offset: int) -> str | None:
+        """GET /v1/digest: the server's state digest at ``offset`` (hex), or None when it has none
+        (an older server without the endpoint answers 404: none either)."""
+        from ..wire import unpack
+
+        what = f"state digest at {offset}"
+        response = self._request("GET", f"/v1/digest?offset={int(offset)}", what, headers={"Accept": _MSGPACK},
+                                 allow=(200, 404))
+        try:
+            data = response.read()
+        except (http.client.HTTPException, OSError) as exc:
+            self._close_shared()
+            raise self._lost(exc, what) from None
+        if response.status == 404:
+            return None
+        answer = unpack(data, f"{self.url}: {what}")
+        digest = answer.get("state_digest") if isinstance(answer, dict) else None
+        return digest if isinstance(digest, str) else None
+
     def plan(self, since: int, advanced: dict[str, dict[int, int]], target: int) -> dict:
         """What :meth:`chunks` would send (rows, buckets, bytes per tensor), without the values."""
         from ..wire import pack, unpack

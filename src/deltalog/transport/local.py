@@ -111,6 +111,9 @@ class LocalSource:
     def snapshot_manifest(self, offset: int) -> dict:
         return sync_mod.source_snapshot_manifest(self.replica, offset)
 
+    def state_digest_at(self, offset: int) -> str | None:
+        return sync_mod.source_state_digest_at(self.replica, offset)
+
     def read_snapshot_file(self, offset: int, file: str, start: int, length: int) -> bytes:
         return sync_mod.source_read_snapshot_file(self.replica, offset, file, start, length)
 

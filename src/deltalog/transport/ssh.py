@@ -324,6 +324,20 @@ class SshSource:
         _h, data = self.conn.request("snapshot_manifest", {"offset": offset}, expect="manifest")
         return wire.unpack(data, "manifest")
 
+    def state_digest_at(self, offset: int) -> str | None:
+        """The remote source's state digest at ``offset`` (hex), or None when it has none; an
+        older ``serve --stdio`` that does not know the request has none either."""
+        conn = self.conn
+        if conn.busy:
+            raise TransportError(f"{self.spec.text}: a chunk stream was abandoned; reconnect")
+        header, data = conn.request_unchecked("digest_at", {"offset": int(offset)})
+        if header.get("type") == "error" and "unknown request" in str(header.get("message")):
+            return None
+        wire.expect(header, "digest")
+        answer = wire.unpack(data, "digest")
+        digest = answer.get("digest") if isinstance(answer, dict) else None
+        return digest if isinstance(digest, str) else None
+
     def read_snapshot_file(self, offset: int, file: str, start: int, length: int) -> bytes:
         _h, data = self.conn.request("read_snapshot_file",
                                      {"offset": offset, "file": file, "start": start, "length": length},
