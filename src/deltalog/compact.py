@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import lineage, tensorfiles
-from .errors import IntegrityError, InvalidInput, OffsetNotRetained, StorageError, UnsupportedVersion
+from .errors import IntegrityError, InvalidInput, OffsetNotRetained, StorageError, UnsupportedVersion, os_hint
 from .history import head_time
 from .replay import tensors_at
 from .lock import pid_alive
@@ -192,9 +192,7 @@ def compact(
                         made_at=head_time(replica, horizon),  # its record goes: the manifest keeps its time
                     )
                 except OSError as exc:
-                    raise StorageError(
-                        f"{root}: cannot write the snapshot: {exc.strerror}", hint="free disk space and retry"
-                    ) from None
+                    raise StorageError(f"{root}: cannot write the snapshot: {exc.strerror}", hint=os_hint(exc)) from None
                 expected, written = replica.state_digest_at(horizon), lineage.from_hex(manifest["state_digest"])
                 if expected is not None and written != expected:  # the replay and the log disagree: keep both
                     raise IntegrityError(
@@ -271,8 +269,7 @@ def compact_from_tensors(replica: Replica, wait: float = 0.0) -> CompactResult:
                     made_at=head_time(replica, state.head),
                 )
             except OSError as exc:
-                raise StorageError(f"{root}: cannot write the snapshot: {exc.strerror}",
-                                   hint="free disk space and retry") from None
+                raise StorageError(f"{root}: cannot write the snapshot: {exc.strerror}", hint=os_hint(exc)) from None
             written = lineage.from_hex(manifest["state_digest"])
             if written != state.digest:
                 raise IntegrityError(

@@ -98,6 +98,34 @@ class Diverged(DeltalogError):
             "source's snapshot and log, dropping its own records")
 
 
+_OS_PROBLEMS = {  # errno name -> (what it means, what to do)
+    "EACCES": ("permission denied", "run as a user that may read and write it, or fix its permissions"),
+    "EPERM": ("permission denied", "run as a user that may read and write it, or fix its permissions"),
+    "EROFS": ("read-only file system", "writes need a writable mount"),
+    "ENOSPC": ("disk full", "free disk space and retry"),
+    "EDQUOT": ("disk quota exceeded", "free disk space and retry"),
+    "EIO": ("I/O error", "check the disk (dmesg)"),
+}
+
+
+def os_hint(exc: OSError) -> str:
+    """What to do about an OSError from the environment (a write that failed: disk full, or not)."""
+    import errno
+
+    return _OS_PROBLEMS.get(errno.errorcode.get(exc.errno or 0, ""), (None, "check free space and permissions"))[1]
+
+
+def environment_error(exc: OSError) -> StorageError | None:
+    """The StorageError an OSError from the environment means (permissions, a read-only mount, a
+    full disk, a failing device), or None for any other (a bug: exit 20)."""
+    import errno
+
+    problem = _OS_PROBLEMS.get(errno.errorcode.get(exc.errno or 0, ""))
+    if problem is None:
+        return None
+    return StorageError(f"{exc.filename or 'a file'}: {problem[0]}", hint=problem[1])
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success (diff: no differences; sync: complete)",
     1: "diff found differences, or sync stopped incomplete under --max-bytes/--deadline",
@@ -113,5 +141,6 @@ EXIT_CODES: dict[int, str] = {
     InvalidInput.exit_code: "invalid input: unknown tensor, wrong shape or dtype, bad checkpoint",
     StorageError.exit_code: "storage failure: disk full or permission denied",
     Diverged.exit_code: "diverged: the replicas hold different models at one offset (another history)",
+    130: "interrupted (Ctrl-C): every change is whole or not made at all",
     DeltalogError.exit_code: "internal error (a bug: please report it with --debug output)",
 }

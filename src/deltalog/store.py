@@ -111,17 +111,7 @@ def _acquire_env(path: str) -> tuple[lmdb.Environment, dict]:
         entry = _registry.get(real)
         if entry is None:
             check_data_file(real)  # a truncated file would kill us with SIGBUS once mapped
-            try:
-                env = lmdb.open(
-                    real,
-                    map_size=INITIAL_MAP_SIZE,
-                    max_dbs=len(DB_NAMES),
-                    subdir=True,
-                    create=False,
-                    max_readers=256,
-                )
-            except lmdb.Error as exc:
-                raise IntegrityError(f"{path}: cannot open the log ({exc})") from None
+            env = _open_env(path, real)
             try:
                 with env.begin(write=False) as txn:
                     missing = [n for n in DB_NAMES if txn.get(n) is None]
@@ -138,6 +128,35 @@ def _acquire_env(path: str) -> tuple[lmdb.Environment, dict]:
             entry = _registry[real] = [env, 0, dbs]
         entry[1] += 1
         return entry[0], entry[2]
+
+
+def _open_env(path: str, real: str) -> lmdb.Environment:
+    """The environment at ``real``, read-write, or read-only when this process may not write it.
+
+    A replica another user owns, or one on a read-only mount, is still
+    readable: LMDB's readers need write access only to ``lock.mdb`` (their
+    slot in its reader table), and on a read-only file system none at all.
+    """
+    options = dict(map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True, create=False, max_readers=256)
+    try:
+        return lmdb.open(real, **options)
+    except lmdb.Error as exc:
+        if not _denied(exc):
+            raise IntegrityError(f"{path}: cannot open the log ({exc})") from None
+    try:
+        return lmdb.open(real, readonly=True, **options)
+    except lmdb.Error as exc:
+        if _denied(exc):
+            lock = os.path.join(path, "lock.mdb")
+            raise StorageError(f"{path}: cannot open the log: permission denied",
+                               hint=f"a reader needs write access to {lock}, LMDB's table of readers") from None
+        raise IntegrityError(f"{path}: cannot open the log ({exc})") from None
+
+
+def _denied(exc: lmdb.Error) -> bool:
+    """Whether LMDB failed for want of write permission (py-lmdb reports EACCES as ReadonlyError)."""
+    text = str(exc)
+    return isinstance(exc, lmdb.ReadonlyError) or "Permission denied" in text or "Read-only file system" in text
 
 
 def _release_env(path: str) -> None:
@@ -222,6 +241,9 @@ class LogStore:
 
     def _storage_error(self, exc: lmdb.Error) -> StorageError | None:
         """The StorageError an OS-level LMDB failure means, or None for other errors (bugs)."""
+        if self.env.flags().get("readonly"):  # opened read-only: this process may not write it (_open_env)
+            return StorageError(f"{self.path}: cannot write the log: permission denied or a read-only mount",
+                                hint="run as a user that may write the replica")
         code = getattr(exc, "code", 0)
         if code in (errno.ENOSPC, errno.EDQUOT):
             return StorageError(f"{self.path}: disk full ({exc})", hint="free disk space and retry")

@@ -26,9 +26,10 @@ EPILOG = """\b
 Exit codes: 0 ok; 1 differences found / sync incomplete; 2 usage error;
 3 not a replica; 4 unsupported version; 5 integrity failure;
 6 model mismatch; 7 offset not retained; 8 transport; 9 lock held;
-10 check failed; 11 invalid input; 12 storage (disk full);
-13 diverged (another history); 20 internal.
-A reader that stops early (| head) is no error: the exit code stays the command's own.
+10 check failed; 11 invalid input; 12 storage (disk full, permissions);
+13 diverged (another history); 20 internal; 130 interrupted (Ctrl-C).
+A reader that stops early (| head) is no error: the exit code stays
+the command's own.
 Pass --debug (or DELTALOG_DEBUG=1) for a traceback on errors."""
 
 
@@ -250,29 +251,39 @@ def _run_command(args: list[str]) -> int:
     try:
         code = cli.main(args=args, prog_name="deltalog", standalone_mode=False)
     except click.ClickException as exc:  # usage errors: exit 2
-        exc.show()
-        code = exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("deltalog: aborted", err=True)
-        code = 130
-    except KeyboardInterrupt:
-        click.echo("deltalog: interrupted", err=True)
-        code = 130
+        ctx = getattr(exc, "ctx", None)
+        hint = f"see '{ctx.command_path} --help'" if ctx is not None else "see 'deltalog --help'"
+        code = _report("UsageError", exc.exit_code, exc.format_message().rstrip("."), hint, want_json)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a Ctrl-C into Abort
+        code = _report("Interrupted", INTERRUPTED, "interrupted",
+                       "every change is whole or not made at all: 'deltalog status' shows where the replica stands",
+                       want_json)
     except Exception as exc:  # noqa: BLE001 - the single place errors become exit codes
-        from ..errors import DeltalogError
+        from ..errors import DeltalogError, environment_error
 
         if debug:
             import traceback
 
             traceback.print_exc()
+        if not isinstance(exc, DeltalogError) and isinstance(exc, OSError):
+            exc = environment_error(exc) or exc  # permission denied, read-only, disk full: exit 12, not a bug
         if isinstance(exc, DeltalogError):
             kind, code, message, hint = type(exc).__name__, exc.exit_code, str(exc), exc.hint
         else:
             kind, code, message, hint = "InternalError", 20, f"{type(exc).__name__}: {exc}", "rerun with --debug and report it"
-        line = message + (f" ({hint})" if hint else "")
-        click.echo(f"deltalog: error: {line}", err=True)
-        if want_json:
-            import json
-
-            click.echo(json.dumps({"error": {"type": kind, "message": message, "hint": hint, "exit_code": code}}))
+        code = _report(kind, code, message, hint, want_json)
     return code if isinstance(code, int) else 0
+
+
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+def _report(kind: str, code: int, message: str, hint: str | None, want_json: bool) -> int:
+    """The error as one line on stderr and, with --json, as {"error": {...}} on stdout; returns ``code``."""
+    line = message + (f" ({hint})" if hint else "")
+    click.echo(f"deltalog: error: {line}", err=True)
+    if want_json:
+        import json
+
+        click.echo(json.dumps({"error": {"type": kind, "message": message, "hint": hint, "exit_code": code}}))
+    return code

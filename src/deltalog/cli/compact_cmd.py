@@ -9,7 +9,7 @@ from .params import DurationParam, OffsetParam
 
 
 @click.command("compact")
-@click.argument("replica", type=click.Path(file_okay=False))
+@click.argument("replica", type=click.Path(file_okay=False, readable=False))  # unreadable: exit 12, not 2
 @click.option("--keep-after", type=OffsetParam(), default=None, metavar="OFFSET",
               help="Keep the offsets after OFFSET (N, head, head~N or -N); OFFSET becomes the oldest.")
 @click.option("--keep-records", type=click.IntRange(min=0), default=None, metavar="N",

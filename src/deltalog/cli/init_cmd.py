@@ -8,7 +8,7 @@ from .console import Output, human_bytes, json_option, quiet_option, recursive_o
 
 
 @click.command("init")
-@click.argument("replica", type=click.Path(file_okay=False))
+@click.argument("replica", type=click.Path(file_okay=False, readable=False))  # unreadable: exit 12, not 2
 @click.option("--from", "checkpoint", required=True, type=click.Path(exists=True),
               help="Checkpoint: a .npz, a .safetensors file, or a directory of .npy files.")
 @click.option("--bucket-rows", type=click.IntRange(min=1), default=1024, show_default=True,

@@ -9,7 +9,7 @@ from .params import SinceParam
 
 
 @click.command("log")
-@click.argument("replica", type=click.Path(file_okay=False))
+@click.argument("replica", type=click.Path(file_okay=False, readable=False))  # unreadable: exit 12, not 2
 @click.option("--since", type=SinceParam(), default=None, metavar="OFFSET|DURATION",
               help="Only records after OFFSET (N, head~N or -N), or written in the last DURATION (90m, 2h, 7d).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many records (the newest).")

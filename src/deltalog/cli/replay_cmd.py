@@ -9,7 +9,7 @@ from .params import OffsetParam
 
 
 @click.command("replay")
-@click.argument("replica", type=click.Path(file_okay=False))
+@click.argument("replica", type=click.Path(file_okay=False, readable=False))  # unreadable: exit 12, not 2
 @click.option("--to", "to", type=OffsetParam(), default=None, metavar="OFFSET",
               help="The offset to rebuild: N, or head~N / -N for the N-th retained offset before the head "
                    "(default: the head).")

@@ -9,7 +9,7 @@ from .params import OffsetParam
 
 
 @click.command("rollback")
-@click.argument("replica", type=click.Path(file_okay=False))
+@click.argument("replica", type=click.Path(file_okay=False, readable=False))  # unreadable: exit 12, not 2
 @click.option("--to", "to", required=True, type=OffsetParam(), metavar="OFFSET",
               help="The offset whose tensors become the new head: N, or head~N / -N for the N-th retained "
                    "offset before the head (see 'deltalog log').")

@@ -6,7 +6,7 @@ import click
 
 
 @click.command("serve")
-@click.argument("replica", type=click.Path(file_okay=False))
+@click.argument("replica", type=click.Path(file_okay=False, readable=False))  # unreadable: exit 12, not 2
 @click.option("--stdio", is_flag=True, help="Speak the sync protocol on stdin/stdout (the only mode).")
 def command(replica, stdio):
     """Serve REPLICA to one 'deltalog sync' client over stdin/stdout.

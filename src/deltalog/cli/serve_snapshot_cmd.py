@@ -12,7 +12,7 @@ from .console import Output, json_option, quiet_option
 
 
 @click.command("serve-snapshot")
-@click.argument("replica", type=click.Path(file_okay=False))
+@click.argument("replica", type=click.Path(file_okay=False, readable=False))  # unreadable: exit 12, not 2
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Give 0.0.0.0 (or ::) to accept other machines.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,

@@ -9,7 +9,7 @@ from .console import Output, json_option, quiet_option, wait_option
 
 @click.command("verify")
 @click.pass_context
-@click.argument("replica", type=click.Path(file_okay=False))
+@click.argument("replica", type=click.Path(file_okay=False, readable=False))  # unreadable: exit 12, not 2
 @wait_option
 @json_option
 @quiet_option

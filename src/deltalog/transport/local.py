@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from .. import lineage, receive, tensorfiles
 from .. import sync as sync_mod
 from ..dtypes import STORAGE
-from ..errors import IntegrityError, InvalidInput, NotAReplica, StorageError, TransportError
+from ..errors import IntegrityError, InvalidInput, NotAReplica, StorageError, TransportError, os_hint
 from ..layout import LOG_DIR, is_replica, sync_staging_path
 from ..lock import LOCK_FILE, WriterLock
 from ..replica import Replica
@@ -370,7 +370,7 @@ class LocalSink:
         try:
             fh.write(data)
         except OSError as exc:
-            raise StorageError(f"{local}: cannot write ({exc.strerror})", hint="free disk space and retry") from None
+            raise StorageError(f"{local}: cannot write ({exc.strerror})", hint=os_hint(exc)) from None
 
     def snapshot_commit(self) -> dict:
         manifest, hello = self._manifest, self._hello
