@@ -134,3 +134,75 @@ def test_damaged_derived_state_is_rebuilt_from_the_tensors(tmp_path, rng, damage
     with Replica.open(path) as r:
         assert_same(r, model)
         assert r.bucket_index("item_emb") == {}  # it described records that are gone
+
+
+def _damage_manifest_entry(path, offset: int) -> None:
+    """The log's copy of a snapshot's manifest, made undecodable (the files are untouched)."""
+    with Replica.open(path) as r:
+        r.store.write(lambda txn: txn.put(offset.to_bytes(8, "big"), b"\xa4x\xffz\xc1", db=r.store.dbs["snapshots"]))
+
+
+def test_a_damaged_snapshot_manifest_in_the_log_is_reported_and_repaired(tmp_path, rng):
+    """verify names it (it used to fail on it itself, like every repair it could name), and both the
+    repairs it names work: compact --from-tensors, and sync --reseed from a healthy replica."""
+    path, model = _primary(tmp_path, rng)
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    for p in (path, copy):
+        _damage_manifest_entry(p, 0)
+    report = _verify(path)
+    assert report["code"] == 5 and report["damaged"] == ["snapshots"], report
+    assert any("snapshot manifest 0" in p for p in report["problems"]), report["problems"]
+    assert "--from-tensors" in report["repair"] and "--reseed" in report["repair"]
+    assert "verify" not in run_cli("verify", path).stderr.split("error:")[-1]  # no loop back to itself
+    proc = run_cli("compact", path, "--from-tensors")
+    assert proc.returncode == 0, proc.stderr
+    assert _verify(path)["code"] == 0
+    proc = run_cli("sync", tmp_path / "follower", copy, "--reseed")
+    assert proc.returncode == 0, proc.stderr
+    assert _verify(copy)["code"] == 0
+    for p in (path, copy):
+        with Replica.open(p) as r:
+            assert_same(r, model)
+
+
+def test_metadata_no_command_can_open_past_names_a_way_out_that_needs_no_opening(tmp_path, rng):
+    path, _model = _primary(tmp_path, rng)
+    with Replica.open(path) as r:
+        model_meta = r.meta("model")
+        model_meta["tensors"][0]["name"] = "zzz"  # names no longer sorted: the tensor ids would be wrong
+        r.store.write(lambda txn: r.store.put_meta(txn, "model", model_meta))
+    for command in (("status", path), ("verify", path)):
+        proc = run_cli(*command)
+        assert proc.returncode == 5 and "meta/model" in proc.stderr, proc.stderr
+        assert "run 'deltalog verify'" not in proc.stderr and "HEALTHY_REPLICA NEW_DIR" in proc.stderr
+    with open(path / "DELTALOG", "w"):
+        pass  # an empty marker
+    proc = run_cli("status", path)
+    assert proc.returncode == 5 and "marker" in proc.stderr and "'format N'" in proc.stderr, proc.stderr
+
+
+def test_a_damaged_manifest_json_is_found_never_served_and_rewritten_by_replay_in_place(tmp_path, rng):
+    path, model = _primary(tmp_path, rng)
+    manifest_json = path / "snapshots" / "00000000000000000000" / "manifest.json"
+    intact = manifest_json.read_bytes()
+    manifest_json.write_text("garbage\n")
+    report = _verify(path)
+    assert report["code"] == 5 and report["damaged"] == ["snapshots"], report
+    assert any("manifest.json is not JSON" in p for p in report["problems"]), report["problems"]
+    assert "replay" in report["repair"] and "--from-tensors" not in report["repair"]
+    assert run_cli("diff", path, tmp_path / "follower").returncode == 0  # the data files are intact: still read
+    from urllib.error import HTTPError
+    from urllib.request import urlopen
+
+    from http_fixture import running_server
+
+    with running_server(path) as server:
+        with pytest.raises(HTTPError) as err:
+            urlopen(f"{server.url}/v1/snapshots/0/manifest.json", timeout=30)
+        assert err.value.code >= 400 and b"manifest.json" in err.value.read()
+    proc = run_cli("replay", path, "--in-place", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["manifests_rewritten"] == [0]
+    assert json.loads(manifest_json.read_text()) == json.loads(intact)
+    assert _verify(path)["code"] == 0

@@ -45,7 +45,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import lineage, tensorfiles
-from .errors import IntegrityError, InvalidInput, OffsetNotRetained, StorageError, UnsupportedVersion, os_hint
+from .errors import (DeltalogError, IntegrityError, InvalidInput, OffsetNotRetained, StorageError, UnsupportedVersion,
+                     os_hint)
 from .history import head_time
 from .replay import tensors_at
 from .lock import pid_alive
@@ -226,10 +227,10 @@ def plan(replica: Replica, keep_after: int | None = None, keep_records: int | No
     for summary in replica.iter_summaries(upto=horizon):
         result.records_removed += 1
         result.log_bytes_freed += summary.nbytes
-    for manifest in replica.snapshots():
-        if manifest["offset"] < horizon:
-            result.snapshots_removed.append(manifest["offset"])
-            result.snapshot_bytes_removed += _tree_bytes(tensorfiles.snapshot_path(replica.path, manifest["offset"]))
+    for offset in replica.snapshot_offsets():
+        if offset < horizon:
+            result.snapshots_removed.append(offset)
+            result.snapshot_bytes_removed += _tree_bytes(tensorfiles.snapshot_path(replica.path, offset))
     if from_tensors or _registered(replica, horizon) is None:
         result.snapshot_bytes_written = sum(t.nbytes for t in replica.tensors)
     return result
@@ -266,7 +267,7 @@ def compact_from_tensors(replica: Replica, wait: float = 0.0) -> CompactResult:
                 os.makedirs(staging)
                 manifest = tensorfiles.write_snapshot(
                     staging, state.head, replica.model_id, [(t, replica.rows_view(t.name)) for t in replica.tensors],
-                    made_at=head_time(replica, state.head),
+                    made_at=_time_if_known(replica, state.head),
                 )
             except OSError as exc:
                 raise StorageError(f"{root}: cannot write the snapshot: {exc.strerror}", hint=os_hint(exc)) from None
@@ -290,6 +291,14 @@ def compact_from_tensors(replica: Replica, wait: float = 0.0) -> CompactResult:
         shutil.rmtree(staging, ignore_errors=True)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _time_if_known(replica: Replica, head: int) -> float | None:
+    """When the head's model was made, or None when what says it is damaged: this is the repair."""
+    try:
+        return head_time(replica, head)
+    except DeltalogError:
+        return None
 
 
 def _registered(replica: Replica, offset: int) -> dict | None:
@@ -339,7 +348,7 @@ def _remove_garbage(replica: Replica, result: CompactResult) -> None:
     its rename, so while we hold the lock an unregistered one is garbage.
     """
     root = os.path.join(replica.path, tensorfiles.SNAPSHOT_DIR)
-    registered = {tensorfiles.snapshot_dirname(m["offset"]) for m in replica.snapshots()}
+    registered = {tensorfiles.snapshot_dirname(o) for o in replica.snapshot_offsets()}
     dropped = {tensorfiles.snapshot_dirname(o) for o in result.snapshots_removed}
     try:
         entries = sorted(os.listdir(root))

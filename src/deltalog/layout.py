@@ -74,11 +74,16 @@ def check_marker(path: str) -> None:
             lines = f.read(256).splitlines()
     except FileNotFoundError:
         raise NotAReplica(f"{path}: not a deltalog replica (no {MARKER} file)", hint="create one with 'deltalog init'") from None
+    damaged = IntegrityError(
+        f"{path}: damaged {MARKER} marker file",
+        hint=f"it holds two lines, 'deltalog replica' and 'format N' (N: the oldest format that reads the replica, "
+             f"{READ_VERSION} for one this version wrote); or 'deltalog sync HEALTHY_REPLICA NEW_DIR' makes a copy",
+    )
     if not lines or lines[0] != "deltalog replica" or len(lines) < 2 or not lines[1].startswith("format "):
-        raise IntegrityError(f"{path}: damaged {MARKER} marker file")
+        raise damaged
     try:
         version = int(lines[1].split()[1])
     except (IndexError, ValueError):
-        raise IntegrityError(f"{path}: damaged {MARKER} marker file") from None
+        raise damaged from None
     if version > FORMAT_VERSION:  # the marker holds the replica's read version
         raise UnsupportedVersion(f"{path}: replica needs format v{version} to read, this deltalog reads up to v{FORMAT_VERSION}")

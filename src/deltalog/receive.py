@@ -639,7 +639,7 @@ def restore_snapshot(replica: "Replica", manifest: dict, staged: str | None = No
     digest = snapshot_digest(where, manifest)
     _check_claim(f"{replica.path}: snapshot {offset}", manifest, digest)
     local = _local_manifest(manifest, digest)
-    old_snaps = [m["offset"] for m in replica.snapshots() if m["offset"] != offset]
+    old_snaps = [o for o in replica.snapshot_offsets() if o != offset]
     store = replica.store
     entries = list(_bucket_entries(replica.tensors, replica.bucket_rows, manifest))
 

@@ -40,7 +40,7 @@ import xxhash
 
 from . import record as rec
 from . import tensorfiles
-from .errors import IntegrityError, InvalidInput, StorageError
+from .errors import IntegrityError, InvalidInput, StorageError, os_hint
 from .history import check_retained
 from .replica import Replica
 from .tensorfiles import TensorInfo
@@ -322,6 +322,7 @@ class RepairResult:
     records_applied: int
     tensors_checked: int
     repaired: list[str] = field(default_factory=list)
+    manifests_rewritten: list[int] = field(default_factory=list)  # snapshots whose manifest.json was rewritten
 
     def to_json(self) -> dict:
         return {
@@ -331,6 +332,7 @@ class RepairResult:
             "records_applied": self.records_applied,
             "tensors_checked": self.tensors_checked,
             "repaired": self.repaired,
+            "manifests_rewritten": self.manifests_rewritten,
         }
 
 
@@ -431,13 +433,31 @@ def repair_in_place(
                 tensorfiles.live_file_paths(tensor_dir, [i for i in tensors if i.name in repaired]),
                 tensorfiles.model_file_bytes(tensors))
             replica.reload_tensor_files()
+        manifests = _rewrite_manifest_files(replica)
     return RepairResult(
         offset=head,
         snapshots_used=sorted(rebuilder.bases_used),
         records_applied=len(rebuilder.records_used),
         tensors_checked=len(tensors),
         repaired=repaired,
+        manifests_rewritten=manifests,
     )
+
+
+def _rewrite_manifest_files(replica: Replica) -> list[int]:
+    """Write again, from the log, each snapshot's manifest.json that does not match it (lock held)."""
+    rewritten = []
+    for offset in replica.snapshot_offsets():
+        manifest = replica.snapshot_manifest(offset)  # a damaged entry in the log: the rebuild raised already
+        if tensorfiles.manifest_file_problem(replica.path, manifest) is None:
+            continue
+        try:
+            tensorfiles.rewrite_manifest_file(replica.path, manifest)
+        except OSError as exc:
+            raise StorageError(f"{tensorfiles.snapshot_path(replica.path, offset)}: cannot write its manifest.json: "
+                               f"{exc.strerror}", hint=os_hint(exc)) from None
+        rewritten.append(offset)
+    return rewritten
 
 
 def _install_if_different(tmp: str, live: str) -> bool:

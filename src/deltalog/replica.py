@@ -116,6 +116,10 @@ def _remove_dead_inits(parent: str, name: str) -> None:
             lock.release()
 
 
+UNOPENABLE_HINT = ("no command can open a replica whose own metadata is damaged: 'deltalog sync HEALTHY_REPLICA "
+                   "NEW_DIR' makes a copy to put in its place, or restore it from a backup")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -342,6 +346,10 @@ class Replica:
         store = LogStore(os.path.join(path, layout.LOG_DIR))
         try:
             replica = cls(path, store)
+        except IntegrityError as exc:
+            store.close()
+            # What every command needs first is damaged: 'verify' cannot open it either.
+            raise IntegrityError(str(exc), hint=UNOPENABLE_HINT) from None
         except BaseException:
             store.close()
             raise
@@ -573,6 +581,16 @@ class Replica:
     def snapshots(self) -> list[dict]:
         with self.store.read() as txn:
             return self.store.get_snapshots(txn)
+
+    def snapshot_offsets(self) -> list[int]:
+        """The offsets of the registered snapshots (their manifests unread: they may be damaged)."""
+        with self.store.read() as txn:
+            return self.store.snapshot_offsets(txn)
+
+    def snapshot_manifest(self, offset: int) -> dict | None:
+        """The manifest registered at ``offset``, or None; IntegrityError when it cannot be read."""
+        with self.store.read() as txn:
+            return self.store.get_snapshot(txn, offset)
 
     def record_blob(self, offset: int) -> bytes:
         """The encoded record at ``offset`` (a copy)."""

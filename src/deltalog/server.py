@@ -905,6 +905,9 @@ class _Handler(BaseHTTPRequestHandler):
         model_id = manifest["model_id"]
         cache = self._immutable_cache()
         if name == tensorfiles.MANIFEST:
+            problem = tensorfiles.manifest_file_problem(self._replica().path, manifest)
+            if problem is not None:  # never served: damage is found, not passed on
+                raise IntegrityError(problem, hint=f"'deltalog verify' on the server names the repair")
             f, size = self._open(manifest, name, None)
             digest = xxhash.xxh3_64(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
             return _Resource([_Segment(size, file=f)], _etag(model_id, offset, name, digest), JSON_TYPE, cache)

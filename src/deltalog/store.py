@@ -408,7 +408,18 @@ class LogStore:
 
     def get_snapshots(self, txn) -> list[dict]:
         cursor = txn.cursor(db=self.dbs["snapshots"])
-        return [unpack(value, f"{self.path}: snapshot manifest") for _key, value in cursor]
+        return [unpack(value, f"{self.path}: snapshot manifest {key_offset(key)}") for key, value in cursor]
+
+    def snapshot_offsets(self, txn) -> list[int]:
+        """The offsets of the registered snapshots, from the keys alone: what works on a log whose
+        manifests are damaged (a rebase or compaction drops them, verify names them)."""
+        cursor = txn.cursor(db=self.dbs["snapshots"])
+        return [key_offset(key) for key in cursor.iternext(keys=True, values=False)]
+
+    def get_snapshot(self, txn, offset: int) -> dict | None:
+        """The manifest registered at ``offset`` (None: none); IntegrityError when it cannot be read."""
+        raw = txn.get(offset_key(offset), db=self.dbs["snapshots"])
+        return None if raw is None else unpack(raw, f"{self.path}: snapshot manifest {offset}")
 
     def put_snapshot(self, txn, manifest: dict) -> None:
         txn.put(offset_key(manifest["offset"]), pack(manifest), db=self.dbs["snapshots"])

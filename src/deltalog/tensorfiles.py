@@ -39,8 +39,8 @@ DIGEST_SUFFIX = ".digest"  # tensors/NNNNN.digest: rows x u64 little-endian, one
 DIGEST_DTYPE = np.dtype("<u8")
 # The fixes users are told about, by what is damaged (verify picks one).
 REPAIR_HINT = "repair the tensor files with 'deltalog replay {path} --in-place'"
-FROM_TENSORS_HINT = ("'deltalog compact {path} --from-tensors' makes them the new base and drops the damaged log, "
-                     "and with it every offset before the head")
+FROM_TENSORS_HINT = ("'deltalog compact {path} --from-tensors' makes them the new base and drops the log and the "
+                     "other snapshots, and with them every offset before the head")
 RESEED_HINT = "'deltalog sync HEALTHY_REPLICA {path} --reseed' replaces it with a healthy replica's snapshot and log"
 _COPY_CHUNK = 16 << 20
 
@@ -586,12 +586,52 @@ def write_snapshot(replica_dir: str, offset: int, model_id: str, tensors: Iterab
     return manifest
 
 
+def rewrite_manifest_file(replica_dir: str, manifest: dict) -> None:
+    """Write a snapshot's manifest.json again from the log's manifest: written aside, fsynced, renamed."""
+    folder = snapshot_path(replica_dir, manifest["offset"])
+    path = os.path.join(folder, MANIFEST)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({k: manifest[k] for k in MANIFEST_FILE_KEYS if k in manifest}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(folder)
+
+
 def snapshot_path(replica_dir: str, offset: int) -> str:
     return os.path.join(replica_dir, SNAPSHOT_DIR, snapshot_dirname(offset))
 
 
+MANIFEST_FILE_KEYS = ("offset", "model_id", "tensors", "state_digest", "time")  # what manifest.json holds
+
+
+def manifest_file_problem(replica_dir: str, manifest: dict) -> str | None:
+    """Why a snapshot's manifest.json is not the manifest the log registered (None: it is).
+
+    The log's copy is the one deltalog reads; the file is for people and
+    for HTTP clients (GET /v1/snapshots/OFFSET/manifest.json), so it must
+    not say anything else.
+    """
+    path = os.path.join(snapshot_path(replica_dir, manifest["offset"]), MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            held = json.loads(f.read())
+    except OSError as exc:
+        return f"snapshot {manifest['offset']}: cannot read {path} ({exc.strerror or exc})"
+    except ValueError:
+        return f"snapshot {manifest['offset']}: {path} is not JSON"
+    # Older versions left out the keys that came later (a follower's state_digest, the time):
+    # what the file holds must be the log's, and it must hold what every version wrote.
+    if not isinstance(held, dict) or any(k not in held for k in MANIFEST_FILE_KEYS[:3]) or any(
+            held.get(k) != manifest.get(k) for k in MANIFEST_FILE_KEYS if k in held) or set(held) - set(MANIFEST_FILE_KEYS):
+        return f"snapshot {manifest['offset']}: {path} does not match the manifest the log registered"
+    return None
+
+
 def verify_snapshot(replica_dir: str, manifest: dict) -> list[str]:
-    """Problems found in a snapshot's files (empty when intact)."""
+    """Problems found in a snapshot's tensor files (empty when intact); manifest.json is
+    :func:`manifest_file_problem`'s."""
     problems = []
     base = snapshot_path(replica_dir, manifest["offset"])
     for entry in manifest["tensors"]:

@@ -45,6 +45,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # DAMAGE_KINDS that have problems
     repair: str | None = None  # what to run, given what is damaged
+    manifest_files_only: bool = True  # every snapshot problem is a manifest.json that replay --in-place rewrites
 
     @property
     def ok(self) -> bool:
@@ -100,6 +101,8 @@ def _repair(replica: Replica, report: VerifyReport, tensors_proven: bool) -> str
     damaged, path = set(report.damaged), replica.path
     if not damaged:
         return None
+    if damaged == {"snapshots"} and report.manifest_files_only:
+        return f"'deltalog replay {path} --in-place' writes each snapshot's manifest.json again from the log"
     if damaged & {"log", "snapshots", "buckets"}:
         if "tensors" not in damaged and tensors_proven:
             return (f"the tensor files hold the model at the head (their state digest matches): "
@@ -160,7 +163,10 @@ class _DigestChain:
 
     def __init__(self, replica: Replica):
         self.replica = replica
-        manifest = next((m for m in replica.snapshots() if m["offset"] == replica.oldest_offset), None)
+        try:
+            manifest = replica.snapshot_manifest(replica.oldest_offset)
+        except DeltalogError:  # _check_snapshots names it
+            manifest = None
         self.running = None if manifest is None else lineage.from_hex(manifest.get("state_digest"))
 
     def step(self, record: rec.Record, known: dict) -> list[str]:
@@ -209,12 +215,23 @@ def _check_state_digest(replica: Replica, report: VerifyReport) -> None:
 def _check_snapshots(replica: Replica, report: VerifyReport, progress: Progress) -> dict | None:
     """Verify every snapshot; returns the newest intact one at or before head."""
     head = replica.head
-    manifests = sorted(replica.snapshots(), key=lambda m: m["offset"])
-    if not manifests or manifests[0]["offset"] != replica.oldest_offset:
+    before = len(report.problems)
+    offsets = sorted(replica.snapshot_offsets())
+    if not offsets or offsets[0] != replica.oldest_offset:
         report.add("snapshots", f"no snapshot at the oldest retained offset {replica.oldest_offset}")
+    manifests = []
+    for offset in offsets:
+        try:
+            manifests.append(replica.snapshot_manifest(offset))
+        except DeltalogError as exc:  # its entry in the log: the files cannot be checked without it
+            report.add("snapshots", str(exc))
     base = None
+    manifest_files = 0  # problems only with manifest.json: the file for people and HTTP clients
     for n, manifest in enumerate(manifests):
         progress("snapshots", n, len(manifests))
+        if (problem := tensorfiles.manifest_file_problem(replica.path, manifest)) is not None:
+            report.add("snapshots", problem)
+            manifest_files += 1
         problems = tensorfiles.verify_snapshot(replica.path, manifest)
         claimed = lineage.from_hex(manifest.get("state_digest"))
         if not problems and claimed is not None:
@@ -228,6 +245,7 @@ def _check_snapshots(replica: Replica, report: VerifyReport, progress: Progress)
             base = manifest
     if base is None:
         report.add("snapshots", "no intact snapshot to rebuild the tensors from")
+    report.manifest_files_only = len(report.problems) - before == manifest_files
     return base
 
 

@@ -386,11 +386,13 @@ class Writer:
             past = self._digests_dropped(txn, horizon)
             folded["removed"] = len(past)
             folded["freed"] = self.store.delete_records(txn, upto=horizon)
-            dropped = [m for m in self.store.get_snapshots(txn) if m["offset"] < horizon]
-            folded["dropped"] = [m["offset"] for m in dropped]
-            for m in dropped:
-                self.store.delete_snapshot(txn, m["offset"])
-                past[m["offset"]] = lineage.from_hex(m.get("state_digest"))
+            folded["dropped"] = [o for o in self.store.snapshot_offsets(txn) if o < horizon]
+            for offset in folded["dropped"]:
+                try:  # a damaged manifest is dropped all the same (compact --from-tensors repairs it)
+                    past[offset] = lineage.from_hex(self.store.get_snapshot(txn, offset).get("state_digest"))
+                except DeltalogError:
+                    past[offset] = None
+                self.store.delete_snapshot(txn, offset)
             known = sorted((o, d) for o, d in past.items() if d is not None)
             self.store.add_past_digests(txn, [o for o, _d in known], [d for _o, d in known])
 

@@ -54,6 +54,9 @@ def command(replica, to, out, in_place, force, wait, as_json, quiet):
                         f"(snapshot {base} + {result.records_applied} records): {', '.join(result.repaired)}")
             else:
                 c.print(f"all {result.tensors_checked} tensor files already match offset {result.offset}: nothing replaced")
+            if result.manifests_rewritten:
+                c.print(f"wrote manifest.json again from the log for snapshot(s) "
+                        f"{', '.join(map(str, result.manifests_rewritten))}")
         else:
             c.print(f"wrote {out} ({result.format}, {result.tensors} tensors, {human_bytes(result.bytes)}): "
                     f"offset {result.offset} from snapshot {base} + {result.records_applied} records")

@@ -403,12 +403,11 @@ class LocalSink:
         partial = self._partial
         os.remove(os.path.join(partial, TRANSFER))
         with open(os.path.join(partial, tensorfiles.MANIFEST), "w") as f:
-            json.dump({k: local_manifest[k] for k in ("offset", "model_id", "tensors", "state_digest", "time")
-                       if k in local_manifest}, f, indent=1)
+            json.dump({k: local_manifest[k] for k in tensorfiles.MANIFEST_FILE_KEYS if k in local_manifest}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         tensorfiles.fsync_dir(partial)
-        if self.replica is not None and any(m["offset"] == offset for m in self.replica.snapshots()):
+        if self.replica is not None and offset in self.replica.snapshot_offsets():
             # A snapshot of this replica's own sits at that offset (a reseed of another
             # history): it is swapped for the received one under the restore's intent.
             receive.restore_snapshot(self.replica, local_manifest, staged=partial)
