@@ -839,3 +839,16 @@ def test_diff_works_in_a_child_forked_after_a_diff(tmp_path):
             return diff(ReplicaSide.at(rb), ReplicaSide.at(ra)).changed_rows == want
 
     in_forked_child(same_answer_in_child)
+
+
+def test_identical_under_tensor_names_what_was_compared(tmp_path, rng):
+    """With --tensor, 'identical' is about those tensors only: the line says so, not that A and B are."""
+    from conftest import random_model, run_cli
+
+    model = random_model(rng, rows=40)
+    path = tmp_path / "r"
+    with Replica.init(path, model, bucket_rows=8) as r:
+        r.commit({"item_emb": (np.arange(3), np.full((3, 8), 2.0, np.float32))})
+    proc = run_cli("diff", f"{path}@0", path, "--tensor", "bias")
+    assert proc.returncode == 0 and "identical in tensor bias (the others not compared)" in proc.stderr + proc.stdout
+    assert run_cli("diff", f"{path}@0", path).returncode == 1

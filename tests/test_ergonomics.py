@@ -171,6 +171,9 @@ def test_replay_out_honours_the_umask_and_refuses_to_overwrite_without_force(rep
     assert proc.returncode == 11 and "exists" in proc.stderr and "--force" in proc.stderr
     assert out.stat().st_mtime_ns == first
     assert run_cli("replay", path, "--to", "1", "--out", out, "--force").returncode == 0
+    for force in ((), ("--force",)):  # a directory of .npy files is never emptied for us: no hint to --force
+        proc = run_cli("replay", path, "--out", f"{npy_dir}/", *force)
+        assert proc.returncode == 11 and "not empty" in proc.stderr and "--force" not in proc.stderr, proc.stderr
 
 
 def test_a_directory_checkpoint_is_read_flat_unless_recursive(tmp_path):
@@ -445,3 +448,19 @@ def test_a_remote_sources_lag_is_never_presented_as_current():
     recorded = {"head": 4, "model_id": "m", "source": "host:/srv/model", "source_head": 6, "lag_offsets": 2,
                 "lag_seconds": 9.0, "last_sync": 100.0, "lag_as_of": 100.0, "lag_live": False}
     assert refresh(dict(recorded), now=200.0) == recorded  # not asked over the network, still marked stale
+
+
+def test_a_message_cannot_break_or_restyle_the_log_table(replica):
+    """Commit messages travel to every replica: log shows control characters as escapes and rich
+    markup as text; --json keeps the message as written."""
+    path, _states = replica
+    message = "line1\nline2\x1b[31m [bold]not bold[/bold]"
+    with Replica.open(path) as r:
+        update = {"item_emb": (np.arange(2), np.full((2, r.info("item_emb").row_elems), 5.0, np.float32))}
+        r.commit(update, message=message)
+    proc = run_cli("log", path, "--limit", "1")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "\x1b" not in text and "line1\\nline2\\x1b[31m [bold]not bold[/bold]" in text, text
+    assert len([line for line in text.splitlines() if line.strip()]) == 2  # the header and one record
+    assert json.loads(run_cli("log", path, "--limit", "1", "--json").stdout)["records"][0]["reason"] == message

@@ -152,3 +152,13 @@ def test_a_head_whose_time_is_not_kept_says_so(fleet):
     assert rows[1]["lag_offsets"] == 1 and rows[1]["lag_seconds"] is None
     human = run_cli("status", a, c, check=True).stdout
     assert f"{c}: lag in seconds unknown: head 1 is a snapshot" in human
+
+
+def test_columns_line_up_under_their_header_with_short_names(tmp_path, rng):
+    model = random_model(rng, rows=20)
+    for name in ("a", "b"):
+        Replica.init(tmp_path / name, model, bucket_rows=8, model_id="m").close()
+    proc = run_cli("status", "a", "b", cwd=str(tmp_path))
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    header, first = lines[0], lines[1]
+    assert header.index("model") == first.index("m "), (header, first)

@@ -583,6 +583,10 @@ def _finish_revert(writer: Writer, marker: dict) -> None:
 # =============================================================================
 
 
+REFETCH_HINT = ("run the sync again to fetch it anew; if it fails the same way, the source's snapshot is damaged: "
+                "'deltalog verify' on the source names the repair")
+
+
 def snapshot_digest(directory: str, manifest: dict) -> int:
     """The state digest of a snapshot's files in ``directory`` (reads every byte)."""
     total = 0
@@ -596,7 +600,7 @@ def _check_claim(where: str, manifest: dict, digest: int) -> None:
     claimed = lineage.from_hex(manifest.get("state_digest"))
     if claimed is not None and claimed != digest:
         raise IntegrityError(f"{where}: the snapshot's files give state digest {lineage.to_hex(digest)}, "
-                             f"its manifest says {lineage.to_hex(claimed)}", hint="run the sync again to refetch it")
+                             f"its manifest says {lineage.to_hex(claimed)}", hint=REFETCH_HINT)
 
 
 def _bucket_entries(replica_tensors, bucket_rows: int, manifest: dict):

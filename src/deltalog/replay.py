@@ -265,6 +265,10 @@ def replay_to_checkpoint(
     progress = progress or _no_progress
     out = os.fspath(out)
     kind = checkpoint_kind(out)
+    if kind == "npy-dir" and os.path.isdir(out) and os.listdir(out):  # --force or not: never emptied for us
+        raise InvalidInput(f"{out}: output directory is not empty",
+                           hint="a directory of .npy files is written only into an empty one: remove its files, "
+                                "or choose another --out")
     if os.path.lexists(out) and not force and not (os.path.isdir(out) and not os.listdir(out)):
         raise InvalidInput(f"{out}: exists", hint="pass --force to replace it, or choose another --out")
     offset = replica.head if offset is None else int(offset)

@@ -148,6 +148,15 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def shown(text: str) -> str:
+    """Text someone else wrote (a commit message, a user name), as a cell shows it: control
+    characters as escapes (\\n, \\x1b) and rich markup escaped, so it can neither break the
+    table's lines nor restyle the terminal. JSON output carries it unchanged."""
+    from rich.markup import escape
+
+    return escape("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text))
+
+
 def table(*columns: str, title: str | None = None):
     from rich.table import Table
 

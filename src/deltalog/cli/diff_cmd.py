@@ -89,7 +89,7 @@ def command(ctx, a, b, top, tensors, force, recursive, as_json, quiet):
     out = Output(as_json, quiet)
     with open_sides((a, b), recursive) as (side_a, side_b), out.progress("diff") as update:
         result = diff(side_a, side_b, top=top, tensors=tensors or None, force=force, progress=update)
-    out.result(result.to_json(), lambda c: _render(c, result))
+    out.result(result.to_json(), lambda c: _render(c, result, only=bool(tensors)))
     if not result.identical:
         ctx.exit(1)
 
@@ -135,12 +135,16 @@ def _num(x) -> str:
     return "nan/inf" if x is None else f"{x:.4g}"
 
 
-def _render(c, result) -> None:
+def _render(c, result, only: bool = False) -> None:
     from rich.markup import escape
 
     if result.identical:
         how = f" (state digest {result.a['state_digest']} on both)" if result.method == "digest" else ""
-        c.print(f"[green]identical[/green]: {_side(result.a)} and {_side(result.b)}{how}")
+        what = ""
+        if only:  # --tensor: the rest was not looked at
+            names = [t.name for t in result.tensors]
+            what = f" in {'tensor' if len(names) == 1 else 'tensors'} {escape(', '.join(names))} (the others not compared)"
+        c.print(f"[green]identical[/green]{what}: {_side(result.a)} and {_side(result.b)}{how}")
         return
     changed = [t for t in result.tensors if t.changed_rows]
     c.print(f"A  {_side(result.a)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .console import Output, human_bytes, json_option, table
+from .console import Output, human_bytes, json_option, shown, table
 from .params import SinceParam
 
 
@@ -53,10 +53,10 @@ def command(replica, since, limit, stored, as_json):
         t = table("offset", "time (UTC)", "kind", "rows", "bytes", "significance", "target", "by", "reason", "via")
         for rec in records:
             when = datetime.datetime.fromtimestamp(rec["time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-            by = f"{rec['user']}@{rec['host']}" if rec["user"] else ""
+            by = shown(f"{rec['user']}@{rec['host']}") if rec["user"] else ""
             t.add_row(str(rec["offset"]), when, rec["kind"], f"{rec['rows']:,}",
                       "" if rec["bytes"] is None else human_bytes(rec["bytes"]), f"{rec['significance']:.4g}",
-                      "" if rec["target"] is None else str(rec["target"]), by, rec["reason"] or "",
+                      "" if rec["target"] is None else str(rec["target"]), by, shown(rec["reason"] or ""),
                       "" if rec["synced_in"] is None else f"sync {rec['synced_in']}")
         c.print(t)
 

@@ -17,7 +17,9 @@ from .params import OffsetParam
               help="Write the model to a new .npz, .safetensors or npy directory (a path ending in '/').")
 @click.option("--in-place", is_flag=True,
               help="Rebuild REPLICA's own tensor files at the head (repairs damaged files).")
-@click.option("--force", "-f", is_flag=True, help="With --out: replace an existing checkpoint.")
+@click.option("--force", "-f", is_flag=True,
+              help="With --out: replace an existing .npz or .safetensors file (a directory of .npy files "
+                   "is written only into an empty one).")
 @wait_option
 @json_option
 @quiet_option

@@ -153,7 +153,7 @@ def _fleet(ctx, replicas, options, as_json):
     fleet_lags(rows)
 
     def render(c):
-        width = max(len(row["location"]) for row in rows)
+        width = max(len("replica"), *(len(row["location"]) for row in rows))
         c.print(f"{'replica':<{width}}  {'model':<12}  {'head':>8}  {'digest':<16}  {'lag':>6}  lag s", markup=False)
         for row in rows:
             if row["error"]:

@@ -388,7 +388,7 @@ class LocalSink:
             if size != int(entry["nbytes"]) or tensorfiles.file_digest(local) != entry["xxh3"]:
                 os.truncate(local, 0) if os.path.exists(local) else None
                 raise IntegrityError(f"snapshot file {entry['file']} from the source fails its checksum "
-                                     f"({size} of {entry['nbytes']} bytes)", hint="run the sync again to refetch it")
+                                     f"({size} of {entry['nbytes']} bytes)", hint=receive.REFETCH_HINT)
             local_tensors.append({**{k: entry[k] for k in ("name", "dtype", "shape", "nbytes", "xxh3")},
                                   "file": os.path.basename(local)})
         offset = int(manifest["offset"])
