@@ -464,3 +464,22 @@ def test_a_message_cannot_break_or_restyle_the_log_table(replica):
     assert "\x1b" not in text and "line1\\nline2\\x1b[31m [bold]not bold[/bold]" in text, text
     assert len([line for line in text.splitlines() if line.strip()]) == 2  # the header and one record
     assert json.loads(run_cli("log", path, "--limit", "1", "--json").stdout)["records"][0]["reason"] == message
+
+
+def test_small_refusals_say_what_to_do(replica, tmp_path):
+    path, _states = replica
+    proc = run_cli("init", tmp_path / "new", "--from", tmp_path / "nothing.npz", "--model-id", "")
+    assert proc.returncode == 2  # the checkpoint is missing too: click names the first problem
+    np.savez(tmp_path / "m.npz", t=np.zeros((4, 2), np.float32))
+    proc = run_cli("init", tmp_path / "new", "--from", tmp_path / "m.npz", "--model-id", "")
+    assert proc.returncode == 2 and "--model-id" in proc.stderr and not (tmp_path / "new").exists()
+    proc = run_cli("sync", path, tmp_path / "no" / "such" / "dir")
+    assert proc.returncode == 3 and "mkdir -p" in proc.stderr, proc.stderr
+    from deltalog.compact import compact
+
+    with Replica.open(path) as r:
+        compact(r, keep_records=2)
+        oldest = r.oldest_offset
+    proc = run_cli("log", path, "--since", "1")
+    assert proc.returncode == 0 and f"records up to offset {oldest} were compacted away" in proc.stdout + proc.stderr
+    assert "1 snapshot," in run_cli("verify", path).stdout + run_cli("verify", path).stderr

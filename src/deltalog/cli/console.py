@@ -148,6 +148,11 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 row', '2 rows', '1,024 rows' (nouns with a plain plural s)."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def shown(text: str) -> str:
     """Text someone else wrote (a commit message, a user name), as a cell shows it: control
     characters as escapes (\\n, \\x1b) and rich markup escaped, so it can neither break the

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import click
 
-from .console import Output, json_option, quiet_option, recursive_option, table
+from .console import Output, counted, json_option, quiet_option, recursive_option, table
 
 
 @click.command("diff")
@@ -102,10 +102,6 @@ def _side(side: dict) -> str:
 
     where = "checkpoint" if side["offset"] is None else f"offset {side['offset']}"
     return f"[bold]{escape(side['spec'])}[/bold] ({where})"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def _how(result) -> str:
@@ -149,9 +145,9 @@ def _render(c, result, only: bool = False) -> None:
     changed = [t for t in result.tensors if t.changed_rows]
     c.print(f"A  {_side(result.a)}")
     c.print(f"B  {_side(result.b)}")
-    c.print(f"[yellow]{_count(result.changed_rows, 'row')} changed[/yellow] in "
-            f"{_count(result.changed_buckets, 'bucket')} of {len(changed)} of {_count(len(result.tensors), 'tensor')} "
-            f"({_count(result.rows_compared, 'row')} compared, {_how(result)})")
+    c.print(f"[yellow]{counted(result.changed_rows, 'row')} changed[/yellow] in "
+            f"{counted(result.changed_buckets, 'bucket')} of {len(changed)} of {counted(len(result.tensors), 'tensor')} "
+            f"({counted(result.rows_compared, 'row')} compared, {_how(result)})")
     if changed:
         t = table("tensor", "dtype", "shape", "rows", "of all", "buckets", "l2", "max |Δ|", "significance")
         t.columns[0].no_wrap, t.columns[0].overflow = False, "fold"  # a long name wraps, never becomes "…"

@@ -13,7 +13,8 @@ from .console import Output, human_bytes, json_option, quiet_option, recursive_o
               help="Checkpoint: a .npz, a .safetensors file, or a directory of .npy files.")
 @click.option("--bucket-rows", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Rows per bucket: the unit whose version replicas compare.")
-@click.option("--model-id", help="Identity of the model (default: a new random id). Replicas refuse deltas of another model.")
+@click.option("--model-id", help="Identity of the model (default: the checkpoint's deltalog.model_id metadata, "
+                                 "else a new random id). Replicas refuse deltas of another model.")
 @recursive_option
 @json_option
 @quiet_option
@@ -26,6 +27,8 @@ def command(replica, checkpoint, bucket_rows, model_id, recursive, as_json, quie
     from ..checkpoint import read_checkpoint, read_checkpoint_metadata
     from ..replica import Replica
 
+    if model_id is not None and not model_id.strip():
+        raise click.BadParameter("must not be empty (leave it out for a new random id)", param_hint="'--model-id'")
     out = Output(as_json, quiet)
     with out.working(f"reading {checkpoint}"):
         tensors = read_checkpoint(checkpoint, recursive=recursive)

@@ -40,6 +40,9 @@ def command(replica, since, limit, stored, as_json):
     with Replica.open(replica) as r:
         after = resolve_offset(r, since[1]) if since is not None and since[0] == "offset" else -1
         records = log_entries(r, since=after, stored=stored)
+        oldest = r.oldest_offset
+    # Asked from before what compaction kept: say that the list starts later than asked.
+    missing = f"records up to offset {oldest} were compacted away" if 0 <= after < oldest else None
     if since is not None and since[0] == "age":
         cutoff = time.time() - since[1]
         records = [e for e in records if e["time"] >= cutoff]
@@ -47,6 +50,8 @@ def command(replica, since, limit, stored, as_json):
         records = records[-limit:]
 
     def render(c):
+        if missing:
+            c.print(f"[yellow]{missing}[/yellow]")
         if not records:
             c.print("no records" + (f" since {since[1]}" if since is not None and since[0] == "offset" else ""))
             return

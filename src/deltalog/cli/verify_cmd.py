@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .console import Output, json_option, quiet_option, wait_option
+from .console import Output, counted, json_option, quiet_option, wait_option
 
 
 @click.command("verify")
@@ -31,12 +31,12 @@ def command(ctx, replica, wait, as_json, quiet):
     data = report.to_json()
 
     out.result(data, lambda c: c.print(
-        f"ok: {replica} at offset {report.head}: {report.records} records, "
-        f"{report.snapshots} snapshots, {report.tensors} tensors verified") if report.ok else None)
+        f"ok: {replica} at offset {report.head}: {counted(report.records, 'record')}, "
+        f"{counted(report.snapshots, 'snapshot')}, {counted(report.tensors, 'tensor')} verified") if report.ok else None)
     if not report.ok:
         if not as_json:
             for problem in report.problems:
                 click.echo(f"damaged: {problem}", err=True)
-            click.echo(f"deltalog: error: {replica}: {len(report.problems)} problem(s) found in the "
+            click.echo(f"deltalog: error: {replica}: {counted(len(report.problems), 'problem')} found in the "
                        f"{', '.join(report.damaged)}; {report.repair}", err=True)
         ctx.exit(IntegrityError.exit_code)

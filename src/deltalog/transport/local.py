@@ -237,7 +237,8 @@ class LocalSink:
                 return self._new_state()
             parent = os.path.dirname(self.path)
             if not os.path.isdir(parent):
-                raise NotAReplica(f"{self.path}: parent directory {parent} does not exist")
+                raise NotAReplica(f"{self.path}: parent directory {parent} does not exist",
+                                  hint=f"create it first (mkdir -p {parent}), or check the path")
             staging = sync_staging_path(self.path)
             try:
                 os.makedirs(staging, exist_ok=True)
