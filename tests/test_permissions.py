@@ -145,3 +145,35 @@ def test_ctrl_c_exits_130_and_says_so_in_json(tmp_path, rng):
     assert err.strip().count("\n") == 0 and "interrupted" in err and "Traceback" not in err
     assert json.loads(out)["error"]["type"] == "Interrupted"
     assert run_cli("sync", src, dst).returncode == 0  # and the next run finishes it
+
+
+@pytest.mark.parametrize("where", ["before the record", "after the record"])
+def test_ctrl_c_during_commit_says_whether_the_record_landed(replica, monkeypatch, capsys, where):
+    """An incident responder must not be told 'aborted' when the record is durable: the command looks."""
+    from deltalog.cli import main
+    from deltalog.writer import Writer
+
+    path, checkpoint = replica
+    before = _state(path)[0]
+    if where == "before the record":
+        def interrupted(self, *a, **k):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(Replica, "commit_checkpoint", interrupted)
+    else:  # between the durable log transaction and the settle: the record is there
+        def interrupted(self, change):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(Writer, "settle", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        main(["commit", str(path), "--from", str(checkpoint), "--json"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 130
+    error = json.loads(out)["error"]
+    assert error["type"] == "Interrupted" and "Traceback" not in err
+    monkeypatch.undo()
+    head = _state(path)[0]
+    if where == "before the record":
+        assert head == before and "before anything was written" in error["message"]
+    else:
+        assert head == before + 1 and f"is at offset {head}" in error["message"]
+        assert as_user("verify", path).returncode == 0  # recovery settles it
+        assert json.loads(run_cli("commit", path, "--from", checkpoint, "--json").stdout)["changed"] is False

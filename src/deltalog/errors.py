@@ -115,6 +115,13 @@ def os_hint(exc: OSError) -> str:
     return _OS_PROBLEMS.get(errno.errorcode.get(exc.errno or 0, ""), (None, "check free space and permissions"))[1]
 
 
+class Interrupted(DeltalogError):
+    """Ctrl-C (SIGINT): every change is whole or not made at all."""
+
+    exit_code = 130
+    hint = "every change is whole or not made at all: 'deltalog status' shows where the replica stands"
+
+
 def environment_error(exc: OSError) -> StorageError | None:
     """The StorageError an OSError from the environment means (permissions, a read-only mount, a
     full disk, a failing device), or None for any other (a bug: exit 20)."""
@@ -141,6 +148,6 @@ EXIT_CODES: dict[int, str] = {
     InvalidInput.exit_code: "invalid input: unknown tensor, wrong shape or dtype, bad checkpoint",
     StorageError.exit_code: "storage failure: disk full or permission denied",
     Diverged.exit_code: "diverged: the replicas hold different models at one offset (another history)",
-    130: "interrupted (Ctrl-C): every change is whole or not made at all",
+    Interrupted.exit_code: "interrupted (Ctrl-C): every change is whole or not made at all",
     DeltalogError.exit_code: "internal error (a bug: please report it with --debug output)",
 }

@@ -255,9 +255,9 @@ def _run_command(args: list[str]) -> int:
         hint = f"see '{ctx.command_path} --help'" if ctx is not None else "see 'deltalog --help'"
         code = _report("UsageError", exc.exit_code, exc.format_message().rstrip("."), hint, want_json)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a Ctrl-C into Abort
-        code = _report("Interrupted", INTERRUPTED, "interrupted",
-                       "every change is whole or not made at all: 'deltalog status' shows where the replica stands",
-                       want_json)
+        from ..errors import Interrupted
+
+        code = _report("Interrupted", Interrupted.exit_code, "interrupted", Interrupted.hint, want_json)
     except Exception as exc:  # noqa: BLE001 - the single place errors become exit codes
         from ..errors import DeltalogError, environment_error
 
@@ -273,9 +273,6 @@ def _run_command(args: list[str]) -> int:
             kind, code, message, hint = "InternalError", 20, f"{type(exc).__name__}: {exc}", "rerun with --debug and report it"
         code = _report(kind, code, message, hint, want_json)
     return code if isinstance(code, int) else 0
-
-
-INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _report(kind: str, code: int, message: str, hint: str | None, want_json: bool) -> int:

@@ -29,6 +29,7 @@ def command(replica, checkpoint, message, allow_nonfinite, recursive, wait, as_j
     """
     from ..checkpoint import read_checkpoint, read_checkpoint_metadata
     from ..replica import Replica
+    from .interrupts import say_where_an_interrupt_left
 
     out = Output(as_json, quiet)
     tensors = read_checkpoint(checkpoint, recursive=recursive)
@@ -36,7 +37,7 @@ def command(replica, checkpoint, message, allow_nonfinite, recursive, wait, as_j
     r = Replica.open(replica)
     try:
         before = r.head
-        with out.progress(f"commit {checkpoint}") as update:
+        with say_where_an_interrupt_left(r, before, "record"), out.progress(f"commit {checkpoint}") as update:
             offset = r.commit_checkpoint(tensors, metadata, wait=wait, message=message,
                                          allow_nonfinite=allow_nonfinite, progress=update)
         summary = next(r.iter_summaries(since=offset - 1)) if offset != before else None

@@ -31,12 +31,14 @@ def command(replica, to, reason, dry_run, wait, as_json, quiet):
     from ..history import resolve_offset
     from ..replica import Replica
     from ..rollback import rollback
+    from .interrupts import say_where_an_interrupt_left
 
     out = Output(as_json, quiet)
     r = Replica.open(replica)
     try:
         to = resolve_offset(r, to)
-        with out.working(f"rolling {replica} back to offset {to}"):
+        with say_where_an_interrupt_left(r, r.head, "rollback record"), \
+                out.working(f"rolling {replica} back to offset {to}"):
             result = rollback(r, to, reason=reason, wait=wait, dry_run=dry_run)
     finally:
         r.close(flush=False)  # return once the record is durable; the rows' fsync follows the WAL schedule
