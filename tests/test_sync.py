@@ -372,6 +372,25 @@ def test_destination_behind_the_source_retention_gets_a_snapshot(way, tmp_path, 
         assert b.oldest_offset == oldest
 
 
+def test_a_relay_that_caught_up_by_snapshot_still_vouches_for_its_own_followers(way, tmp_path, rng):
+    """A -> B (through ``way``) -> C. B falls behind A's compaction and is rebased onto A's snapshot,
+    proven; C, still on an offset B's rebase dropped, must then be proven by B: B keeps the digests of
+    the history it dropped, as a compaction does (a reseed would not)."""
+    src, model = new_source(tmp_path, rng, commits=3)
+    relay, leaf = tmp_path / "relay", tmp_path / "leaf"
+    assert do_sync(way, src, relay).complete
+    assert run_cli("sync", relay, leaf).returncode == 0  # leaf at 3
+    advance(src, rng, model, commits=2)
+    assert do_sync(way, src, relay).complete  # relay at 5
+    advance(src, rng, model, commits=3)
+    oldest = _compact_to_head(src)  # the relay is behind it
+    result = do_sync(way, src, relay)
+    assert result.complete and result.snapshot_offset == oldest
+    proc = run_cli("sync", relay, leaf, "--json")  # the leaf is behind the relay's oldest now
+    assert proc.returncode == 0, proc.stderr
+    assert_synced(src, leaf)
+
+
 def test_a_diverged_destination_behind_the_source_retention_is_refused(way, tmp_path, rng):
     """A stray commit on a follower stays refused (exit 13, nothing written) after the source compacted
     past the follower's head: that the source can no longer send records from there does not make

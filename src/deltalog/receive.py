@@ -60,7 +60,7 @@ from .pending import (
     read_pending,
 )
 from .store import packed_bytes
-from .writer import Change, RowChange, RowWrite, Writer, create_replica
+from .writer import Change, RowChange, RowWrite, Writer, create_replica, keep_past_digests
 
 if TYPE_CHECKING:
     from .replica import Replica
@@ -625,8 +625,14 @@ def _local_manifest(manifest: dict, digest: int) -> dict:
     return local
 
 
-def restore_snapshot(replica: "Replica", manifest: dict, staged: str | None = None) -> None:
+def restore_snapshot(replica: "Replica", manifest: dict, staged: str | None = None, keep_history: bool = False) -> None:
     """Rebase a replica on a snapshot its source sent (lock held).
+
+    ``keep_history``: the sync proved the replica held the source's model at
+    its head (not a reseed), so the state digests of the records and
+    snapshots the rebase drops stay in meta/past_digests, as compaction
+    keeps them: a follower standing on one of them can still be proven to
+    hold this history. Otherwise they are another history's and go.
 
     The snapshot's files are complete under ``snapshots/OFFSET/``, or, when
     a snapshot of this replica's own is registered at that offset (a reseed
@@ -648,6 +654,8 @@ def restore_snapshot(replica: "Replica", manifest: dict, staged: str | None = No
     entries = list(_bucket_entries(replica.tensors, replica.bucket_rows, manifest))
 
     def rebase(txn):
+        if keep_history:  # proven the source's: what it leaves behind still vouches for its followers
+            keep_past_digests(store, txn, replica.path, (1 << 64) - 1, old_snaps)
         store.delete_records(txn, upto=(1 << 64) - 1)
         pending = store.get_meta(txn, PENDING_KEY)
         if pending is not None:
@@ -660,7 +668,8 @@ def restore_snapshot(replica: "Replica", manifest: dict, staged: str | None = No
         store.put_snapshot(txn, local)
         store.put_meta(txn, "oldest", offset)
         store.delete_meta(txn, UNCONFIRMED_KEY)  # it described a head this replica no longer has
-        store.clear_past_digests(txn)  # they were its old history's, not the source's
+        if not keep_history:
+            store.clear_past_digests(txn)  # they were its old history's, not the source's
 
     intent = {"offset": offset, "staged": None if staged is None else os.path.basename(staged)}
     replica.writer.run_intent(RESTORE_KEY, intent, log=rebase, head=offset, applied=offset, applying=offset,

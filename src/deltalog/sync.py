@@ -632,7 +632,10 @@ def sync(
         if budget.out_of_time():  # nothing is staged for a transfer that may not start
             result.stopped_by = "deadline"
             return finish_result()
-        held = sink.snapshot_begin(hello, manifest)
+        # A destination proven to hold the source's history keeps the digests of what it drops
+        # (its own followers may stand on them); a reseeded one held another history.
+        proven = existed and not reseed
+        held = sink.snapshot_begin({**hello, "history_proven": True} if proven else hello, manifest)
         done = sum(min(held.get(e["file"], 0), int(e["nbytes"])) for e in manifest["tensors"])
         first = True
         for entry in manifest["tensors"]:

@@ -383,37 +383,14 @@ class Writer:
                 self.store.clear_buckets(txn)
             self.store.put_snapshot(txn, manifest)
             self.store.put_meta(txn, "oldest", horizon)
-            past = self._digests_dropped(txn, horizon)
-            folded["removed"] = len(past)
-            folded["freed"] = self.store.delete_records(txn, upto=horizon)
             folded["dropped"] = [o for o in self.store.snapshot_offsets(txn) if o < horizon]
+            folded["removed"] = keep_past_digests(self.store, txn, self.path, horizon, folded["dropped"])
+            folded["freed"] = self.store.delete_records(txn, upto=horizon)
             for offset in folded["dropped"]:
-                try:  # a damaged manifest is dropped all the same (compact --from-tensors repairs it)
-                    past[offset] = lineage.from_hex(self.store.get_snapshot(txn, offset).get("state_digest"))
-                except DeltalogError:
-                    past[offset] = None
                 self.store.delete_snapshot(txn, offset)
-            known = sorted((o, d) for o, d in past.items() if d is not None)
-            self.store.add_past_digests(txn, [o for o, _d in known], [d for _o, d in known])
 
         self.transition(Change(log=fold))
         return folded["removed"], folded["freed"], folded["dropped"]
-
-    def _digests_dropped(self, txn, horizon: int) -> dict[int, int | None]:
-        """{offset: its state digest (None: unknown)} of every record at or before ``horizon``.
-
-        Compaction keeps them (meta/past_digests) so that a follower whose
-        head it dropped can still be proven to hold this history (sync).
-        A record whose header cannot be read counts as unknown: compaction
-        from the tensor files drops a damaged log.
-        """
-        past = {}
-        for offset, blob in self.store.iter_records(txn, upto=horizon):
-            try:
-                past[offset] = rec.summarize(blob, f"{self.path}: record {offset}").post_digest
-            except DeltalogError:
-                past[offset] = None
-        return past
 
     def register_snapshot(self, manifest: dict) -> None:
         """Register a complete snapshot directory (lock held)."""
@@ -804,6 +781,32 @@ def _user() -> str:
 
 def _host() -> str:
     return os.uname().nodename  # what socket.gethostname() returns, without loading socket (~2 ms)
+
+
+def keep_past_digests(store: LogStore, txn, path: str, upto: int, snapshots: Sequence[int]) -> int:
+    """Keep (meta/past_digests) the state digests of the records up to ``upto`` and of the
+    ``snapshots`` that the caller drops in this transaction; returns how many records there are.
+
+    So a follower whose head they were can still be proven to hold this
+    history (sync). A header or manifest that cannot be read gives no digest
+    (compaction from the tensor files drops a damaged log, and a damaged
+    manifest, all the same).
+    """
+    past: dict[int, int | None] = {}
+    for offset, blob in store.iter_records(txn, upto=upto):
+        try:
+            past[offset] = rec.summarize(blob, f"{path}: record {offset}").post_digest
+        except DeltalogError:
+            past[offset] = None
+    records = len(past)
+    for offset in snapshots:
+        try:
+            past[offset] = lineage.from_hex(store.get_snapshot(txn, offset).get("state_digest"))
+        except DeltalogError:
+            past[offset] = None
+    known = sorted((o, d) for o, d in past.items() if d is not None)
+    store.add_past_digests(txn, [o for o, _d in known], [d for _o, d in known])
+    return records
 
 
 def create_replica(staging: str, path: str, *, model: dict, offset: int, manifest: dict,

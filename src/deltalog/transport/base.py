@@ -203,7 +203,11 @@ class Sink(Protocol):
     def snapshot_begin(self, hello: dict, manifest: dict) -> dict[str, int]:
         """Start (or resume) receiving snapshot ``manifest`` of the source described by ``hello``.
 
-        Returns {file: bytes already held} so an interrupted transfer resumes.
+        ``hello`` may carry ``history_proven: True``: the engine proved that
+        the destination held the source's model at its head (not a reseed),
+        so the rebase keeps the state digests of what it drops
+        (meta/past_digests). Returns {file: bytes already held} so an
+        interrupted transfer resumes.
         """
         ...
 

@@ -314,6 +314,10 @@ class LocalSink:
 
     # -- snapshot transfer ---------------------------------------------------------
 
+    def _keeps_history(self) -> bool:
+        """Whether the engine proved this replica held the source's model at its head (sync: not a reseed)."""
+        return bool((self._hello or {}).get("history_proven"))
+
     def _snapshot_root(self) -> str:
         return self.replica.path if self.replica is not None else self._staging
 
@@ -411,7 +415,7 @@ class LocalSink:
         if self.replica is not None and offset in self.replica.snapshot_offsets():
             # A snapshot of this replica's own sits at that offset (a reseed of another
             # history): it is swapped for the received one under the restore's intent.
-            receive.restore_snapshot(self.replica, local_manifest, staged=partial)
+            receive.restore_snapshot(self.replica, local_manifest, staged=partial, keep_history=self._keeps_history())
             return receive.sink_state(self.replica)
         final = partial[: -len(".partial")]
         if os.path.exists(final):  # unregistered: left by a crashed run
@@ -419,7 +423,7 @@ class LocalSink:
         os.rename(partial, final)
         tensorfiles.fsync_dir(os.path.dirname(final))
         if self.replica is not None:
-            receive.restore_snapshot(self.replica, local_manifest)
+            receive.restore_snapshot(self.replica, local_manifest, keep_history=self._keeps_history())
             return receive.sink_state(self.replica)
         try:
             receive.init_from_snapshot(self._staging, self.path, hello, local_manifest)
