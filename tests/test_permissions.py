@@ -132,8 +132,10 @@ def test_ctrl_c_exits_130_and_says_so_in_json(tmp_path, rng):
     model = {"t": np.asarray(rng.standard_normal((4096, 64)), dtype=np.float32)}  # 1 MiB: ~50 s at 20 KiB/s
     src, dst = tmp_path / "src", tmp_path / "dst"
     Replica.init(src, model, bucket_rows=64).close()
+    # SIGINT as a terminal delivers it: a test runner started in the background inherits it ignored.
     proc = subprocess.Popen([*DELTALOG, "sync", str(src), str(dst), "--bwlimit", "20K", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not any(p.name.endswith(".deltalog-sync") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)  # the staging directory: past start-up, inside the transfer

@@ -21,6 +21,7 @@ from conftest import (REPO, Crash, apply_update, assert_same, bits, cli_json, cr
                       random_model, random_update, run_cli)
 
 from deltalog import Replica, rowdigest, tensorfiles
+from deltalog.compact import compact
 from deltalog.errors import IntegrityError
 from deltalog.replay import repair_in_place
 from deltalog.rollback import rollback
@@ -219,13 +220,11 @@ def test_sync_writers_keep_the_digests(tmp_path, rng):
     assert_digests_right(dst)
     with Replica.open(src) as r:
         r.commit(random_update(rng, model))
-        with r.writing():  # compact: a snapshot at the head, the log before it dropped
-            manifest = r.make_snapshot()
-            r.store.write(lambda txn: (r.store.delete_records(txn, manifest["offset"]),
-                                       r.store.put_meta(txn, "oldest", manifest["offset"])))
+        compact(r)  # a snapshot at the head, the log before it dropped (its digests kept)
+        oldest = r.oldest_offset
         r.commit(random_update(rng, model))
     result = cli_json("sync", src, dst)
-    assert result["snapshot_offset"] == manifest["offset"]  # rebased: the snapshot copied over the files
+    assert result["snapshot_offset"] == oldest  # rebased: the snapshot copied over the files
     assert_digests_right(dst)
     with Replica.open(dst) as d, Replica.open(src) as s:
         for name in s.tensor_names:
