@@ -483,3 +483,15 @@ def test_small_refusals_say_what_to_do(replica, tmp_path):
     proc = run_cli("log", path, "--since", "1")
     assert proc.returncode == 0 and f"records up to offset {oldest} were compacted away" in proc.stdout + proc.stderr
     assert "1 snapshot," in run_cli("verify", path).stdout + run_cli("verify", path).stderr
+
+
+def test_init_refuses_a_model_holding_nan_unless_allowed(tmp_path):
+    """As commit refuses such rows: a diverged run's checkpoint is no base to start from by accident."""
+    bad = np.zeros((10, 4), np.float32)
+    bad[3, 1], bad[7, 0] = np.nan, np.inf
+    np.savez(tmp_path / "nan.npz", t=bad, ok=np.ones(3, np.float32))
+    proc = run_cli("init", tmp_path / "r", "--from", tmp_path / "nan.npz", "--json")
+    assert proc.returncode == 11 and not (tmp_path / "r").exists()
+    err = json.loads(proc.stdout)["error"]
+    assert "2 of its 10 rows" in err["message"] and "row 3" in err["message"] and "--allow-nonfinite" in err["hint"]
+    assert run_cli("init", tmp_path / "r", "--from", tmp_path / "nan.npz", "--allow-nonfinite").returncode == 0

@@ -178,6 +178,26 @@ def _refuse_nonfinite(info: TensorInfo, rows: np.ndarray, values: np.ndarray) ->
         )
 
 
+def _refuse_nonfinite_model(info: TensorInfo, rows: np.ndarray) -> None:
+    """InvalidInput if a floating-point tensor holds NaN or an infinity (read in bounded steps)."""
+    if info.dtype not in ("float64", "float32", "float16", "bfloat16") or not info.rows:
+        return
+    step = max(1, _COMPARE_CHUNK_BYTES // max(1, info.row_bytes))
+    bad, first = 0, None
+    for start in range(0, info.rows, step):
+        with np.errstate(invalid="ignore"):
+            rows_bad = ~np.isfinite(as_float(np.asarray(rows[start : start + step]), info.dtype)).all(axis=1)
+        if rows_bad.any():
+            first = start + int(np.flatnonzero(rows_bad)[0]) if first is None else first
+            bad += int(rows_bad.sum())
+    if bad:
+        raise InvalidInput(
+            f"tensor {info.name!r}: {bad:,} of its {info.rows:,} rows hold NaN or infinity (first: row {first}); "
+            f"nothing was created",
+            hint="fix the checkpoint, or pass --allow-nonfinite to start from it anyway",
+        )
+
+
 def _check_reason(text: str | None, what: str) -> None:
     if text is not None and (not isinstance(text, str) or len(text) > rec.MAX_REASON):
         raise InvalidInput(f"--{what} must be text of at most {rec.MAX_REASON} characters")
@@ -283,12 +303,15 @@ class Replica:
         tensors: Mapping,
         bucket_rows: int = DEFAULT_BUCKET_ROWS,
         model_id: str | None = None,
+        allow_nonfinite: bool = True,
     ) -> "Replica":
         """Create a replica at ``path`` holding ``tensors`` at offset 0.
 
         ``tensors`` maps names to arrays (or CheckpointTensor / (array, dtype)).
         The replica is built beside ``path`` and renamed into place, so a
         crash leaves either nothing or a complete replica.
+        ``allow_nonfinite=False`` refuses (InvalidInput, nothing created) a
+        model holding NaN or an infinity, as ``deltalog init`` asks.
         """
         import shutil
 
@@ -304,6 +327,9 @@ class Replica:
         if not items:
             raise InvalidInput("a model needs at least one tensor")
         infos = [TensorInfo(i, name, dtype, tuple(int(d) for d in arr.shape)) for i, (name, dtype, arr) in enumerate(items)]
+        if not allow_nonfinite:
+            for info, (_n, _d, arr) in zip(infos, items):
+                _refuse_nonfinite_model(info, arr.reshape(info.rows, info.row_elems))
         parent = os.path.dirname(os.path.abspath(path))
         name = os.path.basename(os.path.abspath(path))
         _remove_dead_inits(parent, name)

@@ -15,14 +15,17 @@ from .console import Output, human_bytes, json_option, quiet_option, recursive_o
               help="Rows per bucket: the unit whose version replicas compare.")
 @click.option("--model-id", help="Identity of the model (default: the checkpoint's deltalog.model_id metadata, "
                                  "else a new random id). Replicas refuse deltas of another model.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Start from a model holding NaN or infinity (refused by default, as commit refuses such rows).")
 @recursive_option
 @json_option
 @quiet_option
-def command(replica, checkpoint, bucket_rows, model_id, recursive, as_json, quiet):
+def command(replica, checkpoint, bucket_rows, model_id, allow_nonfinite, recursive, as_json, quiet):
     """Create REPLICA (a new directory) holding the tensors of CHECKPOINT at offset 0.
 
     Writes the tensor files, an immutable snapshot at offset 0 and an empty
-    log. The directory appears only when complete.
+    log. The directory appears only when complete. A model holding NaN or
+    infinity is refused (exit 11, nothing created) unless --allow-nonfinite.
     """
     from ..checkpoint import read_checkpoint, read_checkpoint_metadata
     from ..replica import Replica
@@ -33,7 +36,8 @@ def command(replica, checkpoint, bucket_rows, model_id, recursive, as_json, quie
     with out.working(f"reading {checkpoint}"):
         tensors = read_checkpoint(checkpoint, recursive=recursive)
         model_id = model_id or read_checkpoint_metadata(checkpoint).get("deltalog.model_id")
-    with out.working(f"writing {replica}"), Replica.init(replica, tensors, bucket_rows=bucket_rows, model_id=model_id) as r:
+    with out.working(f"writing {replica}"), Replica.init(
+            replica, tensors, bucket_rows=bucket_rows, model_id=model_id, allow_nonfinite=allow_nonfinite) as r:
         status = r.status()
     total = sum(t["bytes"] for t in status["tensors"])
     data = {
