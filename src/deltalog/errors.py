@@ -98,6 +98,13 @@ class Diverged(DeltalogError):
             "source's snapshot and log, dropping its own records")
 
 
+class Interrupted(DeltalogError):
+    """Ctrl-C (SIGINT): every change is whole or not made at all."""
+
+    exit_code = 130
+    hint = "every change is whole or not made at all: 'deltalog status' shows where the replica stands"
+
+
 _OS_PROBLEMS = {  # errno name -> (what it means, what to do)
     "EACCES": ("permission denied", "run as a user that may read and write it, or fix its permissions"),
     "EPERM": ("permission denied", "run as a user that may read and write it, or fix its permissions"),
@@ -113,13 +120,6 @@ def os_hint(exc: OSError) -> str:
     import errno
 
     return _OS_PROBLEMS.get(errno.errorcode.get(exc.errno or 0, ""), (None, "check free space and permissions"))[1]
-
-
-class Interrupted(DeltalogError):
-    """Ctrl-C (SIGINT): every change is whole or not made at all."""
-
-    exit_code = 130
-    hint = "every change is whole or not made at all: 'deltalog status' shows where the replica stands"
 
 
 def environment_error(exc: OSError) -> StorageError | None:

@@ -656,6 +656,8 @@ def restore_snapshot(replica: "Replica", manifest: dict, staged: str | None = No
     def rebase(txn):
         if keep_history:  # proven the source's: what it leaves behind still vouches for its followers
             keep_past_digests(store, txn, replica.path, (1 << 64) - 1, old_snaps)
+        else:
+            store.clear_past_digests(txn)  # they were its old history's, not the source's
         store.delete_records(txn, upto=(1 << 64) - 1)
         pending = store.get_meta(txn, PENDING_KEY)
         if pending is not None:
@@ -668,8 +670,6 @@ def restore_snapshot(replica: "Replica", manifest: dict, staged: str | None = No
         store.put_snapshot(txn, local)
         store.put_meta(txn, "oldest", offset)
         store.delete_meta(txn, UNCONFIRMED_KEY)  # it described a head this replica no longer has
-        if not keep_history:
-            store.clear_past_digests(txn)  # they were its old history's, not the source's
 
     intent = {"offset": offset, "staged": None if staged is None else os.path.basename(staged)}
     replica.writer.run_intent(RESTORE_KEY, intent, log=rebase, head=offset, applied=offset, applying=offset,

@@ -454,7 +454,7 @@ class LogStore:
         old_offsets, old_digests = self.past_digests(txn)
         offsets = np.concatenate([old_offsets, np.asarray(offsets, dtype=np.uint64)])
         digests = np.concatenate([old_digests, np.asarray(digests, dtype=np.uint64)])
-        # Sorted by offset, the newest of a repeated offset kept (np.unique keeps the first: reverse).
+        # Sorted by offset; of an offset given twice, the digest added last is kept.
         order = np.lexsort((-np.arange(len(offsets)), offsets))
         offsets, digests = offsets[order], digests[order]
         first = np.r_[True, offsets[1:] != offsets[:-1]]
