@@ -81,3 +81,20 @@ def test_an_interrupted_revert_is_finished_by_recovery(tmp_path, rng, monkeypatc
 def test_check_needs_a_local_destination(tmp_path):
     proc = run_cli("sync", tmp_path / "a", "host:/x", "--check", "true")
     assert proc.returncode == 11 and "local DST" in proc.stderr
+
+
+def test_compaction_leaves_a_sync_awaiting_its_check_undoable(tmp_path, rng):
+    """Folding an unaccepted sync's record would leave its undo nothing to work with: the head went
+    back below the oldest offset and no command could open the replica (a code review found it)."""
+    src, dst, before, _ = _setup(tmp_path, rng)
+    proc = run_cli("sync", src, dst, "--check", "kill -9 $PPID; sleep 5")
+    assert proc.returncode != 0
+    out = cli_json("compact", dst)  # stops before the unaccepted sync's record
+    assert out["oldest_offset"] == 1 and out["head"] == 4
+    proc = run_cli("compact", dst, "--from-tensors")
+    assert proc.returncode == 11 and "awaits its --check" in proc.stderr
+    assert run_cli("sync", src, dst, "--check", "false").returncode == 10  # the undo still works
+    with Replica.open(dst) as b:
+        assert b.head == 1 and receive.unconfirmed(b) is None
+        assert_same(b, before)
+        assert verify(b).ok

@@ -45,9 +45,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import lineage, tensorfiles
-from .errors import (DeltalogError, IntegrityError, InvalidInput, OffsetNotRetained, StorageError, UnsupportedVersion,
-                     os_hint)
+from .errors import (DeltalogError, IntegrityError, InvalidInput, LockHeld, OffsetNotRetained, StorageError,
+                     UnsupportedVersion, os_hint)
 from .history import head_time
+from .receive import unconfirmed
 from .replay import tensors_at
 from .lock import pid_alive
 from .replica import Replica
@@ -172,7 +173,7 @@ def compact(
     started = time.monotonic()
     progress = progress or (lambda stage, done, total: None)
     previous_oldest = replica.oldest_offset
-    horizon = choose_horizon(replica, keep_after, keep_records, keep_age)
+    horizon = _before_unconfirmed(replica, choose_horizon(replica, keep_after, keep_records, keep_age))
     root = os.path.join(replica.path, tensorfiles.SNAPSHOT_DIR)
     staging = None
     manifest = None
@@ -203,6 +204,9 @@ def compact(
         progress("committing", 0, 1)
         with replica.writing(wait):
             result = CompactResult(oldest_offset=replica.oldest_offset, previous_oldest=previous_oldest, head=replica.head)
+            if _before_unconfirmed(replica, horizon) != horizon:  # a guarded sync finished while we replayed
+                raise LockHeld(f"{replica.path}: a sync awaiting its --check arrived while compacting; nothing was "
+                               f"compacted", hint="run compact again")
             if manifest is not None and horizon > result.oldest_offset:
                 _fold(replica, horizon, manifest, staging, result)
             _remove_garbage(replica, result)
@@ -218,7 +222,8 @@ def plan(replica: Replica, keep_after: int | None = None, keep_records: int | No
          keep_age: float | None = None, from_tensors: bool = False) -> CompactResult:
     """What :func:`compact` (or :func:`compact_from_tensors`) would do now, without the lock or a write."""
     previous_oldest, head = replica.oldest_offset, replica.head
-    horizon = head if from_tensors else choose_horizon(replica, keep_after, keep_records, keep_age)
+    horizon = head if from_tensors else _before_unconfirmed(replica, choose_horizon(replica, keep_after, keep_records,
+                                                                                    keep_age))
     result = CompactResult(oldest_offset=previous_oldest, previous_oldest=previous_oldest, head=head,
                            built_from="tensors" if from_tensors else "log", dry_run=True)
     if horizon <= previous_oldest and not from_tensors:
@@ -262,6 +267,10 @@ def compact_from_tensors(replica: Replica, wait: float = 0.0) -> CompactResult:
             if pending is not None:
                 raise InvalidInput(f"{replica.path}: a partial sync to offset {pending['target']} is pending",
                                    hint="finish it with 'deltalog sync' from its source first")
+            marker = unconfirmed(replica)
+            if marker is not None:  # folding it would leave nothing to undo it with
+                raise InvalidInput(f"{replica.path}: the sync to offset {marker['target']} awaits its --check",
+                                   hint="run that 'deltalog sync ... --check' again to accept or undo it first")
             state = replica.state
             try:
                 os.makedirs(staging)
@@ -291,6 +300,13 @@ def compact_from_tensors(replica: Replica, wait: float = 0.0) -> CompactResult:
         shutil.rmtree(staging, ignore_errors=True)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _before_unconfirmed(replica: Replica, horizon: int) -> int:
+    """``horizon``, or an older one that leaves a sync its --check has not accepted yet in the log:
+    undoing it (receive.revert_sync) needs its record and the head before it."""
+    marker = unconfirmed(replica)
+    return horizon if marker is None else max(replica.oldest_offset, min(horizon, int(marker["base"])))
 
 
 def _time_if_known(replica: Replica, head: int) -> float | None:
