@@ -770,3 +770,26 @@ def test_a_followers_checkpoint_runs_beside_its_rounds(small_replica, tmp_path, 
     with Replica.open(dst) as r:
         assert r.state.settled and r.state.flushed >= 1
         assert verify_replica(r).ok
+
+
+def test_follow_stops_on_a_destination_its_source_cannot_vouch_for(tmp_path, rng):
+    """No retry makes a missing proof appear: --follow exits 7 at once (it cannot --reseed), rather than
+    retrying for ever (a code review found it). The source here was compacted by a deltalog that kept
+    no digests of what it dropped."""
+    model = random_model(rng, rows=60)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    with Replica.init(src, model, bucket_rows=8) as r:
+        r.commit(random_update(rng, model))
+    assert run_cli("sync", src, dst).returncode == 0
+    with Replica.open(src) as r:
+        for _ in range(3):
+            r.commit(random_update(rng, model))
+        with r.writing():
+            manifest = r.make_snapshot()
+            r.store.write(lambda txn: (r.store.delete_records(txn, manifest["offset"]),
+                                       r.store.put_meta(txn, "oldest", manifest["offset"])))
+    started = time.monotonic()
+    proc = run_cli("sync", src, dst, "--follow", "--interval", "0.2", "--json")
+    assert proc.returncode == 7, proc.stderr
+    assert "HistoryUnproven" in proc.stdout and "--reseed" in proc.stderr
+    assert time.monotonic() - started < 60

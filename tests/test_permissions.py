@@ -179,3 +179,25 @@ def test_ctrl_c_during_commit_says_whether_the_record_landed(replica, monkeypatc
         assert head == before + 1 and f"is at offset {head}" in error["message"]
         assert as_user("verify", path).returncode == 0  # recovery settles it
         assert json.loads(run_cli("commit", path, "--from", checkpoint, "--json").stdout)["changed"] is False
+
+
+def test_a_replica_on_a_read_only_mount_is_refused_not_read_unregistered(replica, monkeypatch):
+    """There LMDB would skip its table of readers, so a writer elsewhere could reuse the pages being
+    read: refused (exit 12) instead of read without that protection. (A read-only bind mount needs
+    root to make, so the file system's answer is simulated.)"""
+    import lmdb
+
+    from deltalog import store
+    from deltalog.errors import StorageError
+
+    path, _checkpoint = replica
+    calls = []
+
+    def read_only_fs(where, **options):
+        calls.append(options.get("readonly", False))
+        raise lmdb.Error(f"{where}: Read-only file system")
+
+    monkeypatch.setattr(store.lmdb, "open", read_only_fs)
+    with pytest.raises(StorageError, match="read-only file system"):
+        Replica.open(path)
+    assert calls == [False]  # never retried read-only, where readers would go unregistered

@@ -425,7 +425,7 @@ def test_an_unprovable_destination_behind_the_source_retention_is_refused(way, t
     proc = sync_cli(way, src, dst, "--json")
     assert proc.returncode == 7, proc.stderr
     err = json.loads(proc.stdout)["error"]
-    assert err["type"] == "OffsetNotRetained" and "--reseed" in err["hint"] and f"oldest offset {oldest}" in err["message"]
+    assert err["type"] == "HistoryUnproven" and "--reseed" in err["hint"] and f"oldest offset {oldest}" in err["message"]
     assert _log_of(dst) == before
     assert sync_cli(way, src, dst, "--reseed").returncode == 0
     assert_synced(src, dst)
@@ -1268,3 +1268,51 @@ def test_both_ends_of_an_ssh_sync_widen_their_pipes(sshd, tmp_path, rng):
         assert source.hello()["head"] == 1
     finally:
         source.close()
+
+
+def test_an_older_server_without_digests_means_no_proof_not_an_error(tmp_path):
+    """A source from before /v1/digest and the ssh digest_at request has no digest to give (the sync
+    then refuses, exit 7); an error the endpoint itself answers is raised as what it is."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from deltalog.errors import NotAReplica
+    from deltalog.transport.http import HttpSource
+    from deltalog.transport.ssh import SshSource
+
+    answers = {"kind": "NotFound"}
+
+    class Old(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"error": {"type": answers["kind"], "message": "not found", "hint": None,
+                                         "exit_code": 8}}).encode()
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Old)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        source = HttpSource(f"http://127.0.0.1:{server.server_address[1]}")
+        assert source.state_digest_at(5) is None
+        answers["kind"] = "NotAReplica"
+        with pytest.raises(NotAReplica):
+            source.state_digest_at(5)
+        source.close()
+    finally:
+        server.shutdown()
+
+    class OldPipe:
+        busy = False
+
+        def request_unchecked(self, kind, args=None, payload=None, **fields):
+            return {"type": "error", "error_type": "TransportError", "message": f"unknown request {kind!r}"}, b""
+
+    ssh = SshSource.__new__(SshSource)
+    ssh.conn = OldPipe()
+    assert ssh.state_digest_at(5) is None

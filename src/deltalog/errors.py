@@ -59,6 +59,14 @@ class OffsetNotRetained(DeltalogError):
     exit_code = 7
 
 
+class HistoryUnproven(OffsetNotRetained):
+    """A destination older than everything the source keeps, which the source cannot vouch for.
+
+    Exit 7, like any offset out of retention, but no retry will change it
+    (sync --follow stops): only --reseed, which replaces the destination.
+    """
+
+
 class TransportError(DeltalogError):
     """A peer vanished, refused, or spoke a protocol we do not."""
 

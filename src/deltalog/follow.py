@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from .errors import (
     DeltalogError,
+    HistoryUnproven,
     IntegrityError,
     LockHeld,
     NotAReplica,
@@ -360,6 +361,7 @@ def follow(
                 if stopper.requested:
                     break  # e.g. Ctrl-C reached the ssh child too: its pipe broke because we are stopping
                 retry = isinstance(exc, RETRYABLE) or (isinstance(exc, NotAReplica) and stage == "source")
+                retry = retry and not isinstance(exc, HistoryUnproven)  # no retry makes the proof appear
                 if isinstance(exc, IntegrityError):
                     integrity_failures += 1
                     retry = integrity_failures <= MAX_INTEGRITY_RETRIES

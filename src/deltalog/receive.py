@@ -655,7 +655,9 @@ def restore_snapshot(replica: "Replica", manifest: dict, staged: str | None = No
 
     def rebase(txn):
         if keep_history:  # proven the source's: what it leaves behind still vouches for its followers
-            keep_past_digests(store, txn, replica.path, (1 << 64) - 1, old_snaps)
+            state = store.get_meta(txn, "state")
+            head = {state["head"]: state["digest"]} if state.get("digest") is not None else {}
+            keep_past_digests(store, txn, replica.path, (1 << 64) - 1, old_snaps, (offset, digest), known=head)
         else:
             store.clear_past_digests(txn)  # they were its old history's, not the source's
         store.delete_records(txn, upto=(1 << 64) - 1)

@@ -907,7 +907,7 @@ class _Handler(BaseHTTPRequestHandler):
         if name == tensorfiles.MANIFEST:
             problem = tensorfiles.manifest_file_problem(self._replica().path, manifest)
             if problem is not None:  # never served: damage is found, not passed on
-                raise IntegrityError(problem, hint=f"'deltalog verify' on the server names the repair")
+                raise IntegrityError(problem, hint="'deltalog verify' on the server names the repair")
             f, size = self._open(manifest, name, None)
             digest = xxhash.xxh3_64(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
             return _Resource([_Segment(size, file=f)], _etag(model_id, offset, name, digest), JSON_TYPE, cache)

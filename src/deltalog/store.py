@@ -131,16 +131,23 @@ def _acquire_env(path: str) -> tuple[lmdb.Environment, dict]:
 
 
 def _open_env(path: str, real: str) -> lmdb.Environment:
-    """The environment at ``real``, read-write, or read-only when this process may not write it.
+    """The environment at ``real``, read-write, or read-only when this user may not write it.
 
-    A replica another user owns, or one on a read-only mount, is still
-    readable: LMDB's readers need write access only to ``lock.mdb`` (their
-    slot in its reader table), and on a read-only file system none at all.
+    A replica another user owns is still readable when its ``lock.mdb`` is
+    writable: LMDB's readers need write access only to that file (their
+    slot in its table of readers, which keeps a writer from reusing the
+    pages they read). On a read-only mount LMDB would skip that table, and
+    a writer elsewhere could then change the pages under the reader, so
+    that is refused.
     """
     options = dict(map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True, create=False, max_readers=256)
     try:
         return lmdb.open(real, **options)
     except lmdb.Error as exc:
+        if "Read-only file system" in str(exc):
+            raise StorageError(f"{path}: on a read-only file system, where LMDB's readers cannot register "
+                               f"(a writer elsewhere could change what they read)",
+                               hint="mount it read-write, or read a copy made with cp -a") from None
         if not _denied(exc):
             raise IntegrityError(f"{path}: cannot open the log ({exc})") from None
     try:
@@ -154,9 +161,8 @@ def _open_env(path: str, real: str) -> lmdb.Environment:
 
 
 def _denied(exc: lmdb.Error) -> bool:
-    """Whether LMDB failed for want of write permission (py-lmdb reports EACCES as ReadonlyError)."""
-    text = str(exc)
-    return isinstance(exc, lmdb.ReadonlyError) or "Permission denied" in text or "Read-only file system" in text
+    """Whether LMDB failed for want of permission (py-lmdb reports EACCES as ReadonlyError)."""
+    return isinstance(exc, lmdb.ReadonlyError) or "Permission denied" in str(exc)
 
 
 def _release_env(path: str) -> None:
@@ -242,7 +248,7 @@ class LogStore:
     def _storage_error(self, exc: lmdb.Error) -> StorageError | None:
         """The StorageError an OS-level LMDB failure means, or None for other errors (bugs)."""
         if self.env.flags().get("readonly"):  # opened read-only: this process may not write it (_open_env)
-            return StorageError(f"{self.path}: cannot write the log: permission denied or a read-only mount",
+            return StorageError(f"{self.path}: cannot write the log: permission denied",
                                 hint="run as a user that may write the replica")
         code = getattr(exc, "code", 0)
         if code in (errno.ENOSPC, errno.EDQUOT):
@@ -432,26 +438,43 @@ class LogStore:
     def past_digests(self, txn) -> tuple[np.ndarray, np.ndarray]:
         """(offsets, state digests) of states whose records compaction dropped, offsets ascending.
 
-        Empty when there are none, and when the value is malformed: a
-        digest that cannot be read proves nothing, so it counts as unknown
-        (a sync that needed it refuses).
+        Empty when there are none, when the value is malformed (a digest
+        that cannot be read proves nothing: a sync that needed it refuses),
+        and when the log no longer starts where the value says it did: they
+        were written for a log whose oldest offset and snapshot digest they
+        name, and any other writer that replaced the log's base since (an
+        older deltalog's compaction or reseed, which knew nothing of them)
+        may have put another history there.
         """
         empty = np.empty(0, dtype=np.uint64)
         try:
             value = self.get_meta(txn, _PAST_DIGESTS_KEY)
             offsets = np.frombuffer(value["offsets"], dtype="<u8")
             digests = np.frombuffer(value["digests"], dtype="<u8")
+            anchor = (value["oldest"], value["oldest_digest"])
         except (IntegrityError, TypeError, KeyError, ValueError):
             return empty, empty
         if len(offsets) != len(digests) or (len(offsets) > 1 and not np.all(offsets[1:] > offsets[:-1])):
             return empty, empty
+        if anchor[1] is None or anchor != self._base(txn):
+            return empty, empty
         return offsets.astype(np.uint64), digests.astype(np.uint64)
 
-    def add_past_digests(self, txn, offsets, digests) -> None:
-        """Keep the state digests of offsets whose records are being dropped (newest PAST_DIGESTS_KEPT)."""
-        if not len(offsets):
-            return
-        old_offsets, old_digests = self.past_digests(txn)
+    def _base(self, txn) -> tuple[int, int | None] | None:
+        """(oldest offset, the state digest of its snapshot) as the log holds them now."""
+        try:
+            oldest = self.get_meta(txn, "oldest", 0)
+            manifest = self.get_snapshot(txn, oldest)
+        except IntegrityError:
+            return None
+        digest = manifest.get("state_digest") if isinstance(manifest, dict) else None
+        return oldest, (int(digest, 16) if isinstance(digest, str) and len(digest) == 16 else None)
+
+    def add_past_digests(self, txn, offsets, digests, oldest: int, oldest_digest: int | None) -> None:
+        """Keep the state digests of offsets whose records are being dropped (the newest
+        PAST_DIGESTS_KEPT), for the log that starts, once this transaction commits, at ``oldest``
+        with a snapshot of state digest ``oldest_digest`` (what :meth:`past_digests` checks)."""
+        old_offsets, old_digests = self.past_digests(txn)  # read before the caller moves the base
         offsets = np.concatenate([old_offsets, np.asarray(offsets, dtype=np.uint64)])
         digests = np.concatenate([old_digests, np.asarray(digests, dtype=np.uint64)])
         # Sorted by offset; of an offset given twice, the digest added last is kept.
@@ -460,7 +483,8 @@ class LogStore:
         first = np.r_[True, offsets[1:] != offsets[:-1]]
         offsets, digests = offsets[first][-PAST_DIGESTS_KEPT:], digests[first][-PAST_DIGESTS_KEPT:]
         self.put_meta(txn, _PAST_DIGESTS_KEY, {"offsets": offsets.astype("<u8").tobytes(),
-                                               "digests": digests.astype("<u8").tobytes()})
+                                               "digests": digests.astype("<u8").tobytes(),
+                                               "oldest": int(oldest), "oldest_digest": oldest_digest})
 
     def clear_past_digests(self, txn) -> None:
         """Forget them: the replica took on another history (a snapshot from its source replaced its log)."""

@@ -37,6 +37,7 @@ from . import record as rec
 from . import codec, heap, lineage, tensorfiles
 from .dtypes import row_significance
 from .errors import (
+    HistoryUnproven,
     IntegrityError,
     InvalidInput,
     LockHeld,
@@ -598,8 +599,9 @@ def sync(
 
     # --- snapshot transfer: a new destination, one older than the source keeps, or a reseed
     need_snapshot = not state["exists"] or state["head"] < hello["oldest_offset"] or reseed
+    proven = False  # the destination's history checked against the source's before a snapshot replaces it
     if existed and not reseed and state["head"] < hello["oldest_offset"]:
-        _check_lineage_before_oldest(source, hello, state, source_name, destination_name)
+        proven = _check_lineage_before_oldest(source, hello, state, source_name, destination_name)
     if not need_snapshot:
         unchecked = _check_lineage(hello, state, sink, source_name, destination_name)
     if not need_snapshot and state["head"] >= target:
@@ -634,7 +636,6 @@ def sync(
             return finish_result()
         # A destination proven to hold the source's history keeps the digests of what it drops
         # (its own followers may stand on them); a reseeded one held another history.
-        proven = existed and not reseed
         held = sink.snapshot_begin({**hello, "history_proven": True} if proven else hello, manifest)
         done = sum(min(held.get(e["file"], 0), int(e["nbytes"])) for e in manifest["tensors"])
         first = True
@@ -806,19 +807,26 @@ def _check_lineage(hello: dict, state: dict, sink, source_name: str, destination
     return None
 
 
-def _check_lineage_before_oldest(source, hello: dict, state: dict, source_name: str, destination_name: str) -> None:
-    """Refuse to replace a destination older than the source's oldest offset unless it is proven to
-    hold the source's model at its head: the source's state digest there (compaction keeps the
-    digests of the records it drops) must be the destination's. Replacing it otherwise would drop,
-    unnoticed, whatever another history gave it (a stray commit, a failover primary's writes).
+def _check_lineage_before_oldest(source, hello: dict, state: dict, source_name: str, destination_name: str) -> bool:
+    """True once a destination older than the source's oldest offset is proven to hold the source's
+    model at its head: the source's state digest there (compaction keeps the digests of the records
+    it drops) is the destination's. Replacing it otherwise would drop, unnoticed, whatever another
+    history gave it (a stray commit, a failover primary's writes).
 
-    Diverged when the digests differ; OffsetNotRetained when the source has none for that offset
-    (it compacted before it kept them, keeps only the newest, or is an older deltalog)."""
+    Diverged when the digests differ; HistoryUnproven (exit 7) when there is nothing to compare:
+    the source has no digest for that offset (it compacted before it kept them, keeps only the
+    newest, never held it, or is an older deltalog), or the destination has none yet."""
     head, mine = state["head"], lineage.from_hex(state.get("state_digest"))
+    if mine is None:  # a dry run into an older format: its first write computes the digest
+        raise HistoryUnproven(
+            f"{destination_name}: its head {head} is older than {source_name}'s oldest offset "
+            f"{hello['oldest_offset']}, and it has no state digest yet to prove it holds that history",
+            hint="sync without --dry-run (its upgrade computes one), or pass --reseed to replace it",
+        )
     ask = getattr(source, "state_digest_at", None)
-    theirs = lineage.from_hex(ask(head)) if ask is not None and mine is not None else None
+    theirs = lineage.from_hex(ask(head)) if ask is not None else None
     if theirs is None:
-        raise OffsetNotRetained(
+        raise HistoryUnproven(
             f"{destination_name}: its head {head} is older than {source_name}'s oldest offset "
             f"{hello['oldest_offset']}, and {source_name} has no state digest for offset {head}, "
             f"so {destination_name} cannot be proven to hold its history",
@@ -826,6 +834,7 @@ def _check_lineage_before_oldest(source, hello: dict, state: dict, source_name: 
         )
     if theirs != mine:
         raise diverged(destination_name, head, mine, theirs, source_name)
+    return True
 
 
 def _mark_only(stream, peek: bool, may_read: Callable[[], bool] = lambda: True):

@@ -381,10 +381,11 @@ class Writer:
         def fold(txn):
             if clear_buckets:
                 self.store.clear_buckets(txn)
+            folded["dropped"] = [o for o in self.store.snapshot_offsets(txn) if o < horizon]
+            folded["removed"] = keep_past_digests(self.store, txn, self.path, horizon, folded["dropped"],
+                                                  (horizon, lineage.from_hex(manifest.get("state_digest"))))
             self.store.put_snapshot(txn, manifest)
             self.store.put_meta(txn, "oldest", horizon)
-            folded["dropped"] = [o for o in self.store.snapshot_offsets(txn) if o < horizon]
-            folded["removed"] = keep_past_digests(self.store, txn, self.path, horizon, folded["dropped"])
             folded["freed"] = self.store.delete_records(txn, upto=horizon)
             for offset in folded["dropped"]:
                 self.store.delete_snapshot(txn, offset)
@@ -783,29 +784,37 @@ def _host() -> str:
     return os.uname().nodename  # what socket.gethostname() returns, without loading socket (~2 ms)
 
 
-def keep_past_digests(store: LogStore, txn, path: str, upto: int, snapshots: Sequence[int]) -> int:
+def keep_past_digests(store: LogStore, txn, path: str, upto: int, snapshots: Sequence[int],
+                      base: tuple[int, int | None], known: dict[int, int] | None = None) -> int:
     """Keep (meta/past_digests) the state digests of the records up to ``upto`` and of the
-    ``snapshots`` that the caller drops in this transaction; returns how many records there are.
+    ``snapshots`` that the caller drops in this transaction, plus ``known`` ones; returns how many
+    records there are. Call it before the transaction moves the log's base to ``base`` (the new
+    oldest offset and its snapshot's state digest), which the kept digests are then tied to.
 
     So a follower whose head they were can still be proven to hold this
     history (sync). A header or manifest that cannot be read gives no digest
     (compaction from the tensor files drops a damaged log, and a damaged
     manifest, all the same).
     """
-    past: dict[int, int | None] = {}
+    past: dict[int, int] = dict(known or {})
+    records = 0
     for offset, blob in store.iter_records(txn, upto=upto):
+        records += 1
         try:
-            past[offset] = rec.summarize(blob, f"{path}: record {offset}").post_digest
+            digest = rec.summarize(blob, f"{path}: record {offset}").post_digest
         except DeltalogError:
-            past[offset] = None
-    records = len(past)
+            continue
+        if digest is not None:
+            past.setdefault(offset, digest)
     for offset in snapshots:
         try:
-            past[offset] = lineage.from_hex(store.get_snapshot(txn, offset).get("state_digest"))
+            digest = lineage.from_hex(store.get_snapshot(txn, offset).get("state_digest"))
         except DeltalogError:
-            past[offset] = None
-    known = sorted((o, d) for o, d in past.items() if d is not None)
-    store.add_past_digests(txn, [o for o, _d in known], [d for _o, d in known])
+            continue
+        if digest is not None:
+            past.setdefault(offset, digest)
+    known_offsets = sorted(past)
+    store.add_past_digests(txn, known_offsets, [past[o] for o in known_offsets], *base)
     return records
 
 

@@ -42,7 +42,8 @@ def command(replica, since, limit, stored, as_json):
         records = log_entries(r, since=after, stored=stored)
         oldest = r.oldest_offset
     # Asked from before what compaction kept: say that the list starts later than asked.
-    missing = f"records up to offset {oldest} were compacted away" if 0 <= after < oldest else None
+    missing = (f"records up to offset {oldest} are not kept here (compacted, or before the snapshot it "
+               f"started from)") if 0 <= after < oldest else None
     if since is not None and since[0] == "age":
         cutoff = time.time() - since[1]
         records = [e for e in records if e["time"] >= cutoff]

@@ -167,15 +167,20 @@ class HttpSource:
         what = f"state digest at {offset}"
         response = self._request("GET", f"/v1/digest?offset={int(offset)}", what, headers={"Accept": _MSGPACK},
                                  allow=(200, 404))
+        if response.status == 404:
+            error = self._error(response, what)
+            if isinstance(error, TransportError) and "HTTP 404" in str(error):  # an older server: no such endpoint
+                return None
+            raise error  # the endpoint answered with an error of its own: e.g. the replica went away (exit 3)
         try:
             data = response.read()
         except (http.client.HTTPException, OSError) as exc:
             self._close_shared()
             raise self._lost(exc, what) from None
-        if response.status == 404:
-            return None
         answer = unpack(data, f"{self.url}: {what}")
-        digest = answer.get("state_digest") if isinstance(answer, dict) else None
+        if not isinstance(answer, dict) or answer.get("offset") != int(offset):
+            raise TransportError(f"{self.url}: the server answered another question than {what}")
+        digest = answer.get("state_digest")
         return digest if isinstance(digest, str) else None
 
     def plan(self, since: int, advanced: dict[str, dict[int, int]], target: int) -> dict:
