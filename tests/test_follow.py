@@ -793,3 +793,31 @@ def test_follow_stops_on_a_destination_its_source_cannot_vouch_for(tmp_path, rng
     assert proc.returncode == 7, proc.stderr
     assert "HistoryUnproven" in proc.stdout and "--reseed" in proc.stderr
     assert time.monotonic() - started < 60
+
+
+def test_bwlimit_never_carries_a_sync_past_its_deadline(tmp_path, rng):
+    """A token bucket whose wait would end after --deadline raises instead of sleeping (nothing spent),
+    and the sync stops there as the deadline stops it: `--bwlimit 1 --deadline 2` used to sleep for
+    hours (a newcomer audit found 11-30x overruns and a hang)."""
+    from deltalog.sync import DeadlineReached
+
+    now = [0.0]
+    tb = TokenBucket(1000.0, until=1.0, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert tb.take(500) == pytest.approx(0.5)
+    with pytest.raises(DeadlineReached):
+        tb.take(600)  # would end at 1.1 s
+    assert now[0] == pytest.approx(0.5)
+    assert tb.take(400) == pytest.approx(0.4)  # the refused bytes were not spent
+    model = {"t": rng.standard_normal((4096, 16)).astype(np.float32)}
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    Replica.init(src, model, bucket_rows=64).close()
+    assert run_cli("sync", src, dst).returncode == 0
+    with Replica.open(src) as r:
+        r.commit({"t": (np.arange(0, 4096, 2), np.ones((2048, 16), np.float32))})
+    started = time.monotonic()
+    proc = run_cli("sync", src, dst, "--bwlimit", "1K", "--deadline", "2", "--json")
+    assert proc.returncode == 1, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["stopped_by"] == "deadline" and not out["complete"]
+    assert time.monotonic() - started < 10  # a chunk at 1 KiB/s would take a minute
+    assert run_cli("sync", src, dst).returncode == 0

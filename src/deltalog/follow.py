@@ -184,12 +184,13 @@ class TokenBucket:
     over any transfer that starts with a drain stays at or under ``rate``.
     """
 
-    def __init__(self, rate: float, burst: float | None = None, *,
+    def __init__(self, rate: float, burst: float | None = None, *, until: float | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.rate = float(rate)
         self.burst = float(burst if burst is not None else rate / 4)
+        self.until = until  # --deadline, on ``clock``: a take whose wait would end later raises instead
         self._clock = clock
         self._sleep = sleep
         self.tokens = 0.0
@@ -211,12 +212,21 @@ class TokenBucket:
         return max(0.0, (n - self.tokens) / self.rate)
 
     def take(self, n: int) -> float:
-        """Spend ``n`` bytes of tokens, sleeping off any debt; returns the seconds slept for."""
+        """Spend ``n`` bytes of tokens, sleeping off any debt; returns the seconds slept for.
+
+        sync.DeadlineReached, with nothing spent or slept, when the debt could
+        not be paid before ``until``: those bytes would arrive too late to be used.
+        """
         self._refill()
         self.tokens -= n
         if self.tokens >= 0:
             return 0.0
         wait = -self.tokens / self.rate
+        if self.until is not None and self._clock() + wait > self.until:
+            self.tokens += n
+            from .sync import DeadlineReached
+
+            raise DeadlineReached
         self._sleep(wait)
         return wait
 
@@ -338,6 +348,7 @@ def follow(
                     sink = open_sink(dst)
                 if bucket is not None:
                     bucket.drain()
+                    bucket.until = None if deadline is None else round_started + deadline
                 ok = False
                 try:
                     result = sync(

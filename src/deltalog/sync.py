@@ -270,6 +270,10 @@ def source_state_digest_at(replica: Replica, offset: int) -> str | None:
     return lineage.to_hex(digest if digest is not None else replica.past_state_digest(offset))
 
 
+class DeadlineReached(Exception):
+    """Raised by a ``throttle`` (--bwlimit's token bucket) whose wait would run past --deadline."""
+
+
 HISTORY_LIMIT = 10_000  # source records one sync record names at most (every rollback is kept)
 
 
@@ -553,7 +557,9 @@ def sync(
 
     ``throttle(n)`` is called with the size of every snapshot piece before
     it is requested and of every chunk as it arrives, before it is applied,
-    and may sleep (--bwlimit's token bucket).
+    and may sleep (--bwlimit's token bucket); it raises DeadlineReached when
+    its wait would run past --deadline, which stops the run there as the
+    deadline does (that chunk is not applied).
     ``should_stop()`` is asked before each one is applied: True stops the
     run there (``stopped_by="signal"``), every chunk applied so far kept as
     resumable partial-sync state, exactly as a budget stops it.
@@ -651,7 +657,11 @@ def sync(
                 if why:
                     result.stopped_by = why
                     return finish_result()
-                throttle(n)  # paced before the request: the piece's bytes are paid for before they move
+                try:
+                    throttle(n)  # paced before the request: the piece's bytes are paid for before they move
+                except DeadlineReached:  # --bwlimit could not let it arrive before --deadline
+                    result.stopped_by = "deadline"
+                    return finish_result()
                 data = source.read_snapshot_file(snap, entry["file"], pos, n)
                 if len(data) != n:
                     raise TransportError(f"{source_name}: snapshot file {entry['file']} came short "
@@ -723,7 +733,12 @@ def sync(
                 result.stopped_by = "max-bytes"
                 finished = False
                 break
-            throttle(len(blob))
+            try:
+                throttle(len(blob))
+            except DeadlineReached:  # paced by --bwlimit, it could not be applied before --deadline
+                result.stopped_by = "deadline"
+                finished = False
+                break
             if should_stop():
                 result.stopped_by = "signal"
                 finished = False

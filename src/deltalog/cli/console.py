@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import click
 
+from .params import Seconds
+
 PROGRESS: bool | None = None  # deltalog --progress / --no-progress; None: on a terminal only
 
 # What a progress stage counts, by its name (the library's stages): bytes are shown with
@@ -30,7 +32,7 @@ recursive_option = click.option(
     help="A directory checkpoint: read the .npy files of its subdirectories too, as tensors named SUBDIR/NAME.",
 )
 wait_option = click.option(
-    "--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+    "--wait", type=Seconds(min=0), default=0.0, show_default=True, metavar="SECONDS",
     help="Wait this long for another writer's lock instead of failing at once.",
 )
 

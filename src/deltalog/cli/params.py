@@ -8,7 +8,22 @@ typo is a usage error (exit 2) before anything is opened.
 
 from __future__ import annotations
 
+import math
+
 import click
+
+
+class Seconds(click.FloatRange):
+    """A number of seconds at or above ``min``: click's FloatRange lets NaN through (every comparison
+    with it is false), which made --interval nan a busy loop and --timeout nan an internal error."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        result = super().convert(value, param, ctx)
+        if not math.isfinite(result):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return result
 
 
 class OffsetParam(click.ParamType):

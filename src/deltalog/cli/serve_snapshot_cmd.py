@@ -9,6 +9,7 @@ import threading
 import click
 
 from .console import Output, json_option, quiet_option
+from .params import Seconds
 
 
 @click.command("serve-snapshot")
@@ -21,7 +22,7 @@ from .console import Output, json_option, quiet_option
               help="File holding a bearer token every request must present (Authorization: Bearer TOKEN).")
 @click.option("--max-connections", type=click.IntRange(min=1), default=32, show_default=True,
               help="Open connections served at once; more are answered 503 with Retry-After.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True, metavar="SECONDS",
+@click.option("--timeout", type=Seconds(min=0.1), default=60.0, show_default=True, metavar="SECONDS",
               help="Drop a connection that stays silent (or stops reading) this long.")
 @json_option
 @quiet_option

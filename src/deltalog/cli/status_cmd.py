@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from .console import Output, human_bytes, json_option, partial_sync_words, table
-from .params import peer_options, transport_options
+from .params import Seconds, peer_options, transport_options
 
 
 @click.command("status")
 @click.argument("replicas", metavar="REPLICA...", nargs=-1, required=True)
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+@click.option("--timeout", type=Seconds(min=0), default=None, metavar="SECONDS",
               help="Seconds of silence before an ssh or http replica counts as unreachable.")
 @peer_options
 @json_option

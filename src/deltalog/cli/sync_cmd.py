@@ -9,7 +9,7 @@ import time
 import click
 
 from .console import Output, human_bytes, json_option, partial_sync_words, quiet_option, table, wait_option
-from .params import peer_options, transport_options
+from .params import Seconds, peer_options, transport_options
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -46,14 +46,14 @@ def _name(text: str) -> str:
 @click.option("--max-bytes", type=ByteSize(), metavar="BYTES",
               help="Send about this much now (e.g. 64M), most significant buckets first; the rest on the next "
                    "run. Exit 1 while incomplete.")
-@click.option("--deadline", type=click.FloatRange(min=0), metavar="SECONDS",
+@click.option("--deadline", type=Seconds(min=0), metavar="SECONDS",
               help="Start no new chunk once this many seconds have passed since the command started "
                    "(connecting to SRC included; a chunk in flight finishes). Even the first chunk waits for "
                    "none: a deadline too short for it moves nothing. The rest on the next run. Exit 1 while "
                    "incomplete. With --follow, per round.")
 @click.option("--dry-run", "-n", is_flag=True, help="Show what would move (rows, bytes, per tensor); write nothing.")
 @peer_options
-@click.option("--timeout", type=click.FloatRange(min=0.1), metavar="SECONDS",
+@click.option("--timeout", type=Seconds(min=0.1), metavar="SECONDS",
               help="Give up when the peer sends nothing for this long (exit 8). Default: 600 for ssh "
                    "(which also sends keepalives: a dead network or host shows within about a minute), "
                    "60 for http.")
@@ -68,7 +68,7 @@ def _name(text: str) -> str:
                    "head). A vanished SRC, a dropped connection or a held lock is retried with exponential "
                    "backoff (jittered, capped at 30 s or --interval) and the sync resumes where it stopped. "
                    "--max-bytes and --deadline then apply to each round.")
-@click.option("--interval", type=click.FloatRange(min=0.01), default=None, metavar="SECONDS",
+@click.option("--interval", type=Seconds(min=0.01), default=None, metavar="SECONDS",
               help="With --follow: the longest wait for SRC to move before an idle round that refreshes "
                    "DST's lag (status lag_seconds); also the polling period for a source that cannot "
                    "long-poll.  [default: 5]")
@@ -180,7 +180,8 @@ def command(src, dst, max_bytes, deadline, dry_run, ssh_command, remote_deltalog
                 from ..transport.base import DEFAULT_CHUNK_BYTES
 
                 extra["chunk_bytes"] = chunk_bytes_for(bwlimit, chunk_bytes or DEFAULT_CHUNK_BYTES)
-                extra.update(throttle=TokenBucket(bwlimit).take, piece_bytes=piece_bytes_for(bwlimit))
+                bucket = TokenBucket(bwlimit, until=None if deadline is None else started + deadline)
+                extra.update(throttle=bucket.take, piece_bytes=piece_bytes_for(bwlimit))
             with out.progress(f"sync {src} -> {dst}") as update:
                 result = sync(source, sink, source_name=_name(src), destination_name=_name(dst),
                               max_bytes=max_bytes, deadline=deadline, dry_run=dry_run, wait=wait, reseed=reseed,
