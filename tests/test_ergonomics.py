@@ -95,7 +95,9 @@ def test_rollback_dry_run_says_what_a_rollback_restores_and_writes_nothing(repli
     path, _states = replica
     before = _log(path)
     planned = _json("rollback", path, "--to", "2", "--dry-run")
-    assert planned["dry_run"] and planned["changed"] and planned["offset"] == 6 and _log(path) == before
+    # offset: where the record would go (the new record's offset, as without --dry-run; the head stays 6)
+    assert planned["dry_run"] and planned["changed"] and planned["offset"] == 7 and _log(path) == before
+    assert planned["previous_head"] == 6
     human = run_cli("rollback", path, "--to", "2", "-n").stdout
     assert "would restore" in human and "offset 7" in human
     done = _json("rollback", path, "--to", "2")

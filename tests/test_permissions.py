@@ -126,9 +126,10 @@ def test_usage_errors_are_one_line_and_json_when_asked(replica):
     assert json.loads(proc.stdout)["error"]["exit_code"] == 2
 
 
-def test_ctrl_c_exits_130_and_says_so_in_json(tmp_path, rng):
-    """A sync paced by --bwlimit, interrupted once it has begun writing: exit 130, one line, and with
-    --json an error object; the destination is left to the next sync."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_exit_130_and_143_and_say_so_in_json(tmp_path, rng, sig):
+    """A sync paced by --bwlimit, interrupted (Ctrl-C: 130) or terminated (SIGTERM: 143) once it has
+    begun writing: one line, and with --json an error object; the destination is left to the next sync."""
     model = {"t": np.asarray(rng.standard_normal((4096, 64)), dtype=np.float32)}  # 1 MiB: ~50 s at 20 KiB/s
     src, dst = tmp_path / "src", tmp_path / "dst"
     Replica.init(src, model, bucket_rows=64).close()
@@ -140,12 +141,14 @@ def test_ctrl_c_exits_130_and_says_so_in_json(tmp_path, rng):
     while not any(p.name.endswith(".deltalog-sync") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)  # the staging directory: past start-up, inside the transfer
     time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)  # SIGTERM: what timeout(1) in a cron line sends
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    word, code, kind = (("interrupted", 130, "Interrupted") if sig == signal.SIGINT
+                        else ("terminated", 143, "Terminated"))
+    assert proc.returncode == code, err
     # One line (after the blank one click writes to close a terminal's ^C echo).
-    assert err.strip().count("\n") == 0 and "interrupted" in err and "Traceback" not in err
-    assert json.loads(out)["error"]["type"] == "Interrupted"
+    assert err.strip().count("\n") == 0 and word in err and "Traceback" not in err
+    assert json.loads(out)["error"]["type"] == kind
     assert run_cli("sync", src, dst).returncode == 0  # and the next run finishes it
 
 
@@ -201,3 +204,10 @@ def test_a_replica_on_a_read_only_mount_is_refused_not_read_unregistered(replica
     with pytest.raises(StorageError, match="read-only file system"):
         Replica.open(path)
     assert calls == [False]  # never retried read-only, where readers would go unregistered
+
+
+def test_an_empty_token_file_is_refused_as_the_server_refuses_it(tmp_path):
+    """It used to be sent as no token at all, and the server's 401 then said to pass --token-file."""
+    (tmp_path / "empty.tok").write_text("")
+    proc = run_cli("sync", "http://127.0.0.1:9", tmp_path / "dst", "--token-file", tmp_path / "empty.tok")
+    _one_error_line(proc, 11, "token file must hold one token")

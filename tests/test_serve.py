@@ -713,6 +713,12 @@ def test_chunks_query_form_and_bad_parameters(server):
     status, _, body = request(server.url, "/v1/chunks", method="POST", body=b"\xc1\xc1",
                               headers={"Content-Type": "application/msgpack"})
     assert status == 400
+    for body in (b'{"since": 0, "advanced": {"e": {"-1": 1}}}', b'{"since": 0, "advanced": {"e": {"0": -1}}}',
+                 b'{"since": 0, "advanced": {"e": {"0": 1e400}}}', b'{"since": 0, "max_chunk_bytes": 1e400}',
+                 b'{"since": 0, "target": 1e400}', b'{"since": 1.5}', b'{"since": true}'):
+        status, _, answer = request(server.url, "/v1/chunks", method="POST", body=body,
+                                    headers={"Content-Type": "application/json"})
+        assert status == 400 and json.loads(answer)["error"]["type"] == "InvalidInput", (body, answer)  # never 500
 
 
 def test_download_survives_compaction_deleting_the_snapshot(serve_snapshot_url, tmp_path):

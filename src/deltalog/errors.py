@@ -107,10 +107,17 @@ class Diverged(DeltalogError):
 
 
 class Interrupted(DeltalogError):
-    """Ctrl-C (SIGINT): every change is whole or not made at all."""
+    """Ctrl-C (SIGINT), or SIGTERM (exit 143): every change is whole or not made at all."""
 
     exit_code = 130
     hint = "every change is whole or not made at all: 'deltalog status' shows where the replica stands"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout(1), a service manager) made into an exception, so that a command stops as
+    Ctrl-C stops it, cleanups and all, and says so (exit 143) instead of vanishing silently."""
+
+    exit_code = 143
 
 
 _OS_PROBLEMS = {  # errno name -> (what it means, what to do)
@@ -157,5 +164,6 @@ EXIT_CODES: dict[int, str] = {
     StorageError.exit_code: "storage failure: disk full or permission denied",
     Diverged.exit_code: "diverged: the replicas hold different models at one offset (another history)",
     Interrupted.exit_code: "interrupted (Ctrl-C): every change is whole or not made at all",
+    Terminated.exit_code: "terminated (SIGTERM, e.g. by timeout): every change is whole or not made at all",
     DeltalogError.exit_code: "internal error (a bug: please report it with --debug output)",
 }

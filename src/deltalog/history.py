@@ -74,7 +74,7 @@ def check_retained(replica: Replica, offset: int) -> None:
     if not replica.has_record(offset):
         raise OffsetNotRetained(
             f"{replica.path}: offset {offset} was never held here (a sync jumped over it)",
-            hint=f"offsets between {oldest} and {head} that are records in 'deltalog log' are available",
+            hint=f"the offsets retained here are {oldest} and those 'deltalog log {replica.path} --stored' lists",
         )
 
 

@@ -28,7 +28,7 @@ from .replica import Replica
 
 @dataclass
 class RollbackResult:
-    offset: int  # the new record, or the unchanged head when nothing was appended
+    offset: int  # the new record (a dry run: the offset it would take), or the unchanged head when there is none
     target: int
     previous_head: int
     rows: int = 0
@@ -90,6 +90,8 @@ def rollback(replica: Replica, to: int, reason: str | None = None, wait: float =
             restored = {t["name"]: t["rows"] for t in summary.tensors}
         if not restored:  # the tensors already hold the target's values
             return result
+        if dry_run:
+            result.offset = head + 1  # where the record would go, as the human output says
         result.changed = True
         result.tensors = [{"name": name, "rows": int(n)} for name, n in restored.items()]
         result.rows = sum(t["rows"] for t in result.tensors)

@@ -64,6 +64,7 @@ from urllib.parse import parse_qs, urlsplit
 import xxhash
 
 from . import __version__, tensorfiles
+from .tokens import MAX_TOKEN_BYTES, read_token_file, token_file_warning  # noqa: F401  (re-exported)
 from .errors import (
     DeltalogError,
     IntegrityError,
@@ -85,7 +86,6 @@ MSGPACK_TYPE = "application/msgpack"
 FRAMES_TYPE = "application/x-deltalog-frames"
 SAFETENSORS_TYPE = "application/octet-stream"
 MAX_BODY_BYTES = 64 << 20  # a /v1/chunks request: the advanced-bucket list of a huge model fits
-MAX_TOKEN_BYTES = 4096
 _STREAM_CHUNK = 1 << 20  # chunked-encoding writes are batched up to this size
 _MAX_U64 = (1 << 64) - 1
 DEFAULT_WAIT_SECONDS = 30.0
@@ -110,42 +110,6 @@ _ERROR_STATUS = {
     UnsupportedVersion: 400,
     IntegrityError: 500,
 }
-
-
-# ---------------------------------------------------------------------------
-# tokens
-
-
-def read_token_file(path: str) -> str:
-    """The bearer token held in ``path`` (surrounding whitespace ignored)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_TOKEN_BYTES + 1)
-    except OSError as exc:
-        raise InvalidInput(f"{path}: cannot read token file ({exc.strerror or exc})") from None
-    if len(raw) > MAX_TOKEN_BYTES:
-        raise InvalidInput(f"{path}: token file is larger than {MAX_TOKEN_BYTES} bytes")
-    try:
-        token = raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        token = ""
-    if not token or any(c.isspace() or not c.isprintable() for c in token):
-        raise InvalidInput(
-            f"{path}: token file must hold one token of printable ASCII without spaces",
-            hint="e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE",
-        )
-    return token
-
-
-def token_file_warning(path: str) -> str | None:
-    """A warning if other users can read the token file, else None."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    if mode & 0o044:
-        return f"token file {path} is readable by other users (chmod 600 {path})"
-    return None
 
 
 def error_body(exc: DeltalogError) -> dict:
@@ -1099,14 +1063,19 @@ class _Handler(BaseHTTPRequestHandler):
             raw = self._read_body()
             if raw is None:
                 return None
+        def whole(value) -> int:  # from a query string's text, or JSON/msgpack: 1.5, true and 1e400 are refused
+            if isinstance(value, (bool, float)):
+                raise TypeError
+            return int(value)
+
         try:
             if "since" not in raw:
                 raise InvalidInput("since (the offset the destination is at) is required")
-            since = int(raw["since"])
+            since = whole(raw["since"])
             target = raw.get("target")
-            target = None if target in (None, "") else int(target)
-            max_chunk_bytes = int(raw.get("max_chunk_bytes", 4 << 20))
-        except (TypeError, ValueError):
+            target = None if target in (None, "") else whole(target)
+            max_chunk_bytes = whole(raw.get("max_chunk_bytes", 4 << 20))
+        except (TypeError, ValueError, OverflowError):
             raise InvalidInput("since, target and max_chunk_bytes must be integers") from None
         if not -1 <= since <= _MAX_U64 or (target is not None and not 0 <= target <= _MAX_U64):
             raise InvalidInput("since and target must be offsets")

@@ -132,10 +132,20 @@ def normalise_advanced(advanced) -> dict[str, dict[int, int]]:
     out: dict[str, dict[int, int]] = {}
     for name, buckets in (advanced or {}).items():
         try:
-            out[str(name)] = {int(b): int(v) for b, v in dict(buckets).items()}
-        except (TypeError, ValueError):
+            held = {_whole(b): _whole(v) for b, v in dict(buckets).items()}
+        except (TypeError, ValueError, OverflowError):
             raise InvalidInput("malformed partial-sync state (advanced buckets)") from None
+        if any(not 0 <= x < 1 << 64 for pair in held.items() for x in pair):
+            raise InvalidInput("malformed partial-sync state (a bucket or version out of range)")
+        out[str(name)] = held
     return out
+
+
+def _whole(value) -> int:
+    """An integer from JSON or msgpack (a bucket number may come as a string): 1.5 or true is refused."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise TypeError
+    return int(value)
 
 
 @dataclass

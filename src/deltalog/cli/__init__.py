@@ -13,10 +13,13 @@ keeps its interpreter (tests), and ends by raising SystemExit.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -27,7 +30,8 @@ Exit codes: 0 ok; 1 differences found / sync incomplete; 2 usage error;
 3 not a replica; 4 unsupported version; 5 integrity failure;
 6 model mismatch; 7 offset not retained; 8 transport; 9 lock held;
 10 check failed; 11 invalid input; 12 storage (disk full, permissions);
-13 diverged (another history); 20 internal; 130 interrupted (Ctrl-C).
+13 diverged (another history); 20 internal; 130 interrupted (Ctrl-C);
+143 terminated (SIGTERM).
 A reader that stops early (| head) is no error: the exit code stays
 the command's own.
 Pass --debug (or DELTALOG_DEBUG=1) for a traceback on errors."""
@@ -244,20 +248,45 @@ def _run(args: list[str]) -> int:
             sys.stderr = stderr
 
 
+def _terminate(_signum, _frame) -> None:
+    from ..errors import Terminated
+
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c():
+    """While a command runs, SIGTERM raises errors.Terminated (unless something else handles it:
+    an embedding program, or a command that installs its own, like --follow and the servers)."""
+    installed = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if installed:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _run_command(args: list[str]) -> int:
     _blas_single_threaded_while_numpy_loads()
     debug = "--debug" in args or bool(os.environ.get("DELTALOG_DEBUG"))
     want_json = "--json" in args
     try:
-        code = cli.main(args=args, prog_name="deltalog", standalone_mode=False)
+        with _sigterm_stops_like_ctrl_c():
+            code = cli.main(args=args, prog_name="deltalog", standalone_mode=False)
     except click.ClickException as exc:  # usage errors: exit 2
         ctx = getattr(exc, "ctx", None)
         hint = f"see '{ctx.command_path} --help'" if ctx is not None else "see 'deltalog --help'"
         code = _report("UsageError", exc.exit_code, exc.format_message().rstrip("."), hint, want_json)
-    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a Ctrl-C into Abort
-        from ..errors import Interrupted
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns a Ctrl-C into Abort
+        from ..errors import Interrupted, Terminated
 
-        code = _report("Interrupted", Interrupted.exit_code, "interrupted", Interrupted.hint, want_json)
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
+            code = _report("Terminated", Terminated.exit_code, "terminated (SIGTERM)", Interrupted.hint, want_json)
+        else:
+            code = _report("Interrupted", Interrupted.exit_code, "interrupted", Interrupted.hint, want_json)
     except Exception as exc:  # noqa: BLE001 - the single place errors become exit codes
         from ..errors import DeltalogError, environment_error
 

@@ -8,12 +8,13 @@ writes one record knows which by looking, and says so instead of a bare
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import click
 
-from ..errors import Interrupted
+from ..errors import Interrupted, Terminated
 
 
 @contextmanager
@@ -22,8 +23,14 @@ def say_where_an_interrupt_left(replica, before: int, what: str) -> Iterator[Non
     try:
         yield
     except (KeyboardInterrupt, click.exceptions.Abort):
+        how = "terminated (SIGTERM)" if isinstance(sys.exc_info()[1], Terminated) or isinstance(
+            sys.exc_info()[1].__cause__, Terminated) else "interrupted"
         head = replica.head
         if head != before:
-            raise Interrupted(f"interrupted after the {what} was written: {replica.path} is at offset {head}",
-                              hint="it is complete and durable; running the command again changes nothing") from None
-        raise Interrupted(f"interrupted before anything was written: {replica.path} stays at offset {before}") from None
+            error = Interrupted(f"{how} after the {what} was written: {replica.path} is at offset {head}",
+                                hint="it is complete and durable; running the command again changes nothing")
+        else:
+            error = Interrupted(f"{how} before anything was written: {replica.path} stays at offset {before}")
+        if how != "interrupted":
+            error.exit_code = Terminated.exit_code
+        raise error from None

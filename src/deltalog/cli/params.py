@@ -86,6 +86,7 @@ def transport_options(timeout, ssh_command, remote_deltalog, token_file):
 
     token = None
     if token_file:
-        with open(token_file) as f:
-            token = f.read().strip()
+        from ..tokens import read_token_file  # the server's rules: an empty file is refused, not sent as none
+
+        token = read_token_file(token_file)
     return TransportOptions(ssh_command=ssh_command, remote_deltalog=remote_deltalog, timeout=timeout, token=token)

@@ -49,7 +49,7 @@ def command(replica, to, reason, dry_run, wait, as_json, quiet):
                 c.print(f"nothing would change: {replica} at offset {result.previous_head} holds the tensors of offset {to}")
                 return
             c.print(f"would restore {result.rows:,} rows in {len(result.tensors)} tensors to their values at offset "
-                    f"{to}, as a record at offset {result.previous_head + 1}:")
+                    f"{to}, as a record at offset {result.offset}:")
             for t in result.tensors:
                 c.print(f"  {t['name']}: {t['rows']:,} rows")
         elif not result.changed:

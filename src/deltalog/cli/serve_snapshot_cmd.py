@@ -49,7 +49,8 @@ def command(replica, host, port, token_file, max_connections, timeout, as_json, 
     on stderr unless --quiet.
     """
     from ..replica import Replica
-    from ..server import SnapshotServer, read_token_file, serve, token_file_warning
+    from ..server import SnapshotServer, serve
+    from ..tokens import read_token_file, token_file_warning
 
     out = Output(as_json, quiet)
     token = None
