@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .console import Output, human_bytes, json_option, quiet_option, wait_option
+from .console import Output, counted, human_bytes, json_option, quiet_option, wait_option
 from .params import DurationParam, OffsetParam
 
 
@@ -66,14 +66,18 @@ def command(replica, keep_after, keep_records, keep_age, from_tensors, dry_run, 
                     f"{human_bytes(result.snapshot_bytes_written)} of snapshot written")
             return
         if result.built_from == "tensors":
-            c.print(f"rebased {replica} on its tensor files at offset {result.head}: {result.records_removed} "
-                    f"records and {len(result.snapshots_removed)} older snapshots dropped")
+            c.print(f"rebased {replica} on its tensor files at offset {result.head}: "
+                    f"{counted(result.records_removed, 'record')} and "
+                    f"{counted(len(result.snapshots_removed), 'older snapshot')} dropped")
         elif result.changed:
             c.print(f"compacted {replica}: oldest offset {result.previous_oldest} -> {result.oldest_offset} "
-                    f"(head {result.head}), {result.records_removed} records and "
-                    f"{len(result.snapshots_removed)} snapshots dropped")
+                    f"(head {result.head}), {counted(result.records_removed, 'record')} and "
+                    f"{counted(len(result.snapshots_removed), 'snapshot')} dropped")
         else:
             c.print(f"nothing to compact: {replica} keeps offsets {result.oldest_offset}..{result.head}")
+            if result.garbage_removed:
+                c.print(f"removed leftovers of interrupted runs: {', '.join(result.garbage_removed)}")
+            return
         c.print(f"reclaimed {human_bytes(result.bytes_reclaimed)}: {human_bytes(result.log_bytes_freed)} of log pages "
                 f"(reused by new records; the log file does not shrink) + "
                 f"{human_bytes(result.snapshot_bytes_removed)} of snapshot files; "

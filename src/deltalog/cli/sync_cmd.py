@@ -8,7 +8,7 @@ import time
 
 import click
 
-from .console import Output, human_bytes, json_option, partial_sync_words, quiet_option, table, wait_option
+from .console import Output, counted, human_bytes, json_option, partial_sync_words, quiet_option, table, wait_option
 from .params import Seconds, peer_options, transport_options
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -298,7 +298,7 @@ def _round_line(e: dict, src: str, dst: str) -> str:
     lag = f"lag {e['lag_offsets']} offsets" + (f", {e['lag_seconds']:.3f} s" if e.get("lag_seconds") else "")
     if e["rows_sent"] == 0 and e["snapshot_offset"] is None and e["complete"]:
         return f"round {e['round']}: {dst} up to date at {e['head']} (waited {e['waited']:.2f} s)"
-    moved = (f"{e['rows_sent']:,} rows in {e['chunks']} chunks, {human_bytes(e['bytes_sent'])}"
+    moved = (f"{counted(e['rows_sent'], 'row')} in {counted(e['chunks'], 'chunk')}, {human_bytes(e['bytes_sent'])}"
              + (f" (snapshot {e['snapshot_offset']})" if e["snapshot_offset"] is not None else ""))
     state = "" if e["complete"] else f", stopped by {e['stopped_by']}{_partial(e['pending_buckets'], e['pending_target'])}"
     start = "new replica" if e["from_offset"] is None else e["from_offset"]
