@@ -565,3 +565,49 @@ def test_a_segment_swapped_for_another_range_is_refused(tmp_path, rng):
     assert proc.returncode == 5 and "does not match the head" in proc.stderr, proc.stderr
     with Replica.open(serving) as r:
         assert r.head == 1
+
+
+def test_a_primary_compacted_past_the_relay_head_rebases_the_relay_and_its_pullers_follow(tmp_path, rng):
+    """It used to strand the relay (publish exit 7 for ever, a new prefix making every puller
+    --reseed; a second audit found it). The primary proves the relay's head was a state of its own
+    history (the digest its compaction kept), uploads its oldest snapshot as the relay's new base and
+    publishes on; a faithful puller is proven by the old segment's digest and takes the snapshot, and
+    a puller that took a stray commit is still refused."""
+    from deltalog.compact import compact
+
+    url = f"file://{tmp_path}/relay"
+    primary, serving = published_and_pulled(url, tmp_path, rng, commits=3)
+    stray = tmp_path / "stray"
+    shutil.copytree(serving, stray)
+    with Replica.open(stray) as r:
+        r.commit(random_update(rng, {n: r.read_tensor(n) for n in r.tensor_names}))
+    commit_more(primary, rng, 3)
+    with Replica.open(primary) as r:
+        compact(r, keep_records=1)  # the relay's head (3) is gone from the primary's log
+        oldest = r.oldest_offset
+    proc = run_cli("sync", primary, url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["snapshot_offset"] == oldest
+    proc = run_cli("sync", url, serving, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["snapshot_offset"] == oldest
+    assert_replicas_equal(primary, serving)
+    assert run_cli("sync", url, stray).returncode in (7, 13)  # never replaced unproven
+    commit_more(primary, rng, 2)
+    run_cli("sync", primary, url, check=True)
+    run_cli("sync", url, serving, check=True)
+    assert_replicas_equal(primary, serving)
+    run_cli("sync", url, tmp_path / "new", check=True)
+    assert_replicas_equal(primary, tmp_path / "new")
+
+
+def test_a_primary_that_cannot_vouch_for_the_relay_head_says_how_to_start_again(tmp_path, rng):
+    url = f"file://{tmp_path}/relay"
+    primary, _serving = published_and_pulled(url, tmp_path, rng, commits=3)
+    commit_more(primary, rng, 3)
+    with Replica.open(primary) as r, r.writing():  # compacted by a deltalog that kept no past digests
+        manifest = r.make_snapshot()
+        r.store.write(lambda txn: (r.store.delete_records(txn, manifest["offset"]),
+                                   r.store.put_meta(txn, "oldest", manifest["offset"])))
+    proc = run_cli("sync", primary, url)
+    assert proc.returncode == 7 and "new prefix" in proc.stderr and "--reseed" in proc.stderr, proc.stderr

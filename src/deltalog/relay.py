@@ -202,9 +202,10 @@ def publish(replica, store: ObjectStore, source_name: str) -> PublishResult:
         result.to_offset = since
         result.seconds = round(time.monotonic() - started, 6)
         return result
+    rebased = False
     if since < replica.oldest_offset:
-        raise OffsetNotRetained(f"{replica.path} no longer holds offset {since}, the relay's head",
-                                hint="publish to a new prefix (it starts from a snapshot)")
+        since, theirs = _rebase(replica, store, head, since, theirs, result)
+        rebased = True
     mine = replica.state_digest_at(since)
     if mine != theirs:
         raise diverged(store.url, since, theirs, mine, replica.path)
@@ -231,12 +232,41 @@ def publish(replica, store: ObjectStore, source_name: str) -> PublishResult:
         head["boundaries"] = [b for b in head["boundaries"] if int(b[0]) > oldest_base]
     head["time"] = time.time()
     head["publisher"] = f"{os.uname().nodename}:{os.getpid()}"
-    if since < target or etag is None:
+    if since < target or etag is None or rebased:
         head["head_time"] = hello.get("head_time")
         store.put_if(HEAD_KEY, _encode_head(head), etag)
     result.to_offset = int(head["head"])
     result.seconds = round(time.monotonic() - started, 6)
     return result
+
+
+def _rebase(replica, store: ObjectStore, head: dict, since: int, theirs: int | None, result: PublishResult):
+    """The primary compacted the relay's head away: make the primary's oldest snapshot the relay's base.
+
+    Only when the primary proves that head was a state of its own history
+    (the state digest its compaction kept for that offset): else Diverged,
+    or OffsetNotRetained when it kept none. Pullers behind the new base are
+    then proven by the old segments' digests, which stay in the head, and
+    take the snapshot (sync). Returns the new (head offset, state digest).
+    """
+    from .receive import diverged
+    from .sync import source_snapshot_manifest
+
+    known = replica.past_state_digest(since)
+    if known is None:
+        raise OffsetNotRetained(f"{replica.path} no longer holds offset {since}, the relay's head, nor its state "
+                                f"digest, so it cannot prove the relay holds its history",
+                                hint="publish to a new prefix (it starts from a snapshot); its pullers then --reseed")
+    if known != theirs:
+        raise diverged(store.url, since, theirs, known, replica.path)
+    snap = replica.oldest_offset
+    result.bytes_uploaded += _upload_snapshot(replica, store, snap, source_snapshot_manifest(replica, snap))
+    result.snapshot_offset = snap
+    digest = lineage.to_hex(replica.state_digest_at(snap))
+    head["snapshots"] = [{"offset": snap, "state_digest": digest}]  # the older one is no base any more
+    head["head"], head["state_digest"] = snap, digest
+    head["level_ends"] = {}  # higher levels start again from the new base
+    return snap, lineage.from_hex(digest)
 
 
 def _put_segment(replica, store: ObjectStore, head: dict, start: int, end: int, level: int, now: float):
