@@ -611,3 +611,22 @@ def test_a_primary_that_cannot_vouch_for_the_relay_head_says_how_to_start_again(
                                    r.store.put_meta(txn, "oldest", manifest["offset"])))
     proc = run_cli("sync", primary, url)
     assert proc.returncode == 7 and "new prefix" in proc.stderr and "--reseed" in proc.stderr, proc.stderr
+
+
+def test_a_following_publisher_ends_its_json_with_a_stopped_event(tmp_path, rng):
+    """As a pulling --follow does: a script reading the stream knows it ended on purpose."""
+    primary, url = tmp_path / "primary", f"file://{tmp_path}/relay"
+    make_primary(primary, rng, commits=1)
+    pub = subprocess.Popen([sys.executable, "-m", "deltalog", "sync", str(primary), url, "--follow",
+                            "--interval", "0.1", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           env=os.environ.copy(), text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while read_head(ObjectStore(url))[0] is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        pub.terminate()
+        out, _ = pub.communicate(timeout=20)
+    assert pub.returncode == 0
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[0]["event"] == "publish" and events[-1] == {**events[-1], "event": "stopped", "signal": "SIGTERM"}

@@ -229,9 +229,10 @@ def _publish(src: str, dst: str, out: Output, *, follow: bool, interval: float |
         stopper = Stopper()
         wait = DEFAULT_INTERVAL if interval is None else interval
         with stopper.installed():
-            head = None
+            head, publishes = None, 0
             while not stopper.requested:
                 result = publish(replica, store, _name(src))
+                publishes += 1
                 if result.segments or head is None:
                     event = {"event": "publish", **result.to_json()}
                     if out.as_json:
@@ -245,6 +246,13 @@ def _publish(src: str, dst: str, out: Output, *, follow: bool, interval: float |
                         source_wait(replica, head, wait)  # the local head, re-read every few ms
                 except StopRequested:
                     break
+        if out.as_json:  # the last line, as a pulling --follow ends
+            import signal
+
+            sys.stdout.write(json.dumps({"event": "stopped", "rounds": publishes, "head": head,
+                                         "signal": signal.Signals(stopper.signal).name if stopper.signal else None})
+                             + "\n")
+            sys.stdout.flush()
     return 0
 
 
