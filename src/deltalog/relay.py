@@ -437,8 +437,8 @@ class RelayReader:
 
     def state_digest_at(self, offset: int) -> str | None:
         """The relay's state digest at ``offset`` (hex) where its head object names one: the head,
-        a snapshot, a segment's start or end, a published head; else None (sync then cannot prove a replica older
-        than the relay's oldest snapshot holds its history)."""
+        a snapshot, a segment's start or end, a published head; else None (sync then cannot prove
+        that a replica older than the relay's oldest snapshot holds its history)."""
         head = self.refresh()
         if int(offset) == int(head["head"]):
             return head["state_digest"]
