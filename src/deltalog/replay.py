@@ -453,6 +453,8 @@ def _rewrite_manifest_files(replica: Replica) -> list[int]:
     rewritten = []
     for offset in replica.snapshot_offsets():
         manifest = replica.snapshot_manifest(offset)  # a damaged entry in the log: the rebuild raised already
+        if not os.path.isdir(tensorfiles.snapshot_path(replica.path, offset)):
+            continue  # its files are gone too: verify names that, and no manifest.json would make it whole
         if tensorfiles.manifest_file_problem(replica.path, manifest) is None:
             continue
         try:
