@@ -179,7 +179,7 @@ def compact(
     manifest = None
     try:
         if horizon > previous_oldest:
-            manifest = _registered(replica, horizon)
+            manifest = replica.snapshot_manifest(horizon)
             if manifest is not None:  # e.g. made by make_snapshot: reuse it if intact
                 problems = tensorfiles.verify_snapshot(replica.path, manifest)
                 if problems:
@@ -236,7 +236,7 @@ def plan(replica: Replica, keep_after: int | None = None, keep_records: int | No
         if offset < horizon:
             result.snapshots_removed.append(offset)
             result.snapshot_bytes_removed += _tree_bytes(tensorfiles.snapshot_path(replica.path, offset))
-    if from_tensors or _registered(replica, horizon) is None:
+    if from_tensors or replica.snapshot_manifest(horizon) is None:
         result.snapshot_bytes_written = sum(t.nbytes for t in replica.tensors)
     return result
 
@@ -317,10 +317,6 @@ def _time_if_known(replica: Replica, head: int) -> float | None:
         return None
 
 
-def _registered(replica: Replica, offset: int) -> dict | None:
-    return next((m for m in replica.snapshots() if m["offset"] == offset), None)
-
-
 def _fold(replica: Replica, horizon: int, manifest: dict, staging: str | None, result: CompactResult) -> None:
     """Steps 2 of the module docstring: install the snapshot, one LMDB transaction. Lock held."""
     # records only disappear under the lock: another compaction (then horizon <= oldest and
@@ -330,7 +326,7 @@ def _fold(replica: Replica, horizon: int, manifest: dict, staging: str | None, r
             f"{replica.path}: offset {horizon} left the log while compacting (a sync rebased the replica?)",
             hint="run 'deltalog compact' again",
         )
-    registered = _registered(replica, horizon)
+    registered = replica.snapshot_manifest(horizon)
     if registered is not None:
         manifest = registered  # reused, or registered meanwhile by make_snapshot: ours is discarded
     elif staging is None:  # the snapshot we meant to reuse was unregistered: only a compaction does that

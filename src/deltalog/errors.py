@@ -119,6 +119,11 @@ class Terminated(KeyboardInterrupt):
 
     exit_code = 143
 
+    @staticmethod
+    def caused(exc: BaseException) -> bool:
+        """Whether ``exc`` is SIGTERM's, or click's Abort raised from it."""
+        return isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
+
 
 _OS_PROBLEMS = {  # errno name -> (what it means, what to do)
     "EACCES": ("permission denied", "run as a user that may read and write it, or fix its permissions"),

@@ -464,7 +464,7 @@ class Replica:
                 if summary.post_digest is not None:
                     return summary.post_digest
             if offset == self.store.get_meta(txn, "oldest", 0):
-                manifest = next((m for m in self.store.get_snapshots(txn) if m["offset"] == offset), None)
+                manifest = self.store.get_snapshot(txn, offset)
                 if manifest is not None:
                     return lineage.from_hex(manifest.get("state_digest"))
         return None

@@ -1063,10 +1063,7 @@ class _Handler(BaseHTTPRequestHandler):
             raw = self._read_body()
             if raw is None:
                 return None
-        def whole(value) -> int:  # from a query string's text, or JSON/msgpack: 1.5, true and 1e400 are refused
-            if isinstance(value, (bool, float)):
-                raise TypeError
-            return int(value)
+        from .sync import whole_number as whole
 
         try:
             if "since" not in raw:

@@ -28,6 +28,7 @@ from typing import TypeVar
 import lmdb
 import numpy as np
 
+from . import lineage
 from .errors import IntegrityError, StorageError
 from .lmdbfile import check_data_file
 from .record import pack, unpack
@@ -467,8 +468,7 @@ class LogStore:
             manifest = self.get_snapshot(txn, oldest)
         except IntegrityError:
             return None
-        digest = manifest.get("state_digest") if isinstance(manifest, dict) else None
-        return oldest, (int(digest, 16) if isinstance(digest, str) and len(digest) == 16 else None)
+        return oldest, lineage.from_hex(manifest.get("state_digest") if isinstance(manifest, dict) else None)
 
     def add_past_digests(self, txn, offsets, digests, oldest: int, oldest_digest: int | None) -> None:
         """Keep the state digests of offsets whose records are being dropped (the newest

@@ -132,7 +132,7 @@ def normalise_advanced(advanced) -> dict[str, dict[int, int]]:
     out: dict[str, dict[int, int]] = {}
     for name, buckets in (advanced or {}).items():
         try:
-            held = {_whole(b): _whole(v) for b, v in dict(buckets).items()}
+            held = {whole_number(b): whole_number(v) for b, v in dict(buckets).items()}
         except (TypeError, ValueError, OverflowError):
             raise InvalidInput("malformed partial-sync state (advanced buckets)") from None
         if any(not 0 <= x < 1 << 64 for pair in held.items() for x in pair):
@@ -141,8 +141,9 @@ def normalise_advanced(advanced) -> dict[str, dict[int, int]]:
     return out
 
 
-def _whole(value) -> int:
-    """An integer from JSON or msgpack (a bucket number may come as a string): 1.5 or true is refused."""
+def whole_number(value) -> int:
+    """An integer from JSON, msgpack or a query string (a bucket number may come as a string): 1.5,
+    true and 1e400 are refused (TypeError, ValueError or OverflowError)."""
     if isinstance(value, bool) or isinstance(value, float):
         raise TypeError
     return int(value)

@@ -283,7 +283,7 @@ def _run_command(args: list[str]) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns a Ctrl-C into Abort
         from ..errors import Interrupted, Terminated
 
-        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
+        if Terminated.caused(exc):
             code = _report("Terminated", Terminated.exit_code, "terminated (SIGTERM)", Interrupted.hint, want_json)
         else:
             code = _report("Interrupted", Interrupted.exit_code, "interrupted", Interrupted.hint, want_json)

@@ -47,7 +47,7 @@ def human_bytes(n: float) -> str:
 
 def partial_sync_words(buckets: int, target) -> str:
     """A partial sync as both 'sync' and 'status' say it (pending_buckets, pending_target)."""
-    return f"sync to offset {target}: {buckets:,} bucket{'s' * (buckets != 1)} already applied"
+    return f"sync to offset {target}: {counted(buckets, 'bucket')} already applied"
 
 
 class Output:

@@ -8,7 +8,6 @@ writes one record knows which by looking, and says so instead of a bare
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,9 +21,8 @@ def say_where_an_interrupt_left(replica, before: int, what: str) -> Iterator[Non
     """Turn a Ctrl-C inside the block into Interrupted (exit 130) naming the head it left ``replica`` at."""
     try:
         yield
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        how = "terminated (SIGTERM)" if isinstance(sys.exc_info()[1], Terminated) or isinstance(
-            sys.exc_info()[1].__cause__, Terminated) else "interrupted"
+    except (KeyboardInterrupt, click.exceptions.Abort) as exc:
+        how = "terminated (SIGTERM)" if Terminated.caused(exc) else "interrupted"
         head = replica.head
         if head != before:
             error = Interrupted(f"{how} after the {what} was written: {replica.path} is at offset {head}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .console import Output, human_bytes, json_option, partial_sync_words, table
+from .console import Output, counted, human_bytes, json_option, partial_sync_words, table
 from .params import Seconds, peer_options, transport_options
 
 
@@ -71,7 +71,7 @@ def _lag_line(status: dict) -> str:
     import time
 
     n, lag, head = status.get("lag_offsets", 0), status.get("lag_seconds"), status.get("source_head")
-    behind = f"{n:,} offset{'s' * (n != 1)} behind"
+    behind = f"{counted(n, 'offset')} behind"
     if status.get("lag_live"):
         if n == 0:
             return f"up to date (source head {head}, read now)"

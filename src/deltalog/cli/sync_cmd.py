@@ -263,8 +263,8 @@ def _publish_line(r) -> str:
         return f"{r.relay} is up to date at offset {r.to_offset}"
     start = "new relay" if r.from_offset is None else f"offset {r.from_offset}"
     snap = f", snapshot {r.snapshot_offset}" if r.snapshot_offset is not None else ""
-    return (f"published {r.source} -> {r.relay}: {start} -> {r.to_offset}, {r.rows:,} rows in {r.segments} "
-            f"segment{'s' * (r.segments != 1)}{snap}, {human_bytes(r.bytes_uploaded)} uploaded, {r.seconds:.2f} s")
+    return (f"published {r.source} -> {r.relay}: {start} -> {r.to_offset}, {r.rows:,} rows in "
+            f"{counted(r.segments, 'segment')}{snap}, {human_bytes(r.bytes_uploaded)} uploaded, {r.seconds:.2f} s")
 
 
 def _follow(src: str, dst: str, options, out: Output, *, interval, max_bytes, deadline, bwlimit, wait,
@@ -371,7 +371,7 @@ def _summary(c, r, src: str, dst: str) -> None:
     if r.note:
         c.print(r.note)
     start = "new replica" if r.from_offset is None else f"offset {r.from_offset}"
-    moved = (f"{r.rows_sent:,} row{'s' * (r.rows_sent != 1)} in {r.chunks} chunk{'s' * (r.chunks != 1)}, "
+    moved = (f"{counted(r.rows_sent, 'row')} in {counted(r.chunks, 'chunk')}, "
              f"{human_bytes(r.bytes_sent)}")
     if r.snapshot_offset is not None:
         moved += f" (snapshot {r.snapshot_offset}: {human_bytes(r.snapshot_bytes)})"
