@@ -164,12 +164,20 @@ def _check_model_meta(path: str, model) -> None:
         raise damaged("tensor names are not sorted and unique")
 
 
+_FLOATS = ("float64", "float32", "float16", "bfloat16")
+
+
+def _nonfinite_rows(info: TensorInfo, values: np.ndarray) -> np.ndarray:
+    """Which rows of ``values`` (a floating-point tensor's, storage dtype) hold NaN or an infinity."""
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(as_float(np.asarray(values), info.dtype)).all(axis=1)
+
+
 def _refuse_nonfinite(info: TensorInfo, rows: np.ndarray, values: np.ndarray) -> None:
     """InvalidInput if any of the rows to commit of a floating-point tensor holds NaN or an infinity."""
-    if info.dtype not in ("float64", "float32", "float16", "bfloat16") or not len(rows):
+    if info.dtype not in _FLOATS or not len(rows):
         return
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(as_float(values, info.dtype)).all(axis=1)
+    bad = _nonfinite_rows(info, values)
     if bad.any():
         raise InvalidInput(
             f"tensor {info.name!r}: {int(bad.sum()):,} of the {len(rows):,} rows to commit hold NaN or "
@@ -180,13 +188,12 @@ def _refuse_nonfinite(info: TensorInfo, rows: np.ndarray, values: np.ndarray) ->
 
 def _refuse_nonfinite_model(info: TensorInfo, rows: np.ndarray) -> None:
     """InvalidInput if a floating-point tensor holds NaN or an infinity (read in bounded steps)."""
-    if info.dtype not in ("float64", "float32", "float16", "bfloat16") or not info.rows:
+    if info.dtype not in _FLOATS or not info.rows:
         return
     step = max(1, _COMPARE_CHUNK_BYTES // max(1, info.row_bytes))
     bad, first = 0, None
     for start in range(0, info.rows, step):
-        with np.errstate(invalid="ignore"):
-            rows_bad = ~np.isfinite(as_float(np.asarray(rows[start : start + step]), info.dtype)).all(axis=1)
+        rows_bad = _nonfinite_rows(info, rows[start : start + step])
         if rows_bad.any():
             first = start + int(np.flatnonzero(rows_bad)[0]) if first is None else first
             bad += int(rows_bad.sum())
