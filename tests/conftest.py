@@ -136,6 +136,16 @@ def in_forked_child(body, timeout: float = 60.0) -> None:
     pytest.fail(f"the forked child hung for {timeout:.0f} s")
 
 
+def compact_as_before_past_digests(r) -> int:
+    """What a deltalog that kept no past digests left on open replica ``r``: a snapshot at the head,
+    the log before it dropped, meta/oldest moved (past_digests untouched). Returns the new oldest."""
+    with r.writing():
+        manifest = r.make_snapshot()
+        r.store.write(lambda txn: (r.store.delete_records(txn, manifest["offset"]),
+                                   r.store.put_meta(txn, "oldest", manifest["offset"])))
+    return manifest["offset"]
+
+
 def run_cli(*args: str, cwd: str | None = None, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `deltalog` command (as a user would) and capture its output."""
     proc = subprocess.run(

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import apply_update, bits, random_model, random_update, run_cli
+from conftest import apply_update, bits, compact_as_before_past_digests, random_model, random_update, run_cli
 
 from deltalog import Replica, lineage, receive
 from deltalog import record as rec
@@ -257,10 +257,7 @@ def test_compaction_keeps_the_state_digests_of_the_records_it_drops(tmp_path, rn
         assert [r.past_state_digest(o) for o in (5, 6)] == [None, before[6]]
         # Tied to the log's base: an older deltalog that moved it (compacting, or reseeding onto
         # another history) knew nothing of them, so they no longer count.
-        with r.writing():
-            manifest = r.make_snapshot()
-            r.store.write(lambda txn: (r.store.delete_records(txn, manifest["offset"]),
-                                       r.store.put_meta(txn, "oldest", manifest["offset"])))
+        compact_as_before_past_digests(r)
         assert r.past_state_digest(6) is None
         # A value that cannot be read proves nothing: unknown, never an error.
         r.store.write(lambda txn: r.store.put_meta(txn, "past_digests", {"offsets": b"\x01", "digests": b""}))

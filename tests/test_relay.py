@@ -15,7 +15,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import bits, random_model, random_update, run_cli
+from conftest import bits, compact_as_before_past_digests, random_model, random_update, run_cli
 from deltalog import Replica, lineage
 from deltalog.errors import ModelMismatch, TransportError
 from deltalog.objstore import ObjectStore, PreconditionFailed
@@ -605,10 +605,8 @@ def test_a_primary_that_cannot_vouch_for_the_relay_head_says_how_to_start_again(
     url = f"file://{tmp_path}/relay"
     primary, _serving = published_and_pulled(url, tmp_path, rng, commits=3)
     commit_more(primary, rng, 3)
-    with Replica.open(primary) as r, r.writing():  # compacted by a deltalog that kept no past digests
-        manifest = r.make_snapshot()
-        r.store.write(lambda txn: (r.store.delete_records(txn, manifest["offset"]),
-                                   r.store.put_meta(txn, "oldest", manifest["offset"])))
+    with Replica.open(primary) as r:  # compacted by a deltalog that kept no past digests
+        compact_as_before_past_digests(r)
     proc = run_cli("sync", primary, url)
     assert proc.returncode == 7 and "new prefix" in proc.stderr and "--reseed" in proc.stderr, proc.stderr
 

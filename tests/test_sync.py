@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from conftest import DELTALOG, bits, cli_json, random_update, run_cli
+from conftest import DELTALOG, bits, cli_json, compact_as_before_past_digests, random_update, run_cli
 from deltalog import Replica
 from deltalog import pending as pending_mod
 from deltalog import record as rec
@@ -348,12 +348,8 @@ def _compact_to_head(path) -> int:
 
 
 def _compact_as_before_past_digests(path) -> int:
-    """What a deltalog that kept no past digests left: a snapshot at head, the log before it dropped."""
-    with Replica.open(path) as r, r.writing():
-        manifest = r.make_snapshot()
-        r.store.write(lambda txn: (r.store.delete_records(txn, manifest["offset"]),
-                                   r.store.put_meta(txn, "oldest", manifest["offset"])))
-        return manifest["offset"]
+    with Replica.open(path) as r:
+        return compact_as_before_past_digests(r)
 
 
 def test_destination_behind_the_source_retention_gets_a_snapshot(way, tmp_path, rng):
