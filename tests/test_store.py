@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 
 import lmdb
 import numpy as np
@@ -239,3 +241,120 @@ def test_a_meta_value_that_is_no_byte_string_is_refused_as_a_blob(replica_store)
     replica_store.write(lambda txn: replica_store.put_meta(txn, "blob", {"a": 1}))
     with replica_store.read() as txn, pytest.raises(IntegrityError, match="not a byte string"):
         replica_store.get_meta_blob(txn, "blob")
+
+
+# -- the bucket cache: a writer's bumps read only the entries it has not seen -------------------
+
+
+def _buckets(path) -> list:
+    with Replica.open(path) as r, r.store.read() as txn:
+        return [sorted(r.store.get_buckets(txn, info.id)) for info in r.tensors]
+
+
+def _count_bucket_reads(monkeypatch) -> list[int]:
+    """How many bucket entries each bump that read any read from LMDB (not from the cache)."""
+    reads: list[int] = []
+    read = LogStore._read_buckets
+
+    def counted(self, txn, tensor_id, buckets):
+        reads.append(len(buckets))
+        return read(self, txn, tensor_id, buckets)
+
+    monkeypatch.setattr(LogStore, "_read_buckets", counted)
+    return reads
+
+
+def _steps(seed: int, count: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"t": (rng.choice(4096, 300, replace=False), rng.standard_normal((300, 4)).astype(np.float32))}
+            for _ in range(count)]
+
+
+def _reference(tmp_path, model, commits: list[dict]) -> list:
+    """The bucket table after ``commits``, each by a handle of its own (every entry read from LMDB)."""
+    path = tmp_path / "reference"
+    Replica.init(path, model, bucket_rows=8).close()
+    for updates in commits:
+        with Replica.open(path) as r:
+            r.commit(updates)
+    return _buckets(path)
+
+
+@pytest.mark.parametrize("other", ["handle", "process"])
+def test_a_writer_sees_the_buckets_another_writer_bumped_between_its_commits(tmp_path, monkeypatch, other):
+    """A long-lived handle keeps the entries its bumps wrote, and its next commit reads none of them
+    again, until another writer commits: its cache must then be dropped, or that writer's
+    significance would be overwritten with a stale sum."""
+    model = {"t": np.zeros((4096, 4), np.float32)}
+    path = tmp_path / "r"
+    Replica.init(path, model, bucket_rows=8).close()
+    first, theirs, last = _steps(1, 3)
+    reads = _count_bucket_reads(monkeypatch)
+    with Replica.open(path) as mine:
+        mine.commit(first)
+        mine.commit(first | {"t": (first["t"][0], first["t"][1] + 1)})  # the same buckets again
+        assert len(reads) == 1 and reads[0] > 0, "the second commit of the same rows read its buckets again"
+        if other == "handle":
+            with Replica.open(path) as r:
+                r.commit(theirs)
+        else:
+            script = ("import sys, numpy as np; from deltalog import Replica\n"
+                      "rows = np.load(sys.argv[2]); values = np.load(sys.argv[3])\n"
+                      "with Replica.open(sys.argv[1]) as r: r.commit({'t': (rows, values)})\n")
+            np.save(tmp_path / "rows.npy", theirs["t"][0])
+            np.save(tmp_path / "values.npy", theirs["t"][1])
+            subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "rows.npy"),
+                            str(tmp_path / "values.npy")], check=True)
+        reads.clear()
+        mine.commit(last)
+        assert reads and reads[0] > 0, "the commit after another writer's trusted its cache"
+    second = first | {"t": (first["t"][0], first["t"][1] + 1)}
+    assert _buckets(path) == _reference(tmp_path, model, [first, second, theirs, last])
+
+
+def test_the_bucket_cache_holds_nothing_of_a_transaction_that_did_not_commit(replica_store):
+    store = replica_store
+    store.writer_lock_held = lambda: True
+    one = np.array([0, 3], dtype=np.int64)
+    versions = np.array([1, 1], np.uint64)
+    store.write(lambda txn: store.bump_buckets(txn, 0, one, versions, np.array([1.0, 2.0])))
+
+    def bump_then_fail(txn):
+        store.bump_buckets(txn, 0, one, versions + 1, np.array([10.0, 20.0]))
+        raise RuntimeError("the transaction's body failed")
+
+    with pytest.raises(RuntimeError):
+        store.write(bump_then_fail)
+    store.write(lambda txn: store.bump_buckets(txn, 0, one, versions + 2, np.array([100.0, 200.0])))
+    with store.read() as txn:
+        assert sorted(store.get_buckets(txn, 0)) == [(0, 3, 101.0), (3, 3, 202.0)]
+
+
+@pytest.mark.parametrize("change", ["put", "delete", "clear"])
+def test_every_other_change_of_the_bucket_table_empties_the_cache(replica_store, change):
+    store = replica_store
+    store.writer_lock_held = lambda: True
+    one = np.array([0, 3], dtype=np.int64)
+    store.write(lambda txn: store.bump_buckets(txn, 0, one, np.array([1, 1], np.uint64), np.array([1.0, 2.0])))
+    other = {
+        "put": lambda txn: store.put_bucket(txn, 0, 3, 7, 0.5),
+        "delete": lambda txn: store.delete_bucket(txn, 0, 3),
+        "clear": lambda txn: store.clear_buckets(txn),
+    }[change]
+    store.write(other)
+    store.write(lambda txn: store.bump_buckets(txn, 0, one, np.array([2, 2], np.uint64), np.array([10.0, 20.0])))
+    third = {"put": 20.5, "delete": 20.0, "clear": 20.0}[change]
+    first = 10.0 if change == "clear" else 11.0
+    with store.read() as txn:
+        assert sorted(store.get_buckets(txn, 0)) == [(0, 2, first), (3, 2, third)]
+
+
+def test_a_handle_without_the_writer_lock_keeps_no_bucket_cache(replica_store, monkeypatch):
+    """Without the lock another writer could commit between this handle's commit and its look at
+    LMDB's transaction id: nothing proves the cache current then."""
+    store = replica_store
+    reads = _count_bucket_reads(monkeypatch)
+    one = np.array([0, 3], dtype=np.int64)
+    for _ in range(2):
+        store.write(lambda txn: store.bump_buckets(txn, 0, one, np.array([1, 1], np.uint64), np.ones(2)))
+    assert reads == [2, 2]

@@ -178,6 +178,72 @@ def _release_env(path: str) -> None:
             del _registry[real]
 
 
+_CACHED_BUCKETS_MAX = 1 << 22  # per tensor (17 bytes each): a larger one is read entry by entry
+
+
+def _bucket_keys(tensor_id: int, buckets: np.ndarray) -> list[bytes]:
+    keys = np.empty(len(buckets), dtype=_BUCKET_KEY_DTYPE)
+    keys["tensor"] = tensor_id
+    keys["bucket"] = buckets
+    return keys.view(f"V{_BUCKET_KEY.size}").tolist()
+
+
+class _BucketTable:
+    """One tensor's cached bucket entries, by bucket number: whether it is known (every bucket
+    a bump wrote has an entry) and its significance (a bump replaces the version: not kept)."""
+
+    def __init__(self, size: int):
+        self.known = np.zeros(size, dtype=bool)
+        self.significance = np.zeros(size, dtype=np.float64)
+
+    def grown(self, size: int) -> "_BucketTable":
+        bigger = _BucketTable(max(size, 2 * len(self.known)))
+        bigger.known[: len(self.known)] = self.known
+        bigger.significance[: len(self.known)] = self.significance
+        return bigger
+
+
+class _BucketCache:
+    """The bucket entries this handle's bumps read or wrote, kept for its next commits.
+
+    A training step touches thousands of buckets, and a get per bucket was a
+    fifth of a commit's time. The cache is trusted only while it is
+    provably the table's state: ``as_of`` is LMDB's id of the last committed
+    transaction, read right after this handle's own commit while its writer
+    held the lock (so nobody else could commit in between), and the first
+    bump of a transaction uses the cache only when that transaction's id
+    follows ``as_of``. Any commit since, by any process or any version of
+    deltalog, moved LMDB's id on and empties the cache. Every change of the
+    table but a bump (a put, a delete, a clear) and every transaction that
+    does not commit empties it too.
+    """
+
+    def __init__(self):
+        self.as_of: int | None = None
+        self.tables: dict[int, _BucketTable] = {}
+        self.txn_id: int | None = None  # the transaction the cache was last checked for
+
+    def forget(self) -> None:
+        self.as_of, self.txn_id = None, None
+        self.tables.clear()
+
+    def table(self, txn, tensor_id: int, size: int) -> _BucketTable | None:
+        """The cached entries of ``tensor_id`` (at least ``size`` of them), checked current for ``txn``."""
+        txn_id = txn.id()
+        if txn_id != self.txn_id:
+            if self.as_of is None or txn_id != self.as_of + 1:
+                self.tables.clear()
+            self.txn_id = txn_id
+        if size > _CACHED_BUCKETS_MAX:
+            return None
+        table = self.tables.get(tensor_id)
+        if table is None:
+            table = self.tables[tensor_id] = _BucketTable(size)
+        elif len(table.known) < size:
+            table = self.tables[tensor_id] = table.grown(size)
+        return table
+
+
 class LogStore:
     """Transactions over one replica's LMDB environment."""
 
@@ -185,6 +251,10 @@ class LogStore:
         self.path = path
         self.env, self.dbs = _acquire_env(path)
         self._closed = False
+        self._buckets = _BucketCache()
+        # Set by the replica's writer: whether it holds the writer lock, without which no
+        # deltalog commits (the bucket cache is kept only across commits made holding it).
+        self.writer_lock_held: Callable[[], bool] = lambda: False
 
     @classmethod
     def create(cls, path: str) -> "LogStore":
@@ -228,8 +298,14 @@ class LogStore:
         """
         while True:
             try:
-                with self.env.begin(write=True) as txn:
-                    result = body(txn)
+                try:
+                    with self.env.begin(write=True) as txn:
+                        result = body(txn)
+                except BaseException:
+                    self._buckets.forget()  # it may hold entries of the transaction that did not commit
+                    raise
+                # Only the writer lock's holder knows that no other commit came in between.
+                self._buckets.as_of = self.env.info()["last_txnid"] if self.writer_lock_held() else None
                 return result
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
@@ -374,14 +450,19 @@ class LogStore:
         raw = txn.get(bucket_key(tensor_id, bucket), db=self.dbs["buckets"])
         return None if raw is None else _unpack(_BUCKET_VALUE, raw, "bucket entry")
 
+    # Every change of the bucket table but a bump forgets the cache (see _BucketCache).
+
     def put_bucket(self, txn, tensor_id: int, bucket: int, version: int, significance: float) -> None:
+        self._buckets.forget()
         txn.put(bucket_key(tensor_id, bucket), _BUCKET_VALUE.pack(version, significance), db=self.dbs["buckets"])
 
     def delete_bucket(self, txn, tensor_id: int, bucket: int) -> None:
+        self._buckets.forget()
         txn.delete(bucket_key(tensor_id, bucket), db=self.dbs["buckets"])
 
     def clear_buckets(self, txn) -> None:
         """Empty the bucket index (a replica rebased onto a snapshot starts it again)."""
+        self._buckets.forget()
         txn.drop(self.dbs["buckets"], delete=False)
 
     def bump_buckets(self, txn, tensor_id: int, buckets: np.ndarray, versions: np.ndarray, added: np.ndarray) -> None:
@@ -390,28 +471,47 @@ class LogStore:
         ``buckets`` sorted and unique, ``versions`` and ``added`` aligned with
         them. A training step touches thousands of buckets, so the keys and
         values are cut from one array each (void views: bytes objects, trailing
-        NULs kept) and written with one putmulti; per bucket only a get is left.
+        NULs kept) and written with one putmulti. The prior entries come from
+        the cache of this handle's earlier bumps where it is current, else with
+        a get per bucket.
         """
         if not len(buckets):
             return
-        keys_raw = np.empty(len(buckets), dtype=_BUCKET_KEY_DTYPE)
-        keys_raw["tensor"] = tensor_id
-        keys_raw["bucket"] = buckets
-        keys = keys_raw.view(f"V{_BUCKET_KEY.size}").tolist()
-        cursor = txn.cursor(db=self.dbs["buckets"])
-        get = cursor.get  # a get per key: faster than getmulti, which builds a tuple per key
-        prior = [get(key) for key in keys]
+        buckets = np.asarray(buckets, dtype=np.int64)
+        table = self._buckets.table(txn, tensor_id, int(buckets[-1]) + 1)
         significance = np.asarray(added, dtype=np.float64).copy()
-        found = [i for i, value in enumerate(prior) if value is not None]
-        if found:
-            raw = b"".join([prior[i] for i in found])
-            if len(raw) != len(found) * _BUCKET_VALUE.size:
-                raise _DamagedEntry("a bucket entry of the wrong length")
-            significance[found] += np.frombuffer(raw, dtype=_BUCKET_VALUE_DTYPE)["significance"]
+        if table is None:  # too large a tensor to cache
+            present, prior = self._read_buckets(txn, tensor_id, buckets)
+        else:
+            present = table.known[buckets]
+            prior = table.significance[buckets]
+            unknown = np.flatnonzero(~present)
+            if len(unknown):
+                found, values = self._read_buckets(txn, tensor_id, buckets[unknown])
+                present[unknown] = found
+                prior[unknown] = values
+        significance[present] += prior[present]
         values = np.empty(len(buckets), dtype=_BUCKET_VALUE_DTYPE)
         values["version"] = versions
         values["significance"] = significance
-        cursor.putmulti(zip(keys, values.view(f"V{_BUCKET_VALUE.size}").tolist()))
+        cursor = txn.cursor(db=self.dbs["buckets"])
+        cursor.putmulti(zip(_bucket_keys(tensor_id, buckets), values.view(f"V{_BUCKET_VALUE.size}").tolist()))
+        if table is not None:  # what this transaction wrote (forgotten if it does not commit)
+            table.known[buckets] = True
+            table.significance[buckets] = significance
+
+    def _read_buckets(self, txn, tensor_id: int, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(whether each bucket has an entry, its significance or 0) for sorted ``buckets``."""
+        get = txn.cursor(db=self.dbs["buckets"]).get  # a get per key: faster than getmulti, which builds a tuple per key
+        prior = [get(key) for key in _bucket_keys(tensor_id, buckets)]
+        present = np.fromiter((value is not None for value in prior), dtype=bool, count=len(prior))
+        significance = np.zeros(len(buckets), dtype=np.float64)
+        if present.any():
+            raw = b"".join([value for value in prior if value is not None])
+            if len(raw) != int(present.sum()) * _BUCKET_VALUE.size:
+                raise _DamagedEntry("a bucket entry of the wrong length")
+            significance[present] = np.frombuffer(raw, dtype=_BUCKET_VALUE_DTYPE)["significance"]
+        return present, significance
 
     def get_snapshots(self, txn) -> list[dict]:
         cursor = txn.cursor(db=self.dbs["snapshots"])

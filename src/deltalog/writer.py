@@ -172,6 +172,7 @@ class Writer:
         self.store: LogStore = replica.store
         self.maps: tensorfiles.TensorMaps = replica.maps
         self.lock = WriterLock(replica.path)
+        self.store.writer_lock_held = lambda lock=self.lock: lock.held  # the store's bucket cache asks
         self._intents = list(intents)  # in the order recovery runs them
         self._finishers = dict(self._intents)
         self._dirty: set[int] = set()  # tensor ids written since the last flush (close() flushes then)
