@@ -601,6 +601,55 @@ def test_a_primary_compacted_past_the_relay_head_rebases_the_relay_and_its_pulle
     assert_replicas_equal(primary, tmp_path / "new")
 
 
+def test_a_rebase_retires_the_old_snapshot_and_segments_but_keeps_their_digests(tmp_path, rng, monkeypatch):
+    """Each rebase used to leave the old snapshot in the store for ever, unnamed, and the old
+    segments in the head. Their objects are now retired (the snapshot an hour later, for a new
+    puller still copying it) and only their state digests stay, which still prove a puller
+    behind the new base and refuse a stray one."""
+    from deltalog import relay
+    from deltalog.compact import compact
+
+    url = f"file://{tmp_path}/relay"
+    primary, serving = published_and_pulled(url, tmp_path, rng, commits=3)
+    commit_more(primary, rng, 1)
+    run_cli("sync", primary, url, check=True)  # a second segment: a published head inside the old range
+    behind = tmp_path / "behind"
+    shutil.copytree(serving, behind)  # at offset 3, a head the relay published before the rebase
+    stray = tmp_path / "stray"
+    shutil.copytree(serving, stray)
+    with Replica.open(stray) as r:
+        r.commit(random_update(rng, {n: r.read_tensor(n) for n in r.tensor_names}))
+    store = ObjectStore(url)
+    before, _ = read_head(store)
+    old_snapshot = [k for k in store.list("snapshots/") if k.startswith(relay.snapshot_prefix(0))]
+    assert old_snapshot and before["segments"]
+    commit_more(primary, rng, 3)
+    with Replica.open(primary) as r:
+        compact(r, keep_records=1)
+        base = r.oldest_offset
+    run_cli("sync", primary, url, check=True)
+    head, _ = read_head(store)
+    assert [s["offset"] for s in head["snapshots"]] == [base]
+    assert all(e["start"] >= base for e in head["segments"]), head["segments"]
+    retired = {r["key"]: r for r in head["retired"]}
+    assert {e["key"] for e in before["segments"]} <= set(retired)
+    assert set(old_snapshot) <= set(retired) and all(retired[k]["after"] == 3600 for k in old_snapshot)
+    assert [3, before["segments"][0]["post_digest"]] in head["past_digests"]
+
+    commit_more(primary, rng, 1)
+    later = time.time() + 3601
+    monkeypatch.setattr(relay.time, "time", lambda: later)
+    with Replica.open(primary) as r:
+        publish(r, store, str(primary))
+    gone = set(store.list(""))
+    assert not gone & (set(old_snapshot) | {e["key"] for e in before["segments"]})
+    proc = run_cli("sync", url, behind, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["snapshot_offset"] == base
+    assert_replicas_equal(primary, behind)
+    assert run_cli("sync", url, stray).returncode == 13
+
+
 def test_a_primary_that_cannot_vouch_for_the_relay_head_says_how_to_start_again(tmp_path, rng):
     url = f"file://{tmp_path}/relay"
     primary, _serving = published_and_pulled(url, tmp_path, rng, commits=3)

@@ -263,10 +263,41 @@ def _rebase(replica, store: ObjectStore, head: dict, since: int, theirs: int | N
     result.bytes_uploaded += _upload_snapshot(replica, store, snap, source_snapshot_manifest(replica, snap))
     result.snapshot_offset = snap
     digest = lineage.to_hex(replica.state_digest_at(snap))
+    _retire_before_base(store, head, snap, time.time())
     head["snapshots"] = [{"offset": snap, "state_digest": digest}]  # the older one is no base any more
     head["head"], head["state_digest"] = snap, digest
     head["level_ends"] = {}  # higher levels start again from the new base
     return snap, lineage.from_hex(digest)
+
+
+PAST_DIGESTS_KEPT = 1024  # in the head: [offset, digest] of states before a rebase's base (the newest kept)
+SNAPSHOT_RETIRE_SECONDS = 3600  # a snapshot a rebase replaced is deleted this much later (a new puller's copy)
+
+
+def _retire_before_base(store: ObjectStore, head: dict, base: int, now: float) -> None:
+    """A rebase onto ``base``: the objects of the old snapshots and segments go, their digests stay.
+
+    Nothing can bring a puller from an old segment's end to ``base`` any more
+    (the primary no longer holds what lies between), so the segments serve
+    only to prove that a puller behind the base holds this history: the
+    state digests at their ends (and every other state the head names) are
+    kept in ``past_digests`` and the objects retired. Without this, every
+    rebase left a whole snapshot in the store for ever.
+    """
+    known = {int(head["head"]): head["state_digest"]}
+    known.update((int(o), d) for o, d in head.get("past_digests") or [])
+    known.update((int(s["offset"]), s["state_digest"]) for s in head["snapshots"] if s.get("state_digest"))
+    known.update((int(o), d) for o, d in head.get("boundaries") or [])
+    for e in head["segments"]:
+        known[int(e["start"])], known[int(e["end"])] = e["pre_digest"], e["post_digest"]
+    head["past_digests"] = [[o, known[o]] for o in sorted(o for o in known if o < base)][-PAST_DIGESTS_KEPT:]
+    retired = head.setdefault("retired", [])
+    retired.extend({"key": e["key"], "time": now} for e in head["segments"])
+    head["segments"] = []
+    for s in head["snapshots"]:
+        if int(s["offset"]) != base:
+            retired.extend({"key": key, "time": now, "after": SNAPSHOT_RETIRE_SECONDS}
+                           for key in store.list(snapshot_prefix(int(s["offset"]))))
 
 
 def _put_segment(replica, store: ObjectStore, head: dict, start: int, end: int, level: int, now: float):
@@ -325,7 +356,7 @@ def _retire(store: ObjectStore, head: dict, now: float) -> None:
     head["segments"] = keep
     still = []
     for r in retired:
-        if now - float(r["time"]) >= RETIRE_SECONDS:
+        if now - float(r["time"]) >= float(r.get("after", RETIRE_SECONDS)):
             store.delete(r["key"])
         else:
             still.append(r)
@@ -450,7 +481,7 @@ class RelayReader:
                 return e["pre_digest"]
             if e["end"] == offset:
                 return e["post_digest"]
-        for end, digest in head.get("boundaries") or []:
+        for end, digest in [*(head.get("boundaries") or []), *(head.get("past_digests") or [])]:
             if int(end) == offset:
                 return digest
         return None
