@@ -163,6 +163,29 @@ def test_unchanged_rows_are_not_logged_and_empty_commit_appends_nothing(replica)
     assert summary.rows == 1 and summary.significance == pytest.approx(1.0)
 
 
+def test_a_large_commit_with_unchanged_rows_logs_only_the_changed_ones(tmp_path):
+    """A large delta's index and new values start compressing before the unchanged rows are known
+    (record.Sections.early): when some are dropped, those sections must be made again."""
+    from deltalog import record as rec
+
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((4096, 64)).astype(np.float32)
+    rows = np.arange(0, 4096, 2)
+    values = table[rows].copy()
+    assert values.nbytes >= rec.EARLY_SECTION_BYTES
+    values[::3] += 1  # a third of the rows change
+    with Replica.init(tmp_path / "r", {"t": table}) as r:
+        assert r.commit({"t": (rows, values)}) == 1
+        changed = rows[::3]
+        with r.store.read() as txn:
+            record = rec.decode(bytes(r.store.get_record(txn, 1)), "record 1")
+        (delta,) = record.tensors
+        assert np.array_equal(delta.rows, changed.astype(np.uint64))
+        assert bits(delta.new).tobytes() == bits(values[::3]).tobytes()
+        assert bits(delta.old).tobytes() == bits(table[changed]).tobytes()
+        assert verify(r).ok
+
+
 def test_values_in_row_or_original_shape(replica):
     replica.commit({"dense": ([2], np.ones((1, 4, 2))), "step": ([0], np.array([5]))})
     replica.commit({"dense": ([3], np.ones((1, 8)))})

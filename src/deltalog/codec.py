@@ -97,11 +97,25 @@ def run_jobs(jobs: list[Callable[[], T]], nbytes: int) -> list[T]:
     global _pool
     if nbytes < _PARALLEL_BYTES or len(jobs) < 2 or _THREADS < 2:
         return [job() for job in jobs]
+    return [future.result() for future in [submit(job) for job in jobs]]
+
+
+def submit(job: Callable[[], T]) -> "Future[T]":
+    """Start ``job`` on the section pool now (``run_jobs``'s threads): for a writer that hands over
+    each section as soon as its values are known, so compression overlaps the rest of its work."""
+    global _pool
+    if _THREADS < 2:
+        done: Future = Future()
+        try:
+            done.set_result(job())
+        except BaseException as exc:
+            done.set_exception(exc)
+        return done
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="deltalog-codec",
                                        initializer=_compress_side_by_side)
-    return list(_pool.map(lambda job: job(), jobs))
+    return _pool.submit(job)
 
 
 def _compress_side_by_side() -> None:

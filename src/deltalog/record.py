@@ -172,26 +172,72 @@ def _section_jobs(tensors: list[TensorDelta]) -> tuple[list, int]:
     return jobs, value_bytes
 
 
-@dataclass
+# From this many bytes of values a tensor's sections are handed to the section pool one by one as
+# soon as its delta is known; smaller ones are compressed together at the end (one hand-off).
+EARLY_SECTION_BYTES = 256 << 10
+
+
 class Sections:
-    """The sections of some tensors' deltas, compressing on another thread (:func:`start_sections`)."""
+    """The sections of some tensors' deltas, compressing on other threads while a writer works out
+    the rest of the record (old values, significance, state digests, the bucket index).
 
-    tensors: list[TensorDelta]
-    future: object  # concurrent.futures.Future of [(payload, decoded size)] in record order
+    A writer adds each tensor's delta as soon as it has it (:meth:`add`), and
+    may start its index and new values even before it knows the old ones
+    (:meth:`early`). Only the rows and values are read; the significance and
+    the header are filled in later, by :func:`encode`.
+    """
 
+    def __init__(self):
+        self.tensors: list[TensorDelta] = []
+        self._slots: list = []  # per section in record order: a Future, or an index into the small ones
+        self._small: list[Callable] = []
+        self._small_bytes = 0
+        self._small_future = None
 
-def start_sections(tensors: list[TensorDelta]) -> Sections:
-    """Start compressing the sections of ``tensors`` on another thread, so that a writer can work
-    out the rest of the record (significance, state digests) meanwhile. Only the rows and values
-    are read: the significance and the header are filled in later, by :func:`encode`."""
-    jobs, value_bytes = _section_jobs(tensors)
-    return Sections(list(tensors), codec.in_background(lambda: codec.run_jobs(jobs, value_bytes)))
+    @staticmethod
+    def early(rows: np.ndarray, new: np.ndarray) -> dict | None:
+        """Start the index and new-values sections of a delta before its old values are gathered;
+        pass the result to :meth:`add` if the delta keeps exactly these rows and values."""
+        if new.nbytes < EARLY_SECTION_BYTES:
+            return None
+        return {"index": codec.submit(partial(codec.encode_indices, rows)),
+                "new": codec.submit(partial(codec.encode_values, new))}
+
+    def add(self, t: TensorDelta, early: dict | None = None) -> None:
+        jobs, value_bytes = _tensor_jobs(t)
+        large = value_bytes >= EARLY_SECTION_BYTES
+        for key, job in jobs.items():
+            if early is not None and key in early:
+                self._slots.append(early[key])
+            elif large:
+                self._slots.append(codec.submit(job))
+            else:
+                self._slots.append(len(self._small))
+                self._small.append(job)
+        if not large:
+            self._small_bytes += value_bytes
+        self.tensors.append(t)
+
+    def start(self) -> "Sections":
+        """Start the small sections, together on another thread, once every delta is added; returns self."""
+        if self._small and self._small_future is None:
+            self._small_future = codec.in_background(partial(codec.run_jobs, self._small, self._small_bytes))
+        return self
+
+    def results(self) -> list:
+        """[(payload, decoded size)] in record order (waits for them; the small ones are compressed
+        here if :meth:`start` was not called)."""
+        if self._small_future is not None:
+            small = self._small_future.result()
+        else:
+            small = codec.run_jobs(self._small, self._small_bytes)
+        return [small[slot] if isinstance(slot, int) else slot.result() for slot in self._slots]
 
 
 def encode(record: Record, version: int = VERSION, started: Sections | None = None) -> bytes:
     """The record's bytes in encoding ``version``: 2 (what replicas store) or 1 (what goes to peers).
 
-    ``started``: its tensors' sections, started by :func:`start_sections` for
+    ``started``: its tensors' sections, started (:class:`Sections`) for
     exactly ``record.tensors`` (the same objects, in order).
     """
     return b"".join(encode_parts(record, version, started))
@@ -209,7 +255,7 @@ def encode_parts(record: Record, version: int = VERSION, started: Sections | Non
             a is not b for a, b in zip(started.tensors, record.tensors)
         ):
             raise ValueError("the sections were started for other tensors than the record's")
-        encoded = iter(started.future.result())
+        encoded = iter(started.results())
     else:
         # Every section is encoded on its own (zstd and numpy release the GIL), so a
         # large record compresses its sections on all cores; results keep their order.

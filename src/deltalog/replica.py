@@ -863,20 +863,26 @@ class Replica:
         offset = head + 1 if offset is None else int(offset)
         if offset <= head:
             raise InvalidInput(f"{self.path}: offset {offset} is not after the head {head}")
+        # Each tensor's sections compress on other cores as soon as its delta is known (its index
+        # and new values even before the old values are gathered), while this thread works out the
+        # rest: the old values, the significance, the state digest and the bucket index.
+        sections = rec.Sections()
         kept = []
         for info, rows, new in deltas:
+            early = sections.early(rows, new)
             old, old_digests = self.writer.old_rows(info, rows.astype(np.intp))  # checked: they become undo values
             if drop_unchanged:
                 keep = rows_differ(old, new)
                 if not keep.all():
                     rows, new, old, old_digests = rows[keep], new[keep], old[keep], old_digests[keep]
+                    early = None  # started for rows the delta no longer holds
             if len(rows):
-                kept.append((info, rec.TensorDelta(info.name, info.dtype, rows, new, old), old_digests))
+                delta = rec.TensorDelta(info.name, info.dtype, rows, new, old)
+                sections.add(delta, early)
+                kept.append((info, delta, old_digests))
         if not kept and (kind == "commit" or drop_unchanged):
             return head
-        # The sections compress on other cores while this thread works out the significance,
-        # the state digest and the bucket index (the record's header comes last).
-        started = rec.start_sections([delta for _info, delta, _digests in kept]) if kept else None
+        started = sections.start() if kept else None
         changes = []
         for info, delta, old_digests in kept:
             row_sig = row_significance(delta.old, delta.new, info.dtype)

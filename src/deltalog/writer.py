@@ -329,7 +329,7 @@ class Writer:
         writes to the first transaction (follower metadata, dropping a
         partial sync's chunks). ``rows_written``: the rows are already in the
         tensor files (a finished partial sync), so the change is one transaction.
-        ``started``: the deltas' sections, already compressing (rec.start_sections).
+        ``started``: the deltas' sections, already compressing (rec.Sections).
         """
         state = self.replica.state
         pre = state.digest
