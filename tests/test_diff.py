@@ -811,7 +811,10 @@ def test_cli_errors_end_to_end(two_replicas, tmp_path):
     assert p.returncode == 7 and json.loads(p.stdout)["error"]["type"] == "OffsetNotRetained"
     p = deltalog("diff", b + "@2", a)  # b was copied at 1: its log never held 2
     assert p.returncode == 7, p.stderr
-    assert deltalog("diff", a + "@x", b).returncode == 11
+    p = deltalog("diff", a + "@x", b)  # a malformed argument is a usage error, as --to x is elsewhere
+    assert p.returncode == 2 and "is not an offset" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    p = deltalog("diff", a, str(tmp_path / "missing.npz") + "@3")
+    assert p.returncode == 3, p.stderr  # a missing file stays "no such replica" (exit 3)
     assert deltalog("diff", str(tmp_path / "missing"), b).returncode == 3
     assert deltalog("diff", a, b, "--tensor", "nope").returncode == 11
     p = deltalog("diff", b, a)

@@ -64,10 +64,25 @@ import click
 from .console import Output, counted, json_option, quiet_option, recursive_option, table
 
 
+def _side_spec(ctx, param, value: str) -> str:
+    """A malformed REPLICA@OFFSET is a usage error (exit 2), as a malformed --to is elsewhere;
+    a side that does not exist is left to open_sides (exit 3)."""
+    from ..diff import parse_spec
+    from ..errors import InvalidInput
+
+    try:
+        parse_spec(value)
+    except InvalidInput as exc:
+        raise click.BadParameter(exc.one_line()) from None
+    except Exception:  # anything else is reported when the side is opened
+        pass
+    return value
+
+
 @click.command("diff")
 @click.pass_context
-@click.argument("a", metavar="A")
-@click.argument("b", metavar="B")
+@click.argument("a", metavar="A", callback=_side_spec)
+@click.argument("b", metavar="B", callback=_side_spec)
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, metavar="K",
               help="List the K rows with the largest change per tensor.")
 @click.option("--tensor", "tensors", multiple=True, metavar="NAME",
