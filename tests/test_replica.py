@@ -186,6 +186,23 @@ def test_a_large_commit_with_unchanged_rows_logs_only_the_changed_ones(tmp_path)
         assert verify(r).ok
 
 
+def test_a_commit_leaves_no_page_touch_behind(replica):
+    """A commit starts faulting in its rows' pages before it gathers their old values
+    (Writer.touch_ahead); one that changes nothing, or fails, must not leave that touch for the
+    next change, whose page guard would count what it dirtied as its own."""
+    with replica.writing():
+        current = replica.read_tensor("item_emb")[[3, 4]]
+        assert replica.commit({"item_emb": ([3, 4], current)}) == 0  # nothing changes
+        assert replica.writer._touching_ahead is None
+        with pytest.raises(InvalidInput):
+            replica.commit({"item_emb": ([3], np.ones((1, 3), np.float32))})  # wrong shape
+        assert replica.writer._touching_ahead is None
+        changed = current + 1
+        assert replica.commit({"item_emb": ([3, 4], changed)}) == 1
+        assert replica.writer._touching_ahead is None
+    assert bits(replica.read_tensor("item_emb")[[3, 4]]).tobytes() == bits(changed).tobytes()
+
+
 def test_values_in_row_or_original_shape(replica):
     replica.commit({"dense": ([2], np.ones((1, 4, 2))), "step": ([0], np.array([5]))})
     replica.commit({"dense": ([3], np.ones((1, 8)))})

@@ -126,21 +126,24 @@ def _compress_side_by_side() -> None:
     _local.side_by_side = True
 
 
-_background: ThreadPoolExecutor | None = None
+_background: dict[str, ThreadPoolExecutor] = {}  # lane -> its one thread
 
 
-def in_background(job: Callable[[], T]) -> "Future[T]":
-    """Start ``job`` on a thread of its own and return its future, so the caller overlaps other work
-    with it (a commit fills the bucket index while its record compresses).
+def in_background(job: Callable[[], T], lane: str = "encode") -> "Future[T]":
+    """Start ``job`` on the thread of ``lane`` and return its future, so the caller overlaps other
+    work with it (a commit fills the bucket index while its record compresses).
 
     Not on the section pool: ``job`` may itself wait on that pool (encode does),
     and holding one of its few workers while waiting would serialise the sections.
+    Jobs of one lane run one after another; a job that must not queue behind
+    another lane's (a page touch behind an encode waiting for its sections) has
+    a lane of its own.
     """
-    global _background
     with _pool_lock:
-        if _background is None:
-            _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltalog-encode")
-    return _background.submit(job)
+        executor = _background.get(lane)
+        if executor is None:
+            executor = _background[lane] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"deltalog-{lane}")
+    return executor.submit(job)
 
 
 _pair_pool: ThreadPoolExecutor | None = None
@@ -190,7 +193,7 @@ def _forget_pool_in_child() -> None:
     """
     global _pool, _pool_lock, _local, _background, _pair_pool
     _inherited.append((_pool, _local, _background, _pair_pool))
-    _pool, _pool_lock, _local, _background, _pair_pool = None, threading.Lock(), threading.local(), None, None
+    _pool, _pool_lock, _local, _background, _pair_pool = None, threading.Lock(), threading.local(), {}, None
 
 
 os.register_at_fork(after_in_child=_forget_pool_in_child)

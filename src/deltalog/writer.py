@@ -454,7 +454,7 @@ class Writer:
             after = tensorfiles.thread_dirtied_bytes() if before is not None else None
             return None if after is None else after - before
 
-        return codec.in_background(touch)
+        return codec.in_background(touch, lane="touch")  # not behind the record's encoding, which waits
 
     def write_rows(self, writes: Sequence[RowWrite], touched: int | None = None) -> None:
         """Write rows and their digests into the tensor files (the page cache; see :meth:`flush`).
