@@ -94,7 +94,6 @@ def run_jobs(jobs: list[Callable[[], T]], nbytes: int) -> list[T]:
     zstd and numpy's copies release the GIL, so the sections of one large
     record compress on all cores (commit, rollback and sync all write large records).
     """
-    global _pool
     if nbytes < _PARALLEL_BYTES or len(jobs) < 2 or _THREADS < 2:
         return [job() for job in jobs]
     return [future.result() for future in [submit(job) for job in jobs]]

@@ -178,7 +178,7 @@ def _release_env(path: str) -> None:
             del _registry[real]
 
 
-_CACHED_BUCKETS_MAX = 1 << 22  # per tensor (17 bytes each): a larger one is read entry by entry
+_CACHED_BUCKETS_MAX = 1 << 22  # buckets per tensor (9 bytes each): a larger one is read entry by entry
 
 
 def _bucket_keys(tensor_id: int, buckets: np.ndarray) -> list[bytes]:
