@@ -615,6 +615,8 @@ def test_a_rebase_retires_the_old_snapshot_and_segments_but_keeps_their_digests(
     run_cli("sync", primary, url, check=True)  # a second segment: a published head inside the old range
     behind = tmp_path / "behind"
     shutil.copytree(serving, behind)  # at offset 3, a head the relay published before the rebase
+    behind_twice = tmp_path / "behind-twice"
+    shutil.copytree(serving, behind_twice)  # still there after a second rebase
     stray = tmp_path / "stray"
     shutil.copytree(serving, stray)
     with Replica.open(stray) as r:
@@ -647,6 +649,21 @@ def test_a_rebase_retires_the_old_snapshot_and_segments_but_keeps_their_digests(
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["snapshot_offset"] == base
     assert_replicas_equal(primary, behind)
+    assert run_cli("sync", url, stray).returncode == 13
+
+    commit_more(primary, rng, 3)  # a second rebase keeps the first one's digests
+    with Replica.open(primary) as r:
+        compact(r, keep_records=1)
+        second_base = r.oldest_offset
+    run_cli("sync", primary, url, check=True)
+    head, _ = read_head(store)
+    assert [s["offset"] for s in head["snapshots"]] == [second_base] and second_base > base
+    assert [3, before["segments"][0]["post_digest"]] in head["past_digests"]
+    assert any(k.startswith(relay.snapshot_prefix(base)) for k in (r["key"] for r in head["retired"]))
+    proc = run_cli("sync", url, behind_twice, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["snapshot_offset"] == second_base
+    assert_replicas_equal(primary, behind_twice)
     assert run_cli("sync", url, stray).returncode == 13
 
 
