@@ -399,13 +399,15 @@ class Bench:
     def minute(self) -> dict:
         """Commit one simulated minute of training steps at A; the commit calls are timed."""
         rows = nbytes = 0
-        seconds = 0.0
+        seconds = cpu = 0.0
         per_commit = []
         for _ in range(self.args.steps_per_minute):
             updates = self.stream.step(self.current)
+            cpu_started = _cpu_seconds()
             started = time.perf_counter()
             self.ra.commit(updates)
             dt = time.perf_counter() - started
+            cpu += _cpu_seconds() - cpu_started
             seconds += dt
             per_commit.append(dt)
             rows += sum(len(r) for r, _v in updates.values())
@@ -414,7 +416,7 @@ class Bench:
                 self.pending.setdefault(name, []).append(r)
         entry = {"commits": len(per_commit), "rows": rows, "bytes": nbytes, "seconds": seconds,
                  "rows_per_s": rows / seconds, "mb_per_s": nbytes / seconds / 1e6,
-                 "commit_p50_ms": 1000 * median(per_commit)}
+                 "commit_p50_ms": 1000 * median(per_commit), "cpu_ms_per_commit": 1000 * cpu / len(per_commit)}
         self.commits.append(entry)
         return entry
 
@@ -1108,6 +1110,7 @@ class Bench:
                     "mb_per_s": median([m["mb_per_s"] for m in measured]),
                     "rows_per_commit": median([m["rows"] / m["commits"] for m in measured]),
                     "commit_p50_ms": median([m["commit_p50_ms"] for m in measured]),
+                    "cpu_ms_per_commit": median([m["cpu_ms_per_commit"] for m in measured]),
                     "runs": measured,
                 }
             self.verify_copies()
@@ -1191,6 +1194,14 @@ class SendfileServer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far, every thread."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def filecmp_equal(a: str, b: str) -> bool:
@@ -1340,6 +1351,11 @@ def report_text(results: dict) -> str:
         lines.append(f"commit (Python API): {c['rows_per_s']:,.0f} rows/s, {c['mb_per_s']:,.0f} MB/s "
                      f"({c['rows_per_commit']:,.0f} rows per commit, p50 {c['commit_p50_ms']:.1f} ms per commit, "
                      f"{c['minutes']} simulated minutes)")
+        if c.get("cpu_ms_per_commit"):  # what load moves least: the CPU a commit takes, and the rate it allows
+            cores = m.get("cores") or 1
+            ceiling = c["rows_per_commit"] / (c["cpu_ms_per_commit"] / 1000 / cores)
+            lines.append(f"  CPU time per commit (user + system, every thread): {c['cpu_ms_per_commit']:.1f} ms; "
+                         f"on {cores} cores, commits that overlapped perfectly would reach {ceiling:,.0f} rows/s")
     if "sync" in sec:
         s = sec["sync"]
         mem = s["memory"]
