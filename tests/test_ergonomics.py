@@ -497,3 +497,14 @@ def test_init_refuses_a_model_holding_nan_unless_allowed(tmp_path):
     err = json.loads(proc.stdout)["error"]
     assert "2 of its 10 rows" in err["message"] and "row 3" in err["message"] and "--allow-nonfinite" in err["hint"]
     assert run_cli("init", tmp_path / "r", "--from", tmp_path / "nan.npz", "--allow-nonfinite").returncode == 0
+
+
+def test_tables_piped_to_a_file_carry_no_trailing_spaces(replica):
+    """rich pads every cell of a table, the last column's too: piped output (a file, a diff, a
+    grep) gets its lines trimmed."""
+    path, _states = replica
+    for args in (("log", path), ("status", path), ("diff", f"{path}@head~2", path)):
+        proc = run_cli(*map(str, args))
+        assert proc.returncode in (0, 1), proc.stderr
+        lines = proc.stdout.splitlines()
+        assert len(lines) > 2 and not [line for line in lines if line != line.rstrip()], (args, proc.stdout)

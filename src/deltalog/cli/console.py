@@ -62,8 +62,11 @@ class Output:
         if self._stdout is None:
             from rich.console import Console
 
-            # Off a terminal rich assumes 80 columns and truncates tables; pipes and logs get room.
-            self._stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+            # Off a terminal rich assumes 80 columns and truncates tables; pipes and logs get room,
+            # and lines without the spaces that pad a table's last column.
+            tty = sys.stdout.isatty()
+            self._stdout = Console(highlight=False, soft_wrap=True, width=None if tty else 200,
+                                   file=None if tty else _TrimmedLines(sys.stdout))
         return self._stdout
 
     @property
@@ -162,6 +165,33 @@ def shown(text: str) -> str:
     from rich.markup import escape
 
     return escape("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text))
+
+
+class _TrimmedLines:
+    """A text stream that writes each line without trailing spaces (rich pads every cell of a
+    table, the last column's too): output piped to a file or a diff carries none."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        if lines:
+            self._stream.write("".join(line.rstrip(" ") + "\n" for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self._stream.write(self._partial)
+            self._partial = ""
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def table(*columns: str, title: str | None = None):
