@@ -10,7 +10,7 @@ from conftest import apply_update, assert_same, bits, random_model, random_updat
 
 from deltalog import Replica, store
 from deltalog.dtypes import STORAGE
-from deltalog.errors import InvalidInput, LockHeld, ModelMismatch, NotAReplica, UnsupportedVersion
+from deltalog.errors import IntegrityError, InvalidInput, LockHeld, ModelMismatch, NotAReplica, UnsupportedVersion
 from deltalog.verify import verify
 
 
@@ -194,9 +194,12 @@ def test_a_commit_leaves_no_page_touch_behind(replica):
         current = replica.read_tensor("item_emb")[[3, 4]]
         assert replica.commit({"item_emb": ([3, 4], current)}) == 0  # nothing changes
         assert replica.writer._touching_ahead is None
-        with pytest.raises(InvalidInput):
-            replica.commit({"item_emb": ([3], np.ones((1, 3), np.float32))})  # wrong shape
+        live = replica.writer.rows(replica.info("item_emb")).view(np.uint32)
+        live[10, 0] ^= 1  # a row that no longer matches its row digest: the commit fails on it
+        with pytest.raises(IntegrityError):
+            replica.commit({"item_emb": ([10], np.ones((1, current.shape[1]), np.float32))})
         assert replica.writer._touching_ahead is None
+        live[10, 0] ^= 1
         changed = current + 1
         assert replica.commit({"item_emb": ([3, 4], changed)}) == 1
         assert replica.writer._touching_ahead is None
