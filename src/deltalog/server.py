@@ -64,7 +64,6 @@ from urllib.parse import parse_qs, urlsplit
 import xxhash
 
 from . import __version__, tensorfiles
-from .tokens import MAX_TOKEN_BYTES, read_token_file, token_file_warning  # noqa: F401  (re-exported)
 from .errors import (
     DeltalogError,
     IntegrityError,
@@ -1224,8 +1223,6 @@ __all__ = [
     "Metrics",
     "SnapshotServer",
     "parse_range",
-    "read_token_file",
     "safetensors_header",
     "serve",
-    "token_file_warning",
 ]
