@@ -246,8 +246,9 @@ def _rebase(replica, store: ObjectStore, head: dict, since: int, theirs: int | N
     Only when the primary proves that head was a state of its own history
     (the state digest its compaction kept for that offset): else Diverged,
     or OffsetNotRetained when it kept none. Pullers behind the new base are
-    then proven by the old segments' digests, which stay in the head, and
-    take the snapshot (sync). Returns the new (head offset, state digest).
+    then proven by the digests the old head named, which stay in the head as
+    ``past_digests`` (:func:`_retire_before_base`), and take the snapshot
+    (sync). Returns the new (head offset, state digest).
     """
     from .receive import diverged
     from .sync import source_snapshot_manifest
@@ -468,8 +469,9 @@ class RelayReader:
 
     def state_digest_at(self, offset: int) -> str | None:
         """The relay's state digest at ``offset`` (hex) where its head object names one: the head,
-        a snapshot, a segment's start or end, a published head; else None (sync then cannot prove
-        that a replica older than the relay's oldest snapshot holds its history)."""
+        a snapshot, a segment's start or end, a published head, a state before a rebase's base
+        (``past_digests``); else None (sync then cannot prove that a replica older than the relay's
+        oldest snapshot holds its history)."""
         head = self.refresh()
         if int(offset) == int(head["head"]):
             return head["state_digest"]
